@@ -1,1 +1,1 @@
-"""twinfer.parties.proto."""
+"""Generated protobuf and gRPC code for the twinfer wire format (see twinfer.proto)."""

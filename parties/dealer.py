@@ -1,0 +1,208 @@
+"""The dealer: a third process that hands out correlated randomness and never sees a share.
+
+Protocol (CrypTen's trusted third party, Knott et al., "CrypTen", NeurIPS 2021, appendix):
+1. At session start the dealer draws one seed per party and sends it to that party only.
+2. Each party draws its shares of a, b (and, for party 1, of c) from a generator seeded with
+   its seed; the dealer runs the same generators, so it knows a and b in the clear.
+3. Party 0 asks for each tuple by public size and op; the dealer computes c = op(a, b) and
+   returns c0 = c - c1 to party 0 alone. Party 1 never talks to the dealer after step 1.
+The math of step 3 is CrypTen's own (`TTPServer`), run on generators this module owns.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+
+from .crypten_compat import import_crypten
+from .errors import new_error_id
+from .proto import twinfer_pb2 as pb
+from .proto import twinfer_pb2_grpc as pb_grpc
+
+import_crypten()
+from crypten.mpc.provider.ttp_provider import TTP_FUNCTIONS, TTPServer  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+RANKS = {"server": 0, "client": 1}
+# Ops a Beaver triple may be requested for: the linear layers twinfer runs.
+TRIPLE_OPS = {"mul", "matmul", "conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d"}
+CHUNK_BYTES = 4 * 1024 * 1024
+
+
+def _seed() -> int:
+    return int.from_bytes(os.urandom(8), "big") - 2**63
+
+
+class _TupleMath(TTPServer):
+    """CrypTen's TTPServer arithmetic without its torch.distributed set-up."""
+
+    def __init__(self, seeds: list[int]) -> None:  # noqa: super().__init__ would start a TTP loop
+        self.device = "cpu"
+        self.generators = []
+        for s in seeds:
+            g = torch.Generator(device="cpu")
+            g.manual_seed(s)
+            self.generators.append(g)
+        self.generators_cuda = [None] * len(seeds)
+
+
+@dataclass
+class DealerSession:
+    session_id: str
+    seeds: dict[int, int] = field(default_factory=lambda: {r: _seed() for r in RANKS.values()})
+    seeded: set[int] = field(default_factory=set)
+    closed: set[int] = field(default_factory=set)
+    error: pb.Error | None = None
+    bytes_sent: int = 0
+    tuples: int = 0
+    last_active: float = field(default_factory=time.monotonic)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    math: _TupleMath | None = None
+
+    def __post_init__(self) -> None:
+        self.math = _TupleMath([self.seeds[0], self.seeds[1]])
+
+    @property
+    def finished(self) -> bool:
+        return self.error is not None or self.closed >= set(RANKS.values())
+
+
+def _decode_args(function: str, args_json: str) -> tuple[list, dict]:
+    """Validate a tuple request: a known function, integer sizes, a whitelisted op."""
+    if function not in TTP_FUNCTIONS:
+        raise ValueError(f"unknown tuple function '{function}' (known: {', '.join(TTP_FUNCTIONS)})")
+    try:
+        payload = json.loads(args_json or "{}")
+        args, kwargs = list(payload.get("args", [])), dict(payload.get("kwargs", {}))
+    except (ValueError, AttributeError, TypeError) as err:
+        raise ValueError(f"malformed tuple request arguments: {err}") from None
+    n_sizes = 2 if function in ("additive", "binary") else 1
+    if len(args) < n_sizes:
+        raise ValueError(f"'{function}' needs {n_sizes} sizes, got {len(args)} arguments")
+    for size in args[:n_sizes]:
+        if not (isinstance(size, list) and all(isinstance(d, int) and 0 <= d < 2**31 for d in size)):
+            raise ValueError(f"tuple sizes must be lists of non-negative ints, got {size!r}")
+    if function == "additive":
+        if len(args) < 3 or args[2] not in TRIPLE_OPS:
+            raise ValueError(f"'additive' op must be one of {sorted(TRIPLE_OPS)}, got {args[2:3]}")
+        args = [torch.Size(args[0]), torch.Size(args[1]), *args[2:]]
+    else:
+        args = [torch.Size(a) for a in args[:n_sizes]] + args[n_sizes:]
+    return args, kwargs
+
+
+class DealerServicer(pb_grpc.DealerServicer):
+    """Serves seeds and tuples for the sessions it was told to expect."""
+
+    def __init__(self, idle_timeout_s: float = 600.0) -> None:
+        self._sessions: dict[str, DealerSession] = {}
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self.idle_timeout_s = idle_timeout_s
+
+    def open_session(self, session_id: str) -> None:
+        with self._lock:
+            self._sessions.setdefault(session_id, DealerSession(session_id))
+
+    def _session(self, session_id: str, context: grpc.ServicerContext) -> DealerSession:
+        with self._lock:
+            session = self._sessions.get(session_id)
+            known = sorted(self._sessions)
+        if session is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"dealer: unknown session '{session_id}' (expects {known})")
+        if session.error is not None:
+            e = session.error
+            context.abort(
+                grpc.StatusCode.ABORTED,
+                f"dealer: session '{session_id}' ended by a failure at {e.origin} "
+                f"[error {e.error_id}]: {e.message}",
+            )
+        session.last_active = time.monotonic()
+        return session
+
+    def Seed(self, request, context):  # noqa: N802
+        session = self._session(request.session_id, context)
+        rank = RANKS.get(request.role)
+        if rank is None:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"dealer: unknown role '{request.role}'")
+        with session.lock:
+            if rank in session.seeded:
+                context.abort(grpc.StatusCode.ALREADY_EXISTS, f"dealer: {request.role} already has its seed")
+            session.seeded.add(rank)
+            session.bytes_sent += 8
+        log.info("session %s: seed sent to %s", session.session_id, request.role)
+        return pb.SeedReply(seed=session.seeds[rank])
+
+    def Tuple(self, request, context):  # noqa: N802
+        session = self._session(request.session_id, context)
+        try:
+            args, kwargs = _decode_args(request.function, request.args_json)
+        except ValueError as err:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"dealer: {err}")
+        with session.lock:
+            try:
+                share = getattr(session.math, request.function)(*args, **kwargs)
+            except (RuntimeError, TypeError, ValueError) as err:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"dealer: cannot make '{request.function}': {err}")
+            session.tuples += 1
+        data = share.contiguous().numpy().tobytes()
+        session.bytes_sent += len(data)
+        count = max(1, math.ceil(len(data) / CHUNK_BYTES))
+        for i in range(count):
+            yield pb.TupleReply(
+                shape=list(share.shape),
+                data=data[i * CHUNK_BYTES : (i + 1) * CHUNK_BYTES],
+                chunk_index=i,
+                chunk_count=count,
+            )
+
+    def Close(self, request, context):  # noqa: N802
+        with self._lock:
+            session = self._sessions.get(request.session_id)
+            if session is None:
+                context.abort(grpc.StatusCode.NOT_FOUND, f"dealer: unknown session '{request.session_id}'")
+            if request.HasField("error") and session.error is None:
+                session.error = request.error
+                log.warning(
+                    "session %s failed at %s [error %s]: %s",
+                    request.session_id,
+                    request.error.origin,
+                    request.error.error_id,
+                    request.error.message,
+                )
+            session.closed.add(RANKS.get(request.role, -1))
+            self._changed.notify_all()
+        return pb.CloseReply()
+
+    def stats(self, session_id: str) -> dict:
+        with self._lock:
+            s = self._sessions[session_id]
+            return {"bytes_sent": s.bytes_sent, "tuples": s.tuples, "finished": s.finished}
+
+    def wait_finished(self, session_id: str, timeout_s: float) -> DealerSession:
+        """Block until both parties closed `session_id`, one failed, or it sat idle too long."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            while True:
+                session = self._sessions[session_id]
+                if session.finished:
+                    return session
+                idle = time.monotonic() - session.last_active
+                if idle > self.idle_timeout_s or time.monotonic() > deadline:
+                    session.error = pb.Error(
+                        error_id=new_error_id(),
+                        kind="timeout",
+                        message=f"no request for {idle:.0f} s; the dealer ends the session",
+                        origin="dealer",
+                    )
+                    return session
+                self._changed.wait(timeout=1.0)

@@ -1,0 +1,64 @@
+"""Typed errors a party raises; each carries an error id shared by every party of a session."""
+
+from __future__ import annotations
+
+import uuid
+
+
+def new_error_id() -> str:
+    """A short id that names one failure in the logs of every party."""
+    return uuid.uuid4().hex[:12]
+
+
+class TwinferError(Exception):
+    """Base of every error twinfer raises on purpose."""
+
+    kind = "error"
+
+    def __init__(self, message: str, *, error_id: str | None = None, origin: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.error_id = error_id or new_error_id()
+        self.origin = origin
+
+    def __str__(self) -> str:
+        where = f" at {self.origin}" if self.origin else ""
+        return f"[{self.kind} {self.error_id}{where}] {self.message}"
+
+
+class PeerError(TwinferError):
+    """The peer failed, went away, or did not answer before the deadline."""
+
+    kind = "peer"
+
+
+class PeerTimeoutError(PeerError):
+    kind = "timeout"
+
+
+class ProtocolError(TwinferError):
+    """A frame arrived that this party did not expect: other session, sequence or tag."""
+
+    kind = "protocol"
+
+
+class FrameTooLargeError(ProtocolError):
+    kind = "frame-too-large"
+
+
+class ModelError(TwinferError):
+    """The model file or artifact is missing, malformed, or uses something unsupported."""
+
+    kind = "model"
+
+
+class InputError(TwinferError):
+    """The client's input does not fit the model."""
+
+    kind = "input"
+
+
+def error_from_wire(kind: str, message: str, error_id: str, origin: str) -> PeerError:
+    """The exception a party raises when its peer reports a failure."""
+    err_type = PeerTimeoutError if kind == "timeout" else PeerError
+    return err_type(f"{origin or 'peer'} failed ({kind}): {message}", error_id=error_id, origin=origin)

@@ -1,0 +1,298 @@
+"""One inference session as each party runs it: connect, share, evaluate, reveal to the client.
+
+Rank 0 is the server (owns the weights), rank 1 the client (owns the input, learns the
+output). The dealer is a third process that only hands out correlated randomness.
+Every party runs the same sequence of messages; a failure anywhere is sent to the peers
+with its error id, so every party ends with the same error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from twinfer.protocols.graph import Graph, GraphError
+from twinfer.protocols.secure_graph import run_secure
+
+from .crypten_comm import install_communicator
+from .crypten_compat import import_crypten
+from .dealer import DealerServicer
+from .dealer_client import DealerClient, use_dealer, use_insecure_trusted_first_party
+from .errors import InputError, PeerError, ProtocolError, TwinferError
+from .metrics import Metrics
+from .proto import twinfer_pb2_grpc as pb_grpc
+from .transport import GrpcTransport, PeerServicer, TransportOptions, start_server
+
+crypten = import_crypten()
+log = logging.getLogger(__name__)
+
+SERVER, CLIENT, DEALER = "server", "client", "dealer"
+
+
+@dataclass(frozen=True)
+class PartyConfig:
+    """What one party needs to know about its session and its peers."""
+
+    role: str
+    session_id: str
+    listen: str = "127.0.0.1:0"
+    server_address: str | None = None
+    dealer_address: str | None = None
+    options: TransportOptions = field(default_factory=TransportOptions)
+    insecure_trusted_first_party: bool = False
+
+    def __post_init__(self) -> None:
+        if self.role not in (SERVER, CLIENT, DEALER):
+            raise ValueError(f"role must be server, client or dealer, got '{self.role}'")
+        if not self.session_id:
+            raise ValueError("session_id must not be empty")
+
+
+@dataclass
+class PartyReport:
+    """What a party hands back: identity, metrics and (for the client only) the logits."""
+
+    role: str
+    pid: int
+    node: str
+    setup_s: float = 0.0
+    batch_latency_s: list[float] = field(default_factory=list)
+    batch_sizes: list[int] = field(default_factory=list)
+    batch_rounds: list[int] = field(default_factory=list)
+    batch_bytes_online: list[int] = field(default_factory=list)
+    bytes_offline: int = 0
+    relu_count: int = 0
+    layers: dict[str, dict] = field(default_factory=dict)
+    crypten_stats: dict[str, float] = field(default_factory=dict)
+    logits: np.ndarray | None = None
+
+
+def _node_name() -> str:
+    return os.environ.get("TWINFER_NODE", socket.gethostname())
+
+
+def _wrap(err: BaseException, role: str) -> TwinferError:
+    if isinstance(err, TwinferError):
+        if not err.origin:
+            err.origin = role
+        return err
+    wrapped = TwinferError(f"{type(err).__name__}: {err}", origin=role)
+    wrapped.kind = "internal"
+    return wrapped
+
+
+class _TwoPartySession:
+    """What the server and the client share: transport, dealer link, CrypTen lifecycle."""
+
+    role: str
+    rank: int
+
+    def __init__(self, config: PartyConfig) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.transport = GrpcTransport(
+            session_id=config.session_id,
+            role=config.role,
+            peer_role=CLIENT if config.role == SERVER else SERVER,
+            options=config.options,
+            metrics=self.metrics,
+        )
+        self.dealer: DealerClient | None = None
+        self.report = PartyReport(role=config.role, pid=os.getpid(), node=_node_name())
+        self._crypten_up = False
+
+    def _start_crypten(self) -> None:
+        torch.set_num_threads(1)  # two parties on one machine: 10x slower with default threads
+        if self.config.insecure_trusted_first_party:
+            use_insecure_trusted_first_party()
+        else:
+            if not self.config.dealer_address:
+                raise ValueError("a dealer address is required (or the insecure trusted-first-party flag)")
+            self.dealer = DealerClient(
+                self.config.dealer_address,
+                session_id=self.config.session_id,
+                role=self.role,
+                options=self.config.options,
+                metrics=self.metrics,
+            )
+            use_dealer(self.dealer)
+        install_communicator(self.transport, self.rank)
+        crypten.cfg.communicator.verbose = True
+        crypten.init()
+        self._crypten_up = True
+
+    def _share_weights(self, graph: Graph, weights: dict[str, np.ndarray] | None) -> dict[str, Any]:
+        shared = {}
+        with self.metrics.layer("share_weights"):
+            for name in sorted(graph.weight_shapes):
+                value = torch.from_numpy(weights[name]) if weights is not None else torch.zeros(graph.weight_shapes[name])
+                shared[name] = crypten.cryptensor(value, src=0)
+        return shared
+
+    def _infer_batch(self, graph: Graph, shared_weights: dict[str, Any], x: torch.Tensor) -> Any:
+        before = self.metrics.total()
+        start = time.perf_counter()
+        with self.metrics.layer("share_input"):
+            x_shared = crypten.cryptensor(x, src=1)
+        y = run_secure(graph, shared_weights, x_shared, scope=self.metrics.layer)
+        with self.metrics.layer("reveal_output"):
+            logits = y.get_plain_text(dst=1)  # None on the server: only the client learns it
+        after = self.metrics.total()
+        self.report.batch_latency_s.append(time.perf_counter() - start)
+        self.report.batch_sizes.append(int(x.shape[0]))
+        self.report.batch_rounds.append(after.rounds - before.rounds)
+        self.report.batch_bytes_online.append(
+            (after.bytes_sent + after.bytes_received) - (before.bytes_sent + before.bytes_received)
+        )
+        self.report.relu_count += graph.relu_count() * int(x.shape[0])
+        return logits
+
+    def _finish(self) -> PartyReport:
+        self.report.layers = self.metrics.snapshot()
+        self.report.bytes_offline = self.metrics.total().bytes_offline
+        if self._crypten_up:
+            import crypten.communicator as comm
+
+            self.report.crypten_stats = dict(comm.get().get_communication_stats())
+        return self.report
+
+    def _shutdown(self, error: TwinferError | None) -> None:
+        if error is not None:
+            self.transport.fail(error)
+        else:
+            self.transport.close()
+        if self.dealer is not None:
+            self.dealer.close(error)
+        if self._crypten_up:
+            crypten.uninit()
+            self._crypten_up = False
+
+    def run(self) -> PartyReport:
+        error: TwinferError | None = None
+        try:
+            self._run()
+            return self._finish()
+        except BaseException as err:  # every failure is reported to the peers, then re-raised
+            error = _wrap(err, self.role)
+            log.error("%s failed: %s", self.role, error)
+            raise error from (err if err is not error else None)
+        finally:
+            self._shutdown(error)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
+class ServerParty(_TwoPartySession):
+    """Owns the weights; listens for the client; never receives the output."""
+
+    role, rank = SERVER, 0
+
+    def __init__(self, graph: Graph, weights: dict[str, np.ndarray], config: PartyConfig) -> None:
+        graph.check_weights(weights)
+        super().__init__(config)
+        self.graph = graph
+        self.weights = weights
+        self.servicer = PeerServicer()
+        self.servicer.expect(self.transport)
+        self._server, self.port = start_server(
+            [(self.servicer, pb_grpc.add_PeerServicer_to_server)], config.listen, config.options
+        )
+        self.address = f"{config.listen.rsplit(':', 1)[0]}:{self.port}"
+
+    def _run(self) -> None:
+        start = time.perf_counter()
+        self.transport.wait_accepted()
+        self.transport.send("graph", np.frombuffer(self.graph.to_json().encode(), dtype=np.uint8))
+        plan = self.transport.recv("plan")
+        if plan.shape != (2,) or plan[0] < 1 or plan[1] < 1:
+            raise ProtocolError(f"client sent an invalid batch plan {plan.tolist()}", origin=self.role)
+        n_samples, batch = int(plan[0]), int(plan[1])
+        self._start_crypten()
+        shared = self._share_weights(self.graph, self.weights)
+        self.report.setup_s = time.perf_counter() - start
+        for begin in range(0, n_samples, batch):
+            size = min(batch, n_samples - begin)
+            placeholder = torch.zeros((size, *self.graph.input_shape))  # shape only: the client's data
+            if self._infer_batch(self.graph, shared, placeholder) is not None:
+                raise ProtocolError("the server received the output; this must never happen", origin=self.role)
+        self.transport.recv("done")
+
+    def _shutdown(self, error: TwinferError | None) -> None:
+        super()._shutdown(error)
+        self._server.stop(grace=1.0)
+
+
+class ClientParty(_TwoPartySession):
+    """Owns the input; gets the weight-free graph from the server; learns the logits."""
+
+    role, rank = CLIENT, 1
+
+    def __init__(self, inputs: np.ndarray, batch_size: int, config: PartyConfig) -> None:
+        if not config.server_address:
+            raise ValueError("the client needs the server's address")
+        if batch_size < 1:
+            raise InputError(f"batch size must be at least 1, got {batch_size}")
+        if inputs.ndim < 2 or inputs.shape[0] < 1:
+            raise InputError(f"input must be a batch of samples (N x ...), got shape {inputs.shape}")
+        super().__init__(config)
+        self.inputs = np.ascontiguousarray(inputs, dtype=np.float32)
+        self.batch_size = batch_size
+        self.graph: Graph | None = None
+
+    def _receive_graph(self) -> Graph:
+        raw = self.transport.recv("graph")
+        try:
+            return Graph.from_json(raw.tobytes().decode())
+        except (GraphError, UnicodeDecodeError) as err:
+            raise ProtocolError(f"the server sent an unusable graph: {err}", origin=self.role) from None
+
+    def _run(self) -> None:
+        start = time.perf_counter()
+        self.transport.dial(self.config.server_address)
+        self.graph = graph = self._receive_graph()
+        if tuple(self.inputs.shape[1:]) != graph.input_shape:
+            raise InputError(
+                f"input samples have shape {tuple(self.inputs.shape[1:])}, but the model expects "
+                f"{graph.input_shape} (input array shape {self.inputs.shape})",
+                origin=self.role,
+            )
+        self.transport.send("plan", np.array([len(self.inputs), self.batch_size], dtype=np.int64))
+        self._start_crypten()
+        shared = self._share_weights(graph, None)
+        self.report.setup_s = time.perf_counter() - start
+        outputs = []
+        for begin in range(0, len(self.inputs), self.batch_size):
+            x = torch.from_numpy(self.inputs[begin : begin + self.batch_size])
+            outputs.append(self._infer_batch(graph, shared, x).numpy())
+        self.report.logits = np.concatenate(outputs)
+        self.transport.send("done", np.zeros(0, dtype=np.uint8))
+
+
+class DealerParty:
+    """Serves correlated randomness for one session, then reports what it sent."""
+
+    def __init__(self, config: PartyConfig, servicer: DealerServicer | None = None) -> None:
+        self.config = config
+        self.servicer = servicer or DealerServicer(idle_timeout_s=config.options.recv_timeout_s)
+        self.servicer.open_session(config.session_id)
+        self._server, self.port = start_server(
+            [(self.servicer, pb_grpc.add_DealerServicer_to_server)], config.listen, config.options
+        )
+        self.address = f"{config.listen.rsplit(':', 1)[0]}:{self.port}"
+
+    def run(self, timeout_s: float = 3600.0) -> PartyReport:
+        session = self.servicer.wait_finished(self.config.session_id, timeout_s)
+        self._server.stop(grace=1.0)
+        report = PartyReport(role=DEALER, pid=os.getpid(), node=_node_name(), bytes_offline=session.bytes_sent)
+        if session.error is not None:
+            e = session.error
+            raise PeerError(f"{e.origin} failed ({e.kind}): {e.message}", error_id=e.error_id, origin=e.origin)
+        return report

@@ -1,0 +1,407 @@
+"""Tensor transport between two parties: one long-lived bidirectional gRPC stream per pair.
+
+Every frame carries the session id, a sequence number that advances in program order, and a
+tag naming what the receiver expects; anything else is rejected with a clear error. Every
+receive has a deadline. Tensors larger than the chunk size travel as several frames.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from .errors import (
+    FrameTooLargeError,
+    PeerError,
+    PeerTimeoutError,
+    ProtocolError,
+    TwinferError,
+    error_from_wire,
+)
+from .metrics import Metrics
+from .proto import twinfer_pb2 as pb
+from .proto import twinfer_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TransportOptions:
+    """Deadlines and size limits of one party's links."""
+
+    recv_timeout_s: float = 60.0
+    connect_timeout_s: float = 10.0
+    chunk_bytes: int = 4 * MiB
+    max_tensor_bytes: int = 1024 * MiB
+
+    def __post_init__(self) -> None:
+        if self.recv_timeout_s <= 0 or self.connect_timeout_s <= 0:
+            raise ValueError("timeouts must be positive seconds")
+        if not 1024 <= self.chunk_bytes <= 64 * MiB:
+            raise ValueError(f"chunk_bytes must be between 1 KiB and 64 MiB, got {self.chunk_bytes}")
+
+    @property
+    def grpc_message_limit(self) -> int:
+        """Largest gRPC message either end accepts: one chunk plus the frame's header."""
+        return self.chunk_bytes + 64 * 1024
+
+    def grpc_options(self) -> list[tuple[str, int]]:
+        limit = self.grpc_message_limit
+        return [
+            ("grpc.max_send_message_length", limit),
+            ("grpc.max_receive_message_length", limit),
+            # Two servers must never share a port by accident.
+            ("grpc.so_reuseport", 0),
+        ]
+
+
+class Transport(abc.ABC):
+    """What the communicator needs from a link to the peer."""
+
+    role: str
+    peer_role: str
+    session_id: str
+    metrics: Metrics
+
+    @abc.abstractmethod
+    def send(self, tag: str, array: np.ndarray) -> None:
+        """Queue `array` for the peer under `tag`; returns without waiting for delivery."""
+
+    @abc.abstractmethod
+    def recv(self, tag: str) -> np.ndarray:
+        """The peer's next message, which must carry `tag`; raises after the deadline."""
+
+    @abc.abstractmethod
+    def fail(self, error: TwinferError) -> None:
+        """Tell the peer this party failed with `error`, then close."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """End the stream after everything queued has been sent."""
+
+
+class _End:
+    """Marks the end of the incoming stream, with the reason."""
+
+    def __init__(self, reason: str, error: Exception | None = None) -> None:
+        self.reason = reason
+        self.error = error
+
+
+def _array_to_frames(
+    session_id: str, seq: int, tag: str, array: np.ndarray, chunk_bytes: int
+) -> Iterator[pb.Frame]:
+    data = np.ascontiguousarray(array).tobytes()
+    count = max(1, math.ceil(len(data) / chunk_bytes))
+    for index in range(count):
+        yield pb.Frame(
+            session_id=session_id,
+            seq=seq,
+            tag=tag,
+            dtype=array.dtype.str,
+            shape=array.shape,
+            data=data[index * chunk_bytes : (index + 1) * chunk_bytes],
+            chunk_index=index,
+            chunk_count=count,
+            total_bytes=len(data),
+        )
+
+
+def _frames_to_array(frames: list[pb.Frame]) -> np.ndarray:
+    head = frames[0]
+    data = b"".join(f.data for f in frames) if len(frames) > 1 else head.data
+    dtype = np.dtype(head.dtype)
+    shape = tuple(head.shape)
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(data) != expected or len(data) != head.total_bytes:
+        raise ProtocolError(
+            f"frame {head.seq} '{head.tag}' carries {len(data)} bytes, but dtype {dtype} and "
+            f"shape {shape} need {expected}"
+        )
+    # Copy: frombuffer views are read-only and torch wants writable memory.
+    return np.frombuffer(data, dtype=dtype).reshape(shape).copy()
+
+
+class GrpcTransport(Transport):
+    """One end of the peer stream; the same class serves the dialing and the accepting end."""
+
+    def __init__(
+        self,
+        *,
+        session_id: str,
+        role: str,
+        peer_role: str,
+        options: TransportOptions | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.session_id = session_id
+        self.role = role
+        self.peer_role = peer_role
+        self.options = options or TransportOptions()
+        self.metrics = metrics or Metrics()
+        self._outgoing: queue.Queue[pb.Frame | None] = queue.Queue()
+        self._incoming: queue.Queue[pb.Frame | _End] = queue.Queue()
+        self._send_seq = 0
+        self._recv_seq = 0
+        self._connected = threading.Event()
+        self._ended: _End | None = None
+        self._closed = False
+        self._channel: grpc.Channel | None = None
+        self._reader: threading.Thread | None = None
+
+    # -- establishing the stream -------------------------------------------------------
+
+    def dial(self, address: str, credentials: grpc.ChannelCredentials | None = None) -> None:
+        """Open the stream to the peer listening at `address`."""
+        opts = self.options.grpc_options()
+        if credentials is None:
+            self._channel = grpc.insecure_channel(address, options=opts)
+        else:
+            self._channel = grpc.secure_channel(address, credentials, options=opts)
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=self.options.connect_timeout_s)
+        except grpc.FutureTimeoutError:
+            self._channel.close()
+            raise PeerError(
+                f"{self.peer_role} at {address} is not reachable "
+                f"(no connection within {self.options.connect_timeout_s:g} s)",
+                origin=self.role,
+            ) from None
+        self._outgoing.put(pb.Frame(session_id=self.session_id, tag="hello", seq=0))
+        responses = pb_grpc.PeerStub(self._channel).Exchange(self._drain_outgoing())
+        self._start_reader(responses)
+        self._connected.set()
+
+    def wait_accepted(self) -> None:
+        """Block until the peer has dialed in (the accepting end)."""
+        if not self._connected.wait(self.options.connect_timeout_s):
+            raise PeerTimeoutError(
+                f"{self.peer_role} did not connect within {self.options.connect_timeout_s:g} s "
+                f"for session {self.session_id}",
+                origin=self.role,
+            )
+
+    def _attach(self, requests: Iterator[pb.Frame]) -> Iterator[pb.Frame]:
+        """Called by the servicer once the peer's hello named this session."""
+        self._start_reader(requests)
+        self._connected.set()
+        return self._drain_outgoing()
+
+    def _start_reader(self, frames: Iterator[pb.Frame]) -> None:
+        self._reader = threading.Thread(
+            target=self._read, args=(frames,), name=f"twinfer-read-{self.role}", daemon=True
+        )
+        self._reader.start()
+
+    def _read(self, frames: Iterator[pb.Frame]) -> None:
+        try:
+            for frame in frames:
+                self._incoming.put(frame)
+            self._incoming.put(_End(f"{self.peer_role} closed the stream"))
+        except grpc.RpcError as err:
+            code = err.code() if hasattr(err, "code") else None
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                self._incoming.put(
+                    _End(
+                        f"{self.peer_role} sent a frame larger than the limit of "
+                        f"{self.options.grpc_message_limit} bytes",
+                        FrameTooLargeError("frame too large", origin=self.role),
+                    )
+                )
+            else:
+                detail = err.details() if hasattr(err, "details") else str(err)
+                self._incoming.put(_End(f"connection to {self.peer_role} lost: {detail}"))
+        except Exception as err:  # a reader thread must always leave an end marker
+            self._incoming.put(_End(f"reading from {self.peer_role} failed: {err!r}"))
+
+    def _drain_outgoing(self) -> Iterator[pb.Frame]:
+        while True:
+            frame = self._outgoing.get()
+            if frame is None:
+                return
+            yield frame
+
+    # -- messages ------------------------------------------------------------------------
+
+    def send(self, tag: str, array: np.ndarray) -> None:
+        if self._closed:
+            raise PeerError(f"send '{tag}' after the stream to {self.peer_role} was closed", origin=self.role)
+        if self._ended is not None:
+            raise PeerError(self._ended.reason, origin=self.role)
+        nbytes = array.nbytes
+        if nbytes > self.options.max_tensor_bytes:
+            raise FrameTooLargeError(
+                f"message '{tag}' of {nbytes} bytes exceeds max_tensor_bytes="
+                f"{self.options.max_tensor_bytes}",
+                origin=self.role,
+            )
+        self._send_seq += 1
+        for frame in _array_to_frames(self.session_id, self._send_seq, tag, array, self.options.chunk_bytes):
+            self._outgoing.put(frame)
+        self.metrics.count_send(nbytes)
+
+    def recv(self, tag: str) -> np.ndarray:
+        start = time.perf_counter()
+        deadline = time.monotonic() + self.options.recv_timeout_s
+        self._recv_seq += 1
+        frames = [self._next_frame(tag, deadline)]
+        head = frames[0]
+        if head.total_bytes > self.options.max_tensor_bytes:
+            raise FrameTooLargeError(
+                f"{self.peer_role} announced message '{head.tag}' of {head.total_bytes} bytes, "
+                f"over max_tensor_bytes={self.options.max_tensor_bytes}",
+                origin=self.role,
+            )
+        while len(frames) < max(head.chunk_count, 1):
+            frame = self._next_frame(tag, deadline)
+            if frame.chunk_index != len(frames):
+                raise ProtocolError(
+                    f"chunk {frame.chunk_index} of message {head.seq} arrived out of order", origin=self.role
+                )
+            frames.append(frame)
+        array = _frames_to_array(frames)
+        self.metrics.count_receive(array.nbytes, time.perf_counter() - start)
+        return array
+
+    def _next_frame(self, tag: str, deadline: float) -> pb.Frame:
+        if self._ended is not None:
+            raise PeerError(self._ended.reason, origin=self.role)
+        remaining = deadline - time.monotonic()
+        try:
+            item = self._incoming.get(timeout=max(remaining, 0.0))
+        except queue.Empty:
+            raise PeerTimeoutError(
+                f"no '{tag}' message from {self.peer_role} within {self.options.recv_timeout_s:g} s "
+                f"(session {self.session_id}, message {self._recv_seq})",
+                origin=self.role,
+            ) from None
+        if isinstance(item, _End):
+            self._ended = item
+            if item.error is not None and isinstance(item.error, FrameTooLargeError):
+                raise FrameTooLargeError(item.reason, origin=self.role)
+            raise PeerError(item.reason, origin=self.role)
+        return self._check(item, tag)
+
+    def _check(self, frame: pb.Frame, tag: str) -> pb.Frame:
+        if frame.HasField("error"):
+            e = frame.error
+            raise error_from_wire(e.kind, e.message, e.error_id, e.origin)
+        if frame.session_id != self.session_id:
+            raise ProtocolError(
+                f"frame for session '{frame.session_id}' arrived on session '{self.session_id}'",
+                origin=self.role,
+            )
+        if frame.seq != self._recv_seq:
+            raise ProtocolError(
+                f"expected message {self._recv_seq} from {self.peer_role}, got {frame.seq} ('{frame.tag}')",
+                origin=self.role,
+            )
+        if frame.tag != tag:
+            raise ProtocolError(
+                f"expected '{tag}' from {self.peer_role}, got '{frame.tag}' (message {frame.seq}): "
+                "the parties are running different programs",
+                origin=self.role,
+            )
+        if len(frame.data) > self.options.chunk_bytes:
+            raise FrameTooLargeError(
+                f"chunk of {len(frame.data)} bytes over chunk_bytes={self.options.chunk_bytes}", origin=self.role
+            )
+        return frame
+
+    # -- ending ---------------------------------------------------------------------------
+
+    def fail(self, error: TwinferError) -> None:
+        if self._closed:
+            return
+        if self._connected.is_set() and self._ended is None:
+            self._outgoing.put(
+                pb.Frame(
+                    session_id=self.session_id,
+                    error=pb.Error(
+                        error_id=error.error_id,
+                        kind=error.kind,
+                        message=error.message,
+                        origin=error.origin or self.role,
+                    ),
+                )
+            )
+        self.close()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._outgoing.put(None)
+        if self._channel is not None:
+            # Let the peer finish its side so queued frames are delivered before the channel goes.
+            if self._reader is not None:
+                self._reader.join(timeout=min(5.0, self.options.recv_timeout_s))
+            self._channel.close()
+
+
+class PeerServicer(pb_grpc.PeerServicer):
+    """Accepts peer streams and hands each to the transport waiting for its session id."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[str, GrpcTransport] = {}
+        self._lock = threading.Lock()
+
+    def expect(self, transport: GrpcTransport) -> None:
+        """Route the next stream whose hello names `transport.session_id` to `transport`."""
+        with self._lock:
+            self._waiting[transport.session_id] = transport
+
+    def Exchange(self, request_iterator, context):  # noqa: N802 (gRPC's name)
+        try:
+            hello = next(request_iterator)
+        except (StopIteration, grpc.RpcError):
+            return
+        with self._lock:
+            transport = self._waiting.pop(hello.session_id, None) if hello.tag == "hello" else None
+            known = sorted(self._waiting)
+        if transport is None:
+            log.warning("rejected a stream for unknown session %r", hello.session_id)
+            yield pb.Frame(
+                session_id=hello.session_id,
+                error=pb.Error(
+                    error_id="",
+                    kind="protocol",
+                    message=f"unknown session '{hello.session_id}' (this party expects {known or 'none'})",
+                    origin="listener",
+                ),
+            )
+            return
+        log.info("session %s: %s connected", hello.session_id, transport.peer_role)
+        yield from transport._attach(request_iterator)
+
+
+def start_server(
+    servicers: list[tuple[object, callable]],
+    listen: str,
+    options: TransportOptions,
+    server_credentials: grpc.ServerCredentials | None = None,
+) -> tuple[grpc.Server, int]:
+    """Start a gRPC server on `listen` ('host:port', port 0 picks one) and return it and its port."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=options.grpc_options())
+    for servicer, add in servicers:
+        add(servicer, server)
+    if server_credentials is None:
+        port = server.add_insecure_port(listen)
+    else:
+        port = server.add_secure_port(listen, server_credentials)
+    if port == 0:
+        raise PeerError(f"cannot listen on {listen}")
+    server.start()
+    return server, port
