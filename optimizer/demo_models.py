@@ -1,0 +1,210 @@
+"""Small Fashion-MNIST demo classifiers built only from layers the secure protocols support."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+
+from twinfer.optimizer.datasets import load_fashion_mnist
+
+ArrayLike = np.ndarray | torch.Tensor
+_log = logging.getLogger(__name__)
+
+# Both models train on the full 60k training split: 2 epochs take ~17 s (FashionCNN) and ~55 s
+# (TinyResNet, convs at full 28x28 resolution) on 2 CPU cores, within the ~90 s budget.
+_DEFAULT_EPOCHS = {"fashion_cnn": 2, "tiny_resnet": 2}
+_SEED = 0
+
+
+class FashionCNN(nn.Module):
+    """LeNet-style CNN: two 5x5 conv+ReLU+maxpool stages and a two-layer classifier."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 8, kernel_size=5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, kernel_size=5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(16 * 7 * 7, 64),
+            nn.ReLU(),
+            nn.Linear(64, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map (N,1,28,28) images to (N,num_classes) logits."""
+        return self.classifier(self.features(x))
+
+
+class ResidualBlock(nn.Module):
+    """conv-BN-ReLU-conv-BN plus identity skip, then ReLU (exports as Conv/BN/Relu/Add)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, kernel_size=3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(channels, channels, kernel_size=3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the block."""
+        y = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
+        return self.relu2(y + x)
+
+
+class TinyResNet(nn.Module):
+    """Stem, one residual block, a stride-2 downsample, a post-ReLU BatchNorm, GAP and a linear head."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(1, 8, kernel_size=3, padding=1, bias=False),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+        )
+        self.block = ResidualBlock(8)
+        self.down = nn.Sequential(
+            nn.Conv2d(8, 16, kernel_size=3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+        )
+        # Deliberately after a ReLU: no conv precedes it, so an optimizer cannot fold it away
+        # and the secure runtime must handle a standalone BatchNormalization node.
+        self.post_bn = nn.BatchNorm2d(16)
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(16, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map (N,1,28,28) images to (N,num_classes) logits."""
+        return self.head(self.post_bn(self.down(self.block(self.stem(x)))))
+
+
+_BUILDERS: dict[str, type[nn.Module]] = {"fashion_cnn": FashionCNN, "tiny_resnet": TinyResNet}
+
+
+def build_demo_model(name: str, *, seed: int = _SEED) -> nn.Module:
+    """Construct an untrained demo model with seeded initial weights."""
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown demo model {name!r}; known: {sorted(_BUILDERS)}")
+    # fork_rng keeps the caller's global RNG untouched while making init reproducible.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _BUILDERS[name]()
+
+
+def train_classifier(
+    model: nn.Module,
+    images: ArrayLike,
+    labels: ArrayLike,
+    *,
+    epochs: int,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    seed: int = 0,
+    progress: bool = True,
+) -> nn.Module:
+    """Train in place with Adam and cross-entropy; returns the model in eval mode."""
+    if epochs < 0 or batch_size < 1:
+        raise ValueError(f"need epochs >= 0 and batch_size >= 1, got {epochs} and {batch_size}")
+    x, y = _as_tensors(images, labels)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    loss_fn = nn.CrossEntropyLoss()
+    # A private generator makes shuffling depend only on `seed`, not on global RNG state.
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    for epoch in range(epochs):
+        order = torch.randperm(len(x), generator=generator)
+        batches = tqdm(
+            range(0, len(x), batch_size),
+            desc=f"epoch {epoch + 1}/{epochs}",
+            disable=not progress,
+            leave=True,
+        )
+        seen, correct, loss_sum = 0, 0, 0.0
+        for start in batches:
+            idx = order[start : start + batch_size]
+            logits = model(x[idx])
+            loss = loss_fn(logits, y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            seen += len(idx)
+            loss_sum += loss.item() * len(idx)
+            correct += int((logits.argmax(1) == y[idx]).sum())
+            batches.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+    return model.eval()
+
+
+@torch.no_grad()
+def evaluate_accuracy(model: nn.Module, images: ArrayLike, labels: ArrayLike) -> float:
+    """Top-1 accuracy in eval mode; restores the model's previous train/eval mode."""
+    x, y = _as_tensors(images, labels)
+    was_training = model.training
+    model.eval()
+    correct = 0
+    try:
+        # Chunks bound peak memory on the 10k test split.
+        for start in range(0, len(x), 1000):
+            chunk = slice(start, start + 1000)
+            correct += int((model(x[chunk]).argmax(1) == y[chunk]).sum())
+    finally:
+        model.train(was_training)
+    return correct / max(len(x), 1)
+
+
+def load_or_train_demo_model(
+    name: str, cache_dir: Path, *, epochs: int | None = None, progress: bool = True
+) -> nn.Module:
+    """Load `cache_dir/<name>.safetensors` if present, else train on Fashion-MNIST and save it there."""
+    model = build_demo_model(name)
+    path = Path(cache_dir) / f"{name}.safetensors"
+    if path.is_file():
+        # safetensors only: a cached file must never be able to run code (no pickle/torch.load).
+        model.load_state_dict(load_file(path), strict=True)
+        return model.eval()
+    images, labels = load_fashion_mnist("train")
+    epochs = _DEFAULT_EPOCHS[name] if epochs is None else epochs
+    started = time.perf_counter()
+    train_classifier(model, images, labels, epochs=epochs, seed=_SEED, progress=progress)
+    elapsed = time.perf_counter() - started
+    _log.info("trained %s on %d images x %d epochs in %.1f s", name, len(images), epochs, elapsed)
+    save_state_dict(model, path)
+    return model.eval()
+
+
+def save_state_dict(model: nn.Module, path: Path) -> None:
+    """Write the full state dict (parameters and BN buffers) as safetensors, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    # Write then rename so an interrupted run never leaves a truncated cache file behind.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    save_file(tensors, str(tmp))
+    tmp.replace(path)
+
+
+def _as_tensors(images: ArrayLike, labels: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:
+    """Convert image/label arrays to float32 and int64 tensors of matching length."""
+    x = torch.as_tensor(images, dtype=torch.float32)
+    y = torch.as_tensor(labels, dtype=torch.int64)
+    if len(x) != len(y):
+        raise ValueError(f"{len(x)} images but {len(y)} labels")
+    return x, y
