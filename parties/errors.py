@@ -21,9 +21,19 @@ class TwinferError(Exception):
         self.error_id = error_id or new_error_id()
         self.origin = origin
 
+    def __reduce__(self):
+        # Keep the error id and origin when Ray or multiprocessing carries the error across processes.
+        return (_rebuild, (type(self), self.message, self.error_id, self.origin, self.kind))
+
     def __str__(self) -> str:
         where = f" at {self.origin}" if self.origin else ""
         return f"[{self.kind} {self.error_id}{where}] {self.message}"
+
+
+def _rebuild(cls: type, message: str, error_id: str, origin: str, kind: str) -> "TwinferError":
+    err = cls(message, error_id=error_id, origin=origin)
+    err.kind = kind
+    return err
 
 
 class PeerError(TwinferError):

@@ -67,10 +67,10 @@ class PartyReport:
     batch_sizes: list[int] = field(default_factory=list)
     batch_rounds: list[int] = field(default_factory=list)
     batch_bytes_online: list[int] = field(default_factory=list)
+    batch_crypten_stats: list[dict[str, float]] = field(default_factory=list)
     bytes_offline: int = 0
     relu_count: int = 0
     layers: dict[str, dict] = field(default_factory=dict)
-    crypten_stats: dict[str, float] = field(default_factory=dict)
     logits: np.ndarray | None = None
 
 
@@ -137,6 +137,9 @@ class _TwoPartySession:
         return shared
 
     def _infer_batch(self, graph: Graph, shared_weights: dict[str, Any], x: torch.Tensor) -> Any:
+        import crypten.communicator as comm
+
+        comm.get().reset_communication_stats()
         before = self.metrics.total()
         start = time.perf_counter()
         with self.metrics.layer("share_input"):
@@ -152,15 +155,12 @@ class _TwoPartySession:
             (after.bytes_sent + after.bytes_received) - (before.bytes_sent + before.bytes_received)
         )
         self.report.relu_count += graph.relu_count() * int(x.shape[0])
+        self.report.batch_crypten_stats.append(dict(comm.get().get_communication_stats()))
         return logits
 
     def _finish(self) -> PartyReport:
         self.report.layers = self.metrics.snapshot()
         self.report.bytes_offline = self.metrics.total().bytes_offline
-        if self._crypten_up:
-            import crypten.communicator as comm
-
-            self.report.crypten_stats = dict(comm.get().get_communication_stats())
         return self.report
 
     def _shutdown(self, error: TwinferError | None) -> None:
@@ -270,7 +270,7 @@ class ClientParty(_TwoPartySession):
         self.report.setup_s = time.perf_counter() - start
         outputs = []
         for begin in range(0, len(self.inputs), self.batch_size):
-            x = torch.from_numpy(self.inputs[begin : begin + self.batch_size])
+            x = torch.tensor(self.inputs[begin : begin + self.batch_size])
             outputs.append(self._infer_batch(graph, shared, x).numpy())
         self.report.logits = np.concatenate(outputs)
         self.transport.send("done", np.zeros(0, dtype=np.uint8))

@@ -1,0 +1,88 @@
+"""The `twinfer` command: one module per subcommand, numbered exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from twinfer.parties.errors import InputError, ModelError, PeerError, ProtocolError, TwinferError
+from twinfer.parties.transport import TransportOptions
+
+# Exit codes, so scripts can tell failures apart.
+EXIT_OK = 0
+EXIT_FAILURE = 1  # anything not listed below
+EXIT_USAGE = 2  # bad command line (argparse's own code)
+EXIT_MODEL = 3  # model missing, malformed or unsupported
+EXIT_INPUT = 4  # input missing or not fitting the model
+EXIT_PEER = 5  # a peer unreachable, failed, or too slow
+EXIT_PROTOCOL = 6  # a message from another session, out of order, or too large
+
+EXIT_CODES_HELP = """exit codes:
+  0  success
+  1  other failure
+  2  bad command line
+  3  model missing, malformed or unsupported
+  4  input missing or not fitting the model
+  5  a peer unreachable, failed, or past its deadline
+  6  protocol error: wrong session, unexpected message, frame too large
+"""
+
+
+def exit_code(err: BaseException) -> int:
+    for cls, code in ((ModelError, EXIT_MODEL), (InputError, EXIT_INPUT), (PeerError, EXIT_PEER), (ProtocolError, EXIT_PROTOCOL)):
+        if isinstance(err, cls):
+            return code
+    return EXIT_FAILURE
+
+
+def add_transport_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--timeout", type=float, default=60.0, help="deadline of every network wait, seconds (default 60)")
+    parser.add_argument("--connect-timeout", type=float, default=10.0, help="deadline to reach a peer, seconds (default 10)")
+    parser.add_argument(
+        "--insecure-trusted-first-party",
+        action="store_true",
+        help="INSECURE: the server makes the correlated randomness itself (CrypTen TFP) and could "
+        "learn the client's input; for development only. Default: a separate dealer process.",
+    )
+
+
+def transport_options(args: argparse.Namespace) -> TransportOptions:
+    return TransportOptions(recv_timeout_s=args.timeout, connect_timeout_s=args.connect_timeout)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import cmd_demo, cmd_infer, cmd_party
+
+    parser = argparse.ArgumentParser(
+        prog="twinfer",
+        description="Two-party private neural-network inference.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what each party does")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in (cmd_infer, cmd_party, cmd_demo):
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except TwinferError as err:
+        print(f"twinfer: error {err}", file=sys.stderr)
+        return exit_code(err)
+    except ValueError as err:  # configuration the parties reject before starting
+        print(f"twinfer: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("twinfer: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

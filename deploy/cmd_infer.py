@@ -1,0 +1,48 @@
+"""`twinfer infer`: run a model privately on an input file, all three parties on Ray."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from rich.console import Console
+
+from twinfer.parties.model_file import load_input
+
+from .cli import add_transport_args, transport_options
+from .inference import private_inference
+from .ray_launcher import RayOptions
+from .report import print_table, summary_rows
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("infer", help="private inference: server, client and dealer as Ray actors")
+    p.add_argument("--model", required=True, help="ONNX model file (the server's)")
+    p.add_argument("--input", required=True, help=".npy array of samples, N x ... (the client's)")
+    p.add_argument("--batch", type=int, default=None, help="samples per private batch (default: all at once)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
+    add_transport_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    inputs = load_input(args.input)
+    result = private_inference(
+        args.model,
+        inputs,
+        batch_size=args.batch,
+        options=transport_options(args),
+        insecure_trusted_first_party=args.insecure_trusted_first_party,
+        ray_options=RayOptions(address=args.ray_address),
+        progress=not args.json,
+    )
+    if args.json:
+        print(json.dumps(result.to_json_dict()))
+        return 0
+    console = Console()
+    console.print("argmax per sample:", " ".join(str(int(i)) for i in result.logits.argmax(axis=1)))
+    print_table("twinfer private inference", summary_rows(result.summary()), console)
+    parties = ", ".join(f"{r.role} pid {r.pid}" for r in result.reports.values())
+    console.print(f"parties: {parties}")
+    return 0

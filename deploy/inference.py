@@ -1,0 +1,100 @@
+"""`private_inference`: validate, launch the three parties on Ray, and assemble the result."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from twinfer.parties.crypten_compat import export_onnx
+from twinfer.parties.model_file import check_input_fits, parse_onnx, read_model_bytes
+from twinfer.parties.session import CLIENT, DEALER, SERVER, PartyReport
+from twinfer.parties.transport import TransportOptions
+
+from .ray_launcher import RayOptions, run_parties
+
+ModelLike = str | Path | bytes | torch.nn.Module
+
+
+@dataclass
+class InferenceResult:
+    """The client's logits and every party's metrics for one session."""
+
+    logits: np.ndarray
+    reports: dict[str, PartyReport]
+    batch_size: int
+    relu_per_sample: int
+
+    @property
+    def client(self) -> PartyReport:
+        return self.reports[CLIENT]
+
+    def summary(self) -> dict[str, Any]:
+        c = self.client
+        offline = sum(r.bytes_offline for role, r in self.reports.items() if role in (SERVER, CLIENT))
+        return {
+            "n_samples": int(len(self.logits)),
+            "batch_size": self.batch_size,
+            "batches": len(c.batch_latency_s),
+            "latency_s": float(sum(c.batch_latency_s)),
+            "latency_per_batch_s": float(np.mean(c.batch_latency_s)),
+            "setup_s": float(c.setup_s),
+            "rounds": int(sum(c.batch_rounds)),
+            "rounds_per_batch": int(max(c.batch_rounds)),
+            "bytes_online": int(sum(c.batch_bytes_online)),
+            "bytes_offline": int(offline),
+            "relu_count": int(c.relu_count),
+            "relu_per_sample": self.relu_per_sample,
+        }
+
+    def to_json_dict(self) -> dict[str, Any]:
+        out = self.summary()
+        out["logits"] = self.logits.tolist()
+        out["parties"] = [{"role": r.role, "pid": r.pid, "node": r.node} for r in self.reports.values()]
+        out["layers"] = self.client.layers
+        return out
+
+
+def model_bytes(model: ModelLike, sample_shape: tuple[int, ...]) -> bytes:
+    """ONNX bytes for a path, raw bytes, or a torch module (exported with the TorchScript exporter)."""
+    if isinstance(model, torch.nn.Module):
+        return export_onnx(model, torch.zeros((1, *sample_shape)))
+    if isinstance(model, bytes):
+        return model
+    return read_model_bytes(model)
+
+
+def private_inference(
+    model: ModelLike,
+    inputs: np.ndarray,
+    *,
+    batch_size: int | None = None,
+    options: TransportOptions | None = None,
+    insecure_trusted_first_party: bool = False,
+    ray_options: RayOptions | None = None,
+    progress: bool = False,
+) -> InferenceResult:
+    """Run the model privately on `inputs`: the server holds the model, the client the inputs."""
+    inputs = np.ascontiguousarray(inputs, dtype=np.float32)
+    data = model_bytes(model, tuple(inputs.shape[1:]))
+    graph, _ = parse_onnx(data, source=str(model) if isinstance(model, (str, Path)) else "model")
+    check_input_fits(graph, inputs)
+    batch = batch_size or len(inputs)
+    reports = run_parties(
+        data,
+        inputs,
+        batch_size=batch,
+        options=options or TransportOptions(),
+        insecure_trusted_first_party=insecure_trusted_first_party,
+        ray_options=ray_options,
+        progress=progress,
+    )
+    return InferenceResult(
+        logits=reports[CLIENT].logits, reports=reports, batch_size=batch, relu_per_sample=graph.relu_count()
+    )
+
+
+__all__ = ["InferenceResult", "private_inference", "model_bytes", "DEALER"]

@@ -1,0 +1,77 @@
+"""Reading what a party is given: an ONNX model (server) or an input array (client).
+
+Nothing here unpickles: ONNX is protobuf, inputs are .npy files read with allow_pickle=False.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+
+from twinfer.protocols.graph import Graph, GraphError, graph_from_onnx
+
+from .errors import InputError, ModelError
+
+
+def parse_onnx(data: bytes, source: str = "model") -> tuple[Graph, dict[str, np.ndarray]]:
+    """Compile serialized ONNX into the public graph and the server's weights."""
+    try:
+        model = onnx.load_from_string(data)
+    except (DecodeError, ValueError, RuntimeError) as err:
+        raise ModelError(f"{source} is not a valid ONNX file: {err}") from None
+    if not model.graph.node:
+        raise ModelError(f"{source} is not a valid ONNX model: it has no nodes")
+    try:
+        return graph_from_onnx(model)
+    except GraphError as err:
+        raise ModelError(f"{source}: {err}") from None
+
+
+def read_model_bytes(path: str | Path) -> bytes:
+    """The bytes of an ONNX model file, with a clear error when it is missing."""
+    path = Path(path)
+    if path.is_dir():
+        candidates = sorted(path.glob("*.onnx"))
+        if len(candidates) != 1:
+            raise ModelError(f"model directory {path} must hold exactly one .onnx file, found {len(candidates)}")
+        path = candidates[0]
+    if not path.exists():
+        raise ModelError(f"model file {path} does not exist")
+    if path.suffix != ".onnx":
+        raise ModelError(f"model file {path} must be an ONNX file (.onnx); export torch models with torch.onnx.export")
+    return path.read_bytes()
+
+
+def load_model(path: str | Path) -> tuple[Graph, dict[str, np.ndarray]]:
+    return parse_onnx(read_model_bytes(path), source=str(path))
+
+
+def load_input(path: str | Path) -> np.ndarray:
+    """A client's input: a float array saved with numpy.save, one sample per row."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"input file {path} does not exist")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except ValueError as err:
+        raise InputError(f"input file {path} is not a plain .npy array (pickled objects are refused): {err}") from None
+    except OSError as err:
+        raise InputError(f"input file {path} cannot be read as .npy: {err}") from None
+    if not isinstance(array, np.ndarray) or not np.issubdtype(array.dtype, np.number):
+        raise InputError(f"input file {path} must hold a numeric array, got {getattr(array, 'dtype', type(array))}")
+    return array.astype(np.float32, copy=False)
+
+
+def check_input_fits(graph: Graph, inputs: np.ndarray) -> None:
+    """Fail before any party starts when the input cannot go through the model."""
+    if inputs.ndim == len(graph.input_shape):  # a single sample: add the batch dimension
+        raise InputError(
+            f"input has shape {inputs.shape}; add the batch dimension: expected (N, {', '.join(map(str, graph.input_shape))})"
+        )
+    if tuple(inputs.shape[1:]) != graph.input_shape or inputs.shape[0] < 1:
+        raise InputError(f"input has shape {inputs.shape}, but the model expects (N, {', '.join(map(str, graph.input_shape))})")
+    if not np.isfinite(inputs).all():
+        raise InputError("input contains NaN or infinite values")
