@@ -154,13 +154,14 @@ class DealerServicer(pb_grpc.DealerServicer):
             except (RuntimeError, TypeError, ValueError) as err:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"dealer: cannot make '{request.function}': {err}")
             session.tuples += 1
-        data = share.contiguous().numpy().tobytes()
-        session.bytes_sent += len(data)
-        count = max(1, math.ceil(len(data) / CHUNK_BYTES))
+        array = share.contiguous().numpy()
+        view = memoryview(array).cast("B") if array.size else memoryview(b"")
+        session.bytes_sent += view.nbytes
+        count = max(1, math.ceil(view.nbytes / CHUNK_BYTES))
         for i in range(count):
             yield pb.TupleReply(
                 shape=list(share.shape),
-                data=data[i * CHUNK_BYTES : (i + 1) * CHUNK_BYTES],
+                data=bytes(view[i * CHUNK_BYTES : (i + 1) * CHUNK_BYTES]),
                 chunk_index=i,
                 chunk_count=count,
             )

@@ -96,18 +96,25 @@ class DealerClient:
             args_json=json.dumps({"args": _jsonable(args), "kwargs": {k: _jsonable(v) for k, v in kwargs.items()}}),
         )
         start = time.perf_counter()
-        chunks: list[bytes] = []
-        shape: list[int] = []
+        out: np.ndarray | None = None
+        offset = 0
         try:
             for reply in self._stub.Tuple(request, timeout=self.options.recv_timeout_s):
+                if out is None:
+                    out = np.empty(int(np.prod(reply.shape, dtype=np.int64)), dtype=np.int64)
+                    raw = out.view(np.uint8)
+                if offset + len(reply.data) > raw.size:
+                    raise PeerError(f"dealer sent more data than tuple shape {list(reply.shape)} holds", origin="dealer")
+                raw[offset : offset + len(reply.data)] = np.frombuffer(reply.data, dtype=np.uint8)
+                offset += len(reply.data)
                 shape = list(reply.shape)
-                chunks.append(reply.data)
         except grpc.RpcError as err:
             raise self._error(err) from None
-        data = b"".join(chunks)
-        self.metrics.count_offline(len(data))
+        if out is None or offset != out.nbytes:
+            raise PeerError(f"dealer sent an incomplete '{func_name}' tuple", origin="dealer")
+        self.metrics.count_offline(offset)
         self.metrics.count_receive(0, time.perf_counter() - start)
-        return torch.from_numpy(np.frombuffer(data, dtype=np.int64).reshape(shape).copy())
+        return torch.from_numpy(out.reshape(shape))
 
     def close(self, error: TwinferError | None = None) -> None:
         """Tell the dealer this party is done (or failed, with the shared error id)."""

@@ -103,8 +103,10 @@ class _End:
 def _array_to_frames(
     session_id: str, seq: int, tag: str, array: np.ndarray, chunk_bytes: int
 ) -> Iterator[pb.Frame]:
-    data = np.ascontiguousarray(array).tobytes()
-    count = max(1, math.ceil(len(data) / chunk_bytes))
+    array = np.ascontiguousarray(array)
+    view = memoryview(array).cast("B") if array.size else memoryview(b"")
+    total = view.nbytes
+    count = max(1, math.ceil(total / chunk_bytes))
     for index in range(count):
         yield pb.Frame(
             session_id=session_id,
@@ -112,26 +114,31 @@ def _array_to_frames(
             tag=tag,
             dtype=array.dtype.str,
             shape=array.shape,
-            data=data[index * chunk_bytes : (index + 1) * chunk_bytes],
+            data=bytes(view[index * chunk_bytes : (index + 1) * chunk_bytes]),  # one copy per chunk
             chunk_index=index,
             chunk_count=count,
-            total_bytes=len(data),
+            total_bytes=total,
         )
 
 
 def _frames_to_array(frames: list[pb.Frame]) -> np.ndarray:
     head = frames[0]
-    data = b"".join(f.data for f in frames) if len(frames) > 1 else head.data
     dtype = np.dtype(head.dtype)
     shape = tuple(head.shape)
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if len(data) != expected or len(data) != head.total_bytes:
+    received = sum(len(f.data) for f in frames)
+    if received != expected or received != head.total_bytes:
         raise ProtocolError(
-            f"frame {head.seq} '{head.tag}' carries {len(data)} bytes, but dtype {dtype} and "
+            f"message {head.seq} '{head.tag}' carries {received} bytes, but dtype {dtype} and "
             f"shape {shape} need {expected}"
         )
-    # Copy: frombuffer views are read-only and torch wants writable memory.
-    return np.frombuffer(data, dtype=dtype).reshape(shape).copy()
+    # Copy each chunk once into memory this process owns (frombuffer views are read-only).
+    out = np.empty(expected, dtype=np.uint8)
+    offset = 0
+    for f in frames:
+        out[offset : offset + len(f.data)] = np.frombuffer(f.data, dtype=np.uint8)
+        offset += len(f.data)
+    return out.view(dtype).reshape(shape)
 
 
 class GrpcTransport(Transport):
