@@ -97,7 +97,7 @@ def _root_cause(errors: dict[str, BaseException]) -> TwinferError:
     """Of the errors the parties raised, the one where the failure started."""
     twinfer_errors = {role: e for role, e in errors.items() if isinstance(e, TwinferError)}
     for role, err in twinfer_errors.items():
-        if not isinstance(err, PeerError):
+        if err.origin == role:
             return err
     if twinfer_errors:
         return next(iter(twinfer_errors.values()))

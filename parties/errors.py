@@ -68,7 +68,15 @@ class InputError(TwinferError):
     kind = "input"
 
 
-def error_from_wire(kind: str, message: str, error_id: str, origin: str) -> PeerError:
-    """The exception a party raises when its peer reports a failure."""
-    err_type = PeerTimeoutError if kind == "timeout" else PeerError
-    return err_type(f"{origin or 'peer'} failed ({kind}): {message}", error_id=error_id, origin=origin)
+def error_from_wire(kind: str, message: str, error_id: str, origin: str) -> TwinferError:
+    """The exception a party raises when its peer reports a failure: same kind, same id."""
+    err_type = {
+        "timeout": PeerTimeoutError,
+        "protocol": ProtocolError,
+        "frame-too-large": FrameTooLargeError,
+        "model": ModelError,
+        "input": InputError,
+    }.get(kind, PeerError)
+    err = err_type(f"{origin or 'peer'} failed ({kind}): {message}", error_id=error_id or None, origin=origin)
+    err.kind = kind if err_type is PeerError and kind else err.kind
+    return err

@@ -63,6 +63,7 @@ class PartyReport:
     pid: int
     node: str
     setup_s: float = 0.0
+    torch_threads: int = 0
     batch_latency_s: list[float] = field(default_factory=list)
     batch_sizes: list[int] = field(default_factory=list)
     batch_rounds: list[int] = field(default_factory=list)
@@ -127,6 +128,7 @@ class _TwoPartySession:
         crypten.cfg.communicator.verbose = True
         crypten.init()
         self._crypten_up = True
+        self.report.torch_threads = torch.get_num_threads()
 
     def _share_weights(self, graph: Graph, weights: dict[str, np.ndarray] | None) -> dict[str, Any]:
         shared = {}

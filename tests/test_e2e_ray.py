@@ -1,0 +1,87 @@
+"""End to end through Ray: `twinfer infer` and the Python API, three actors over gRPC."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _twinfer(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "twinfer.deploy.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_cli_infer_json_matches_pytorch(tmp_path, onnx_files, fashion_cnn, fashion_test):
+    images = fashion_test[0][:16]
+    np.save(tmp_path / "x.npy", images)
+    proc = _twinfer("infer", "--model", str(onnx_files["fashion_cnn"]), "--input", str(tmp_path / "x.npy"), "--batch", "8", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    for key in ("logits", "latency_s", "rounds", "bytes_online", "bytes_offline", "relu_count", "parties"):
+        assert key in out
+    logits = np.array(out["logits"])
+    with torch.no_grad():
+        reference = fashion_cnn(torch.from_numpy(images)).numpy()
+    assert (logits.argmax(1) == reference.argmax(1)).all()
+    assert np.abs(logits - reference).max() < 0.01
+    assert out["relu_count"] == 16 * (8 * 28 * 28 + 16 * 14 * 14 + 64)
+    assert out["rounds"] > 0 and out["bytes_online"] > 0 and out["bytes_offline"] > 0
+    roles = {p["role"]: p for p in out["parties"]}
+    assert set(roles) == {"server", "client", "dealer"}
+    pids = {p["pid"] for p in out["parties"]}
+    assert len(pids) == 3 and os.getpid() not in pids
+    time.sleep(1)
+    for pid in pids:  # no party process is left behind
+        assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()
+
+
+def test_python_api_with_a_torch_module(tiny_resnet, fashion_test):
+    from twinfer.deploy.inference import private_inference
+
+    images = fashion_test[0][100:116]
+    result = private_inference(tiny_resnet, images, batch_size=16)
+    with torch.no_grad():
+        reference = tiny_resnet(torch.from_numpy(images)).numpy()
+    assert (result.logits.argmax(1) == reference.argmax(1)).all()
+    assert np.abs(result.logits - reference).max() < 0.01
+    summary = result.summary()
+    assert summary["batches"] == 1 and summary["relu_count"] == 16 * result.relu_per_sample
+    assert result.reports["server"].logits is None  # the server never gets the output
+
+
+def test_unknown_op_fails_before_any_party_starts(tmp_path):
+    from twinfer.parties.crypten_compat import export_onnx
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2), torch.nn.Tanh())
+    (tmp_path / "m.onnx").write_bytes(export_onnx(model, torch.zeros(1, 4)))
+    np.save(tmp_path / "x.npy", np.zeros((1, 4), np.float32))
+    start = time.monotonic()
+    proc = _twinfer("infer", "--model", str(tmp_path / "m.onnx"), "--input", str(tmp_path / "x.npy"))
+    assert proc.returncode == 3
+    assert "op Tanh" in proc.stderr and "/2/Tanh" in proc.stderr and "Traceback" not in proc.stderr
+    assert time.monotonic() - start < 30  # no Ray start-up, no party processes
+
+
+@pytest.mark.parametrize(
+    "model_arg, input_shape, code, message",
+    [
+        ("missing.onnx", (1, 1, 28, 28), 3, "does not exist"),
+        ("fashion_cnn", (1, 3, 28, 28), 4, r"expects (N, 1, 28, 28)"),
+    ],
+)
+def test_bad_input_is_named_before_start(tmp_path, onnx_files, model_arg, input_shape, code, message):
+    model = onnx_files.get(model_arg, tmp_path / model_arg)
+    np.save(tmp_path / "x.npy", np.zeros(input_shape, np.float32))
+    proc = _twinfer("infer", "--model", str(model), "--input", str(tmp_path / "x.npy"))
+    assert proc.returncode == code, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr

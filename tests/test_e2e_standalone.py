@@ -1,0 +1,154 @@
+"""End to end with `twinfer party`: three real processes over gRPC on loopback, no Ray."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from party_processes import Parties
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture
+def parties(tmp_path):
+    p = Parties(tmp_path)
+    yield p
+    p.close()
+
+
+def _save(tmp_path, array, name="x.npy"):
+    path = tmp_path / name
+    np.save(path, array)
+    return path
+
+
+def _error_id(text: str) -> str:
+    match = re.search(r"\[[a-z-]+ ([0-9a-f]{12})", text)
+    assert match, f"no error id in: {text}"
+    return match.group(1)
+
+
+def test_resnet_with_batchnorm_roles_and_accuracy(parties, tmp_path, onnx_files, tiny_resnet, fashion_test):
+    images = fashion_test[0][:12]
+    dealer = parties.start_dealer()
+    server_audit, client_audit = tmp_path / "server.audit", tmp_path / "client.audit"
+    server = parties.start_server(onnx_files["tiny_resnet"], "--dealer", dealer, "--audit-log", str(server_audit))
+    out = tmp_path / "logits.npy"
+    parties.start_client(
+        server, _save(tmp_path, images), "--dealer", dealer, "--batch", "6", "--output", str(out),
+        "--audit-log", str(client_audit),
+    )  # fmt: skip
+    code, client, err = parties.finish("client")
+    assert code == 0, err
+    assert parties.finish("server")[0] == 0 and parties.finish("dealer")[0] == 0
+
+    logits = np.load(out)
+    with torch.no_grad():
+        reference = tiny_resnet(torch.from_numpy(images)).numpy()
+    assert (logits.argmax(1) == reference.argmax(1)).all()
+    assert np.abs(logits - reference).max() < 0.01
+    assert client["torch_threads"] == 1
+    assert client["relu_count"] == len(images) * client_relu_per_sample(onnx_files["tiny_resnet"])
+
+    # Roles: the server never holds the output; the client never opens or holds the weights.
+    server_seen, client_seen = json.loads(server_audit.read_text()), json.loads(client_audit.read_text())
+    assert server_seen["revealed"] == []
+    assert len(client_seen["revealed"]) == 2  # one output per batch, nothing else
+    np.testing.assert_allclose(np.concatenate([np.array(r) for r in client_seen["revealed"]]), logits)
+    assert not any(str(onnx_files["tiny_resnet"]) in path or path.endswith(".onnx") for path in client_seen["opened"])
+    assert any(path.endswith(".onnx") for path in server_seen["opened"])
+    from twinfer.parties.model_file import load_model
+
+    _, weights = load_model(onnx_files["tiny_resnet"])
+    for value in client_seen["revealed"]:
+        for w in weights.values():
+            assert np.array(value).shape != w.shape or not np.allclose(np.array(value), w)
+
+
+def client_relu_per_sample(model_path) -> int:
+    from twinfer.parties.model_file import load_model
+
+    return load_model(model_path)[0].relu_count()
+
+
+def test_insecure_trusted_first_party_only_when_asked(parties, tmp_path, onnx_files, fashion_cnn, fashion_test):
+    images = fashion_test[0][:4]
+    server = parties.start_server(onnx_files["fashion_cnn"], "--insecure-trusted-first-party")
+    parties.start_client(server, _save(tmp_path, images), "--insecure-trusted-first-party")
+    code, client, err = parties.finish("client")
+    assert code == 0, err
+    assert client["bytes_offline"] == 0  # no dealer involved
+    with torch.no_grad():
+        reference = fashion_cnn(torch.from_numpy(images)).numpy()
+    assert np.abs(np.array(client["logits"]) - reference).max() < 0.01
+    # Without the flag a dealer is required: there is no silent fallback to TFP.
+    lone = Parties(tmp_path, session="lone")
+    try:
+        lone.start_client("127.0.0.1:1", _save(tmp_path, images))
+        code, _, err = lone.finish("client", timeout=60)
+        assert code == 2 and "--dealer" in err
+    finally:
+        lone.close()
+
+
+def test_peer_not_listening(parties, tmp_path, fashion_test):
+    import socket
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.monotonic()
+    parties.start_client(
+        f"127.0.0.1:{port}", _save(tmp_path, fashion_test[0][:1]), "--dealer", f"127.0.0.1:{port}", "--insecure-trusted-first-party"
+    )
+    code, _, err = parties.finish("client", timeout=60)
+    assert code == 5
+    assert "not reachable" in err and str(port) in err
+    assert "Traceback" not in err
+    assert time.monotonic() - start < 45
+
+
+def test_frame_for_another_session_is_refused(parties, tmp_path, onnx_files, fashion_test):
+    dealer = parties.start_dealer()
+    server = parties.start_server(onnx_files["fashion_cnn"], "--dealer", dealer)
+    parties.start_client(server, _save(tmp_path, fashion_test[0][:1]), "--dealer", dealer, session="intruder")
+    code, _, err = parties.finish("client", timeout=60)
+    assert code == 6 and "unknown session 'intruder'" in err and "Traceback" not in err
+    # The server, still waiting for its own client, gives up at its connect deadline.
+    code, _, err = parties.finish("server", timeout=60)
+    assert code == 5 and "did not connect" in err
+
+
+def test_input_that_does_not_fit_ends_every_party_with_one_error_id(parties, tmp_path, onnx_files):
+    dealer = parties.start_dealer()
+    server = parties.start_server(onnx_files["fashion_cnn"], "--dealer", dealer)
+    parties.start_client(server, _save(tmp_path, np.zeros((2, 3, 32, 32), np.float32)), "--dealer", dealer)
+    code, _, client_err = parties.finish("client", timeout=60)
+    assert code == 4 and "expects (1, 28, 28)" in client_err
+    server_code, _, server_err = parties.finish("server", timeout=60)
+    assert server_code == 4 and _error_id(server_err) == _error_id(client_err)
+    assert "Traceback" not in client_err + server_err
+
+
+def test_peer_dies_mid_inference(parties, tmp_path, onnx_files, fashion_test):
+    parties.timeout = 15.0
+    dealer = parties.start_dealer()
+    server = parties.start_server(onnx_files["fashion_cnn"], "--dealer", dealer)
+    parties.start_client(server, _save(tmp_path, fashion_test[0][:64]), "--dealer", dealer, "--batch", "1")
+    time.sleep(8)  # processes started, weights shared, batches under way
+    assert parties.procs["client"].poll() is None, "the client finished before the failure was injected"
+    parties.kill("server")
+    killed_at = time.monotonic()
+    code, _, client_err = parties.finish("client", timeout=60)
+    assert code == 5 and "server" in client_err and "Traceback" not in client_err
+    dealer_code, _, dealer_err = parties.finish("dealer", timeout=60)
+    assert dealer_code == 5
+    assert _error_id(dealer_err) == _error_id(client_err)
+    assert time.monotonic() - killed_at < parties.timeout + 10
+    assert all(p.poll() is not None for p in parties.procs.values())
