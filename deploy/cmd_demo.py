@@ -12,10 +12,9 @@ from rich.console import Console
 from twinfer.optimizer.datasets import load_fashion_mnist
 from twinfer.optimizer.demo_models import load_or_train_demo_model
 
-from .cli import add_transport_args, transport_options
-from .inference import private_inference
+from .cli import add_transport_args
+from .inference import run_private_inference
 from .paths import cache_dir
-from .ray_launcher import RayOptions
 from .report import print_table, summary_rows
 
 
@@ -48,15 +47,7 @@ def run(args: argparse.Namespace) -> int:
     with torch.no_grad():
         reference = model(torch.from_numpy(images)).numpy()
     console.print(f"[bold]{args.model}[/bold]: {args.samples} Fashion-MNIST test images, private inference over gRPC")
-    result = private_inference(
-        model,
-        images,
-        batch_size=args.batch,
-        options=transport_options(args),
-        insecure_trusted_first_party=args.insecure_trusted_first_party,
-        ray_options=RayOptions(address=args.ray_address),
-        progress=not args.json,
-    )
+    result = run_private_inference(args, model, images)
     quality = compare(result.logits, reference, labels)
     if args.json:
         print(json.dumps(quality | result.summary()))

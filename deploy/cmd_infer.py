@@ -9,9 +9,8 @@ from rich.console import Console
 
 from twinfer.parties.model_file import load_input
 
-from .cli import add_transport_args, transport_options
-from .inference import private_inference
-from .ray_launcher import RayOptions
+from .cli import add_transport_args
+from .inference import run_private_inference
 from .report import print_table, summary_rows
 
 
@@ -28,15 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     inputs = load_input(args.input)
-    result = private_inference(
-        args.model,
-        inputs,
-        batch_size=args.batch,
-        options=transport_options(args),
-        insecure_trusted_first_party=args.insecure_trusted_first_party,
-        ray_options=RayOptions(address=args.ray_address),
-        progress=not args.json,
-    )
+    result = run_private_inference(args, args.model, inputs)
     if args.json:
         print(json.dumps(result.to_json_dict()))
         return 0

@@ -11,7 +11,7 @@ import torch
 
 from twinfer.parties.crypten_compat import export_onnx
 from twinfer.parties.model_file import check_input_fits, parse_onnx, read_model_bytes
-from twinfer.parties.session import CLIENT, DEALER, SERVER, PartyReport
+from twinfer.parties.session import CLIENT, SERVER, PartyReport
 from twinfer.parties.transport import TransportOptions
 
 from .ray_launcher import RayOptions, run_parties
@@ -97,4 +97,16 @@ def private_inference(
     )
 
 
-__all__ = ["InferenceResult", "private_inference", "model_bytes", "DEALER"]
+def run_private_inference(args, model: ModelLike, inputs: np.ndarray) -> InferenceResult:
+    """private_inference with the options of a parsed command line (infer, demo)."""
+    from .cli import transport_options
+
+    return private_inference(
+        model,
+        inputs,
+        batch_size=args.batch,
+        options=transport_options(args),
+        insecure_trusted_first_party=args.insecure_trusted_first_party,
+        ray_options=RayOptions(address=args.ray_address),
+        progress=not args.json,
+    )
