@@ -44,12 +44,20 @@ def _combine(mine: torch.Tensor, theirs: torch.Tensor, op: Any) -> torch.Tensor:
 def _encode_obj(obj: Any) -> np.ndarray:
     """Objects travel as JSON, never pickled: only what CrypTen sends (sizes, numbers)."""
 
-    def default(o: Any) -> Any:
+    def tag_sizes(o: Any) -> Any:
+        # torch.Size is a tuple, which json writes as a plain list without asking `default`.
         if isinstance(o, torch.Size):
             return {"__size__": list(o)}
+        if isinstance(o, (list, tuple)):
+            return [tag_sizes(v) for v in o]
+        if isinstance(o, dict):
+            return {k: tag_sizes(v) for k, v in o.items()}
+        return o
+
+    def default(o: Any) -> Any:
         raise TypeError(f"cannot send object of type {type(o).__name__} to the peer (JSON only)")
 
-    return np.frombuffer(json.dumps(obj, default=default).encode(), dtype=np.uint8)
+    return np.frombuffer(json.dumps(tag_sizes(obj), default=default).encode(), dtype=np.uint8)
 
 
 def _decode_obj(array: np.ndarray) -> Any:

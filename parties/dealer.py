@@ -92,7 +92,7 @@ def _decode_args(function: str, args_json: str) -> tuple[list, dict]:
         if not (isinstance(size, list) and all(isinstance(d, int) and 0 <= d < 2**31 for d in size)):
             raise ValueError(f"tuple sizes must be lists of non-negative ints, got {size!r}")
     if function == "additive":
-        if len(args) < 3 or args[2] not in TRIPLE_OPS:
+        if len(args) < 3 or not isinstance(args[2], str) or args[2] not in TRIPLE_OPS:
             raise ValueError(f"'additive' op must be one of {sorted(TRIPLE_OPS)}, got {args[2:3]}")
         args = [torch.Size(args[0]), torch.Size(args[1]), *args[2:]]
     else:

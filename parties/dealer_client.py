@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import grpc
@@ -73,7 +74,10 @@ class DealerClient:
             return PeerTimeoutError(
                 f"dealer did not answer within {self.options.recv_timeout_s:g} s", origin=self.role
             )
-        return PeerError(err.details() or f"dealer call failed: {code.name}", origin="dealer")
+        detail = err.details() or f"dealer call failed: {code.name}"
+        # A session ended by a party's failure keeps that failure's id ("[error <id>]").
+        shared = re.search(r"\[error ([^\]\s]+)\]", detail)
+        return PeerError(detail, error_id=shared.group(1) if shared else None, origin="dealer")
 
     def _call(self, method, request):
         try:

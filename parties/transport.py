@@ -103,7 +103,7 @@ class _End:
 def _array_to_frames(
     session_id: str, seq: int, tag: str, array: np.ndarray, chunk_bytes: int
 ) -> Iterator[pb.Frame]:
-    array = np.ascontiguousarray(array)
+    array = np.asarray(array, order="C")  # ascontiguousarray would turn a 0-d array into shape (1,)
     view = memoryview(array).cast("B") if array.size else memoryview(b"")
     total = view.nbytes
     count = max(1, math.ceil(total / chunk_bytes))
@@ -200,38 +200,53 @@ class GrpcTransport(Transport):
                 origin=self.role,
             )
 
-    def _attach(self, requests: Iterator[pb.Frame]) -> Iterator[pb.Frame]:
+    def _attach(self, requests: Iterator[pb.Frame], context: grpc.ServicerContext | None = None) -> Iterator[pb.Frame]:
         """Called by the servicer once the peer's hello named this session."""
-        self._start_reader(requests)
+        self._start_reader(requests, context)
         self._connected.set()
         return self._drain_outgoing()
 
-    def _start_reader(self, frames: Iterator[pb.Frame]) -> None:
+    def _start_reader(self, frames: Iterator[pb.Frame], context: grpc.ServicerContext | None = None) -> None:
         self._reader = threading.Thread(
-            target=self._read, args=(frames,), name=f"twinfer-read-{self.role}", daemon=True
+            target=self._read, args=(frames, context), name=f"twinfer-read-{self.role}", daemon=True
         )
         self._reader.start()
 
-    def _read(self, frames: Iterator[pb.Frame]) -> None:
+    def _read(self, frames: Iterator[pb.Frame], context: grpc.ServicerContext | None = None) -> None:
         try:
             for frame in frames:
                 self._incoming.put(frame)
-            self._incoming.put(_End(f"{self.peer_role} closed the stream"))
+            if context is not None and _was_cancelled(context):
+                # gRPC sometimes ends a cancelled call's requests as if the peer had closed them.
+                self._incoming.put(_End(self._cancelled_reason()))
+            else:
+                self._incoming.put(_End(f"{self.peer_role} closed the stream"))
         except grpc.RpcError as err:
             code = err.code() if hasattr(err, "code") else None
             if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                # gRPC's detail names the end that refused it ("CLIENT: ..." or "SERVER: ..."):
+                # on the dialing end it may be this party's frame that the peer refused.
                 self._incoming.put(
                     _End(
-                        f"{self.peer_role} sent a frame larger than the limit of "
+                        f"a frame larger than the gRPC message limit was refused on the stream with "
+                        f"{self.peer_role} ({err.details()}); this party accepts at most "
                         f"{self.options.grpc_message_limit} bytes",
                         FrameTooLargeError("frame too large", origin=self.role),
                     )
                 )
+            elif hasattr(err, "details"):
+                self._incoming.put(_End(f"connection to {self.peer_role} lost: {err.details()}"))
             else:
-                detail = err.details() if hasattr(err, "details") else str(err)
-                self._incoming.put(_End(f"connection to {self.peer_role} lost: {detail}"))
+                # The accepting end gets a bare RpcError that does not say why the stream was cancelled.
+                self._incoming.put(_End(self._cancelled_reason()))
         except Exception as err:  # a reader thread must always leave an end marker
             self._incoming.put(_End(f"reading from {self.peer_role} failed: {err!r}"))
+
+    def _cancelled_reason(self) -> str:
+        return (
+            f"connection to {self.peer_role} lost: the stream was cancelled ({self.peer_role} went away, "
+            "or sent a frame larger than the gRPC message limit of this party's server)"
+        )
 
     def _drain_outgoing(self) -> Iterator[pb.Frame]:
         while True:
@@ -358,6 +373,16 @@ class GrpcTransport(Transport):
             self._channel.close()
 
 
+def _was_cancelled(context: grpc.ServicerContext, wait_s: float = 0.2) -> bool:
+    """Whether the call ended by cancellation; after a clean half-close it stays active."""
+    deadline = time.monotonic() + wait_s
+    while context.is_active():  # the cancellation may land just after the last request
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 class PeerServicer(pb_grpc.PeerServicer):
     """Accepts peer streams and hands each to the transport waiting for its session id."""
 
@@ -391,7 +416,7 @@ class PeerServicer(pb_grpc.PeerServicer):
             )
             return
         log.info("session %s: %s connected", hello.session_id, transport.peer_role)
-        yield from transport._attach(request_iterator)
+        yield from transport._attach(request_iterator, context)
 
 
 def start_server(
