@@ -25,7 +25,7 @@ import torch
 from .crypten_compat import import_crypten
 from .errors import new_error_id
 from .proto import twinfer_pb2 as pb
-from .proto import twinfer_pb2_grpc as pb_grpc
+from .wire import encode_framed
 
 import_crypten()
 from crypten.mpc.provider.ttp_provider import TTP_FUNCTIONS, TTPServer  # noqa: E402
@@ -36,6 +36,8 @@ RANKS = {"server": 0, "client": 1}
 # Ops a Beaver triple may be requested for: the linear layers twinfer runs.
 TRIPLE_OPS = {"mul", "matmul", "conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d"}
 CHUNK_BYTES = 4 * 1024 * 1024
+# Largest tuple the dealer makes (elements of one tensor): 1 GiB of int64, as the transport allows.
+MAX_TUPLE_ELEMENTS = 2**27
 
 
 def _seed() -> int:
@@ -91,6 +93,8 @@ def _decode_args(function: str, args_json: str) -> tuple[list, dict]:
     for size in args[:n_sizes]:
         if not (isinstance(size, list) and all(isinstance(d, int) and 0 <= d < 2**31 for d in size)):
             raise ValueError(f"tuple sizes must be lists of non-negative ints, got {size!r}")
+        if math.prod(size) > MAX_TUPLE_ELEMENTS:
+            raise ValueError(f"tuple size {size} exceeds the dealer's limit of {MAX_TUPLE_ELEMENTS} elements")
     if function == "additive":
         if len(args) < 3 or not isinstance(args[2], str) or args[2] not in TRIPLE_OPS:
             raise ValueError(f"'additive' op must be one of {sorted(TRIPLE_OPS)}, got {args[2:3]}")
@@ -100,7 +104,7 @@ def _decode_args(function: str, args_json: str) -> tuple[list, dict]:
     return args, kwargs
 
 
-class DealerServicer(pb_grpc.DealerServicer):
+class DealerServicer:
     """Serves seeds and tuples for the sessions it was told to expect."""
 
     def __init__(self, idle_timeout_s: float = 600.0) -> None:
@@ -159,12 +163,8 @@ class DealerServicer(pb_grpc.DealerServicer):
         session.bytes_sent += view.nbytes
         count = max(1, math.ceil(view.nbytes / CHUNK_BYTES))
         for i in range(count):
-            yield pb.TupleReply(
-                shape=list(share.shape),
-                data=bytes(view[i * CHUNK_BYTES : (i + 1) * CHUNK_BYTES]),
-                chunk_index=i,
-                chunk_count=count,
-            )
+            header = pb.TupleReply(shape=list(share.shape), chunk_index=i, chunk_count=count)
+            yield encode_framed(header, view[i * CHUNK_BYTES : (i + 1) * CHUNK_BYTES])
 
     def Close(self, request, context):  # noqa: N802
         with self._lock:
@@ -207,3 +207,19 @@ class DealerServicer(pb_grpc.DealerServicer):
                     )
                     return session
                 self._changed.wait(timeout=1.0)
+
+
+def add_dealer_servicer(servicer: DealerServicer, server: grpc.Server) -> None:
+    """Register the Dealer service; tuple replies use twinfer's framing (parties/wire.py)."""
+    handlers = {
+        "Seed": grpc.unary_unary_rpc_method_handler(
+            servicer.Seed, request_deserializer=pb.SeedRequest.FromString, response_serializer=pb.SeedReply.SerializeToString
+        ),
+        "Tuple": grpc.unary_stream_rpc_method_handler(
+            servicer.Tuple, request_deserializer=pb.TupleRequest.FromString, response_serializer=None
+        ),
+        "Close": grpc.unary_unary_rpc_method_handler(
+            servicer.Close, request_deserializer=pb.CloseRequest.FromString, response_serializer=pb.CloseReply.SerializeToString
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("twinfer.Dealer", handlers),))

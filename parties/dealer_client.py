@@ -16,6 +16,7 @@ from .metrics import Metrics
 from .proto import twinfer_pb2 as pb
 from .proto import twinfer_pb2_grpc as pb_grpc
 from .transport import TransportOptions
+from .wire import framed_decoder
 
 crypten = import_crypten()
 import crypten.mpc as crypten_mpc  # noqa: E402
@@ -64,6 +65,12 @@ class DealerClient:
                 origin=role,
             ) from None
         self._stub = pb_grpc.DealerStub(self._channel)
+        self._tuple = self._channel.unary_stream(
+            "/twinfer.Dealer/Tuple",
+            request_serializer=pb.TupleRequest.SerializeToString,
+            response_deserializer=framed_decoder(pb.TupleReply),
+        )
+        self._closed = False
         self.generator = torch.Generator(device="cpu")
         self.generator.manual_seed(self._call(self._stub.Seed, pb.SeedRequest(session_id=session_id, role=role)).seed)
         metrics.count_offline(8)
@@ -103,7 +110,7 @@ class DealerClient:
         out: np.ndarray | None = None
         offset = 0
         try:
-            for reply in self._stub.Tuple(request, timeout=self.options.recv_timeout_s):
+            for reply in self._tuple(request, timeout=self.options.recv_timeout_s):
                 if out is None:
                     out = np.empty(int(np.prod(reply.shape, dtype=np.int64)), dtype=np.int64)
                     raw = out.view(np.uint8)
@@ -122,6 +129,9 @@ class DealerClient:
 
     def close(self, error: TwinferError | None = None) -> None:
         """Tell the dealer this party is done (or failed, with the shared error id)."""
+        if self._closed:
+            return
+        self._closed = True
         request = pb.CloseRequest(session_id=self.session_id, role=self.role)
         if error is not None:
             request.error.CopyFrom(

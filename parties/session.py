@@ -23,12 +23,11 @@ from twinfer.protocols.secure_graph import run_secure
 
 from .crypten_comm import install_communicator
 from .crypten_compat import import_crypten
-from .dealer import DealerServicer
+from .dealer import DealerServicer, add_dealer_servicer
 from .dealer_client import DealerClient, use_dealer, use_insecure_trusted_first_party
 from .errors import InputError, PeerError, ProtocolError, TwinferError
 from .metrics import Metrics
-from .proto import twinfer_pb2_grpc as pb_grpc
-from .transport import GrpcTransport, PeerServicer, TransportOptions, start_server
+from .transport import GrpcTransport, PeerServicer, TransportOptions, add_peer_servicer, start_server
 
 crypten = import_crypten()
 log = logging.getLogger(__name__)
@@ -205,7 +204,7 @@ class ServerParty(_TwoPartySession):
         self.servicer = PeerServicer()
         self.servicer.expect(self.transport)
         self._server, self.port = start_server(
-            [(self.servicer, pb_grpc.add_PeerServicer_to_server)], config.listen, config.options
+            [(self.servicer, add_peer_servicer)], config.listen, config.options
         )
         self.address = f"{config.listen.rsplit(':', 1)[0]}:{self.port}"
 
@@ -286,7 +285,7 @@ class DealerParty:
         self.servicer = servicer or DealerServicer(idle_timeout_s=config.options.recv_timeout_s)
         self.servicer.open_session(config.session_id)
         self._server, self.port = start_server(
-            [(self.servicer, pb_grpc.add_DealerServicer_to_server)], config.listen, config.options
+            [(self.servicer, add_dealer_servicer)], config.listen, config.options
         )
         self.address = f"{config.listen.rsplit(':', 1)[0]}:{self.port}"
 

@@ -30,7 +30,7 @@ from .errors import (
 )
 from .metrics import Metrics
 from .proto import twinfer_pb2 as pb
-from .proto import twinfer_pb2_grpc as pb_grpc
+from .wire import Framed, encode_framed, framed_decoder
 
 log = logging.getLogger(__name__)
 
@@ -100,28 +100,39 @@ class _End:
         self.error = error
 
 
+WireFrame = Framed  # a Frame header and its payload
+
+
+def encode_frame(frame: WireFrame) -> bytes:
+    return encode_framed(frame.header, frame.data)
+
+
+decode_frame = framed_decoder(pb.Frame)
+
+
 def _array_to_frames(
     session_id: str, seq: int, tag: str, array: np.ndarray, chunk_bytes: int
-) -> Iterator[pb.Frame]:
+) -> Iterator[WireFrame]:
     array = np.asarray(array, order="C")  # ascontiguousarray would turn a 0-d array into shape (1,)
     view = memoryview(array).cast("B") if array.size else memoryview(b"")
     total = view.nbytes
     count = max(1, math.ceil(total / chunk_bytes))
     for index in range(count):
-        yield pb.Frame(
+        header = pb.Frame(
             session_id=session_id,
             seq=seq,
             tag=tag,
             dtype=array.dtype.str,
             shape=array.shape,
-            data=bytes(view[index * chunk_bytes : (index + 1) * chunk_bytes]),  # one copy per chunk
             chunk_index=index,
             chunk_count=count,
             total_bytes=total,
         )
+        # A view of the caller's array; send() encodes (copies) it before returning.
+        yield WireFrame(header, view[index * chunk_bytes : (index + 1) * chunk_bytes])
 
 
-def _frames_to_array(frames: list[pb.Frame]) -> np.ndarray:
+def _frames_to_array(frames: list[WireFrame]) -> np.ndarray:
     head = frames[0]
     dtype = np.dtype(head.dtype)
     shape = tuple(head.shape)
@@ -158,11 +169,12 @@ class GrpcTransport(Transport):
         self.peer_role = peer_role
         self.options = options or TransportOptions()
         self.metrics = metrics or Metrics()
-        self._outgoing: queue.Queue[pb.Frame | None] = queue.Queue()
-        self._incoming: queue.Queue[pb.Frame | _End] = queue.Queue()
+        self._outgoing: queue.Queue[bytes | None] = queue.Queue()  # encoded frames
+        self._incoming: queue.Queue[WireFrame | _End] = queue.Queue()
         self._send_seq = 0
         self._recv_seq = 0
         self._connected = threading.Event()
+        self._peer_gone = threading.Event()  # the incoming stream has ended
         self._ended: _End | None = None
         self._closed = False
         self._channel: grpc.Channel | None = None
@@ -186,8 +198,11 @@ class GrpcTransport(Transport):
                 f"(no connection within {self.options.connect_timeout_s:g} s)",
                 origin=self.role,
             ) from None
-        self._outgoing.put(pb.Frame(session_id=self.session_id, tag="hello", seq=0))
-        responses = pb_grpc.PeerStub(self._channel).Exchange(self._drain_outgoing())
+        self._outgoing.put(encode_frame(WireFrame(pb.Frame(session_id=self.session_id, tag="hello", seq=0))))
+        exchange = self._channel.stream_stream(
+            EXCHANGE_METHOD, request_serializer=None, response_deserializer=decode_frame
+        )
+        responses = exchange(self._drain_outgoing())
         self._start_reader(responses)
         self._connected.set()
 
@@ -200,19 +215,19 @@ class GrpcTransport(Transport):
                 origin=self.role,
             )
 
-    def _attach(self, requests: Iterator[pb.Frame], context: grpc.ServicerContext | None = None) -> Iterator[pb.Frame]:
+    def _attach(self, requests: Iterator[WireFrame], context: grpc.ServicerContext | None = None) -> Iterator[bytes]:
         """Called by the servicer once the peer's hello named this session."""
         self._start_reader(requests, context)
         self._connected.set()
         return self._drain_outgoing()
 
-    def _start_reader(self, frames: Iterator[pb.Frame], context: grpc.ServicerContext | None = None) -> None:
+    def _start_reader(self, frames: Iterator[WireFrame], context: grpc.ServicerContext | None = None) -> None:
         self._reader = threading.Thread(
             target=self._read, args=(frames, context), name=f"twinfer-read-{self.role}", daemon=True
         )
         self._reader.start()
 
-    def _read(self, frames: Iterator[pb.Frame], context: grpc.ServicerContext | None = None) -> None:
+    def _read(self, frames: Iterator[WireFrame], context: grpc.ServicerContext | None = None) -> None:
         try:
             for frame in frames:
                 self._incoming.put(frame)
@@ -241,6 +256,8 @@ class GrpcTransport(Transport):
                 self._incoming.put(_End(self._cancelled_reason()))
         except Exception as err:  # a reader thread must always leave an end marker
             self._incoming.put(_End(f"reading from {self.peer_role} failed: {err!r}"))
+        finally:
+            self._peer_gone.set()
 
     def _cancelled_reason(self) -> str:
         return (
@@ -248,9 +265,14 @@ class GrpcTransport(Transport):
             "or sent a frame larger than the gRPC message limit of this party's server)"
         )
 
-    def _drain_outgoing(self) -> Iterator[pb.Frame]:
+    def _drain_outgoing(self) -> Iterator[bytes]:
         while True:
-            frame = self._outgoing.get()
+            try:
+                frame = self._outgoing.get(timeout=1.0)
+            except queue.Empty:
+                if self._peer_gone.is_set():
+                    return  # never keep a gRPC thread (and interpreter exit) waiting on a dead stream
+                continue
             if frame is None:
                 return
             yield frame
@@ -271,7 +293,7 @@ class GrpcTransport(Transport):
             )
         self._send_seq += 1
         for frame in _array_to_frames(self.session_id, self._send_seq, tag, array, self.options.chunk_bytes):
-            self._outgoing.put(frame)
+            self._outgoing.put(encode_frame(frame))  # copies now: the caller may reuse its array
         self.metrics.count_send(nbytes)
 
     def recv(self, tag: str) -> np.ndarray:
@@ -297,7 +319,7 @@ class GrpcTransport(Transport):
         self.metrics.count_receive(array.nbytes, time.perf_counter() - start)
         return array
 
-    def _next_frame(self, tag: str, deadline: float) -> pb.Frame:
+    def _next_frame(self, tag: str, deadline: float) -> WireFrame:
         if self._ended is not None:
             raise PeerError(self._ended.reason, origin=self.role)
         remaining = deadline - time.monotonic()
@@ -316,7 +338,7 @@ class GrpcTransport(Transport):
             raise PeerError(item.reason, origin=self.role)
         return self._check(item, tag)
 
-    def _check(self, frame: pb.Frame, tag: str) -> pb.Frame:
+    def _check(self, frame: WireFrame, tag: str) -> WireFrame:
         if frame.HasField("error"):
             e = frame.error
             raise error_from_wire(e.kind, e.message, e.error_id, e.origin)
@@ -349,14 +371,18 @@ class GrpcTransport(Transport):
             return
         if self._connected.is_set() and self._ended is None:
             self._outgoing.put(
-                pb.Frame(
-                    session_id=self.session_id,
-                    error=pb.Error(
-                        error_id=error.error_id,
-                        kind=error.kind,
-                        message=error.message,
-                        origin=error.origin or self.role,
-                    ),
+                encode_frame(
+                    WireFrame(
+                        pb.Frame(
+                            session_id=self.session_id,
+                            error=pb.Error(
+                                error_id=error.error_id,
+                                kind=error.kind,
+                                message=error.message,
+                                origin=error.origin or self.role,
+                            ),
+                        )
+                    )
                 )
             )
         self.close()
@@ -383,7 +409,7 @@ def _was_cancelled(context: grpc.ServicerContext, wait_s: float = 0.2) -> bool:
     return True
 
 
-class PeerServicer(pb_grpc.PeerServicer):
+class PeerServicer:
     """Accepts peer streams and hands each to the transport waiting for its session id."""
 
     def __init__(self) -> None:
@@ -405,18 +431,27 @@ class PeerServicer(pb_grpc.PeerServicer):
             known = sorted(self._waiting)
         if transport is None:
             log.warning("rejected a stream for unknown session %r", hello.session_id)
-            yield pb.Frame(
-                session_id=hello.session_id,
-                error=pb.Error(
-                    error_id="",
-                    kind="protocol",
-                    message=f"unknown session '{hello.session_id}' (this party expects {known or 'none'})",
-                    origin="listener",
-                ),
+            refusal = pb.Error(
+                error_id="",
+                kind="protocol",
+                message=f"unknown session '{hello.session_id}' (this party expects {known or 'none'})",
+                origin="listener",
             )
+            yield encode_frame(WireFrame(pb.Frame(session_id=hello.session_id, error=refusal)))
             return
         log.info("session %s: %s connected", hello.session_id, transport.peer_role)
         yield from transport._attach(request_iterator, context)
+
+
+EXCHANGE_METHOD = "/twinfer.Peer/Exchange"
+
+
+def add_peer_servicer(servicer: PeerServicer, server: grpc.Server) -> None:
+    """Register the Peer service with twinfer's frame codec (see encode_frame)."""
+    handler = grpc.stream_stream_rpc_method_handler(
+        servicer.Exchange, request_deserializer=decode_frame, response_serializer=None
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("twinfer.Peer", {"Exchange": handler}),))
 
 
 def start_server(

@@ -11,11 +11,10 @@ import pytest
 import torch
 
 from twinfer.parties.crypten_compat import import_crypten
-from twinfer.parties.dealer import DealerServicer, _decode_args
+from twinfer.parties.dealer import DealerServicer, _decode_args, add_dealer_servicer
 from twinfer.parties.dealer_client import DealerClient
 from twinfer.parties.errors import InputError, PeerError
 from twinfer.parties.metrics import Metrics
-from twinfer.parties.proto.twinfer_pb2_grpc import add_DealerServicer_to_server
 from twinfer.parties.transport import TransportOptions, start_server
 
 crypten = import_crypten()
@@ -29,7 +28,7 @@ _ids = itertools.count()
 @pytest.fixture(scope="module")
 def dealer() -> Iterator[tuple[DealerServicer, str]]:
     servicer = DealerServicer()
-    server, port = start_server([(servicer, add_DealerServicer_to_server)], "127.0.0.1:0", OPTS)
+    server, port = start_server([(servicer, add_dealer_servicer)], "127.0.0.1:0", OPTS)
     yield servicer, f"127.0.0.1:{port}"
     server.stop(0)
 

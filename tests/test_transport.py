@@ -20,13 +20,13 @@ from twinfer.parties.errors import (
     ProtocolError,
     TwinferError,
 )
-from twinfer.parties.proto.twinfer_pb2_grpc import add_PeerServicer_to_server
 from twinfer.parties.transport import (
     MiB,
     GrpcTransport,
     PeerServicer,
     TransportOptions,
     _array_to_frames,
+    add_peer_servicer,
     _frames_to_array,
     start_server,
 )
@@ -41,7 +41,7 @@ class Pair:
     def __init__(self, server_opts: TransportOptions, client_opts: TransportOptions, session_id: str = "s1") -> None:
         self.servicer = PeerServicer()
         self.grpc_server, self.port = start_server(
-            [(self.servicer, add_PeerServicer_to_server)], "127.0.0.1:0", server_opts
+            [(self.servicer, add_peer_servicer)], "127.0.0.1:0", server_opts
         )
         self.server = GrpcTransport(session_id=session_id, role="server", peer_role="client", options=server_opts)
         self.servicer.expect(self.server)
@@ -181,7 +181,7 @@ def test_large_tensor_travels_in_chunks_with_default_options():
 
 def test_unknown_session_is_named_to_the_dialer():
     servicer = PeerServicer()
-    grpc_server, port = start_server([(servicer, add_PeerServicer_to_server)], "127.0.0.1:0", FAST)
+    grpc_server, port = start_server([(servicer, add_peer_servicer)], "127.0.0.1:0", FAST)
     waiting = GrpcTransport(session_id="expected-session", role="server", peer_role="client", options=FAST)
     servicer.expect(waiting)
     stranger = GrpcTransport(session_id="other-session-42", role="client", peer_role="server", options=FAST)
@@ -331,7 +331,7 @@ def test_listener_with_small_limit_refuses_a_large_chunk():
 def test_chunk_over_receivers_chunk_bytes_within_grpc_limit():
     # The listener's gRPC server accepts large messages but its transport expects 1 KiB chunks.
     servicer = PeerServicer()
-    grpc_server, port = start_server([(servicer, add_PeerServicer_to_server)], "127.0.0.1:0", LARGE)
+    grpc_server, port = start_server([(servicer, add_peer_servicer)], "127.0.0.1:0", LARGE)
     server = GrpcTransport(session_id="s", role="server", peer_role="client", options=SMALL)
     servicer.expect(server)
     client = GrpcTransport(session_id="s", role="client", peer_role="server", options=LARGE)

@@ -1,0 +1,56 @@
+"""Framing of large payloads on gRPC: a protobuf header plus raw bytes that protobuf never copies.
+
+On the wire a message is a 4-byte little-endian header length, the serialized header message
+(its `data` field left empty), then the payload. Sender and receiver each copy the payload
+once; through protobuf's bytes field it would be copied three more times.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+from google.protobuf.message import DecodeError, Message
+
+from .errors import ProtocolError
+
+_HEADER_LEN = struct.Struct("<I")
+H = TypeVar("H", bound=Message)
+
+
+class Framed(Generic[H]):
+    """A header message and its payload; header fields read through (frame.seq, frame.tag)."""
+
+    __slots__ = ("header", "data")
+
+    def __init__(self, header: H, data: bytes | memoryview = b"") -> None:
+        self.header = header
+        self.data = data
+
+    def __getattr__(self, name: str):
+        return getattr(self.header, name)
+
+
+def encode_framed(header: Message, payload: bytes | memoryview = b"") -> bytes:
+    """Header length, header, payload: one copy of the payload."""
+    head = header.SerializeToString()
+    return b"".join((_HEADER_LEN.pack(len(head)), head, payload))
+
+
+def framed_decoder(header_type: type[H]) -> Callable[[bytes], Framed[H]]:
+    """The inverse of encode_framed for one header type; the payload is a view, not a copy."""
+
+    def decode(raw: bytes) -> Framed[H]:
+        if len(raw) < _HEADER_LEN.size:
+            raise ProtocolError(f"a frame of {len(raw)} bytes is too short to hold a header")
+        (n,) = _HEADER_LEN.unpack_from(raw)
+        if _HEADER_LEN.size + n > len(raw):
+            raise ProtocolError(f"a frame announces a {n}-byte header but holds {len(raw)} bytes")
+        try:
+            header = header_type.FromString(raw[_HEADER_LEN.size : _HEADER_LEN.size + n])
+        except DecodeError as err:
+            raise ProtocolError(f"a {header_type.__name__} header cannot be parsed: {err}") from None
+        return Framed(header, memoryview(raw)[_HEADER_LEN.size + n :])
+
+    return decode
