@@ -171,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
             "gloo_bytes": int(gloo["stats"]["bytes"]),
             "twinfer_bytes": int(grpc["stats"]["bytes"]),
             "max_logit_diff": float(np.abs(gloo["logits"] - grpc["logits"]).max()),
+            "gloo_latencies_s": [round(t, 4) for t in gloo["latency"]],
+            "twinfer_latencies_s": [round(t, 4) for t in grpc["latency"]],
         }
         row["latency_ratio_twinfer_over_gloo"] = row["twinfer_latency_s"] / row["gloo_latency_s"]
         rows.append(row)
