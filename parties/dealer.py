@@ -2,15 +2,19 @@
 
 Protocol (CrypTen's trusted third party, Knott et al., "CrypTen", NeurIPS 2021, appendix):
 1. At session start the dealer draws one seed per party and sends it to that party only.
-2. Each party draws its shares of a, b (and, for party 1, of c) from a generator seeded with
-   its seed; the dealer runs the same generators, so it knows a and b in the clear.
-3. Party 0 asks for each tuple by public size and op; the dealer computes c = op(a, b) and
+2. For the k-th tuple of the session each party draws its shares of a, b (and, for party 1,
+   of c) from a generator seeded with derive_seed(its seed, k); the dealer derives the same
+   generators, so it knows a and b in the clear.
+3. Party 0 asks for tuple k by public size and op; the dealer computes c = op(a, b) and
    returns c0 = c - c1 to party 0 alone. Party 1 never talks to the dealer after step 1.
-The math of step 3 is CrypTen's own (`TTPServer`), run on generators this module owns.
+Because tuple k depends only on (seeds, k, size, op), party 0 may ask for tuples before it
+needs them (Prefetch: the offline phase), in any order. The math of step 3 is CrypTen's own
+(`TTPServer`), run on generators this module owns.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -44,16 +48,24 @@ def _seed() -> int:
     return int.from_bytes(os.urandom(8), "big") - 2**63
 
 
-class _TupleMath(TTPServer):
-    """CrypTen's TTPServer arithmetic without its torch.distributed set-up."""
+def derive_seed(seed: int, index: int) -> int:
+    """The seed of a party's generator for the session's index-th tuple (a keyed hash)."""
+    digest = hashlib.blake2b(index.to_bytes(8, "little"), key=seed.to_bytes(8, "little", signed=True), digest_size=8)
+    return int.from_bytes(digest.digest(), "little", signed=True)
 
-    def __init__(self, seeds: list[int]) -> None:  # noqa: super().__init__ would start a TTP loop
+
+def tuple_generator(seed: int, index: int) -> torch.Generator:
+    g = torch.Generator(device="cpu")
+    g.manual_seed(derive_seed(seed, index))
+    return g
+
+
+class _TupleMath(TTPServer):
+    """CrypTen's TTPServer arithmetic, for one tuple, without its torch.distributed set-up."""
+
+    def __init__(self, seeds: list[int], index: int) -> None:  # noqa: super().__init__ would start a TTP loop
         self.device = "cpu"
-        self.generators = []
-        for s in seeds:
-            g = torch.Generator(device="cpu")
-            g.manual_seed(s)
-            self.generators.append(g)
+        self.generators = [tuple_generator(s, index) for s in seeds]
         self.generators_cuda = [None] * len(seeds)
 
 
@@ -68,10 +80,6 @@ class DealerSession:
     tuples: int = 0
     last_active: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
-    math: _TupleMath | None = None
-
-    def __post_init__(self) -> None:
-        self.math = _TupleMath([self.seeds[0], self.seeds[1]])
 
     @property
     def finished(self) -> bool:
@@ -146,25 +154,42 @@ class DealerServicer:
         log.info("session %s: seed sent to %s", session.session_id, request.role)
         return pb.SeedReply(seed=session.seeds[rank])
 
-    def Tuple(self, request, context):  # noqa: N802
-        session = self._session(request.session_id, context)
+    def _make(self, session: DealerSession, request: pb.TupleRequest, context) -> list[bytes]:
+        """Party 0's share of one tuple, as framed chunks."""
         try:
             args, kwargs = _decode_args(request.function, request.args_json)
         except ValueError as err:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"dealer: {err}")
-        with session.lock:
-            try:
-                share = getattr(session.math, request.function)(*args, **kwargs)
-            except (RuntimeError, TypeError, ValueError) as err:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"dealer: cannot make '{request.function}': {err}")
-            session.tuples += 1
+        math_ = _TupleMath([session.seeds[0], session.seeds[1]], request.index)
+        try:
+            share = getattr(math_, request.function)(*args, **kwargs)
+        except (RuntimeError, TypeError, ValueError) as err:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"dealer: cannot make '{request.function}': {err}")
         array = share.contiguous().numpy()
         view = memoryview(array).cast("B") if array.size else memoryview(b"")
-        session.bytes_sent += view.nbytes
+        with session.lock:
+            session.tuples += 1
+            session.bytes_sent += view.nbytes
         count = max(1, math.ceil(view.nbytes / CHUNK_BYTES))
-        for i in range(count):
-            header = pb.TupleReply(shape=list(share.shape), chunk_index=i, chunk_count=count)
-            yield encode_framed(header, view[i * CHUNK_BYTES : (i + 1) * CHUNK_BYTES])
+        return [
+            encode_framed(
+                pb.TupleReply(shape=list(share.shape), chunk_index=i, chunk_count=count, index=request.index),
+                view[i * CHUNK_BYTES : (i + 1) * CHUNK_BYTES],
+            )
+            for i in range(count)
+        ]
+
+    def Tuple(self, request, context):  # noqa: N802
+        session = self._session(request.session_id, context)
+        yield from self._make(session, request, context)
+
+    def Prefetch(self, request, context):  # noqa: N802
+        session = self._session(request.session_id, context)
+        for tuple_request in request.tuples:
+            if not context.is_active() or session.error is not None:
+                return  # the party went away or the session failed: stop making tuples
+            session.last_active = time.monotonic()
+            yield from self._make(session, tuple_request, context)
 
     def Close(self, request, context):  # noqa: N802
         with self._lock:
@@ -217,6 +242,9 @@ def add_dealer_servicer(servicer: DealerServicer, server: grpc.Server) -> None:
         ),
         "Tuple": grpc.unary_stream_rpc_method_handler(
             servicer.Tuple, request_deserializer=pb.TupleRequest.FromString, response_serializer=None
+        ),
+        "Prefetch": grpc.unary_stream_rpc_method_handler(
+            servicer.Prefetch, request_deserializer=pb.PrefetchRequest.FromString, response_serializer=None
         ),
         "Close": grpc.unary_unary_rpc_method_handler(
             servicer.Close, request_deserializer=pb.CloseRequest.FromString, response_serializer=pb.CloseReply.SerializeToString

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 
 import grpc
@@ -11,6 +12,7 @@ import numpy as np
 import torch
 
 from .crypten_compat import import_crypten
+from .dealer import tuple_generator
 from .errors import PeerError, PeerTimeoutError, TwinferError
 from .metrics import Metrics
 from .proto import twinfer_pb2 as pb
@@ -25,6 +27,24 @@ from crypten.mpc.provider import ttp_provider  # noqa: E402
 PROVIDER_NAME = "TWINFER_DEALER"
 
 
+def _assemble(replies: list) -> torch.Tensor:
+    """One tuple from its framed chunks (one copy of the payload)."""
+    if not replies:
+        raise PeerError("dealer sent an empty tuple reply", origin="dealer")
+    shape = list(replies[0].shape)
+    out = np.empty(int(np.prod(shape, dtype=np.int64)), dtype=np.int64)
+    raw = out.view(np.uint8)
+    offset = 0
+    for reply in replies:
+        if offset + len(reply.data) > raw.size:
+            raise PeerError(f"dealer sent more data than tuple shape {shape} holds", origin="dealer")
+        raw[offset : offset + len(reply.data)] = np.frombuffer(reply.data, dtype=np.uint8)
+        offset += len(reply.data)
+    if offset != raw.size:
+        raise PeerError(f"dealer sent {offset} of the {raw.size} bytes of a tuple of shape {shape}", origin="dealer")
+    return torch.from_numpy(out.reshape(shape))
+
+
 def _jsonable(value):
     if isinstance(value, (torch.Size, tuple, list)):
         return [_jsonable(v) for v in value]
@@ -34,7 +54,14 @@ def _jsonable(value):
 
 
 class DealerClient:
-    """Talks to the dealer for one session; party 0 also asks it for tuples."""
+    """Talks to the dealer for one session; party 0 also asks it for tuples.
+
+    Tuple k of the session draws from a generator derived from (seed, k), so party 0 can have
+    the dealer make tuples ahead of use: the request sequence of a batch depends only on the
+    public graph and batch size, so it is recorded on the first batch of each size and
+    prefetched for the next ones. A prefetched tuple is used only if its request matches the
+    one CrypTen actually makes; otherwise it is fetched on demand.
+    """
 
     def __init__(
         self,
@@ -44,12 +71,14 @@ class DealerClient:
         role: str,
         options: TransportOptions,
         metrics: Metrics,
+        prefetch: bool = True,
         credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         self.session_id = session_id
         self.role = role
         self.options = options
         self.metrics = metrics
+        self.prefetch_enabled = prefetch
         opts = options.grpc_options()
         self._channel = (
             grpc.insecure_channel(address, options=opts)
@@ -65,15 +94,27 @@ class DealerClient:
                 origin=role,
             ) from None
         self._stub = pb_grpc.DealerStub(self._channel)
+        decode = framed_decoder(pb.TupleReply)
         self._tuple = self._channel.unary_stream(
-            "/twinfer.Dealer/Tuple",
-            request_serializer=pb.TupleRequest.SerializeToString,
-            response_deserializer=framed_decoder(pb.TupleReply),
+            "/twinfer.Dealer/Tuple", request_serializer=pb.TupleRequest.SerializeToString, response_deserializer=decode
+        )
+        self._prefetch = self._channel.unary_stream(
+            "/twinfer.Dealer/Prefetch", request_serializer=pb.PrefetchRequest.SerializeToString, response_deserializer=decode
         )
         self._closed = False
-        self.generator = torch.Generator(device="cpu")
-        self.generator.manual_seed(self._call(self._stub.Seed, pb.SeedRequest(session_id=session_id, role=role)).seed)
+        self._seed = self._call(self._stub.Seed, pb.SeedRequest(session_id=session_id, role=role)).seed
         metrics.count_offline(8)
+        self._index = 0  # tuples drawn so far in this session
+        self._current: int | None = None  # the tuple get_generator() opened, until its request
+        self._plans: dict[int, list[tuple[str, str]]] = {}  # batch size -> requests of one batch
+        self._recording: list[tuple[str, str]] | None = None
+        self._ready: dict[int, tuple[tuple[str, str], torch.Tensor]] = {}
+        self._expected: set[int] = set()
+        self._arrived = threading.Condition()
+        self._prefetch_error: TwinferError | None = None
+        self._prefetch_thread: threading.Thread | None = None
+        self.prefetched_used = 0
+        self.fetched_on_demand = 0
 
     def _error(self, err: grpc.RpcError) -> TwinferError:
         code = err.code()
@@ -92,40 +133,112 @@ class DealerClient:
         except grpc.RpcError as err:
             raise self._error(err) from None
 
-    # The two methods CrypTen's TrustedThirdParty calls on its client.
+    # -- batches and the offline phase -------------------------------------------------------
+
+    def begin_batch(self, batch_size: int) -> None:
+        """Prefetch this batch's tuples if a batch of this size ran before; else record them."""
+        if self.role != "server" or not self.prefetch_enabled:
+            return
+        plan = self._plans.get(batch_size)
+        if plan is None:
+            self._recording = []
+            return
+        self._recording = None
+        requests = [
+            pb.TupleRequest(session_id=self.session_id, function=f, args_json=a, index=self._index + i)
+            for i, (f, a) in enumerate(plan)
+        ]
+        with self._arrived:
+            self._expected.update(r.index for r in requests)
+        self._prefetch_thread = threading.Thread(
+            target=self._receive_prefetched, args=(requests, {r.index: (r.function, r.args_json) for r in requests}),
+            name="twinfer-prefetch", daemon=True,
+        )
+        self._prefetch_thread.start()
+
+    def end_batch(self, batch_size: int) -> None:
+        if self._recording is not None:
+            self._plans[batch_size] = self._recording
+            self._recording = None
+        with self._arrived:  # tuples prefetched but never asked for are dropped
+            self._ready.clear()
+            self._expected.clear()
+
+    def _receive_prefetched(self, requests: list[pb.TupleRequest], keys: dict[int, tuple[str, str]]) -> None:
+        parts: dict[int, list] = {}
+        try:
+            stream = self._prefetch(
+                pb.PrefetchRequest(session_id=self.session_id, tuples=requests),
+                timeout=self.options.recv_timeout_s * max(1, len(requests)),
+            )
+            for reply in stream:
+                chunks = parts.setdefault(reply.index, [])
+                chunks.append(reply)
+                if len(chunks) == reply.chunk_count:
+                    tensor = _assemble(parts.pop(reply.index))
+                    self.metrics.count_offline(tensor.numel() * 8)
+                    with self._arrived:
+                        if reply.index in self._expected:
+                            self._ready[reply.index] = (keys[reply.index], tensor)
+                        self._arrived.notify_all()
+        except grpc.RpcError as err:
+            if not self._closed:
+                self._prefetch_error = self._error(err)
+        except TwinferError as err:
+            self._prefetch_error = err
+        finally:
+            with self._arrived:
+                self._expected.clear()  # whatever did not arrive is fetched on demand
+                self._arrived.notify_all()
+
+    def _take_prefetched(self, index: int, key: tuple[str, str]) -> torch.Tensor | None:
+        deadline = time.monotonic() + self.options.recv_timeout_s
+        with self._arrived:
+            while index in self._expected and index not in self._ready:
+                if not self._arrived.wait(timeout=max(0.0, deadline - time.monotonic())):
+                    raise PeerTimeoutError(
+                        f"dealer did not deliver prefetched tuple {index} within {self.options.recv_timeout_s:g} s",
+                        origin=self.role,
+                    )
+            entry = self._ready.pop(index, None)
+            self._expected.discard(index)
+        if entry is None or entry[0] != key:
+            return None
+        return entry[1]
+
+    # -- the two methods CrypTen's TrustedThirdParty calls on its client ----------------------
 
     def get_generator(self, device=None) -> torch.Generator:
+        """The generator of the next tuple; every provider method calls this exactly once, first."""
         if device is not None and torch.device(device).type != "cpu":
             raise ValueError("twinfer's dealer serves CPU tensors only")
-        return self.generator
+        self._current = self._index
+        self._index += 1
+        return tuple_generator(self._seed, self._current)
 
     def ttp_request(self, func_name: str, device, *args, **kwargs) -> torch.Tensor:
-        """Fetch party 0's share of one tuple; its size and op are public."""
-        request = pb.TupleRequest(
-            session_id=self.session_id,
-            function=func_name,
-            args_json=json.dumps({"args": _jsonable(args), "kwargs": {k: _jsonable(v) for k, v in kwargs.items()}}),
-        )
+        """Party 0's share of the current tuple: prefetched if it matches, else fetched now."""
+        args_json = json.dumps({"args": _jsonable(args), "kwargs": {k: _jsonable(v) for k, v in kwargs.items()}})
+        key = (func_name, args_json)
+        if self._current is None:  # a request without local draws still takes its own index
+            self._current, self._index = self._index, self._index + 1
+        index, self._current = self._current, None
+        if self._recording is not None:
+            self._recording.append(key)
         start = time.perf_counter()
-        out: np.ndarray | None = None
-        offset = 0
-        try:
-            for reply in self._tuple(request, timeout=self.options.recv_timeout_s):
-                if out is None:
-                    out = np.empty(int(np.prod(reply.shape, dtype=np.int64)), dtype=np.int64)
-                    raw = out.view(np.uint8)
-                if offset + len(reply.data) > raw.size:
-                    raise PeerError(f"dealer sent more data than tuple shape {list(reply.shape)} holds", origin="dealer")
-                raw[offset : offset + len(reply.data)] = np.frombuffer(reply.data, dtype=np.uint8)
-                offset += len(reply.data)
-                shape = list(reply.shape)
-        except grpc.RpcError as err:
-            raise self._error(err) from None
-        if out is None or offset != out.nbytes:
-            raise PeerError(f"dealer sent an incomplete '{func_name}' tuple", origin="dealer")
-        self.metrics.count_offline(offset)
+        tensor = self._take_prefetched(index, key)
+        if tensor is not None:
+            self.prefetched_used += 1
+        else:
+            self.fetched_on_demand += 1
+            request = pb.TupleRequest(session_id=self.session_id, function=func_name, args_json=args_json, index=index)
+            try:
+                tensor = _assemble(list(self._tuple(request, timeout=self.options.recv_timeout_s)))
+            except grpc.RpcError as err:
+                raise self._error(err) from None
+            self.metrics.count_offline(tensor.numel() * 8)
         self.metrics.count_receive(0, time.perf_counter() - start)
-        return torch.from_numpy(out.reshape(shape))
+        return tensor
 
     def close(self, error: TwinferError | None = None) -> None:
         """Tell the dealer this party is done (or failed, with the shared error id)."""

@@ -46,6 +46,7 @@ class PartyConfig:
     dealer_address: str | None = None
     options: TransportOptions = field(default_factory=TransportOptions)
     insecure_trusted_first_party: bool = False
+    dealer_prefetch: bool = True  # have the dealer make a batch's tuples before they are needed
 
     def __post_init__(self) -> None:
         if self.role not in (SERVER, CLIENT, DEALER):
@@ -121,6 +122,7 @@ class _TwoPartySession:
                 role=self.role,
                 options=self.config.options,
                 metrics=self.metrics,
+                prefetch=self.config.dealer_prefetch,
             )
             use_dealer(self.dealer)
         install_communicator(self.transport, self.rank)
@@ -141,6 +143,8 @@ class _TwoPartySession:
         import crypten.communicator as comm
 
         comm.get().reset_communication_stats()
+        if self.dealer is not None:
+            self.dealer.begin_batch(int(x.shape[0]))
         before = self.metrics.total()
         start = time.perf_counter()
         with self.metrics.layer("share_input"):
@@ -150,6 +154,8 @@ class _TwoPartySession:
             logits = y.get_plain_text(dst=1)  # None on the server: only the client learns it
         after = self.metrics.total()
         self.report.batch_latency_s.append(time.perf_counter() - start)
+        if self.dealer is not None:
+            self.dealer.end_batch(int(x.shape[0]))
         self.report.batch_sizes.append(int(x.shape[0]))
         self.report.batch_rounds.append(after.rounds - before.rounds)
         self.report.batch_bytes_online.append(

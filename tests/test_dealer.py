@@ -107,7 +107,7 @@ def test_consecutive_triples_stay_in_step(parties):
 
 def test_a_triple_out_of_step_is_wrong(parties):
     # The check above can fail: party 1 drawing in another order breaks the correlation.
-    g0, g1 = parties.server.generator, parties.client.generator
+    g0, g1 = parties.server.get_generator(), parties.client.get_generator()
     size = torch.Size([16])
     a0, b0 = ring(size, g0), ring(size, g0)
     c0 = parties.server.ttp_request("additive", None, size, size, "mul")
@@ -118,7 +118,7 @@ def test_a_triple_out_of_step_is_wrong(parties):
 
 def test_square(parties):
     size = torch.Size([3, 4])
-    g0, g1 = parties.server.generator, parties.client.generator
+    g0, g1 = parties.server.get_generator(), parties.client.get_generator()
     r0 = ring(size, g0)
     r2_0 = parties.server.ttp_request("square", None, size)
     r1 = ring(size, g1)
@@ -129,7 +129,7 @@ def test_square(parties):
 
 @pytest.mark.parametrize("size0,size1", [(torch.Size([5, 3]), torch.Size([5, 3])), (torch.Size([4, 1]), torch.Size([1, 3]))])
 def test_binary_triple(parties, size0, size1):
-    g0, g1 = parties.server.generator, parties.client.generator
+    g0, g1 = parties.server.get_generator(), parties.client.get_generator()
     a0, b0 = bits(size0, g0), bits(size1, g0)
     c0 = parties.server.ttp_request("binary", None, size0, size1)
     a1, b1 = bits(size0, g1), bits(size1, g1)
@@ -139,7 +139,7 @@ def test_binary_triple(parties, size0, size1):
 
 def test_wraps(parties):
     size = torch.Size([50])
-    g0, g1 = parties.server.generator, parties.client.generator
+    g0, g1 = parties.server.get_generator(), parties.client.get_generator()
     r0 = ring(size, g0)
     theta0 = parties.server.ttp_request("wraps", None, size)
     r1 = ring(size, g1)
@@ -151,7 +151,7 @@ def test_wraps(parties):
 
 def test_b2a(parties):
     size = torch.Size([6, 7])
-    g0, g1 = parties.server.generator, parties.client.generator
+    g0, g1 = parties.server.get_generator(), parties.client.get_generator()
     rB0 = bits(size, g0, bitlength=1)
     rA0 = parties.server.ttp_request("B2A", None, size)
     rB1 = bits(size, g1, bitlength=1)
@@ -163,7 +163,7 @@ def test_b2a(parties):
 
 def test_large_tuple_arrives_in_chunks(parties):
     size = torch.Size([700_000])  # 5.6 MB > the dealer's 4 MiB reply chunk
-    g0, g1 = parties.server.generator, parties.client.generator
+    g0, g1 = parties.server.get_generator(), parties.client.get_generator()
     r0 = ring(size, g0)
     r2_0 = parties.server.ttp_request("square", None, size)
     r1, r2_1 = ring(size, g1), ring(size, g1)
@@ -171,8 +171,8 @@ def test_large_tuple_arrives_in_chunks(parties):
 
 
 def test_zero_dim_and_empty_tuples(parties):
-    g0, g1 = parties.server.generator, parties.client.generator
     for size in (torch.Size([]), torch.Size([0, 3])):
+        g0, g1 = parties.server.get_generator(), parties.client.get_generator()
         r0 = ring(size, g0)
         r2_0 = parties.server.ttp_request("square", None, size)
         r1, r2_1 = ring(size, g1), ring(size, g1)
@@ -185,16 +185,22 @@ def test_bytes_offline_counted(parties):
     assert before == 8  # the seed
     assert parties.client.metrics.total().bytes_offline == 8
     size = torch.Size([10, 3])
-    ring(size, parties.server.generator)
+    ring(size, parties.server.get_generator())
     parties.server.ttp_request("square", None, size)
     assert parties.server.metrics.total().bytes_offline == 8 + 30 * 8
-    ring(size, parties.server.generator), ring(size, parties.server.generator)
+    g0 = parties.server.get_generator()
+    ring(size, g0), ring(size, g0)
     parties.server.ttp_request("additive", None, size, size, "mul")
     assert parties.server.metrics.total().bytes_offline == 8 + 2 * 30 * 8
 
 
-def test_generator_is_cpu_only(parties):
-    assert parties.server.get_generator() is parties.server.get_generator("cpu")
+def test_each_tuple_has_its_own_cpu_generator(parties):
+    first, second = parties.server.get_generator(), parties.server.get_generator("cpu")
+    assert first.device.type == second.device.type == "cpu"
+    # Tuple k's randomness derives from (seed, k): consecutive tuples differ, and both
+    # parties' generators for the same k differ (different seeds).
+    assert not torch.equal(ring(torch.Size([4]), first), ring(torch.Size([4]), second))
+    assert not torch.equal(ring(torch.Size([4]), parties.client.get_generator()), ring(torch.Size([4]), first))
     with pytest.raises(ValueError, match="CPU"):
         parties.server.get_generator("meta")
 
@@ -279,7 +285,7 @@ def test_failure_reported_by_one_role_reaches_the_other_with_its_id(dealer, part
 def test_both_closing_finishes_the_session(dealer):
     servicer, address = dealer
     p = Parties(servicer, address)
-    ring(torch.Size([2]), p.server.generator)
+    ring(torch.Size([2]), p.server.get_generator())
     p.server.ttp_request("square", None, torch.Size([2]))
     assert not servicer.stats(p.session_id)["finished"]
     p.close()
@@ -335,3 +341,47 @@ def test_decode_args_accepts_crypten_requests():
 def test_decode_args_rejects_bad_input(function, args_json):
     with pytest.raises(ValueError):
         _decode_args(function, args_json)
+
+
+# -- the offline phase: tuples made before they are needed ----------------------------------------
+
+
+def _batch_of_triples(parties: Parties, sizes: list[int]) -> None:
+    for n in sizes:
+        (a0, a1), (b0, b1), (c0, c1) = additive_triple(parties, torch.Size([n]), torch.Size([n]), "mul")
+        assert torch.equal(c0 + c1, (a0 + a1) * (b0 + b1))
+
+
+def test_second_batch_of_a_size_is_prefetched(parties):
+    server = parties.server
+    for batch in range(3):
+        server.begin_batch(8)
+        _batch_of_triples(parties, [5, 6, 7])
+        server.end_batch(8)
+    assert server.fetched_on_demand == 3  # the first batch, which recorded the plan
+    assert server.prefetched_used == 6
+
+
+def test_prefetched_tuple_for_another_request_is_not_used(parties):
+    server = parties.server
+    server.begin_batch(8)
+    _batch_of_triples(parties, [5, 6])
+    server.end_batch(8)
+    server.begin_batch(8)  # same batch size, but the requests differ: sizes 5 then 9
+    _batch_of_triples(parties, [5, 9])
+    server.end_batch(8)
+    assert server.prefetched_used == 1 and server.fetched_on_demand == 3
+
+
+def test_prefetch_off_fetches_everything_on_demand(dealer):
+    servicer, address = dealer
+    p = Parties(servicer, address)
+    p.server.prefetch_enabled = False
+    try:
+        for _ in range(2):
+            p.server.begin_batch(4)
+            _batch_of_triples(p, [3])
+            p.server.end_batch(4)
+        assert p.server.prefetched_used == 0 and p.server.fetched_on_demand == 2
+    finally:
+        p.close()

@@ -57,26 +57,38 @@ class SeedReply(_message.Message):
     def __init__(self, seed: _Optional[int] = ...) -> None: ...
 
 class TupleRequest(_message.Message):
-    __slots__ = ("session_id", "function", "args_json")
+    __slots__ = ("session_id", "function", "args_json", "index")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     FUNCTION_FIELD_NUMBER: _ClassVar[int]
     ARGS_JSON_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     function: str
     args_json: str
-    def __init__(self, session_id: _Optional[str] = ..., function: _Optional[str] = ..., args_json: _Optional[str] = ...) -> None: ...
+    index: int
+    def __init__(self, session_id: _Optional[str] = ..., function: _Optional[str] = ..., args_json: _Optional[str] = ..., index: _Optional[int] = ...) -> None: ...
 
 class TupleReply(_message.Message):
-    __slots__ = ("shape", "data", "chunk_index", "chunk_count")
+    __slots__ = ("shape", "data", "chunk_index", "chunk_count", "index")
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     CHUNK_INDEX_FIELD_NUMBER: _ClassVar[int]
     CHUNK_COUNT_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
     chunk_index: int
     chunk_count: int
-    def __init__(self, shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., chunk_index: _Optional[int] = ..., chunk_count: _Optional[int] = ...) -> None: ...
+    index: int
+    def __init__(self, shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., chunk_index: _Optional[int] = ..., chunk_count: _Optional[int] = ..., index: _Optional[int] = ...) -> None: ...
+
+class PrefetchRequest(_message.Message):
+    __slots__ = ("session_id", "tuples")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TUPLES_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    tuples: _containers.RepeatedCompositeFieldContainer[TupleRequest]
+    def __init__(self, session_id: _Optional[str] = ..., tuples: _Optional[_Iterable[_Union[TupleRequest, _Mapping]]] = ...) -> None: ...
 
 class CloseRequest(_message.Message):
     __slots__ = ("session_id", "role", "error")

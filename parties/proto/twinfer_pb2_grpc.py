@@ -119,6 +119,11 @@ class DealerStub:
                 request_serializer=twinfer__pb2.TupleRequest.SerializeToString,
                 response_deserializer=twinfer__pb2.TupleReply.FromString,
                 _registered_method=True)
+        self.Prefetch = channel.unary_stream(
+                '/twinfer.Dealer/Prefetch',
+                request_serializer=twinfer__pb2.PrefetchRequest.SerializeToString,
+                response_deserializer=twinfer__pb2.TupleReply.FromString,
+                _registered_method=True)
         self.Close = channel.unary_unary(
                 '/twinfer.Dealer/Close',
                 request_serializer=twinfer__pb2.CloseRequest.SerializeToString,
@@ -141,6 +146,12 @@ class DealerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Prefetch(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Close(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -158,6 +169,11 @@ def add_DealerServicer_to_server(servicer, server):
             'Tuple': grpc.unary_stream_rpc_method_handler(
                     servicer.Tuple,
                     request_deserializer=twinfer__pb2.TupleRequest.FromString,
+                    response_serializer=twinfer__pb2.TupleReply.SerializeToString,
+            ),
+            'Prefetch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Prefetch,
+                    request_deserializer=twinfer__pb2.PrefetchRequest.FromString,
                     response_serializer=twinfer__pb2.TupleReply.SerializeToString,
             ),
             'Close': grpc.unary_unary_rpc_method_handler(
@@ -219,6 +235,33 @@ class Dealer:
             target,
             '/twinfer.Dealer/Tuple',
             twinfer__pb2.TupleRequest.SerializeToString,
+            twinfer__pb2.TupleReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Prefetch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/twinfer.Dealer/Prefetch',
+            twinfer__pb2.PrefetchRequest.SerializeToString,
             twinfer__pb2.TupleReply.FromString,
             options,
             channel_credentials,
