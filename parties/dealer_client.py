@@ -15,6 +15,7 @@ from .crypten_compat import import_crypten
 from .dealer import tuple_generator
 from .errors import PeerError, PeerTimeoutError, TwinferError
 from .metrics import Metrics
+from .network_profile import LinkShaper
 from .proto import twinfer_pb2 as pb
 from .proto import twinfer_pb2_grpc as pb_grpc
 from .transport import TransportOptions
@@ -79,6 +80,8 @@ class DealerClient:
         self.options = options
         self.metrics = metrics
         self.prefetch_enabled = prefetch
+        self._downlink = LinkShaper(options.dealer_network)  # dealer -> this party
+        self._half_rtt = options.dealer_network.rtt_s / 2 if options.dealer_network else 0.0
         opts = options.grpc_options()
         self._channel = (
             grpc.insecure_channel(address, options=opts)
@@ -128,10 +131,13 @@ class DealerClient:
         return PeerError(detail, error_id=shared.group(1) if shared else None, origin="dealer")
 
     def _call(self, method, request):
+        sent = time.monotonic()
         try:
-            return method(request, timeout=self.options.recv_timeout_s)
+            reply = method(request, timeout=self.options.recv_timeout_s)
         except grpc.RpcError as err:
             raise self._error(err) from None
+        LinkShaper.hold_until(self._downlink.arrival_time(reply.ByteSize(), now=sent + self._half_rtt))
+        return reply
 
     # -- batches and the offline phase -------------------------------------------------------
 
@@ -166,6 +172,7 @@ class DealerClient:
 
     def _receive_prefetched(self, requests: list[pb.TupleRequest], keys: dict[int, tuple[str, str]]) -> None:
         parts: dict[int, list] = {}
+        sent = time.monotonic()
         try:
             stream = self._prefetch(
                 pb.PrefetchRequest(session_id=self.session_id, tuples=requests),
@@ -174,6 +181,8 @@ class DealerClient:
             for reply in stream:
                 chunks = parts.setdefault(reply.index, [])
                 chunks.append(reply)
+                # On a shaped dealer link the stream arrives at the link's pace.
+                LinkShaper.hold_until(self._downlink.arrival_time(len(reply.data), now=sent + self._half_rtt))
                 if len(chunks) == reply.chunk_count:
                     tensor = _assemble(parts.pop(reply.index))
                     self.metrics.count_offline(tensor.numel() * 8)
@@ -232,10 +241,12 @@ class DealerClient:
         else:
             self.fetched_on_demand += 1
             request = pb.TupleRequest(session_id=self.session_id, function=func_name, args_json=args_json, index=index)
+            sent = time.monotonic()
             try:
                 tensor = _assemble(list(self._tuple(request, timeout=self.options.recv_timeout_s)))
             except grpc.RpcError as err:
                 raise self._error(err) from None
+            LinkShaper.hold_until(self._downlink.arrival_time(tensor.numel() * 8, now=sent + self._half_rtt))
             self.metrics.count_offline(tensor.numel() * 8)
         self.metrics.count_receive(0, time.perf_counter() - start)
         return tensor

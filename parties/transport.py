@@ -29,6 +29,7 @@ from .errors import (
     error_from_wire,
 )
 from .metrics import Metrics
+from .network_profile import LinkShaper, NetworkProfile
 from .proto import twinfer_pb2 as pb
 from .wire import Framed, encode_framed, framed_decoder
 
@@ -45,6 +46,8 @@ class TransportOptions:
     connect_timeout_s: float = 10.0
     chunk_bytes: int = 4 * MiB
     max_tensor_bytes: int = 1024 * MiB
+    network: NetworkProfile | None = None  # shapes client <-> server, each direction
+    dealer_network: NetworkProfile | None = None  # shapes the dealer's link to each party
 
     def __post_init__(self) -> None:
         if self.recv_timeout_s <= 0 or self.connect_timeout_s <= 0:
@@ -169,7 +172,8 @@ class GrpcTransport(Transport):
         self.peer_role = peer_role
         self.options = options or TransportOptions()
         self.metrics = metrics or Metrics()
-        self._outgoing: queue.Queue[bytes | None] = queue.Queue()  # encoded frames
+        self._outgoing: queue.Queue[tuple[float, bytes] | None] = queue.Queue()  # (arrival time, frame)
+        self._shaper = LinkShaper(self.options.network)
         self._incoming: queue.Queue[WireFrame | _End] = queue.Queue()
         self._send_seq = 0
         self._recv_seq = 0
@@ -198,7 +202,7 @@ class GrpcTransport(Transport):
                 f"(no connection within {self.options.connect_timeout_s:g} s)",
                 origin=self.role,
             ) from None
-        self._outgoing.put(encode_frame(WireFrame(pb.Frame(session_id=self.session_id, tag="hello", seq=0))))
+        self._put(encode_frame(WireFrame(pb.Frame(session_id=self.session_id, tag="hello", seq=0))))
         exchange = self._channel.stream_stream(
             EXCHANGE_METHOD, request_serializer=None, response_deserializer=decode_frame
         )
@@ -265,16 +269,21 @@ class GrpcTransport(Transport):
             "or sent a frame larger than the gRPC message limit of this party's server)"
         )
 
+    def _put(self, frame: bytes) -> None:
+        self._outgoing.put((self._shaper.arrival_time(len(frame)), frame))
+
     def _drain_outgoing(self) -> Iterator[bytes]:
         while True:
             try:
-                frame = self._outgoing.get(timeout=1.0)
+                item = self._outgoing.get(timeout=1.0)
             except queue.Empty:
                 if self._peer_gone.is_set():
                     return  # never keep a gRPC thread (and interpreter exit) waiting on a dead stream
                 continue
-            if frame is None:
+            if item is None:
                 return
+            arrival, frame = item
+            LinkShaper.hold_until(arrival)  # network shaping: no-op on an unshaped link
             yield frame
 
     # -- messages ------------------------------------------------------------------------
@@ -293,7 +302,7 @@ class GrpcTransport(Transport):
             )
         self._send_seq += 1
         for frame in _array_to_frames(self.session_id, self._send_seq, tag, array, self.options.chunk_bytes):
-            self._outgoing.put(encode_frame(frame))  # copies now: the caller may reuse its array
+            self._put(encode_frame(frame))  # copies now: the caller may reuse its array
         self.metrics.count_send(nbytes)
 
     def recv(self, tag: str) -> np.ndarray:
@@ -370,7 +379,7 @@ class GrpcTransport(Transport):
         if self._closed:
             return
         if self._connected.is_set() and self._ended is None:
-            self._outgoing.put(
+            self._put(
                 encode_frame(
                     WireFrame(
                         pb.Frame(
