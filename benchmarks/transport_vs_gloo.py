@@ -94,53 +94,11 @@ def run_gloo(onnx_bytes: bytes, x: np.ndarray, reps: int) -> dict:
 # -- twinfer over gRPC ---------------------------------------------------------------------------
 
 
-def _twinfer_party(role: str, session: str, onnx_bytes: bytes, addresses: dict, out: mp.Queue, prefetch: bool) -> None:
-    torch.set_num_threads(1)
-    from twinfer.parties.model_file import parse_onnx
-    from twinfer.parties.session import DealerParty, PartyConfig, ServerParty
-
-    if role == "dealer":
-        party = DealerParty(PartyConfig(role=role, session_id=session))
-        out.put(("dealer", party.address))
-    else:
-        graph, weights = parse_onnx(onnx_bytes)
-        config = PartyConfig(role=role, session_id=session, dealer_address=addresses["dealer"], dealer_prefetch=prefetch)
-        party = ServerParty(graph, weights, config)
-        out.put(("server", party.address))
-    party.run()
-
-
-def _twinfer_client(session: str, x: np.ndarray, reps: int, addresses: dict, out: mp.Queue) -> None:
-    torch.set_num_threads(1)
-    from twinfer.parties.session import ClientParty, PartyConfig
-
-    inputs = np.concatenate([x] * reps)
-    party = ClientParty(
-        inputs,
-        len(x),
-        PartyConfig(role="client", session_id=session, server_address=addresses["server"], dealer_address=addresses["dealer"]),
-    )
-    report = party.run()
-    out.put({"latency": report.batch_latency_s, "stats": report.batch_crypten_stats[-1], "logits": report.logits[: len(x)]})
-
-
 def run_twinfer(onnx_bytes: bytes, x: np.ndarray, reps: int, prefetch: bool = False) -> dict:
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    session = uuid.uuid4().hex[:12]
-    addresses: dict[str, str] = {}
-    dealer = ctx.Process(target=_twinfer_party, args=("dealer", session, onnx_bytes, addresses, out, prefetch))
-    dealer.start()
-    addresses.update([out.get(timeout=120)])
-    server = ctx.Process(target=_twinfer_party, args=("server", session, onnx_bytes, addresses, out, prefetch))
-    server.start()
-    addresses.update([out.get(timeout=120)])
-    client = ctx.Process(target=_twinfer_client, args=(session, x, reps, addresses, out))
-    client.start()
-    result = out.get(timeout=900)
-    for p in (client, server, dealer):
-        p.join(timeout=60)
-    return result
+    from twinfer.benchmarks.local_session import run_local_session
+
+    report = run_local_session(onnx_bytes, np.concatenate([x] * reps), len(x), prefetch=prefetch)["client"]
+    return {"latency": report.batch_latency_s, "stats": report.batch_crypten_stats[-1], "logits": report.logits[: len(x)]}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -79,5 +79,8 @@ class Metrics:
             self.layers.clear()
 
     def snapshot(self) -> dict[str, dict]:
+        """Counters per layer, with compute_s = wall time not spent waiting on a peer."""
         with self._lock:
-            return {name: asdict(c) for name, c in self.layers.items()}
+            return {
+                name: asdict(c) | {"compute_s": max(0.0, c.wall_s - c.wait_s)} for name, c in self.layers.items()
+            }
