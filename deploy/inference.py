@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from twinfer.parties.crypten_compat import export_onnx
+from twinfer.parties.network_profile import NetworkProfile
 from twinfer.parties.model_file import check_input_fits, parse_onnx, read_model_bytes
 from twinfer.parties.session import CLIENT, SERVER, PartyReport
 from twinfer.parties.transport import TransportOptions
@@ -27,6 +28,7 @@ class InferenceResult:
     reports: dict[str, PartyReport]
     batch_size: int
     relu_per_sample: int
+    network: NetworkProfile | None = None
 
     @property
     def client(self) -> PartyReport:
@@ -48,6 +50,22 @@ class InferenceResult:
             "bytes_offline": int(offline),
             "relu_count": int(c.relu_count),
             "relu_per_sample": self.relu_per_sample,
+            "latency_per_batch_list_s": [float(t) for t in c.batch_latency_s],
+        } | self._bound()
+
+    def _bound(self) -> dict[str, Any]:
+        """Measured latency of the last batch against the network's lower bound."""
+        if self.network is None:
+            return {}
+        c = self.client
+        sent, total = c.batch_bytes_sent[-1], c.batch_bytes_online[-1]
+        bound = self.network.lower_bound_s(c.batch_rounds[-1], max(sent, total - sent))
+        latency = c.batch_latency_s[-1]
+        return {
+            "network": self.network.describe(),
+            "lower_bound_s": bound,
+            "last_batch_latency_s": latency,
+            "latency_over_lower_bound": latency / bound if bound > 0 else None,
         }
 
     def to_json_dict(self) -> dict[str, Any]:
@@ -83,17 +101,22 @@ def private_inference(
     graph, _ = parse_onnx(data, source=str(model) if isinstance(model, (str, Path)) else "model")
     check_input_fits(graph, inputs)
     batch = batch_size or len(inputs)
+    options = options or TransportOptions()
     reports = run_parties(
         data,
         inputs,
         batch_size=batch,
-        options=options or TransportOptions(),
+        options=options,
         insecure_trusted_first_party=insecure_trusted_first_party,
         ray_options=ray_options,
         progress=progress,
     )
     return InferenceResult(
-        logits=reports[CLIENT].logits, reports=reports, batch_size=batch, relu_per_sample=graph.relu_count()
+        logits=reports[CLIENT].logits,
+        reports=reports,
+        batch_size=batch,
+        relu_per_sample=graph.relu_count(),
+        network=options.network,
     )
 
 

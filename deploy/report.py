@@ -34,4 +34,12 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, Any]]:
         ("bytes_online (client<->server)", human_bytes(summary["bytes_online"])),
         ("bytes_offline (from dealer)", human_bytes(summary["bytes_offline"])),
         ("relu_count", f"{summary['relu_count']} ({summary['relu_per_sample']} per sample)"),
-    ]
+    ] + (
+        [
+            ("network", summary["network"]),
+            ("last batch: measured / lower bound", f"{summary['last_batch_latency_s']:.3f} s / {summary['lower_bound_s']:.3f} s"),
+            ("measured / lower bound", f"{summary['latency_over_lower_bound']:.2f}" if summary["latency_over_lower_bound"] else "-"),
+        ]
+        if "network" in summary
+        else []
+    )

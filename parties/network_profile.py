@@ -30,10 +30,16 @@ class NetworkProfile:
     def shaped(self) -> bool:
         return self.rtt_s > 0 or self.bandwidth_bps is not None
 
-    def lower_bound_s(self, rounds: int, bytes_online: int) -> float:
-        """rounds * rtt + bytes_online / bandwidth: no run on this link can be faster."""
-        transfer = 0.0 if self.bandwidth_bps is None else bytes_online * 8 / self.bandwidth_bps
-        return rounds * self.rtt_s + transfer
+    def lower_bound_s(self, rounds: int, bytes_one_way: int) -> float:
+        """No run on this link can be faster: rounds * rtt/2 + bytes of the busier direction / bandwidth.
+
+        A CrypTen round is a simultaneous exchange (both parties send, then read what crossed),
+        so it costs one one-way delay, not a round trip; and the two directions of a link
+        carry their bytes at the same time. DESIGN.md's `rounds * rtt + bytes_online /
+        bandwidth` counts both twice, so measured runs come in under it.
+        """
+        transfer = 0.0 if self.bandwidth_bps is None else bytes_one_way * 8 / self.bandwidth_bps
+        return rounds * self.rtt_s / 2 + transfer
 
     def describe(self) -> str:
         bw = "unlimited" if self.bandwidth_bps is None else f"{self.bandwidth_bps / 1e6:g} Mbit/s"

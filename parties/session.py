@@ -68,6 +68,7 @@ class PartyReport:
     batch_sizes: list[int] = field(default_factory=list)
     batch_rounds: list[int] = field(default_factory=list)
     batch_bytes_online: list[int] = field(default_factory=list)
+    batch_bytes_sent: list[int] = field(default_factory=list)
     batch_crypten_stats: list[dict[str, float]] = field(default_factory=list)
     bytes_offline: int = 0
     relu_count: int = 0
@@ -161,6 +162,7 @@ class _TwoPartySession:
         self.report.batch_bytes_online.append(
             (after.bytes_sent + after.bytes_received) - (before.bytes_sent + before.bytes_received)
         )
+        self.report.batch_bytes_sent.append(after.bytes_sent - before.bytes_sent)
         self.report.relu_count += graph.relu_count() * int(x.shape[0])
         self.report.batch_crypten_stats.append(dict(comm.get().get_communication_stats()))
         return logits

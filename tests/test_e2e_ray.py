@@ -24,7 +24,10 @@ def _twinfer(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
 def test_cli_infer_json_matches_pytorch(tmp_path, onnx_files, fashion_cnn, fashion_test):
     images = fashion_test[0][:16]
     np.save(tmp_path / "x.npy", images)
-    proc = _twinfer("infer", "--model", str(onnx_files["fashion_cnn"]), "--input", str(tmp_path / "x.npy"), "--batch", "8", "--json")
+    proc = _twinfer(
+        "infer", "--model", str(onnx_files["fashion_cnn"]), "--input", str(tmp_path / "x.npy"), "--batch", "8",
+        "--network", "rtt=10ms,bw=1gbit", "--json",
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     for key in ("logits", "latency_s", "rounds", "bytes_online", "bytes_offline", "relu_count", "parties"):
@@ -36,6 +39,9 @@ def test_cli_infer_json_matches_pytorch(tmp_path, onnx_files, fashion_cnn, fashi
     assert np.abs(logits - reference).max() < 0.01
     assert out["relu_count"] == 16 * (8 * 28 * 28 + 16 * 14 * 14 + 64)
     assert out["rounds"] > 0 and out["bytes_online"] > 0 and out["bytes_offline"] > 0
+    # Shaped in the transport: the measured batch can never beat the network's lower bound.
+    assert out["lower_bound_s"] >= out["rounds_per_batch"] * 0.005
+    assert out["latency_over_lower_bound"] >= 1.0
     roles = {p["role"]: p for p in out["parties"]}
     assert set(roles) == {"server", "client", "dealer"}
     pids = {p["pid"] for p in out["parties"]}
@@ -70,6 +76,12 @@ def test_unknown_op_fails_before_any_party_starts(tmp_path):
     assert proc.returncode == 3
     assert "op Tanh" in proc.stderr and "/2/Tanh" in proc.stderr and "Traceback" not in proc.stderr
     assert time.monotonic() - start < 30  # no Ray start-up, no party processes
+
+
+def test_bad_network_profile_is_a_usage_error(tmp_path, onnx_files):
+    np.save(tmp_path / "x.npy", np.zeros((1, 1, 28, 28), np.float32))
+    proc = _twinfer("infer", "--model", str(onnx_files["fashion_cnn"]), "--input", str(tmp_path / "x.npy"), "--network", "rtt=fast")
+    assert proc.returncode == 2 and "cannot read rtt 'fast'" in proc.stderr
 
 
 @pytest.mark.parametrize(

@@ -54,6 +54,11 @@ def test_resnet_with_batchnorm_roles_and_accuracy(parties, tmp_path, onnx_files,
     assert (logits.argmax(1) == reference.argmax(1)).all()
     assert np.abs(logits - reference).max() < 0.01
     assert client["torch_threads"] == 1
+    # Per-layer counters add up to the per-batch totals (nothing is counted twice or lost).
+    in_batches = {k: v for k, v in client["layers"].items() if k not in ("", "share_weights")}
+    assert sum(v["rounds"] for v in in_batches.values()) == sum(client["batch_rounds"])
+    assert sum(v["bytes_sent"] + v["bytes_received"] for v in in_batches.values()) == sum(client["batch_bytes_online"])
+    assert all(v["compute_s"] <= v["wall_s"] + 1e-9 for v in in_batches.values())
     assert client["relu_count"] == len(images) * client_relu_per_sample(onnx_files["tiny_resnet"])
 
     # Roles: the server never holds the output; the client never opens or holds the weights.

@@ -48,7 +48,8 @@ def test_bad_profiles_are_named(spec, message):
 
 def test_lower_bound():
     wan = parse_profile("wan")
-    assert wan.lower_bound_s(rounds=10, bytes_online=12_500_000) == pytest.approx(10 * 0.04 + 1.0)
+    assert wan.lower_bound_s(rounds=10, bytes_one_way=12_500_000) == pytest.approx(10 * 0.02 + 1.0)
+    assert parse_profile("loopback").lower_bound_s(rounds=10, bytes_one_way=10**9) == 0.0
 
 
 def test_shaper_paces_at_the_bandwidth_and_adds_half_the_rtt():
