@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -222,7 +223,7 @@ class KernelLink:
         pids = _run(["ip", "netns", "pids", ns]).split()
         for pid in pids:
             try:
-                os.kill(int(pid), 9)
+                os.kill(int(pid), signal.SIGKILL)
             except ProcessLookupError:
                 pass
         _run(["ip", "netns", "del", ns])

@@ -322,3 +322,17 @@ def _gone(pid: int) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def test_kernel_link_cleans_up_when_setup_fails(kernel_ok, monkeypatch: pytest.MonkeyPatch):
+    from twinfer.deploy import kernel_shaping
+
+    def fail(self, ns: str, veth: str, ip: str) -> None:
+        raise kernel_shaping.ShapingError("tc failed on purpose")
+
+    monkeypatch.setattr(KernelLink, "_configure_end", fail)
+    link = KernelLink(PROFILE)
+    with pytest.raises(kernel_shaping.ShapingError, match="on purpose"):
+        with link:
+            pass
+    assert not {link.server_ns, link.client_ns} & set(list_namespaces())
