@@ -1,8 +1,10 @@
 """Private-inference latency under network profiles: measured beside the lower bound.
 
 For each model and profile, one session of 1 + reps batches runs as three local processes
-with the profile applied in twinfer's transport (both directions between client and server,
-and the dealer's links). The first batch records the dealer's tuple plan; the reported
+with the profile applied in twinfer's transport (both directions between client and server;
+the dealer sits next to the server). With --kernel, the same sessions also run as real
+`twinfer party` processes in two network namespaces joined by a tbf-limited veth pair, with
+the delay added by a TCP relay (deploy/kernel_shaping.py). The first batch records the dealer's tuple plan; the reported
 latency is the median of the others. Each row prints the lower bound
 `rounds * rtt/2 + bytes of the busier direction / bandwidth` and measured / bound.
 
@@ -69,11 +71,15 @@ def _row(model: str, profile: NetworkProfile, shaping: str, batch: int, client: 
 
 
 def measure(model: str, onnx_bytes: bytes, sample_shape: tuple[int, ...], profile: NetworkProfile, *, batch: int, reps: int) -> dict:
-    """One session under `profile`, shaped in twinfer's transport."""
+    """One session under `profile`, shaped in twinfer's transport.
+
+    The dealer sits next to the server (its links unshaped), as in the kernel-shaped runs,
+    where it shares the server's namespace.
+    """
     from twinfer.benchmarks.local_session import run_local_session
 
     inputs = np.random.default_rng(0).random((batch * (1 + reps), *sample_shape), dtype=np.float32)
-    options = TransportOptions(recv_timeout_s=300, network=profile, dealer_network=profile)
+    options = TransportOptions(recv_timeout_s=300, network=profile)
     reports = run_local_session(onnx_bytes, inputs, batch, options=options, prefetch=True)
     return _row(model, profile, "transport", batch, reports["client"])
 

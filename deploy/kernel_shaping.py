@@ -17,6 +17,8 @@ only inside the namespaces this module creates and removes.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import shutil
 import signal
@@ -29,7 +31,10 @@ import warnings
 from pathlib import Path
 from types import TracebackType
 
+import numpy as np
+
 from twinfer.parties.network_profile import NetworkProfile, parse_profile
+from twinfer.parties.session import PartyReport
 
 SERVER_IP = "10.231.0.1"
 CLIENT_IP = "10.231.0.2"
@@ -227,3 +232,61 @@ class KernelLink:
             except ProcessLookupError:
                 pass
         _run(["ip", "netns", "del", ns])
+
+
+def _party_argv(role: str, session: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "twinfer.deploy.cli", "party", "--role", role, "--session", session,
+            "--timeout", "300", "--connect-timeout", "60", *args]  # fmt: skip
+
+
+def _wait_file(path: Path, proc: subprocess.Popen, what: str, timeout_s: float = 120.0) -> str:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if proc.poll() is not None:
+            raise ShapingError(f"{what} exited with code {proc.returncode} before listening")
+        if time.monotonic() > deadline:
+            raise ShapingError(f"{what} did not listen within {timeout_s:g} s")
+        time.sleep(0.05)
+    return path.read_text().strip()
+
+
+def run_kernel_shaped_session(onnx_path: Path, inputs: np.ndarray, batch: int, profile: NetworkProfile | str) -> PartyReport:
+    """One session of real `twinfer party` processes across a KernelLink; the client's report.
+
+    Dealer and server share the server namespace; the client reaches both through delay
+    relays in its own namespace, over the tbf-limited veth pair.
+    """
+    session = uuid.uuid4().hex[:12]
+    with KernelLink(profile) as link, tempfile.TemporaryDirectory(prefix="twinfer-kernel-") as tmp:
+        tmp_path = Path(tmp)
+        np.save(tmp_path / "x.npy", inputs)
+        dealer_file, server_file = tmp_path / "dealer.addr", tmp_path / "server.addr"
+        dealer = link.run_in(
+            link.server_ns,
+            _party_argv("dealer", session, "--listen", f"{link.server_ip}:0", "--address-file", str(dealer_file)),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        dealer_address = _wait_file(dealer_file, dealer, "dealer")
+        server = link.run_in(
+            link.server_ns,
+            _party_argv("server", session, "--listen", f"{link.server_ip}:0", "--address-file", str(server_file),
+                        "--dealer", dealer_address, "--model", str(onnx_path)),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        server_address = _wait_file(server_file, server, "server")
+        via_server = link.start_relay(int(server_address.rsplit(":", 1)[1]))
+        via_dealer = link.start_relay(int(dealer_address.rsplit(":", 1)[1]))
+        client = link.run_in(
+            link.client_ns,
+            _party_argv("client", session, "--server", via_server, "--dealer", via_dealer,
+                        "--input", str(tmp_path / "x.npy"), "--batch", str(batch), "--json"),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        out, err = client.communicate(timeout=1800)
+        if client.returncode != 0:
+            raise ShapingError(f"kernel-shaped client failed (exit {client.returncode}): {err.strip()[-2000:]}")
+        report = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
+    known = {f.name for f in dataclasses.fields(PartyReport)}
+    fields = {k: v for k, v in report.items() if k in known}
+    fields["logits"] = None if report.get("logits") is None else np.asarray(report["logits"])
+    return PartyReport(**fields)

@@ -14,10 +14,13 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from twinfer.deploy.kernel_shaping import KernelLink, check_kernel_shaping_available, list_namespaces, tbf_args
 from twinfer.deploy.tcp_delay_relay import bound_address, split_address, start_relay
+from twinfer.parties.network_profile import parse_profile
 
 PROFILE = "rtt=40ms,bw=100mbit"
 RTT_S, BANDWIDTH_BPS = 0.040, 100e6
@@ -336,3 +339,23 @@ def test_kernel_link_cleans_up_when_setup_fails(kernel_ok, monkeypatch: pytest.M
         with link:
             pass
     assert not {link.server_ns, link.client_ns} & set(list_namespaces())
+
+
+@pytest.mark.timeout(240)
+def test_private_inference_across_namespaces(tmp_path, onnx_files, fashion_cnn, fashion_test):
+    """Real `twinfer party` processes in two namespaces: correct, and never under the bound."""
+    from twinfer.deploy.kernel_shaping import run_kernel_shaped_session
+
+    reason = check_kernel_shaping_available()
+    if reason:
+        pytest.skip(reason)
+    images = fashion_test[0][:2]
+    profile = parse_profile("rtt=10ms,bw=1gbit")
+    before = set(list_namespaces())
+    report = run_kernel_shaped_session(onnx_files["fashion_cnn"], images, 1, profile)
+    assert set(list_namespaces()) == before
+    with torch.no_grad():
+        reference = fashion_cnn(torch.from_numpy(images)).numpy()
+    assert np.abs(report.logits - reference).max() < 0.01
+    rounds, sent, online = report.batch_rounds[-1], report.batch_bytes_sent[-1], report.batch_bytes_online[-1]
+    assert report.batch_latency_s[-1] >= profile.lower_bound_s(rounds, max(sent, online - sent))
