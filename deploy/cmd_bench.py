@@ -16,7 +16,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--profiles", default="loopback,lan,wan,mobile", help="comma-separated profiles (named or rtt=..,bw=..)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--reps", type=int, default=2, help="batches measured after the first of each session")
-    p.add_argument("--sweep", action="store_true", help="also sweep RTT and bandwidth (plots of latency against each)")
+    p.add_argument(
+        "--no-sweep", dest="sweep", action="store_false",
+        help="skip the RTT and bandwidth sweeps behind the latency-vs-RTT and latency-vs-bandwidth plots",
+    )  # fmt: skip
     p.add_argument("--out", type=Path, default=Path("results"))
     p.set_defaults(func=run)
 

@@ -42,10 +42,12 @@ PREFIX_LEN = 30
 NETNS_DIR = Path("/var/run/netns")
 COMMAND_TIMEOUT_S = 10.0
 RELAY_START_TIMEOUT_S = 15.0
-# tbf drops anything larger than its bucket, and the kernel refills the bucket per timer tick
-# (HZ may be 100), so the bucket holds at least 10 ms of traffic and a few full-size frames.
+# tbf drops anything larger than its bucket and refills it on a timer, so a bucket smaller
+# than a few ms of traffic costs throughput (1 ms gave 84 of 100 Mbit/s here). A large bucket
+# costs accuracy instead: after an idle wait a whole round of up to `burst` bytes passes at
+# line rate. 3 ms keeps bulk throughput within a few percent of the rate.
 MIN_BURST_BYTES = 16 * 1024
-BURST_S = 0.010
+BURST_S = 0.003
 # Longest a packet may wait in the tbf queue; beyond it tbf drops. The TCP connection that
 # crosses the veth has a sub-millisecond RTT (the delay lives in the relay), so a short queue
 # keeps throughput without hiding a large standing queue in latency measurements.
@@ -181,18 +183,7 @@ class KernelLink:
                 "--address-file", str(address_file)]  # fmt: skip
         with open(log_file, "wb") as log:
             proc = self.run_in(self.client_ns, argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-        return self._wait_for_address(proc, address_file, log_file)
-
-    @staticmethod
-    def _wait_for_address(proc: subprocess.Popen, address_file: Path, log_file: Path) -> str:
-        deadline = time.monotonic() + RELAY_START_TIMEOUT_S
-        while not address_file.exists():
-            if proc.poll() is not None:
-                raise ShapingError(f"delay relay exited with code {proc.returncode} before listening: {log_file.read_text().strip()}")
-            if time.monotonic() > deadline:
-                raise ShapingError(f"delay relay did not listen within {RELAY_START_TIMEOUT_S:g} s: {log_file.read_text().strip()}")
-            time.sleep(0.02)
-        return address_file.read_text().strip()
+        return wait_for_address(proc, address_file, "delay relay", RELAY_START_TIMEOUT_S, log_file)
 
     def close(self) -> None:
         """Stop every process started here and remove the namespaces; safe to call twice."""
@@ -234,20 +225,24 @@ class KernelLink:
         _run(["ip", "netns", "del", ns])
 
 
+def wait_for_address(
+    proc: subprocess.Popen, path: Path, what: str, timeout_s: float, log_file: Path | None = None
+) -> str:
+    """The address `proc` writes to `path` once it listens; a clear error if it dies or stalls."""
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        log = f": {log_file.read_text().strip()}" if log_file is not None and log_file.exists() else ""
+        if proc.poll() is not None:
+            raise ShapingError(f"{what} exited with code {proc.returncode} before listening{log}")
+        if time.monotonic() > deadline:
+            raise ShapingError(f"{what} did not listen within {timeout_s:g} s{log}")
+        time.sleep(0.02)
+    return path.read_text().strip()
+
+
 def _party_argv(role: str, session: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "twinfer.deploy.cli", "party", "--role", role, "--session", session,
             "--timeout", "300", "--connect-timeout", "60", *args]  # fmt: skip
-
-
-def _wait_file(path: Path, proc: subprocess.Popen, what: str, timeout_s: float = 120.0) -> str:
-    deadline = time.monotonic() + timeout_s
-    while not path.exists():
-        if proc.poll() is not None:
-            raise ShapingError(f"{what} exited with code {proc.returncode} before listening")
-        if time.monotonic() > deadline:
-            raise ShapingError(f"{what} did not listen within {timeout_s:g} s")
-        time.sleep(0.05)
-    return path.read_text().strip()
 
 
 def run_kernel_shaped_session(onnx_path: Path, inputs: np.ndarray, batch: int, profile: NetworkProfile | str) -> PartyReport:
@@ -266,14 +261,14 @@ def run_kernel_shaped_session(onnx_path: Path, inputs: np.ndarray, batch: int, p
             _party_argv("dealer", session, "--listen", f"{link.server_ip}:0", "--address-file", str(dealer_file)),
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
-        dealer_address = _wait_file(dealer_file, dealer, "dealer")
+        dealer_address = wait_for_address(dealer, dealer_file, "dealer", 120.0)
         server = link.run_in(
             link.server_ns,
             _party_argv("server", session, "--listen", f"{link.server_ip}:0", "--address-file", str(server_file),
                         "--dealer", dealer_address, "--model", str(onnx_path)),
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
-        server_address = _wait_file(server_file, server, "server")
+        server_address = wait_for_address(server, server_file, "server", 120.0)
         via_server = link.start_relay(int(server_address.rsplit(":", 1)[1]))
         via_dealer = link.start_relay(int(dealer_address.rsplit(":", 1)[1]))
         client = link.run_in(

@@ -139,7 +139,9 @@ def test_input_that_does_not_fit_ends_every_party_with_one_error_id(parties, tmp
     assert code == 4 and "expects (1, 28, 28)" in client_err
     server_code, _, server_err = parties.finish("server", timeout=60)
     assert server_code == 4 and _error_id(server_err) == _error_id(client_err)
-    assert "Traceback" not in client_err + server_err
+    dealer_code, _, dealer_err = parties.finish("dealer", timeout=30)  # told at once, not at its idle deadline
+    assert dealer_code != 0 and _error_id(dealer_err) == _error_id(client_err)
+    assert "Traceback" not in client_err + server_err + dealer_err
 
 
 def test_peer_dies_mid_inference(parties, tmp_path, onnx_files, fashion_test):
