@@ -128,9 +128,8 @@ class DealerServicer:
     def _session(self, session_id: str, context: grpc.ServicerContext) -> DealerSession:
         with self._lock:
             session = self._sessions.get(session_id)
-            known = sorted(self._sessions)
         if session is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"dealer: unknown session '{session_id}' (expects {known})")
+            context.abort(grpc.StatusCode.NOT_FOUND, f"dealer: unknown session '{session_id}'")
         if session.error is not None:
             e = session.error
             context.abort(

@@ -13,7 +13,7 @@ import torch
 
 from .crypten_compat import import_crypten
 from .dealer import tuple_generator
-from .errors import PeerError, PeerTimeoutError, TwinferError
+from .errors import PeerError, PeerTimeoutError, ProtocolError, TwinferError
 from .metrics import Metrics
 from .network_profile import LinkShaper
 from .proto import twinfer_pb2 as pb
@@ -126,6 +126,8 @@ class DealerClient:
                 f"dealer did not answer within {self.options.recv_timeout_s:g} s", origin=self.role
             )
         detail = err.details() or f"dealer call failed: {code.name}"
+        if code == grpc.StatusCode.NOT_FOUND:  # a session the dealer does not know: wrong session id
+            return ProtocolError(detail, origin="dealer")
         # A session ended by a party's failure keeps that failure's id ("[error <id>]").
         shared = re.search(r"\[error ([^\]\s]+)\]", detail)
         return PeerError(detail, error_id=shared.group(1) if shared else None, origin="dealer")
@@ -197,7 +199,9 @@ class DealerClient:
             self._prefetch_error = err
         finally:
             with self._arrived:
-                self._expected.clear()  # whatever did not arrive is fetched on demand
+                # Whatever of this prefetch did not arrive is fetched on demand. Only its own
+                # indices: the next batch's prefetch may already have begun.
+                self._expected.difference_update(keys)
                 self._arrived.notify_all()
 
     def _take_prefetched(self, index: int, key: tuple[str, str]) -> torch.Tensor | None:

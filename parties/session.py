@@ -110,21 +110,26 @@ class _TwoPartySession:
         self.report = PartyReport(role=config.role, pid=os.getpid(), node=_node_name())
         self._crypten_up = False
 
+    def _connect_dealer(self) -> None:
+        """First thing in a session: from then on any failure reaches the dealer too."""
+        if self.config.insecure_trusted_first_party:
+            return
+        if not self.config.dealer_address:
+            raise ValueError("a dealer address is required (or the insecure trusted-first-party flag)")
+        self.dealer = DealerClient(
+            self.config.dealer_address,
+            session_id=self.config.session_id,
+            role=self.role,
+            options=self.config.options,
+            metrics=self.metrics,
+            prefetch=self.config.dealer_prefetch,
+        )
+
     def _start_crypten(self) -> None:
         torch.set_num_threads(1)  # two parties on one machine: 10x slower with default threads
-        if self.config.insecure_trusted_first_party:
+        if self.dealer is None:
             use_insecure_trusted_first_party()
         else:
-            if not self.config.dealer_address:
-                raise ValueError("a dealer address is required (or the insecure trusted-first-party flag)")
-            self.dealer = DealerClient(
-                self.config.dealer_address,
-                session_id=self.config.session_id,
-                role=self.role,
-                options=self.config.options,
-                metrics=self.metrics,
-                prefetch=self.config.dealer_prefetch,
-            )
             use_dealer(self.dealer)
         install_communicator(self.transport, self.rank)
         crypten.cfg.communicator.verbose = True
@@ -218,6 +223,7 @@ class ServerParty(_TwoPartySession):
 
     def _run(self) -> None:
         start = time.perf_counter()
+        self._connect_dealer()
         self.transport.wait_accepted()
         self.transport.send("graph", np.frombuffer(self.graph.to_json().encode(), dtype=np.uint8))
         plan = self.transport.recv("plan")
@@ -265,6 +271,7 @@ class ClientParty(_TwoPartySession):
 
     def _run(self) -> None:
         start = time.perf_counter()
+        self._connect_dealer()
         self.transport.dial(self.config.server_address)
         self.graph = graph = self._receive_graph()
         if tuple(self.inputs.shape[1:]) != graph.input_shape:

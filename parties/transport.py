@@ -437,13 +437,13 @@ class PeerServicer:
             return
         with self._lock:
             transport = self._waiting.pop(hello.session_id, None) if hello.tag == "hello" else None
-            known = sorted(self._waiting)
         if transport is None:
             log.warning("rejected a stream for unknown session %r", hello.session_id)
             refusal = pb.Error(
                 error_id="",
                 kind="protocol",
-                message=f"unknown session '{hello.session_id}' (this party expects {known or 'none'})",
+                # Valid session ids are not listed: without TLS they are what admits a peer.
+                message=f"unknown session '{hello.session_id}': this party serves no such session",
                 origin="listener",
             )
             yield encode_frame(WireFrame(pb.Frame(session_id=hello.session_id, error=refusal)))

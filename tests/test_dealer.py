@@ -13,7 +13,7 @@ import torch
 from twinfer.parties.crypten_compat import import_crypten
 from twinfer.parties.dealer import DealerServicer, _decode_args, add_dealer_servicer
 from twinfer.parties.dealer_client import DealerClient
-from twinfer.parties.errors import InputError, PeerError
+from twinfer.parties.errors import InputError, PeerError, ProtocolError
 from twinfer.parties.metrics import Metrics
 from twinfer.parties.transport import TransportOptions, start_server
 
@@ -222,12 +222,12 @@ def test_unknown_role_is_refused(dealer, parties):
 
 def test_unknown_session(dealer, parties):
     _, address = dealer
-    with pytest.raises(PeerError, match="unknown session 'no-such-session'"):
+    with pytest.raises(ProtocolError, match="unknown session 'no-such-session'"):
         DealerClient(address, session_id="no-such-session", role="server", options=OPTS, metrics=Metrics())
     # a tuple request naming an unknown session is refused the same way
     parties.server.session_id = "other-session-7"
     try:
-        with pytest.raises(PeerError, match="unknown session 'other-session-7'"):
+        with pytest.raises(ProtocolError, match="unknown session 'other-session-7'"):
             parties.server.ttp_request("square", None, torch.Size([2]))
     finally:
         parties.server.session_id = parties.session_id

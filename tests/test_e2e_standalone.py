@@ -121,7 +121,8 @@ def test_peer_not_listening(parties, tmp_path, fashion_test):
 
 
 def test_frame_for_another_session_is_refused(parties, tmp_path, onnx_files, fashion_test):
-    parties.connect_timeout = 8.0  # the server gives up on its missing client after this    dealer = parties.start_dealer()
+    parties.connect_timeout = 8.0  # the server gives up on its missing client after this
+    dealer = parties.start_dealer()
     server = parties.start_server(onnx_files["fashion_cnn"], "--dealer", dealer)
     parties.start_client(server, _save(tmp_path, fashion_test[0][:1]), "--dealer", dealer, session="intruder")
     code, _, err = parties.finish("client", timeout=60)
