@@ -278,7 +278,8 @@ def kernel_ok() -> None:
         pytest.skip(reason)
 
 
-def test_kernel_link_rtt_and_bandwidth(kernel_ok):
+def _measure_link() -> tuple[float, float, float]:
+    """RTT, up and down throughput through a fresh KernelLink; its namespaces gone afterwards."""
     with KernelLink(PROFILE) as link:
         assert {link.server_ns, link.client_ns} <= set(list_namespaces())
         server = link.run_in(link.server_ns, [sys.executable, "-c", SERVER_SCRIPT, link.server_ip, str(SERVER_PORT)], stdout=subprocess.PIPE)
@@ -289,13 +290,22 @@ def test_kernel_link_rtt_and_bandwidth(kernel_ok):
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
         out, err = client.communicate(timeout=20)
         assert client.returncode == 0, err.decode()
-    result = json.loads(out)
-    rtt = statistics.median(result["rtts"])
-    print(f"kernel link: rtt {rtt * 1e3:.2f} ms, up {result['up_bps'] / 1e6:.1f} Mbit/s, down {result['down_bps'] / 1e6:.1f} Mbit/s")
-    assert _within(rtt, RTT_S, 0.10), f"rtt {rtt * 1e3:.2f} ms"
-    assert _within(result["up_bps"], BANDWIDTH_BPS, 0.15), f"up {result['up_bps'] / 1e6:.1f} Mbit/s"
-    assert _within(result["down_bps"], BANDWIDTH_BPS, 0.15), f"down {result['down_bps'] / 1e6:.1f} Mbit/s"
     assert not {link.server_ns, link.client_ns} & set(list_namespaces())
+    result = json.loads(out)
+    return statistics.median(result["rtts"]), result["up_bps"], result["down_bps"]
+
+
+def test_kernel_link_rtt_and_bandwidth(kernel_ok):
+    # A busy 2-core machine only ever makes a run slower; a wrong shaper misses on every try.
+    for attempt in range(3):
+        rtt, up, down = _measure_link()
+        print(f"kernel link: rtt {rtt * 1e3:.2f} ms, up {up / 1e6:.1f} Mbit/s, down {down / 1e6:.1f} Mbit/s")
+        ok = _within(rtt, RTT_S, 0.10) and _within(up, BANDWIDTH_BPS, 0.15) and _within(down, BANDWIDTH_BPS, 0.15)
+        if ok or attempt == 2:
+            break
+    assert _within(rtt, RTT_S, 0.10), f"rtt {rtt * 1e3:.2f} ms"
+    assert _within(up, BANDWIDTH_BPS, 0.15), f"up {up / 1e6:.1f} Mbit/s"
+    assert _within(down, BANDWIDTH_BPS, 0.15), f"down {down / 1e6:.1f} Mbit/s"
 
 
 def test_kernel_link_removes_everything_after_an_error(kernel_ok):
