@@ -19,7 +19,7 @@ from .network_profile import LinkShaper
 from .proto import twinfer_pb2 as pb
 from .proto import twinfer_pb2_grpc as pb_grpc
 from .transport import TransportOptions
-from .wire import framed_decoder
+from .wire import framed_decoder, join_payloads
 
 crypten = import_crypten()
 import crypten.mpc as crypten_mpc  # noqa: E402
@@ -32,18 +32,12 @@ def _assemble(replies: list) -> torch.Tensor:
     """One tuple from its framed chunks (one copy of the payload)."""
     if not replies:
         raise PeerError("dealer sent an empty tuple reply", origin="dealer")
-    shape = list(replies[0].shape)
-    out = np.empty(int(np.prod(shape, dtype=np.int64)), dtype=np.int64)
-    raw = out.view(np.uint8)
-    offset = 0
-    for reply in replies:
-        if offset + len(reply.data) > raw.size:
-            raise PeerError(f"dealer sent more data than tuple shape {shape} holds", origin="dealer")
-        raw[offset : offset + len(reply.data)] = np.frombuffer(reply.data, dtype=np.uint8)
-        offset += len(reply.data)
-    if offset != raw.size:
-        raise PeerError(f"dealer sent {offset} of the {raw.size} bytes of a tuple of shape {shape}", origin="dealer")
-    return torch.from_numpy(out.reshape(shape))
+    shape = tuple(replies[0].shape)
+    array = join_payloads(replies, np.dtype(np.int64), shape)
+    if array is None:
+        got = sum(len(r.data) for r in replies)
+        raise PeerError(f"dealer sent {got} bytes for a tuple of shape {list(shape)}", origin="dealer")
+    return torch.from_numpy(array)
 
 
 def _jsonable(value):

@@ -31,7 +31,7 @@ from .errors import (
 from .metrics import Metrics
 from .network_profile import LinkShaper, NetworkProfile
 from .proto import twinfer_pb2 as pb
-from .wire import Framed, encode_framed, framed_decoder
+from .wire import Framed, encode_framed, framed_decoder, join_payloads
 
 log = logging.getLogger(__name__)
 
@@ -137,22 +137,15 @@ def _array_to_frames(
 
 def _frames_to_array(frames: list[WireFrame]) -> np.ndarray:
     head = frames[0]
-    dtype = np.dtype(head.dtype)
-    shape = tuple(head.shape)
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    dtype, shape = np.dtype(head.dtype), tuple(head.shape)
     received = sum(len(f.data) for f in frames)
-    if received != expected or received != head.total_bytes:
+    array = join_payloads(frames, dtype, shape) if received == head.total_bytes else None
+    if array is None:
+        expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         raise ProtocolError(
-            f"message {head.seq} '{head.tag}' carries {received} bytes, but dtype {dtype} and "
-            f"shape {shape} need {expected}"
+            f"message {head.seq} '{head.tag}' carries {received} bytes, but dtype {dtype} and shape {shape} need {expected}"
         )
-    # Copy each chunk once into memory this process owns (frombuffer views are read-only).
-    out = np.empty(expected, dtype=np.uint8)
-    offset = 0
-    for f in frames:
-        out[offset : offset + len(f.data)] = np.frombuffer(f.data, dtype=np.uint8)
-        offset += len(f.data)
-    return out.view(dtype).reshape(shape)
+    return array
 
 
 class GrpcTransport(Transport):

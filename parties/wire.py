@@ -11,6 +11,7 @@ import struct
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+import numpy as np
 from google.protobuf.message import DecodeError, Message
 
 from .errors import ProtocolError
@@ -30,6 +31,22 @@ class Framed(Generic[H]):
 
     def __getattr__(self, name: str):
         return getattr(self.header, name)
+
+
+def join_payloads(frames: list[Framed], dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The frames' payloads copied once into an array this process owns (views are read-only).
+
+    None when their sizes do not add up to `shape` of `dtype`; the caller says why it matters.
+    """
+    out = np.empty(int(np.prod(shape, dtype=np.int64)), dtype=dtype)
+    raw = out.view(np.uint8)
+    if sum(len(f.data) for f in frames) != raw.size:
+        return None
+    offset = 0
+    for f in frames:
+        raw[offset : offset + len(f.data)] = np.frombuffer(f.data, dtype=np.uint8)
+        offset += len(f.data)
+    return out.reshape(shape)
 
 
 def encode_framed(header: Message, payload: bytes | memoryview = b"") -> bytes:
