@@ -14,13 +14,13 @@ from twinfer.parties.transport import TransportOptions
 
 def _party(role: str, config: PartyConfig, onnx_bytes: bytes, out: mp.Queue) -> None:
     torch.set_num_threads(1)
-    from twinfer.parties.model_file import parse_onnx
+    from twinfer.parties.model_file import parse_model
     from twinfer.parties.session import DealerParty, ServerParty
 
     if role == "dealer":
         party = DealerParty(config)
     else:
-        graph, weights = parse_onnx(onnx_bytes)
+        graph, weights = parse_model(onnx_bytes)
         party = ServerParty(graph, weights, config)
     out.put((role, party.address))
     out.put((role, party.run()))

@@ -46,7 +46,7 @@ def _gloo_worker(rank: int, rendezvous: str, onnx_bytes: bytes, x: np.ndarray, r
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", RENDEZVOUS=rendezvous, DISTRIBUTED_BACKEND="gloo")
     from twinfer.parties.crypten_compat import import_crypten
-    from twinfer.parties.model_file import parse_onnx
+    from twinfer.parties.model_file import parse_model
     from twinfer.protocols.secure_graph import run_secure
 
     crypten = import_crypten()
@@ -58,7 +58,7 @@ def _gloo_worker(rank: int, rendezvous: str, onnx_bytes: bytes, x: np.ndarray, r
         TTPServer()  # serves tuples until rank 0 says terminate
         return
     crypten.init()
-    graph, weights = parse_onnx(onnx_bytes)
+    graph, weights = parse_model(onnx_bytes)
     shared = {
         k: crypten.cryptensor(torch.from_numpy(weights[k]) if rank == 0 else torch.zeros(graph.weight_shapes[k]), src=0)
         for k in sorted(graph.weight_shapes)

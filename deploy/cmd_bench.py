@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from twinfer.parties.model_file import parse_onnx, read_model_bytes
+from twinfer.parties.model_file import parse_model, read_model_bytes
 from twinfer.parties.network_profile import parse_profile
 
 
@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     if args.batch < 1 or args.reps < 1:
         raise ValueError("--batch and --reps must be at least 1")
     data = read_model_bytes(args.model)
-    graph, _ = parse_onnx(data, source=str(args.model))
+    graph, _ = parse_model(data, source=str(args.model))
     latency_study(
         {Path(args.model).stem: (data, graph.input_shape)},
         profiles,

@@ -11,7 +11,7 @@ import torch
 
 from twinfer.parties.crypten_compat import export_onnx
 from twinfer.parties.network_profile import NetworkProfile
-from twinfer.parties.model_file import check_input_fits, parse_onnx, read_model_bytes
+from twinfer.parties.model_file import check_input_fits, parse_model, read_model_bytes
 from twinfer.parties.session import CLIENT, SERVER, PartyReport
 from twinfer.parties.transport import TransportOptions
 
@@ -98,7 +98,7 @@ def private_inference(
     """Run the model privately on `inputs`: the server holds the model, the client the inputs."""
     inputs = np.ascontiguousarray(inputs, dtype=np.float32)
     data = model_bytes(model, tuple(inputs.shape[1:]))
-    graph, _ = parse_onnx(data, source=str(model) if isinstance(model, (str, Path)) else "model")
+    graph, _ = parse_model(data, source=str(model) if isinstance(model, (str, Path)) else "model")
     check_input_fits(graph, inputs)
     batch = batch_size or len(inputs)
     options = options or TransportOptions()

@@ -38,14 +38,14 @@ class PartyActor:
         """Build the party and bind its listener; returns the address peers should dial."""
         import ray
 
-        from twinfer.parties.model_file import parse_onnx
+        from twinfer.parties.model_file import parse_model
         from twinfer.parties.session import ClientParty, DealerParty, ServerParty
 
         os.environ["TWINFER_NODE"] = ray.get_runtime_context().get_node_id()
         if self.role == DEALER:
             self.party = DealerParty(config)
         elif self.role == SERVER:
-            graph, weights = parse_onnx(payload, source="model")
+            graph, weights = parse_model(payload, source="model")
             self.party = ServerParty(graph, weights, config)
         else:
             self.party = ClientParty(payload, batch_size, config)

@@ -1,23 +1,34 @@
-"""Reading what a party is given: an ONNX model (server) or an input array (client).
+"""Reading what a party is given: a model (server) or an input array (client).
 
-Nothing here unpickles: ONNX is protobuf, inputs are .npy files read with allow_pickle=False.
+A model is an ONNX file or an optimizer artifact directory (protocols/artifact_format.py).
+Nothing here unpickles: ONNX is protobuf, artifacts are JSON and safetensors, inputs are .npy
+files read with allow_pickle=False.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
+from twinfer.protocols import artifact_format as af
 from twinfer.protocols.graph import Graph, GraphError, graph_from_onnx
 
 from .errors import InputError, ModelError
 
 
-def parse_onnx(data: bytes, source: str = "model") -> tuple[Graph, dict[str, np.ndarray]]:
-    """Compile serialized ONNX into the public graph and the server's weights."""
+def parse_model(data: bytes, source: str = "model") -> tuple[Graph, dict[str, np.ndarray]]:
+    """Compile serialized ONNX, or an artifact bundle, into the public graph and the server's weights."""
+    if af.is_bundle(data):
+        try:
+            onnx_bytes, manifest, tensors = af.unpack_bundle(data)
+            graph, weights = parse_model(onnx_bytes, source=f"{source}/{af.MODEL_FILE}")
+            return af.apply_manifest(graph, manifest, tensors), weights
+        except GraphError as err:
+            raise ModelError(f"{source}: {err}") from None
     try:
         model = onnx.load_from_string(data)
     except (DecodeError, ValueError, RuntimeError) as err:
@@ -31,8 +42,10 @@ def parse_onnx(data: bytes, source: str = "model") -> tuple[Graph, dict[str, np.
 
 
 def read_model_bytes(path: str | Path) -> bytes:
-    """The bytes of an ONNX model file, with a clear error when it is missing."""
+    """The bytes of an ONNX model file or of an artifact directory, with a clear error when it is missing."""
     path = Path(path)
+    if path.is_dir() and (path / af.MANIFEST_FILE).exists():
+        return read_artifact(path)
     if path.is_dir():
         candidates = sorted(path.glob("*.onnx"))
         if len(candidates) != 1:
@@ -45,8 +58,31 @@ def read_model_bytes(path: str | Path) -> bytes:
     return path.read_bytes()
 
 
+def read_artifact(path: Path) -> bytes:
+    """Check an artifact directory's manifest and digests; return it as one bundle."""
+    try:
+        manifest = json.loads((path / af.MANIFEST_FILE).read_text())
+    except (OSError, ValueError) as err:
+        raise ModelError(f"{path / af.MANIFEST_FILE} cannot be read as JSON: {err}") from None
+    files = {}
+    for name in (af.MODEL_FILE, af.TENSORS_FILE):
+        if not (path / name).exists():
+            raise ModelError(f"artifact {path} lacks {name}")
+        files[name] = (path / name).read_bytes()
+    try:
+        af.check_manifest(manifest, files)
+        from safetensors.numpy import load
+
+        tensors = load(files[af.TENSORS_FILE])
+    except GraphError as err:
+        raise ModelError(f"artifact {path}: {err}") from None
+    except Exception as err:  # safetensors raises its own error type for a corrupt file
+        raise ModelError(f"artifact {path}: {af.TENSORS_FILE} is not a valid safetensors file: {err}") from None
+    return af.pack_bundle(files[af.MODEL_FILE], manifest, tensors)
+
+
 def load_model(path: str | Path) -> tuple[Graph, dict[str, np.ndarray]]:
-    return parse_onnx(read_model_bytes(path), source=str(path))
+    return parse_model(read_model_bytes(path), source=str(path))
 
 
 def load_input(path: str | Path) -> np.ndarray:

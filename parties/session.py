@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -155,7 +156,8 @@ class _TwoPartySession:
         start = time.perf_counter()
         with self.metrics.layer("share_input"):
             x_shared = crypten.cryptensor(x, src=1)
-        y = run_secure(graph, shared_weights, x_shared, scope=self.metrics.layer)
+        counts: Counter = Counter()
+        y = run_secure(graph, shared_weights, x_shared, scope=self.metrics.layer, counts=counts)
         with self.metrics.layer("reveal_output"):
             logits = y.get_plain_text(dst=1)  # None on the server: only the client learns it
         after = self.metrics.total()
@@ -168,7 +170,7 @@ class _TwoPartySession:
             (after.bytes_sent + after.bytes_received) - (before.bytes_sent + before.bytes_received)
         )
         self.report.batch_bytes_sent.append(after.bytes_sent - before.bytes_sent)
-        self.report.relu_count += graph.relu_count() * int(x.shape[0])
+        self.report.relu_count += counts["relu_count"]
         self.report.batch_crypten_stats.append(dict(comm.get().get_communication_stats()))
         return logits
 

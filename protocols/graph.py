@@ -35,7 +35,20 @@ SUPPORTED_ONNX_OPS = (
     "Dropout",
 )
 # Ops of the compiled graph. Affine is a BatchNorm that follows no conv/linear: x * scale + shift.
-GRAPH_OPS = ("Conv", "Gemm", "Relu", "MaxPool", "AveragePool", "GlobalAveragePool", "Affine", "Flatten", "Reshape", "Add")
+# MaskedRelu is a Relu that an optimizer replaced by a polynomial outside a public mask.
+GRAPH_OPS = (
+    "Conv",
+    "Gemm",
+    "Relu",
+    "MaskedRelu",
+    "MaxPool",
+    "AveragePool",
+    "GlobalAveragePool",
+    "Affine",
+    "Flatten",
+    "Reshape",
+    "Add",
+)
 
 
 class GraphError(ValueError):
@@ -125,6 +138,10 @@ class Graph:
             for w in node.weights:
                 if w not in self.weight_shapes:
                     raise GraphError(f"node '{node.name}' uses weight '{w}' that the graph does not declare")
+            if node.op == "MaskedRelu":
+                from .masked_activation import check_attrs
+
+                check_attrs(node)
             known.add(node.output)
         if self.output_name not in known:
             raise GraphError(f"the graph never produces its output '{self.output_name}'")
@@ -141,7 +158,7 @@ class Graph:
 
     def relu_count(self) -> int:
         """ReLU elements per sample: the elements that pay for a secure comparison."""
-        return sum(int(n.attrs.get("elements", 0)) for n in self.nodes if n.op == "Relu")
+        return sum(int(n.attrs.get("elements", 0)) for n in self.nodes if n.op in ("Relu", "MaskedRelu"))
 
     def fingerprint(self) -> str:
         import hashlib
@@ -175,6 +192,10 @@ def _plain_op(node: Node, args: list[torch.Tensor], w: list[torch.Tensor]) -> to
         return F.linear(x, w[0], w[1] if len(w) > 1 else None)
     if node.op == "Relu":
         return F.relu(x)
+    if node.op == "MaskedRelu":
+        from .masked_activation import plain_masked_relu
+
+        return plain_masked_relu(x, node)
     if node.op == "MaxPool":
         return F.max_pool2d(x, **_pool_args(node))
     if node.op == "AveragePool":

@@ -9,10 +9,12 @@ decides who learns the output.
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from .graph import Graph, Node, UnsupportedOpError, resolve_reshape
+from .masked_activation import secure_masked_relu, secure_relu
 
 LayerScope = Callable[[str], contextlib.AbstractContextManager]
 
@@ -43,15 +45,17 @@ def _pool(x, node: Node, kind: str):
     return x.avg_pool2d(kernel, stride=stride, padding=padding)
 
 
-def secure_op(node: Node, args: list[Any], w: list[Any]) -> Any:
-    """One node on MPCTensors."""
+def secure_op(node: Node, args: list[Any], w: list[Any], counts: Counter | None = None) -> Any:
+    """One node on MPCTensors; `counts["relu_count"]` grows by the elements compared."""
     x = args[0]
     if node.op == "Conv":
         return _conv(x, w, node)
     if node.op == "Gemm":
         return _gemm(x, w, node)
     if node.op == "Relu":
-        return x.relu()
+        return secure_relu(x, counts)
+    if node.op == "MaskedRelu":
+        return secure_masked_relu(x, node, counts)
     if node.op == "MaxPool":
         return _pool(x, node, "max")
     if node.op == "AveragePool":
@@ -69,16 +73,21 @@ def secure_op(node: Node, args: list[Any], w: list[Any]) -> Any:
     raise UnsupportedOpError([(node.name, node.op)])
 
 
-def run_secure(graph: Graph, weights: dict[str, Any], x: Any, scope: LayerScope = _no_scope) -> Any:
+def run_secure(
+    graph: Graph, weights: dict[str, Any], x: Any, scope: LayerScope = _no_scope, counts: Counter | None = None
+) -> Any:
     """Evaluate `graph` on the shared input `x` with shared `weights`; returns shared logits.
 
-    `scope(node.name)` wraps each layer so the caller can attribute time, rounds and bytes.
+    `scope(node.name)` wraps each layer so the caller can attribute time, rounds and bytes;
+    `counts["relu_count"]` counts the elements that went through a secure comparison.
     """
     values: dict[str, Any] = {graph.input_name: x}
     remaining = _last_use(graph)
     for i, node in enumerate(graph.nodes):
         with scope(node.name):
-            values[node.output] = secure_op(node, [values[n] for n in node.inputs], [weights[k] for k in node.weights])
+            values[node.output] = secure_op(
+                node, [values[n] for n in node.inputs], [weights[k] for k in node.weights], counts
+            )
         for name in node.inputs:  # free shares as soon as no later layer reads them
             if remaining.get(name) == i and name != graph.output_name:
                 values.pop(name, None)

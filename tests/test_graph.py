@@ -9,7 +9,7 @@ import torch
 
 from twinfer.parties.crypten_compat import export_onnx
 from twinfer.parties.errors import InputError, ModelError
-from twinfer.parties.model_file import check_input_fits, load_input, load_model, parse_onnx
+from twinfer.parties.model_file import check_input_fits, load_input, load_model, parse_model
 from twinfer.protocols.graph import Graph, GraphError, UnsupportedOpError, graph_from_onnx, run_plain
 
 
@@ -72,7 +72,7 @@ def test_unknown_ops_are_named_with_their_nodes():
     assert "op Sigmoid" in message and "op Softmax" in message
     assert "/2/Sigmoid" in message and "/3/Softmax" in message
     with pytest.raises(ModelError, match="Sigmoid"):
-        parse_onnx(export_onnx(model, torch.zeros(1, 1, 28, 28)))
+        parse_model(export_onnx(model, torch.zeros(1, 1, 28, 28)))
 
 
 def test_missing_and_malformed_model_files(tmp_path):

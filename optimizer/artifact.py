@@ -1,0 +1,135 @@
+"""Writing the optimizer's artifact directory (format: protocols/artifact_format.py).
+
+`write_artifact` takes ONNX bytes and public per-site tensors; `export_artifact` takes a torch
+model whose activation sites are modules with a `site()` method (masked ReLUs, polynomial
+activations) and maps each site to the Relu node it exports as.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import warnings
+from collections.abc import Iterator
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from safetensors.numpy import save
+from torch import nn
+
+from twinfer.protocols import artifact_format as af
+from twinfer.protocols.graph import graph_from_onnx
+from twinfer.protocols.masked_activation import ActivationSite, apply_sites
+
+
+def twinfer_version() -> str:
+    try:
+        return version("twinfer")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def write_artifact(
+    out_dir: str | Path,
+    onnx_bytes: bytes,
+    manifest: dict[str, Any],
+    tensors: dict[str, np.ndarray] | None = None,
+    sites: dict[str, ActivationSite] | None = None,
+) -> Path:
+    """Write model.onnx, tensors.safetensors and manifest.json; returns the directory.
+
+    The manifest gets the format fields, the twinfer version, the sites it lists, the
+    per-sample ReLU count of the compiled model and the files' digests. The model is compiled
+    once here, so an artifact that would not load is never written.
+    """
+    sites = sites or {}
+    graph, _ = graph_from_onnx(onnx.load_from_string(onnx_bytes))
+    masked = apply_sites(graph, sites)
+    arrays = dict(tensors or {}) | af.site_tensors(sites)
+    tensor_bytes = save(arrays) if arrays else save({})
+    full = dict(manifest) | {
+        "format": af.FORMAT,
+        "format_version": af.FORMAT_VERSION,
+        "twinfer_version": twinfer_version(),
+        "relu_count": masked.relu_count(),
+        "activations": [
+            {"node": name, "kept": site.kept, "elements": int(site.mask.size)} for name, site in sites.items()
+        ],
+        "sha256": {af.MODEL_FILE: af.digest(onnx_bytes), af.TENSORS_FILE: af.digest(tensor_bytes)},
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / af.MODEL_FILE).write_bytes(onnx_bytes)
+    (out / af.TENSORS_FILE).write_bytes(tensor_bytes)
+    (out / af.MANIFEST_FILE).write_text(json.dumps(full, indent=2) + "\n")
+    return out
+
+
+def is_site(module: nn.Module) -> bool:
+    """An activation site: a module that can describe itself as a mask and coefficients."""
+    return callable(getattr(module, "site", None)) and hasattr(module, "export_as_relu")
+
+
+@contextlib.contextmanager
+def _sites_as_relu(model: nn.Module) -> Iterator[None]:
+    sites = [m for m in model.modules() if is_site(m)]
+    for m in sites:
+        m.export_as_relu = True
+    try:
+        yield
+    finally:
+        for m in sites:
+            m.export_as_relu = False
+
+
+def _activation_order(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
+    """ReLU-like modules in the order a forward pass calls them (the exporter's node order)."""
+    order: list[nn.Module] = []
+    hooks = [
+        m.register_forward_hook(lambda mod, _i, _o: order.append(mod))
+        for m in model.modules()
+        if is_site(m) or isinstance(m, nn.ReLU)
+    ]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return order
+
+
+def export_onnx_bytes(model: nn.Module, example: torch.Tensor) -> bytes:
+    """TorchScript ONNX export (the dynamo exporter needs onnxscript), no constant folding."""
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (example,), buffer, dynamo=False, do_constant_folding=False, input_names=["input"], output_names=["logits"]
+        )
+    return buffer.getvalue()
+
+
+def export_artifact(model: nn.Module, example: torch.Tensor, out_dir: str | Path, manifest: dict[str, Any]) -> Path:
+    """Export `model` (eval mode) with its sites as masked activations, and write the artifact."""
+    was_training = model.training
+    model.eval()
+    try:
+        with _sites_as_relu(model):
+            order = _activation_order(model, example)
+            onnx_bytes = export_onnx_bytes(model, example)
+    finally:
+        model.train(was_training)
+    relu_nodes = [n.name for n in onnx.load_from_string(onnx_bytes).graph.node if n.op_type == "Relu"]
+    if len(relu_nodes) != len(order):
+        raise ValueError(
+            f"the exported model has {len(relu_nodes)} Relu nodes but the forward pass called {len(order)} "
+            "ReLU/site modules; use nn.ReLU or site modules, not torch.relu in forward"
+        )
+    sites = {node: m.site() for node, m in zip(relu_nodes, order) if is_site(m)}
+    return write_artifact(out_dir, onnx_bytes, manifest, sites=sites)

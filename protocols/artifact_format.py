@@ -1,0 +1,136 @@
+"""The optimizer's artifact: what it holds and the checks a reader runs before trusting it.
+
+An artifact is a directory:
+
+    model.onnx            the network, standard ONNX ops (a masked site exports as Relu)
+    tensors.safetensors   public per-site structure: activation/<node>/mask, .../coeffs
+    manifest.json         counts, accuracies, data set, seed, versions, file digests
+
+The optimizer writes it and the server reads it; this module only describes and checks
+(it opens no files), so both sides agree on one format.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+
+from .graph import Graph, GraphError
+from .masked_activation import ActivationSite, apply_sites
+
+FORMAT = "twinfer-artifact"
+FORMAT_VERSION = 1
+MODEL_FILE = "model.onnx"
+TENSORS_FILE = "tensors.safetensors"
+MANIFEST_FILE = "manifest.json"
+_SITE_PREFIX = "activation/"
+
+
+class ArtifactError(GraphError):
+    """The artifact is incomplete, tampered with, or inconsistent with its model."""
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def site_tensors(sites: dict[str, ActivationSite]) -> dict[str, np.ndarray]:
+    """Flatten sites into named arrays for a safetensors file."""
+    out = {}
+    for node, site in sites.items():
+        out[f"{_SITE_PREFIX}{node}/mask"] = np.ascontiguousarray(site.mask, dtype=np.uint8)
+        out[f"{_SITE_PREFIX}{node}/coeffs"] = np.ascontiguousarray(site.coeffs, dtype=np.float32)
+    return out
+
+
+def sites_from_tensors(manifest: dict[str, Any], tensors: dict[str, np.ndarray]) -> dict[str, ActivationSite]:
+    """Rebuild the sites the manifest lists; every listed site needs both arrays, nothing extra."""
+    listed = manifest.get("activations", [])
+    if not isinstance(listed, list):
+        raise ArtifactError("manifest 'activations' must be a list")
+    sites: dict[str, ActivationSite] = {}
+    for entry in listed:
+        node = entry.get("node") if isinstance(entry, dict) else None
+        if not isinstance(node, str):
+            raise ArtifactError(f"manifest activation entry {entry!r} has no node name")
+        try:
+            mask, coeffs = tensors[f"{_SITE_PREFIX}{node}/mask"], tensors[f"{_SITE_PREFIX}{node}/coeffs"]
+        except KeyError as err:
+            raise ArtifactError(f"{TENSORS_FILE} lacks {err.args[0]} for the site the manifest lists") from None
+        if mask.dtype != np.uint8 or not np.isin(mask, (0, 1)).all():
+            raise ArtifactError(f"mask of '{node}' must hold only 0 and 1 (uint8)")
+        site = ActivationSite(mask=mask.astype(bool), coeffs=coeffs.astype(np.float32))
+        if entry.get("kept") != site.kept:
+            raise ArtifactError(f"site '{node}' keeps {site.kept} ReLUs, but the manifest says {entry.get('kept')}")
+        sites[node] = site
+    extra = sorted(k for k in tensors if k.startswith(_SITE_PREFIX) and k.split("/")[1] not in sites)
+    if extra:
+        raise ArtifactError(f"{TENSORS_FILE} holds site arrays the manifest does not list: {extra}")
+    return sites
+
+
+def check_manifest(manifest: Any, files: dict[str, bytes]) -> None:
+    """Format, version and the digests of the files beside it."""
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{MANIFEST_FILE} is not a twinfer artifact manifest (format must be '{FORMAT}')")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"artifact format version {manifest.get('format_version')} is not supported (expected {FORMAT_VERSION})")
+    digests = manifest.get("sha256", {})
+    for name, data in files.items():
+        if digests.get(name) != digest(data):
+            raise ArtifactError(f"{name} does not match the digest in {MANIFEST_FILE}: the artifact was modified")
+
+
+def apply_manifest(graph: Graph, manifest: dict[str, Any], tensors: dict[str, np.ndarray]) -> Graph:
+    """The graph with the artifact's masked sites; its ReLU count must equal the manifest's."""
+    try:
+        masked = apply_sites(graph, sites_from_tensors(manifest, tensors))
+    except ArtifactError:
+        raise
+    except GraphError as err:
+        raise ArtifactError(str(err)) from None
+    if masked.relu_count() != manifest.get("relu_count"):
+        raise ArtifactError(
+            f"the model keeps {masked.relu_count()} ReLUs per sample, but the manifest says {manifest.get('relu_count')}"
+        )
+    return masked
+
+
+# -- one blob for the wire between launcher and server: safetensors, never pickle -------------
+
+_ONNX_KEY = "__model_onnx__"
+_MANIFEST_KEY = "__manifest_json__"
+
+
+def is_bundle(data: bytes) -> bool:
+    """A safetensors blob starts with an 8-byte header length and then a JSON object."""
+    return len(data) > 9 and data[8:9] == b"{" and int.from_bytes(data[:8], "little") < len(data)
+
+
+def pack_bundle(onnx_bytes: bytes, manifest: dict[str, Any], tensors: dict[str, np.ndarray]) -> bytes:
+    """The artifact's three parts in one safetensors blob."""
+    import json
+
+    from safetensors.numpy import save
+
+    arrays = dict(tensors)
+    arrays[_ONNX_KEY] = np.frombuffer(onnx_bytes, dtype=np.uint8)
+    arrays[_MANIFEST_KEY] = np.frombuffer(json.dumps(manifest).encode(), dtype=np.uint8)
+    return save(arrays)
+
+
+def unpack_bundle(data: bytes) -> tuple[bytes, dict[str, Any], dict[str, np.ndarray]]:
+    import json
+
+    from safetensors import SafetensorError
+    from safetensors.numpy import load
+
+    try:
+        arrays = load(data)
+        onnx_bytes = arrays.pop(_ONNX_KEY).tobytes()
+        manifest = json.loads(arrays.pop(_MANIFEST_KEY).tobytes())
+    except (SafetensorError, KeyError, ValueError) as err:
+        raise ArtifactError(f"not a twinfer model bundle: {err}") from None
+    return onnx_bytes, manifest, arrays
