@@ -65,7 +65,7 @@ def sites_from_tensors(manifest: dict[str, Any], tensors: dict[str, np.ndarray])
         if entry.get("kept") != site.kept:
             raise ArtifactError(f"site '{node}' keeps {site.kept} ReLUs, but the manifest says {entry.get('kept')}")
         sites[node] = site
-    extra = sorted(k for k in tensors if k.startswith(_SITE_PREFIX) and k.split("/")[1] not in sites)
+    extra = sorted(k for k in tensors if k.startswith(_SITE_PREFIX) and k[len(_SITE_PREFIX) :].rsplit("/", 1)[0] not in sites)
     if extra:
         raise ArtifactError(f"{TENSORS_FILE} holds site arrays the manifest does not list: {extra}")
     return sites

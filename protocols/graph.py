@@ -30,6 +30,7 @@ SUPPORTED_ONNX_OPS = (
     "Flatten",
     "Reshape",
     "Add",
+    "Mul",
     "Identity",
     "Constant",
     "Dropout",
@@ -391,6 +392,15 @@ class _Importer:
             self.emit(node, "Add", [other], [self.weight(node, value, "addend")], {})
         else:
             self.emit(node, "Add", [left, right], [], {})
+
+    def _Mul(self, node, a):
+        left, right = node.input
+        if (left in self.init) == (right in self.init):
+            raise GraphError(f"node '{node.name}' (Mul) must multiply an activation by a constant")
+        value, other = (right, left) if right in self.init else (left, right)
+        scale = self.init[value]
+        shift = np.zeros_like(scale)
+        self.emit(node, "Affine", [other], [self.weight(node, value, "scale"), self.weight(node, "", "shift", shift)], {})
 
     def _BatchNormalization(self, node, a):
         if len(node.output) > 1 and any(node.output[1:]):
