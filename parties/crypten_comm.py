@@ -8,6 +8,7 @@ decorator, so CrypTen's own statistics count this backend exactly as they count 
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
 
 import numpy as np
@@ -98,8 +99,9 @@ class TransportCommunicator(Communicator):
     """CrypTen's Communicator interface for exactly two parties over a Transport."""
 
     BYTES_PER_ELEMENT = 8
-    instance: "TransportCommunicator | None" = None
-    _pending: tuple[Transport, int] | None = None
+    # One session per thread: a party process may run several sessions at once, each in its
+    # own thread with its own communicator (see use_thread_local_generators).
+    _local = threading.local()
 
     def __init__(self, transport: Transport, rank: int) -> None:
         if rank not in (0, 1):
@@ -114,25 +116,26 @@ class TransportCommunicator(Communicator):
 
     @classmethod
     def is_initialized(cls) -> bool:
-        return cls.instance is not None
+        return getattr(cls._local, "instance", None) is not None
 
     @classmethod
     def initialize(cls, rank: int = 0, world_size: int = 1, init_ttp: bool = False) -> None:
-        if cls._pending is None:
+        pending = getattr(cls._local, "pending", None)
+        if pending is None:
             raise RuntimeError("install_communicator() must run before crypten.init()")
         if init_ttp:
             raise RuntimeError("CrypTen's TTP over torch.distributed is not used; twinfer's dealer provides tuples")
-        transport, own_rank = cls._pending
-        cls.instance = cls(transport, own_rank)
+        transport, own_rank = pending
+        cls._local.instance = cls(transport, own_rank)
 
     @classmethod
     def get(cls) -> "TransportCommunicator | None":
-        return cls.instance
+        return getattr(cls._local, "instance", None)
 
     @classmethod
     def shutdown(cls) -> None:
-        cls.instance = None
-        cls._pending = None
+        cls._local.instance = None
+        cls._local.pending = None
 
     # -- plumbing -------------------------------------------------------------------------------
 
@@ -283,6 +286,37 @@ def install_communicator(transport: Transport, rank: int) -> None:
     """Make crypten.init() build a TransportCommunicator instead of torch.distributed's."""
     import crypten.communicator as comm_module
 
-    TransportCommunicator._pending = (transport, rank)
+    TransportCommunicator._local.pending = (transport, rank)
     # crypten.communicator picks its backend class by this module-level name at call time.
     comm_module.DistributedCommunicator = TransportCommunicator
+    use_thread_local_generators()
+
+
+class _ThreadLocalGenerators(dict):
+    """crypten.generators with one set of generators per thread.
+
+    CrypTen keeps the generators of its pseudo-random zero sharings ("prev", "next",
+    "local", "global") in one module-level dict; two sessions in one process would draw from
+    each other's generators and desynchronise from their peers. This mapping has CrypTen's
+    four keys, and each lookup returns the calling thread's own dict of generators.
+    """
+
+    KEYS = ("prev", "next", "local", "global")
+
+    def __init__(self) -> None:
+        super().__init__({key: None for key in self.KEYS})
+        self._local = threading.local()
+
+    def __getitem__(self, key: str) -> dict:
+        if key not in self.KEYS:
+            raise KeyError(key)
+        per_thread = getattr(self._local, "generators", None)
+        if per_thread is None:
+            per_thread = self._local.generators = {k: {} for k in self.KEYS}
+        return per_thread[key]
+
+
+def use_thread_local_generators() -> None:
+    """Give each thread its own crypten.generators (idempotent)."""
+    if not isinstance(crypten.generators, _ThreadLocalGenerators):
+        crypten.generators = _ThreadLocalGenerators()

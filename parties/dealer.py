@@ -28,6 +28,7 @@ import torch
 
 from .crypten_compat import import_crypten
 from .errors import new_error_id
+from .tls import check_peer_role
 from .proto import twinfer_pb2 as pb
 from .wire import encode_framed
 
@@ -115,7 +116,10 @@ def _decode_args(function: str, args_json: str) -> tuple[list, dict]:
 class DealerServicer:
     """Serves seeds and tuples for the sessions it was told to expect."""
 
-    def __init__(self, idle_timeout_s: float = 600.0) -> None:
+    def __init__(self, idle_timeout_s: float = 600.0, *, check_role_certs: bool = False) -> None:
+        # With mutual TLS: a caller's certificate must name the role it asks as, and only the
+        # server (party 0) may ask for tuples.
+        self.check_role_certs = check_role_certs
         self._sessions: dict[str, DealerSession] = {}
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
@@ -124,6 +128,14 @@ class DealerServicer:
     def open_session(self, session_id: str) -> None:
         with self._lock:
             self._sessions.setdefault(session_id, DealerSession(session_id))
+
+    def _authorize(self, context: grpc.ServicerContext, role: str) -> None:
+        if not self.check_role_certs:
+            return
+        refused = check_peer_role(context, (role,), "dealer")
+        if refused is not None:
+            log.warning("%s", refused)
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"dealer: {refused}")
 
     def _session(self, session_id: str, context: grpc.ServicerContext) -> DealerSession:
         with self._lock:
@@ -141,6 +153,7 @@ class DealerServicer:
         return session
 
     def Seed(self, request, context):  # noqa: N802
+        self._authorize(context, request.role)
         session = self._session(request.session_id, context)
         rank = RANKS.get(request.role)
         if rank is None:
@@ -179,10 +192,12 @@ class DealerServicer:
         ]
 
     def Tuple(self, request, context):  # noqa: N802
+        self._authorize(context, "server")
         session = self._session(request.session_id, context)
         yield from self._make(session, request, context)
 
     def Prefetch(self, request, context):  # noqa: N802
+        self._authorize(context, "server")
         session = self._session(request.session_id, context)
         for tuple_request in request.tuples:
             if not context.is_active() or session.error is not None:
@@ -191,6 +206,7 @@ class DealerServicer:
             yield from self._make(session, tuple_request, context)
 
     def Close(self, request, context):  # noqa: N802
+        self._authorize(context, request.role)
         with self._lock:
             session = self._sessions.get(request.session_id)
             if session is None:

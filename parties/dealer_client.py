@@ -13,12 +13,13 @@ import torch
 
 from .crypten_compat import import_crypten
 from .dealer import tuple_generator
-from .errors import PeerError, PeerTimeoutError, ProtocolError, TwinferError
+from .errors import AuthError, PeerError, PeerTimeoutError, ProtocolError, TwinferError
 from .metrics import Metrics
 from .network_profile import LinkShaper
 from .proto import twinfer_pb2 as pb
 from .proto import twinfer_pb2_grpc as pb_grpc
-from .transport import TransportOptions
+from .tls import TlsIdentity
+from .transport import TransportOptions, open_channel
 from .wire import framed_decoder, join_payloads
 
 crypten = import_crypten()
@@ -67,7 +68,7 @@ class DealerClient:
         options: TransportOptions,
         metrics: Metrics,
         prefetch: bool = True,
-        credentials: grpc.ChannelCredentials | None = None,
+        tls: TlsIdentity | None = None,
     ) -> None:
         self.session_id = session_id
         self.role = role
@@ -76,20 +77,7 @@ class DealerClient:
         self.prefetch_enabled = prefetch
         self._downlink = LinkShaper(options.dealer_network)  # dealer -> this party
         self._half_rtt = options.dealer_network.rtt_s / 2 if options.dealer_network else 0.0
-        opts = options.grpc_options()
-        self._channel = (
-            grpc.insecure_channel(address, options=opts)
-            if credentials is None
-            else grpc.secure_channel(address, credentials, options=opts)
-        )
-        try:
-            grpc.channel_ready_future(self._channel).result(timeout=options.connect_timeout_s)
-        except grpc.FutureTimeoutError:
-            self._channel.close()
-            raise PeerError(
-                f"dealer at {address} is not reachable (no connection within {options.connect_timeout_s:g} s)",
-                origin=role,
-            ) from None
+        self._channel = open_channel(address, role=role, peer_role="dealer", options=options, tls=tls)
         self._stub = pb_grpc.DealerStub(self._channel)
         decode = framed_decoder(pb.TupleReply)
         self._tuple = self._channel.unary_stream(
@@ -120,6 +108,8 @@ class DealerClient:
                 f"dealer did not answer within {self.options.recv_timeout_s:g} s", origin=self.role
             )
         detail = err.details() or f"dealer call failed: {code.name}"
+        if code == grpc.StatusCode.PERMISSION_DENIED:  # mutual TLS: this party's certificate was refused
+            return AuthError(detail, origin="dealer")
         if code == grpc.StatusCode.NOT_FOUND:  # a session the dealer does not know: wrong session id
             return ProtocolError(detail, origin="dealer")
         # A session ended by a party's failure keeps that failure's id ("[error <id>]").
@@ -268,15 +258,16 @@ class DealerClient:
 
 
 class _ActiveDealer:
-    """Stands in for CrypTen's TTPClient: returns the DealerClient of the running session."""
+    """Stands in for CrypTen's TTPClient: returns the DealerClient of this thread's session."""
 
-    client: DealerClient | None = None
+    _local = threading.local()  # a process may run several sessions, one per thread
 
     @staticmethod
     def get() -> DealerClient:
-        if _ActiveDealer.client is None:
-            raise RuntimeError("no dealer session is active in this party")
-        return _ActiveDealer.client
+        client = getattr(_ActiveDealer._local, "client", None)
+        if client is None:
+            raise RuntimeError("no dealer session is active in this thread")
+        return client
 
     @staticmethod
     def _init() -> None:
@@ -284,7 +275,7 @@ class _ActiveDealer:
 
     @staticmethod
     def uninit() -> None:
-        _ActiveDealer.client = None
+        _ActiveDealer._local.client = None
 
 
 class DealerProvider(ttp_provider.TrustedThirdParty):
@@ -300,7 +291,7 @@ def use_dealer(client: DealerClient) -> None:
         providers[PROVIDER_NAME] = DealerProvider()
     # TrustedThirdParty looks its client up by this module-level name at call time.
     ttp_provider.TTPClient = _ActiveDealer
-    _ActiveDealer.client = client
+    _ActiveDealer._local.client = client
     crypten.cfg.mpc.provider = PROVIDER_NAME
 
 

@@ -46,6 +46,12 @@ class PeerTimeoutError(PeerError):
     kind = "timeout"
 
 
+class AuthError(PeerError):
+    """A peer without an acceptable TLS certificate: none, another CA's, or another role's."""
+
+    kind = "auth"
+
+
 class ProtocolError(TwinferError):
     """A frame arrived that this party did not expect: other session, sequence or tag."""
 
@@ -72,6 +78,7 @@ def error_from_wire(kind: str, message: str, error_id: str, origin: str) -> Twin
     """The exception a party raises when its peer reports a failure: same kind, same id."""
     err_type = {
         "timeout": PeerTimeoutError,
+        "auth": AuthError,
         "protocol": ProtocolError,
         "frame-too-large": FrameTooLargeError,
         "model": ModelError,

@@ -28,6 +28,7 @@ from .dealer import DealerServicer, add_dealer_servicer
 from .dealer_client import DealerClient, use_dealer, use_insecure_trusted_first_party
 from .errors import InputError, PeerError, ProtocolError, TwinferError
 from .metrics import Metrics
+from .tls import TlsIdentity
 from .transport import GrpcTransport, PeerServicer, TransportOptions, add_peer_servicer, start_server
 
 crypten = import_crypten()
@@ -48,12 +49,39 @@ class PartyConfig:
     options: TransportOptions = field(default_factory=TransportOptions)
     insecure_trusted_first_party: bool = False
     dealer_prefetch: bool = True  # have the dealer make a batch's tuples before they are needed
+    tls: TlsIdentity | None = None  # mutual TLS on every link this party opens or accepts
 
     def __post_init__(self) -> None:
         if self.role not in (SERVER, CLIENT, DEALER):
             raise ValueError(f"role must be server, client or dealer, got '{self.role}'")
         if not self.session_id:
             raise ValueError("session_id must not be empty")
+        if self.tls is not None and self.tls.role != self.role:
+            raise ValueError(f"the {self.role} was given the {self.tls.role}'s TLS certificate")
+
+
+class PartyListener:
+    """A party process's gRPC server, shared by every session it serves (server or dealer).
+
+    With TLS it presents the party's certificate and accepts only dialers whose certificate,
+    signed by the same CA, names the role each service expects.
+    """
+
+    def __init__(self, role: str, listen: str, options: TransportOptions, tls: TlsIdentity | None = None) -> None:
+        if role not in (SERVER, DEALER):
+            raise ValueError(f"only the server and the dealer listen, not the {role}")
+        self.role = role
+        if role == SERVER:
+            self.peers = PeerServicer(peer_roles=(CLIENT,) if tls is not None else None, role=SERVER)
+            servicers = [(self.peers, add_peer_servicer)]
+        else:
+            self.dealer = DealerServicer(idle_timeout_s=options.recv_timeout_s, check_role_certs=tls is not None)
+            servicers = [(self.dealer, add_dealer_servicer)]
+        self._server, self.port = start_server(servicers, listen, options, tls)
+        self.address = f"{listen.rsplit(':', 1)[0]}:{self.port}"
+
+    def close(self, grace: float = 1.0) -> None:
+        self._server.stop(grace=grace)
 
 
 @dataclass
@@ -124,6 +152,7 @@ class _TwoPartySession:
             options=self.config.options,
             metrics=self.metrics,
             prefetch=self.config.dealer_prefetch,
+            tls=self.config.tls,
         )
 
     def _start_crypten(self) -> None:
@@ -211,17 +240,18 @@ class ServerParty(_TwoPartySession):
 
     role, rank = SERVER, 0
 
-    def __init__(self, graph: Graph, weights: dict[str, np.ndarray], config: PartyConfig) -> None:
+    def __init__(
+        self, graph: Graph, weights: dict[str, np.ndarray], config: PartyConfig, listener: PartyListener | None = None
+    ) -> None:
+        """`listener`: a listener shared with other sessions of this process; else one of its own."""
         graph.check_weights(weights)
         super().__init__(config)
         self.graph = graph
         self.weights = weights
-        self.servicer = PeerServicer()
-        self.servicer.expect(self.transport)
-        self._server, self.port = start_server(
-            [(self.servicer, add_peer_servicer)], config.listen, config.options
-        )
-        self.address = f"{config.listen.rsplit(':', 1)[0]}:{self.port}"
+        self._own_listener = listener is None
+        self.listener = listener or PartyListener(SERVER, config.listen, config.options, config.tls)
+        self.listener.peers.expect(self.transport)
+        self.port, self.address = self.listener.port, self.listener.address
 
     def _run(self) -> None:
         start = time.perf_counter()
@@ -244,7 +274,8 @@ class ServerParty(_TwoPartySession):
 
     def _shutdown(self, error: TwinferError | None) -> None:
         super()._shutdown(error)
-        self._server.stop(grace=1.0)
+        if self._own_listener:
+            self.listener.close()
 
 
 class ClientParty(_TwoPartySession):
@@ -274,7 +305,7 @@ class ClientParty(_TwoPartySession):
     def _run(self) -> None:
         start = time.perf_counter()
         self._connect_dealer()
-        self.transport.dial(self.config.server_address)
+        self.transport.dial(self.config.server_address, tls=self.config.tls)
         self.graph = graph = self._receive_graph()
         if tuple(self.inputs.shape[1:]) != graph.input_shape:
             raise InputError(
@@ -297,18 +328,19 @@ class ClientParty(_TwoPartySession):
 class DealerParty:
     """Serves correlated randomness for one session, then reports what it sent."""
 
-    def __init__(self, config: PartyConfig, servicer: DealerServicer | None = None) -> None:
+    def __init__(self, config: PartyConfig, listener: PartyListener | None = None) -> None:
+        """`listener`: a dealer listener shared with other sessions of this process; else one of its own."""
         self.config = config
-        self.servicer = servicer or DealerServicer(idle_timeout_s=config.options.recv_timeout_s)
+        self._own_listener = listener is None
+        self.listener = listener or PartyListener(DEALER, config.listen, config.options, config.tls)
+        self.servicer = self.listener.dealer
         self.servicer.open_session(config.session_id)
-        self._server, self.port = start_server(
-            [(self.servicer, add_dealer_servicer)], config.listen, config.options
-        )
-        self.address = f"{config.listen.rsplit(':', 1)[0]}:{self.port}"
+        self.port, self.address = self.listener.port, self.listener.address
 
     def run(self, timeout_s: float = 3600.0) -> PartyReport:
         session = self.servicer.wait_finished(self.config.session_id, timeout_s)
-        self._server.stop(grace=1.0)
+        if self._own_listener:
+            self.listener.close()
         report = PartyReport(role=DEALER, pid=os.getpid(), node=_node_name(), bytes_offline=session.bytes_sent)
         if session.error is not None:
             e = session.error

@@ -21,6 +21,7 @@ import grpc
 import numpy as np
 
 from .errors import (
+    AuthError,
     FrameTooLargeError,
     PeerError,
     PeerTimeoutError,
@@ -31,6 +32,7 @@ from .errors import (
 from .metrics import Metrics
 from .network_profile import LinkShaper, NetworkProfile
 from .proto import twinfer_pb2 as pb
+from .tls import TlsIdentity, channel_options, check_peer_role, handshake_hint
 from .wire import Framed, encode_framed, framed_decoder, join_payloads
 
 log = logging.getLogger(__name__)
@@ -179,22 +181,9 @@ class GrpcTransport(Transport):
 
     # -- establishing the stream -------------------------------------------------------
 
-    def dial(self, address: str, credentials: grpc.ChannelCredentials | None = None) -> None:
-        """Open the stream to the peer listening at `address`."""
-        opts = self.options.grpc_options()
-        if credentials is None:
-            self._channel = grpc.insecure_channel(address, options=opts)
-        else:
-            self._channel = grpc.secure_channel(address, credentials, options=opts)
-        try:
-            grpc.channel_ready_future(self._channel).result(timeout=self.options.connect_timeout_s)
-        except grpc.FutureTimeoutError:
-            self._channel.close()
-            raise PeerError(
-                f"{self.peer_role} at {address} is not reachable "
-                f"(no connection within {self.options.connect_timeout_s:g} s)",
-                origin=self.role,
-            ) from None
+    def dial(self, address: str, tls: TlsIdentity | None = None) -> None:
+        """Open the stream to the peer listening at `address` (over mutual TLS when `tls` is given)."""
+        self._channel = open_channel(address, role=self.role, peer_role=self.peer_role, options=self.options, tls=tls)
         self._put(encode_frame(WireFrame(pb.Frame(session_id=self.session_id, tag="hello", seq=0))))
         exchange = self._channel.stream_stream(
             EXCHANGE_METHOD, request_serializer=None, response_deserializer=decode_frame
@@ -412,11 +401,17 @@ def _was_cancelled(context: grpc.ServicerContext, wait_s: float = 0.2) -> bool:
 
 
 class PeerServicer:
-    """Accepts peer streams and hands each to the transport waiting for its session id."""
+    """Accepts peer streams and hands each to the transport waiting for its session id.
 
-    def __init__(self) -> None:
+    With `peer_roles` set (mutual TLS), a stream is accepted only from a dialer whose
+    certificate names one of those roles; any other is refused before its session is looked up.
+    """
+
+    def __init__(self, peer_roles: tuple[str, ...] | None = None, role: str = "listener") -> None:
         self._waiting: dict[str, GrpcTransport] = {}
         self._lock = threading.Lock()
+        self.peer_roles = peer_roles
+        self.role = role
 
     def expect(self, transport: GrpcTransport) -> None:
         """Route the next stream whose hello names `transport.session_id` to `transport`."""
@@ -424,6 +419,13 @@ class PeerServicer:
             self._waiting[transport.session_id] = transport
 
     def Exchange(self, request_iterator, context):  # noqa: N802 (gRPC's name)
+        if self.peer_roles is not None:
+            refused = check_peer_role(context, self.peer_roles, self.role)
+            if refused is not None:
+                log.warning("%s", refused)
+                error = pb.Error(error_id="", kind="auth", message=refused, origin=self.role)
+                yield encode_frame(WireFrame(pb.Frame(error=error)))
+                return
         try:
             hello = next(request_iterator)
         except (StopIteration, grpc.RpcError):
@@ -460,17 +462,67 @@ def start_server(
     servicers: list[tuple[object, callable]],
     listen: str,
     options: TransportOptions,
-    server_credentials: grpc.ServerCredentials | None = None,
+    tls: TlsIdentity | None = None,
 ) -> tuple[grpc.Server, int]:
-    """Start a gRPC server on `listen` ('host:port', port 0 picks one) and return it and its port."""
+    """Start a gRPC server on `listen` ('host:port', port 0 picks one) and return it and its port.
+
+    With `tls`, the server presents that certificate and requires one signed by the same CA
+    from every dialer (mutual TLS); which roles it accepts is each servicer's check.
+    """
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=options.grpc_options())
     for servicer, add in servicers:
         add(servicer, server)
-    if server_credentials is None:
-        port = server.add_insecure_port(listen)
-    else:
-        port = server.add_secure_port(listen, server_credentials)
+    try:
+        if tls is None:
+            port = server.add_insecure_port(listen)
+        else:
+            port = server.add_secure_port(listen, tls.server_credentials())
+    except RuntimeError as err:  # gRPC raises on an address it cannot bind
+        raise PeerError(f"cannot listen on {listen}: {err}") from None
     if port == 0:
         raise PeerError(f"cannot listen on {listen}")
     server.start()
     return server, port
+
+
+def open_channel(
+    address: str, *, role: str, peer_role: str, options: TransportOptions, tls: TlsIdentity | None = None
+) -> grpc.Channel:
+    """A channel to `peer_role` at `address`, connected within the connect deadline.
+
+    With `tls`, this party presents its certificate and the handshake succeeds only if the
+    listener's certificate is signed by the same CA and names `peer_role`; a refused handshake
+    is an AuthError that says which check failed.
+    """
+    opts = options.grpc_options()
+    if tls is None:
+        channel = grpc.insecure_channel(address, options=opts)
+    else:
+        channel = grpc.secure_channel(address, tls.channel_credentials(), options=opts + channel_options(peer_role))
+    try:
+        grpc.channel_ready_future(channel).result(timeout=options.connect_timeout_s)
+    except grpc.FutureTimeoutError:
+        refused = _tls_failure(channel, options) if tls is not None else None
+        channel.close()
+        if refused is not None:
+            raise AuthError(f"TLS connection to {peer_role} at {address} failed: {refused}", origin=role) from None
+        raise PeerError(
+            f"{peer_role} at {address} is not reachable (no connection within {options.connect_timeout_s:g} s)",
+            origin=role,
+        ) from None
+    return channel
+
+
+_TLS_MARKERS = ("tls", "ssl", "handshake", "hostname", "socket closed", "certificate")
+
+
+def _tls_failure(channel: grpc.Channel, options: TransportOptions) -> str | None:
+    """Why a TLS channel did not connect, if the handshake is to blame; None if nothing answers."""
+    probe = channel.unary_unary("/twinfer.Probe/Connect", request_serializer=None, response_deserializer=None)
+    try:
+        probe(b"", timeout=min(2.0, options.connect_timeout_s), wait_for_ready=False)
+    except grpc.RpcError as err:
+        details = err.details() or ""
+        if any(marker in details.lower() for marker in _TLS_MARKERS):
+            return f"{handshake_hint(details)} (gRPC: {details})"
+    return None

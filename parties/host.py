@@ -1,0 +1,132 @@
+"""One party process serving several sessions at once, one thread per session.
+
+The server and the dealer keep one listener for all their sessions; the peer stream and the
+dealer's calls carry the session id, which keeps sessions apart. CrypTen's process-wide state
+(communicator, pseudo-random generators, dealer link) is per thread (crypten_comm.py,
+dealer_client.py), so the sessions of one process never share randomness or messages.
+All sessions of a host share one configuration (provider, TLS, timeouts): only the session
+id differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+
+from twinfer.protocols.graph import Graph
+
+from .errors import PeerTimeoutError, TwinferError
+from .session import CLIENT, DEALER, SERVER, ClientParty, DealerParty, PartyConfig, PartyListener, PartyReport, ServerParty
+
+log = logging.getLogger(__name__)
+
+MAX_SESSIONS = 64
+
+
+class _Host:
+    """Sessions by id, each run in a worker thread; results collected with a deadline."""
+
+    def __init__(self, template: PartyConfig, max_sessions: int) -> None:
+        if not 1 <= max_sessions <= MAX_SESSIONS:
+            raise ValueError(f"max_sessions must be between 1 and {MAX_SESSIONS}, got {max_sessions}")
+        self.template = template
+        self._pool = ThreadPoolExecutor(max_workers=max_sessions, thread_name_prefix=f"twinfer-{template.role}")
+        self._futures: dict[str, Future] = {}
+        self._lock = threading.Lock()
+
+    def config(self, session_id: str) -> PartyConfig:
+        return dataclasses.replace(self.template, session_id=session_id)
+
+    def _submit(self, session_id: str, fn, *args) -> None:
+        with self._lock:
+            if session_id in self._futures:
+                raise ValueError(f"session '{session_id}' is already open on this {self.template.role}")
+            self._futures[session_id] = self._pool.submit(fn, *args)
+
+    def session_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._futures)
+
+    def wait(self, timeout_s: float) -> dict[str, PartyReport | TwinferError]:
+        """Every session's report, or the error it ended with; a session still running at the deadline times out."""
+        deadline = time.monotonic() + timeout_s
+        results: dict[str, PartyReport | TwinferError] = {}
+        for session_id, future in list(self._futures.items()):
+            try:
+                results[session_id] = future.result(timeout=max(0.0, deadline - time.monotonic()))
+            except TwinferError as err:
+                results[session_id] = err
+            except TimeoutError:
+                results[session_id] = PeerTimeoutError(
+                    f"session {session_id} did not finish within {timeout_s:g} s", origin=self.template.role
+                )
+        return results
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class ServerHost(_Host):
+    """The server: one listener, one model, any number of concurrent sessions."""
+
+    def __init__(self, graph: Graph, weights: dict[str, np.ndarray], template: PartyConfig, max_sessions: int = 16) -> None:
+        if template.role != SERVER:
+            raise ValueError("ServerHost needs a server configuration")
+        graph.check_weights(weights)
+        super().__init__(template, max_sessions)
+        self.graph, self.weights = graph, weights
+        self.listener = PartyListener(SERVER, template.listen, template.options, template.tls)
+        self.address = self.listener.address
+
+    def open(self, session_id: str) -> None:
+        """Expect a client for `session_id` from now on and serve it in its own thread."""
+        party = ServerParty(self.graph, self.weights, self.config(session_id), listener=self.listener)
+        self._submit(session_id, party.run)
+
+    def close(self) -> None:
+        super().close()
+        self.listener.close()
+
+
+class DealerHost(_Host):
+    """The dealer: one listener serving the correlated randomness of many sessions."""
+
+    def __init__(self, template: PartyConfig, max_sessions: int = 16) -> None:
+        if template.role != DEALER:
+            raise ValueError("DealerHost needs a dealer configuration")
+        super().__init__(template, max_sessions)
+        self.listener = PartyListener(DEALER, template.listen, template.options, template.tls)
+        self.address = self.listener.address
+
+    def open(self, session_id: str, timeout_s: float = 3600.0) -> None:
+        party = DealerParty(self.config(session_id), listener=self.listener)
+        self._submit(session_id, party.run, timeout_s)
+
+    def close(self) -> None:
+        super().close()
+        self.listener.close()
+
+
+class ClientHost(_Host):
+    """The client: runs several sessions against one server at once, each with its own input."""
+
+    def __init__(self, template: PartyConfig, max_sessions: int = 16) -> None:
+        if template.role != CLIENT:
+            raise ValueError("ClientHost needs a client configuration")
+        super().__init__(template, max_sessions)
+        self.parties: dict[str, ClientParty] = {}
+
+    def open(self, session_id: str, inputs: np.ndarray, batch_size: int) -> None:
+        party = ClientParty(inputs, batch_size, self.config(session_id))
+        self.parties[session_id] = party
+        self._submit(session_id, party.run)
+
+    def progress(self) -> tuple[int, int]:
+        """Samples inferred so far and samples in all, over every session."""
+        parties = list(self.parties.values())
+        return sum(sum(p.report.batch_sizes) for p in parties), sum(len(p.inputs) for p in parties)
