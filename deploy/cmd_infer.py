@@ -21,8 +21,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=None, help="samples per private batch (default: all at once)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
+    add_placement_args(p)
+    p.add_argument("--tls", default=None, help="folder from `twinfer certs`: mutual TLS on every link")
     add_transport_args(p)
     p.set_defaults(func=run)
+
+
+def add_placement_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--placement", default="auto", choices=["auto", "spread", "pack"],
+        help="auto: one party per node when the Ray cluster has three or more (default); spread: require that; pack: share",
+    )  # fmt: skip
+    for role in ("server", "client", "dealer"):
+        p.add_argument(f"--{role}-node", default=None, help=f"run the {role} on this Ray node id, or where this custom resource is")
 
 
 def run(args: argparse.Namespace) -> int:

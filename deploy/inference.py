@@ -12,7 +12,8 @@ import torch
 from twinfer.parties.crypten_compat import export_onnx
 from twinfer.parties.network_profile import NetworkProfile
 from twinfer.parties.model_file import check_input_fits, parse_model, read_model_bytes
-from twinfer.parties.session import CLIENT, SERVER, PartyReport
+from twinfer.parties.session import CLIENT, DEALER, SERVER, PartyReport
+from twinfer.parties.tls import TlsIdentity
 from twinfer.parties.transport import TransportOptions
 
 from .ray_launcher import RayOptions, run_parties
@@ -93,15 +94,20 @@ def private_inference(
     options: TransportOptions | None = None,
     insecure_trusted_first_party: bool = False,
     ray_options: RayOptions | None = None,
+    tls_dir: str | Path | None = None,
     progress: bool = False,
 ) -> InferenceResult:
-    """Run the model privately on `inputs`: the server holds the model, the client the inputs."""
+    """Run the model privately on `inputs`: the server holds the model, the client the inputs.
+
+    `tls_dir`: a folder from `twinfer certs`; every link then runs over mutual TLS.
+    """
     inputs = np.ascontiguousarray(inputs, dtype=np.float32)
     data = model_bytes(model, tuple(inputs.shape[1:]))
     graph, _ = parse_model(data, source=str(model) if isinstance(model, (str, Path)) else "model")
     check_input_fits(graph, inputs)
     batch = batch_size or len(inputs)
     options = options or TransportOptions()
+    tls = tls_identities(tls_dir) if tls_dir is not None else None
     reports = run_parties(
         data,
         inputs,
@@ -109,6 +115,7 @@ def private_inference(
         options=options,
         insecure_trusted_first_party=insecure_trusted_first_party,
         ray_options=ray_options,
+        tls=tls,
         progress=progress,
     )
     return InferenceResult(
@@ -117,6 +124,21 @@ def private_inference(
         batch_size=batch,
         relu_per_sample=graph.relu_count(),
         network=options.network,
+    )
+
+
+def tls_identities(directory: str | Path) -> dict[str, TlsIdentity]:
+    """Every role's TLS identity from a folder `twinfer certs` wrote."""
+    return {role: TlsIdentity.from_dir(directory, role) for role in (SERVER, CLIENT, DEALER)}
+
+
+def ray_options_from_args(args) -> RayOptions:
+    """RayOptions from --ray-address, --placement and --<role>-node (where a command has them)."""
+    nodes = {role: getattr(args, f"{role}_node", None) for role in (SERVER, CLIENT, DEALER)}
+    return RayOptions(
+        address=args.ray_address,
+        placement=getattr(args, "placement", "auto"),
+        nodes={role: node for role, node in nodes.items() if node},
     )
 
 
@@ -130,6 +152,7 @@ def run_private_inference(args, model: ModelLike, inputs: np.ndarray) -> Inferen
         batch_size=args.batch,
         options=transport_options(args),
         insecure_trusted_first_party=args.insecure_trusted_first_party,
-        ray_options=RayOptions(address=args.ray_address),
+        ray_options=ray_options_from_args(args),
+        tls_dir=getattr(args, "tls", None),
         progress=not args.json,
     )

@@ -1,71 +1,113 @@
 """Run the three parties as Ray actors and collect what each reports.
 
 The embedded default starts a local Ray instance (loopback only, no dashboard, temp dir in
-the project's cache); `ray_address` joins an existing cluster instead.
+the project's cache); `ray_address` joins an existing cluster instead. On a cluster of three
+or more nodes the parties go to three distinct nodes (a STRICT_SPREAD placement group), or to
+the nodes the user names (a node id or a custom resource such as `twinfer_server`). Each
+party binds its gRPC listener on its node's address and reports it; the launcher wires the
+peers together. One launch may run several sessions at once on the same three parties.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from twinfer.parties.errors import PeerError, TwinferError
 from twinfer.parties.session import CLIENT, DEALER, SERVER, PartyConfig, PartyReport
+from twinfer.parties.tls import TlsIdentity
 from twinfer.parties.transport import TransportOptions
 
 from .paths import cache_dir
 
 log = logging.getLogger(__name__)
 
+ROLES = (DEALER, SERVER, CLIENT)
+PLACEMENTS = ("auto", "spread", "pack")
+PLACEMENT_TIMEOUT_S = 60.0
+
 
 class PartyActor:
-    """One party in its own Ray worker process; max_concurrency=2 lets progress() answer mid-run."""
+    """One party in its own Ray worker process, serving one or more sessions.
+
+    max_concurrency=2 lets progress() answer while run() waits for the sessions.
+    """
 
     def __init__(self, role: str) -> None:
         import torch
 
         torch.set_num_threads(1)
         self.role = role
-        self.party: Any = None
+        self.host: Any = None
 
-    def start(self, config: PartyConfig, payload: Any = None, batch_size: int = 1) -> str | None:
-        """Build the party and bind its listener; returns the address peers should dial."""
+    def listen(self, template: PartyConfig, payload: Any = None, max_sessions: int = 16) -> str | None:
+        """Build this party's host on its node's address; the address peers dial (None for the client)."""
         import ray
 
+        from twinfer.parties.host import ClientHost, DealerHost, ServerHost
         from twinfer.parties.model_file import parse_model
-        from twinfer.parties.session import ClientParty, DealerParty, ServerParty
 
         os.environ["TWINFER_NODE"] = ray.get_runtime_context().get_node_id()
+        template = dataclasses.replace(template, listen=f"{ray.util.get_node_ip_address()}:0")
         if self.role == DEALER:
-            self.party = DealerParty(config)
+            self.host = DealerHost(template, max_sessions)
         elif self.role == SERVER:
             graph, weights = parse_model(payload, source="model")
-            self.party = ServerParty(graph, weights, config)
+            self.host = ServerHost(graph, weights, template, max_sessions)
         else:
-            self.party = ClientParty(payload, batch_size, config)
+            self.host = ClientHost(template, max_sessions)
             return None
-        return self.party.address
+        return self.host.address
 
-    def run(self) -> PartyReport:
-        return self.party.run()
+    def open(self, session_ids: list[str], inputs: list[np.ndarray] | None = None, batch_size: int = 1) -> None:
+        """Server and dealer: expect these sessions. Client: start them, one input each."""
+        for i, session_id in enumerate(session_ids):
+            if self.role == CLIENT:
+                self.host.open(session_id, inputs[i], batch_size)
+            else:
+                self.host.open(session_id)
+
+    def run(self, timeout_s: float) -> dict[str, PartyReport | TwinferError]:
+        """Each session's report, or the error it ended with."""
+        try:
+            return self.host.wait(timeout_s)
+        finally:
+            self.host.close()
 
     def progress(self) -> tuple[int, int]:
-        report = getattr(self.party, "report", None)
-        inputs = getattr(self.party, "inputs", None)
-        done = sum(report.batch_sizes) if report is not None else 0
-        return done, (len(inputs) if inputs is not None else 0)
+        return self.host.progress() if self.role == CLIENT and self.host is not None else (0, 0)
 
 
 @dataclass
 class RayOptions:
+    """Where the parties run.
+
+    placement: "auto" spreads the three parties over three distinct nodes when the cluster
+    has at least three, else lets them share; "spread" requires three distinct nodes; "pack"
+    never spreads. `nodes` pins roles to nodes instead: a node id, or the name of a custom
+    resource (e.g. `twinfer_server`) that the intended node offers.
+    """
+
     address: str | None = None  # None: start an embedded local instance
     num_cpus_per_party: float = 0.5
+    placement: str = "auto"
+    nodes: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}, got '{self.placement}'")
+        unknown = set(self.nodes) - set(ROLES)
+        if unknown:
+            raise ValueError(f"nodes may name {', '.join(ROLES)}; got {', '.join(sorted(unknown))}")
+        if self.num_cpus_per_party <= 0:
+            raise ValueError("num_cpus_per_party must be positive")
 
 
 def _init_ray(options: RayOptions) -> bool:
@@ -91,6 +133,49 @@ def _init_ray(options: RayOptions) -> bool:
             configure_logging=True,
         )
     return True
+
+
+def _node_options(ray_options: RayOptions) -> tuple[dict[str, dict], Any, str]:
+    """Ray actor options per role, the placement group to remove afterwards (or None), and how
+    the parties were placed, in words."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
+
+    alive = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+    if ray_options.nodes:
+        resources = ray.cluster_resources()
+        options: dict[str, dict] = {}
+        for role, spec in ray_options.nodes.items():
+            if spec in alive:
+                options[role] = {"scheduling_strategy": NodeAffinitySchedulingStrategy(spec, soft=False)}
+            elif spec in resources:
+                options[role] = {"resources": {spec: 0.01}}
+            else:
+                custom = sorted(r for r in resources if r not in ("CPU", "GPU", "memory", "object_store_memory") and not r.startswith("node:"))
+                raise ValueError(
+                    f"node for the {role}: '{spec}' is neither the id of a live Ray node nor a custom resource "
+                    f"of the cluster (custom resources: {', '.join(custom) or 'none'}; {len(alive)} live nodes)"
+                )
+        return options, None, "named nodes: " + ", ".join(f"{r}={v}" for r, v in ray_options.nodes.items())
+    spread = ray_options.placement == "spread" or (ray_options.placement == "auto" and len(alive) >= 3)
+    if ray_options.placement == "spread" and len(alive) < 3:
+        raise ValueError(f"placement 'spread' needs three live Ray nodes; the cluster has {len(alive)}")
+    if not spread:
+        return {}, None, f"shared ({len(alive)} node{'s' if len(alive) != 1 else ''})"
+    group = placement_group([{"CPU": ray_options.num_cpus_per_party}] * len(ROLES), strategy="STRICT_SPREAD")
+    ready, _ = ray.wait([group.ready()], timeout=PLACEMENT_TIMEOUT_S)
+    if not ready:
+        remove_placement_group(group)
+        raise PeerError(
+            f"Ray could not place the three parties on three distinct nodes with {ray_options.num_cpus_per_party:g} "
+            f"CPU free each within {PLACEMENT_TIMEOUT_S:g} s ({len(alive)} live nodes)"
+        )
+    options = {
+        role: {"scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i)}
+        for i, role in enumerate(ROLES)
+    }
+    return options, group, "three distinct nodes (STRICT_SPREAD)"
 
 
 def _root_cause(errors: dict[str, BaseException]) -> TwinferError:
@@ -122,55 +207,128 @@ def run_parties(
     options: TransportOptions,
     insecure_trusted_first_party: bool = False,
     ray_options: RayOptions | None = None,
+    tls: dict[str, TlsIdentity] | None = None,
     progress: bool = False,
 ) -> dict[str, PartyReport]:
     """Launch server, client and dealer actors, wire them, run one session; reports by role."""
-    import ray
+    return run_sessions(
+        onnx_bytes, [inputs], batch_size=batch_size, options=options,
+        insecure_trusted_first_party=insecure_trusted_first_party, ray_options=ray_options, tls=tls, progress=progress,
+    )[0]  # fmt: skip
 
+
+def run_sessions(
+    onnx_bytes: bytes,
+    inputs: list[np.ndarray],
+    *,
+    batch_size: int,
+    options: TransportOptions,
+    insecure_trusted_first_party: bool = False,
+    ray_options: RayOptions | None = None,
+    tls: dict[str, TlsIdentity] | None = None,
+    progress: bool = False,
+    timeout_s: float = 3600.0,
+) -> list[dict[str, PartyReport]]:
+    """One server, client and dealer actor running one session per input array, all at once.
+
+    Returns each session's reports by role, in the order of `inputs`; if any session failed,
+    raises the error where that failure started.
+    """
+    import ray
+    from ray.util.placement_group import remove_placement_group
+
+    if not inputs:
+        raise ValueError("run_sessions needs at least one input array")
+    if tls is not None and set(tls) != set(ROLES):
+        raise ValueError(f"TLS needs an identity for each of {', '.join(ROLES)}")
     ray_options = ray_options or RayOptions()
     started = _init_ray(ray_options)
-    remote = ray.remote(num_cpus=ray_options.num_cpus_per_party, max_concurrency=2, max_restarts=0)(PartyActor)
-    session_id = uuid.uuid4().hex[:16]
-    actors = {role: remote.remote(role) for role in (DEALER, SERVER, CLIENT)}
+    group = None
+    actors: dict[str, Any] = {}
     try:
-        return _run_session(actors, session_id, onnx_bytes, inputs, batch_size, options, insecure_trusted_first_party, progress)
+        per_role, group, placed = _node_options(ray_options)
+        log.info("parties placed on %s", placed)
+        remote = ray.remote(num_cpus=ray_options.num_cpus_per_party, max_concurrency=2, max_restarts=0)(PartyActor)
+        roles = [SERVER, CLIENT] + ([] if insecure_trusted_first_party else [DEALER])
+        actors = {role: remote.options(**per_role.get(role, {})).remote(role) for role in roles}
+        session_ids = [uuid.uuid4().hex[:16] for _ in inputs]
+        launch = _Launch(actors, options, insecure_trusted_first_party, tls, max_sessions=len(inputs))
+        launch.start(onnx_bytes)
+        launch.open(session_ids, inputs, batch_size)
+        results = launch.collect(timeout_s, progress)
+        return [_session_reports(session_id, results) for session_id in session_ids]
     finally:
         for actor in actors.values():
             ray.kill(actor, no_restart=True)
+        if group is not None:
+            remove_placement_group(group)
         if started:
             ray.shutdown()
 
 
-def _run_session(actors, session_id, onnx_bytes, inputs, batch_size, options, insecure_tfp, progress):
-    import ray
-
-    def config(role: str, **kw: Any) -> PartyConfig:
-        return PartyConfig(role=role, session_id=session_id, options=options, insecure_trusted_first_party=insecure_tfp, **kw)
-
-    start_timeout = options.connect_timeout_s + 120.0  # actor start-up includes importing torch
-    dealer_address = None
-    if not insecure_tfp:
-        dealer_address = ray.get(actors[DEALER].start.remote(config(DEALER)), timeout=start_timeout)
-    server_address = ray.get(
-        actors[SERVER].start.remote(config(SERVER, dealer_address=dealer_address), onnx_bytes), timeout=start_timeout
-    )
-    ray.get(
-        actors[CLIENT].start.remote(
-            config(CLIENT, server_address=server_address, dealer_address=dealer_address), inputs, batch_size
-        ),
-        timeout=start_timeout,
-    )
-    roles = [SERVER, CLIENT] + ([] if insecure_tfp else [DEALER])
-    refs = {actors[r].run.remote(): r for r in roles}
-    return _collect(actors, refs, options, progress)
+def _session_reports(session_id: str, results: dict[str, dict | BaseException]) -> dict[str, PartyReport]:
+    reports, errors = {}, {}
+    for role, by_session in results.items():
+        outcome = by_session if isinstance(by_session, BaseException) else by_session.get(session_id)
+        if isinstance(outcome, PartyReport):
+            reports[role] = outcome
+        else:
+            errors[role] = outcome if outcome is not None else PeerError(f"{role} has no record of session {session_id}")
+    if errors:
+        raise _root_cause(errors)
+    return reports
 
 
-def _collect(actors, refs: dict, options: TransportOptions, progress: bool) -> dict[str, PartyReport]:
+@dataclass
+class _Launch:
+    """Wires the actors of one launch: dealer first, then the server, then the client."""
+
+    actors: dict[str, Any]
+    options: TransportOptions
+    insecure_tfp: bool
+    tls: dict[str, TlsIdentity] | None
+    max_sessions: int
+
+    def _template(self, role: str, **kw: Any) -> PartyConfig:
+        return PartyConfig(
+            role=role, session_id="-", options=self.options, insecure_trusted_first_party=self.insecure_tfp,
+            tls=self.tls[role] if self.tls else None, **kw,
+        )  # fmt: skip
+
+    def start(self, onnx_bytes: bytes) -> None:
+        import ray
+
+        timeout = self.options.connect_timeout_s + 120.0  # actor start-up includes importing torch
+        dealer_address = None
+        if DEALER in self.actors:
+            dealer_address = ray.get(
+                self.actors[DEALER].listen.remote(self._template(DEALER), None, self.max_sessions), timeout=timeout
+            )
+        server_address = ray.get(
+            self.actors[SERVER].listen.remote(self._template(SERVER, dealer_address=dealer_address), onnx_bytes, self.max_sessions),
+            timeout=timeout,
+        )
+        client = self._template(CLIENT, server_address=server_address, dealer_address=dealer_address)
+        ray.get(self.actors[CLIENT].listen.remote(client, None, self.max_sessions), timeout=timeout)
+
+    def open(self, session_ids: list[str], inputs: list[np.ndarray], batch_size: int) -> None:
+        import ray
+
+        # Server and dealer expect the sessions before the client dials them.
+        ray.get([self.actors[r].open.remote(session_ids) for r in (DEALER, SERVER) if r in self.actors], timeout=60)
+        ray.get(self.actors[CLIENT].open.remote(session_ids, inputs, batch_size), timeout=60)
+
+    def collect(self, timeout_s: float, progress: bool) -> dict[str, dict | BaseException]:
+        refs = {self.actors[role].run.remote(timeout_s): role for role in self.actors}
+        return _collect(self.actors, refs, self.options, progress)
+
+
+def _collect(actors, refs: dict, options: TransportOptions, progress: bool) -> dict[str, dict | BaseException]:
+    """Each role's outcomes by session, or the error its process ended with."""
     import ray
     from tqdm import tqdm
 
-    reports: dict[str, PartyReport] = {}
-    errors: dict[str, BaseException] = {}
+    results: dict[str, dict | BaseException] = {}
     pending = list(refs)
     bar = None
     failed_at: float | None = None
@@ -179,15 +337,17 @@ def _collect(actors, refs: dict, options: TransportOptions, progress: bool) -> d
         for ref in ready:
             role = refs[ref]
             try:
-                reports[role] = ray.get(ref)
+                results[role] = ray.get(ref)
+                if any(not isinstance(r, PartyReport) for r in results[role].values()):
+                    failed_at = failed_at or time.monotonic()
             except Exception as err:  # each party's failure is collected, then the root cause reported
-                errors[role] = _unwrap(err)
+                results[role] = _unwrap(err)
                 failed_at = failed_at or time.monotonic()
         if failed_at is not None and time.monotonic() - failed_at > options.recv_timeout_s + 5:
             for ref in pending:
-                errors[refs[ref]] = PeerError(f"{refs[ref]} did not stop within the deadline after a failure")
+                results[refs[ref]] = PeerError(f"{refs[ref]} did not stop within the deadline after a failure")
             break
-        if progress and CLIENT not in reports and CLIENT not in errors:
+        if progress and CLIENT not in results:
             try:
                 done, total = ray.get(actors[CLIENT].progress.remote(), timeout=5)
             except Exception:
@@ -199,6 +359,4 @@ def _collect(actors, refs: dict, options: TransportOptions, progress: bool) -> d
     if bar is not None:
         bar.update(bar.total - bar.n)
         bar.close()
-    if errors:
-        raise _root_cause(errors)
-    return reports
+    return results
