@@ -16,8 +16,9 @@ from .cli import add_transport_args, transport_options
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("party", help="run one party (server, client or dealer) without Ray")
-    p.add_argument("--role", required=True, choices=[SERVER, CLIENT, DEALER])
-    p.add_argument("--session", required=True, help="session id; every party of a session uses the same")
+    p.add_argument("--config", help="YAML or TOML file with this party's settings (keys: the flags below); flags win")
+    p.add_argument("--role", choices=[SERVER, CLIENT, DEALER], help="required, here or in the config")
+    p.add_argument("--session", help="session id; every party of a session uses the same (required, here or in the config)")
     p.add_argument("--listen", default="127.0.0.1:0", help="server and dealer: address to listen on (port 0 picks one)")
     p.add_argument("--address-file", help="server and dealer: write the bound address here once listening")
     p.add_argument("--server", help="client: the server's address")
@@ -28,6 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", help="client: write the logits to this .npy file")
     p.add_argument("--json", action="store_true", help="print this party's report as JSON")
     p.add_argument("--audit-log", help="record files opened and plaintexts revealed in this process (for tests)")
+    p.add_argument("--tls", help="folder from `twinfer certs`: present <role>.pem, accept only peers signed by ca.pem")
     add_transport_args(p)
     p.set_defaults(func=run)
 
@@ -35,10 +37,38 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _require(args: argparse.Namespace, *names: str) -> None:
     missing = [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) is None]
     if missing:
-        raise ValueError(f"--role {args.role} needs {', '.join(missing)}")
+        where = " (or the keys in the config file)" if getattr(args, "config", None) else ""
+        who = f"--role {args.role}" if args.role else "twinfer party"
+        raise ValueError(f"{who} needs {', '.join(missing)}{where}")
+
+
+def _apply_config(args: argparse.Namespace) -> None:
+    """Settings from --config where the command line left the default."""
+    from .cli import build_parser
+    from .party_config import load_party_config
+
+    defaults = vars(build_parser().parse_args(["party"]))
+    for key, value in load_party_config(args.config).items():
+        if getattr(args, key) == defaults[key]:
+            setattr(args, key, value)
+    if args.role not in (SERVER, CLIENT, DEALER):
+        raise ValueError(f"{args.config}: key 'role' must be server, client or dealer, got {args.role!r}")
+
+
+def _tls(args: argparse.Namespace):
+    from twinfer.parties.tls import TlsIdentity
+
+    if args.tls is None:
+        return None
+    if isinstance(args.tls, dict):  # from a config file: explicit files
+        return TlsIdentity.from_files(args.role, args.tls["ca"], args.tls["cert"], args.tls["key"])
+    return TlsIdentity.from_dir(args.tls, args.role)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.config:
+        _apply_config(args)
+    _require(args, "role", "session")
     audit = None
     if args.audit_log:
         from twinfer.parties.audit import Audit
@@ -71,9 +101,12 @@ def _run_party(args: argparse.Namespace):
 
     options = transport_options(args)
     tfp = args.insecure_trusted_first_party
+    tls = _tls(args)
 
     def config(**kw) -> PartyConfig:
-        return PartyConfig(role=args.role, session_id=args.session, options=options, insecure_trusted_first_party=tfp, **kw)
+        return PartyConfig(
+            role=args.role, session_id=args.session, options=options, insecure_trusted_first_party=tfp, tls=tls, **kw
+        )
 
     if args.role == DEALER:
         party = DealerParty(config(listen=args.listen))
