@@ -15,6 +15,8 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,12 +76,9 @@ class PartyActor:
             else:
                 self.host.open(session_id)
 
-    def run(self, timeout_s: float) -> dict[str, PartyReport | TwinferError]:
-        """Each session's report, or the error it ended with."""
-        try:
-            return self.host.wait(timeout_s)
-        finally:
-            self.host.close()
+    def run(self, session_ids: list[str], timeout_s: float) -> dict[str, PartyReport | TwinferError]:
+        """Each of these sessions' report, or the error it ended with."""
+        return self.host.wait(timeout_s, session_ids)
 
     def progress(self) -> tuple[int, int]:
         return self.host.progress() if self.role == CLIENT and self.host is not None else (0, 0)
@@ -234,11 +233,27 @@ def run_sessions(
     Returns each session's reports by role, in the order of `inputs`; if any session failed,
     raises the error where that failure started.
     """
+    with party_pool(
+        onnx_bytes, options=options, insecure_trusted_first_party=insecure_trusted_first_party,
+        ray_options=ray_options, tls=tls, max_sessions=len(inputs),
+    ) as pool:  # fmt: skip
+        return pool.run(inputs, batch_size=batch_size, progress=progress, timeout_s=timeout_s)
+
+
+@contextmanager
+def party_pool(
+    onnx_bytes: bytes,
+    *,
+    options: TransportOptions,
+    insecure_trusted_first_party: bool = False,
+    ray_options: RayOptions | None = None,
+    tls: dict[str, TlsIdentity] | None = None,
+    max_sessions: int = 16,
+) -> Iterator[PartyPool]:
+    """Three placed, wired party actors that serve run() calls until the block ends."""
     import ray
     from ray.util.placement_group import remove_placement_group
 
-    if not inputs:
-        raise ValueError("run_sessions needs at least one input array")
     if tls is not None and set(tls) != set(ROLES):
         raise ValueError(f"TLS needs an identity for each of {', '.join(ROLES)}")
     ray_options = ray_options or RayOptions()
@@ -251,12 +266,9 @@ def run_sessions(
         remote = ray.remote(num_cpus=ray_options.num_cpus_per_party, max_concurrency=2, max_restarts=0)(PartyActor)
         roles = [SERVER, CLIENT] + ([] if insecure_trusted_first_party else [DEALER])
         actors = {role: remote.options(**per_role.get(role, {})).remote(role) for role in roles}
-        session_ids = [uuid.uuid4().hex[:16] for _ in inputs]
-        launch = _Launch(actors, options, insecure_trusted_first_party, tls, max_sessions=len(inputs))
-        launch.start(onnx_bytes)
-        launch.open(session_ids, inputs, batch_size)
-        results = launch.collect(timeout_s, progress)
-        return [_session_reports(session_id, results) for session_id in session_ids]
+        pool = PartyPool(actors, options, insecure_trusted_first_party, tls, max_sessions, placed)
+        pool.start(onnx_bytes)
+        yield pool
     finally:
         for actor in actors.values():
             ray.kill(actor, no_restart=True)
@@ -280,14 +292,26 @@ def _session_reports(session_id: str, results: dict[str, dict | BaseException]) 
 
 
 @dataclass
-class _Launch:
-    """Wires the actors of one launch: dealer first, then the server, then the client."""
+class PartyPool:
+    """Party actors wired once (dealer first, then the server, then the client); each run() a batch of sessions."""
 
     actors: dict[str, Any]
     options: TransportOptions
     insecure_tfp: bool
     tls: dict[str, TlsIdentity] | None
     max_sessions: int
+    placement: str = ""
+
+    def run(
+        self, inputs: list[np.ndarray], *, batch_size: int, progress: bool = False, timeout_s: float = 3600.0
+    ) -> list[dict[str, PartyReport]]:
+        """One session per input array, all at once; each session's reports by role, in order."""
+        if not 1 <= len(inputs) <= self.max_sessions:
+            raise ValueError(f"this pool runs 1 to {self.max_sessions} sessions at once, got {len(inputs)}")
+        session_ids = [uuid.uuid4().hex[:16] for _ in inputs]
+        self.open(session_ids, inputs, batch_size)
+        results = self.collect(session_ids, timeout_s, progress)
+        return [_session_reports(session_id, results) for session_id in session_ids]
 
     def _template(self, role: str, **kw: Any) -> PartyConfig:
         return PartyConfig(
@@ -318,8 +342,8 @@ class _Launch:
         ray.get([self.actors[r].open.remote(session_ids) for r in (DEALER, SERVER) if r in self.actors], timeout=60)
         ray.get(self.actors[CLIENT].open.remote(session_ids, inputs, batch_size), timeout=60)
 
-    def collect(self, timeout_s: float, progress: bool) -> dict[str, dict | BaseException]:
-        refs = {self.actors[role].run.remote(timeout_s): role for role in self.actors}
+    def collect(self, session_ids: list[str], timeout_s: float, progress: bool) -> dict[str, dict | BaseException]:
+        refs = {self.actors[role].run.remote(session_ids, timeout_s): role for role in self.actors}
         return _collect(self.actors, refs, self.options, progress)
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from twinfer.protocols.graph import Graph
 
-from .errors import PeerTimeoutError, TwinferError
+from .errors import PeerError, PeerTimeoutError, TwinferError
 from .session import CLIENT, DEALER, SERVER, ClientParty, DealerParty, PartyConfig, PartyListener, PartyReport, ServerParty
 
 log = logging.getLogger(__name__)
@@ -52,11 +52,17 @@ class _Host:
         with self._lock:
             return list(self._futures)
 
-    def wait(self, timeout_s: float) -> dict[str, PartyReport | TwinferError]:
-        """Every session's report, or the error it ended with; a session still running at the deadline times out."""
+    def wait(self, timeout_s: float, session_ids: list[str] | None = None) -> dict[str, PartyReport | TwinferError]:
+        """Each session's report (all, or those named), or the error it ended with; a session still
+        running at the deadline times out. Finished sessions are forgotten."""
         deadline = time.monotonic() + timeout_s
         results: dict[str, PartyReport | TwinferError] = {}
-        for session_id, future in list(self._futures.items()):
+        with self._lock:
+            futures = {sid: self._futures[sid] for sid in (session_ids or list(self._futures)) if sid in self._futures}
+        for session_id in session_ids or []:
+            if session_id not in futures:
+                results[session_id] = PeerError(f"no session '{session_id}' on this {self.template.role}", origin=self.template.role)
+        for session_id, future in futures.items():
             try:
                 results[session_id] = future.result(timeout=max(0.0, deadline - time.monotonic()))
             except TwinferError as err:
@@ -65,7 +71,14 @@ class _Host:
                 results[session_id] = PeerTimeoutError(
                     f"session {session_id} did not finish within {timeout_s:g} s", origin=self.template.role
                 )
+                continue
+            with self._lock:
+                self._futures.pop(session_id, None)
+                self._forget(session_id)
         return results
+
+    def _forget(self, session_id: str) -> None:
+        """Drop what the host keeps of a finished session."""
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -126,7 +139,11 @@ class ClientHost(_Host):
         self.parties[session_id] = party
         self._submit(session_id, party.run)
 
+    def _forget(self, session_id: str) -> None:
+        self.parties.pop(session_id, None)
+
     def progress(self) -> tuple[int, int]:
-        """Samples inferred so far and samples in all, over every session."""
-        parties = list(self.parties.values())
+        """Samples inferred so far and samples in all, over the sessions still held."""
+        with self._lock:
+            parties = list(self.parties.values())
         return sum(sum(p.report.batch_sizes) for p in parties), sum(len(p.inputs) for p in parties)
