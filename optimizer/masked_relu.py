@@ -80,10 +80,17 @@ def dapa_coefficients(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
 
 
 class MaskedReLU(nn.Module):
-    """One ReLU site with a learned mask over C x H x W and a per-channel polynomial."""
+    """One ReLU site with a learned mask over C x H x W and a per-channel polynomial.
 
-    def __init__(self, threshold: float = 0.002, c2_max: float = 1.0, momentum: float = 0.1) -> None:
+    With granularity "channel" the mask has one entry per channel (a coarse baseline).
+    """
+
+    def __init__(self, threshold: float = 0.002, c2_max: float = 1.0, momentum: float = 0.1, granularity: str = "element") -> None:
         super().__init__()
+        if granularity not in ("element", "channel"):
+            raise ValueError(f"granularity must be 'element' or 'channel', got {granularity!r}")
+        self.granularity = granularity
+        self.frozen = False  # a frozen mask no longer follows aux
         self.threshold = threshold
         self.c2_max = c2_max
         self.momentum = momentum
@@ -95,6 +102,9 @@ class MaskedReLU(nn.Module):
     def materialize(self, x: torch.Tensor) -> None:
         """Create mask, aux, statistics and coefficients for this site's activation shape."""
         shape, channels = tuple(x.shape[1:]), int(x.shape[1])
+        self.site_shape = shape
+        if self.granularity == "channel":
+            shape = (channels,) + (1,) * (len(shape) - 1)
         self.aux = nn.Parameter(torch.rand(shape, device=x.device))
         self.register_buffer("mask", torch.ones(shape, device=x.device))
         self.register_buffer("running_mean", torch.zeros(channels, device=x.device))
@@ -126,6 +136,7 @@ class MaskedReLU(nn.Module):
             self.materialize(x)
         if self.training:
             self._update_statistics(x)
+        if self.training and not self.frozen:
             with torch.no_grad():
                 self.mask.copy_(hysteresis(self.mask, self.aux, self.threshold))
             m = ste_mask(self.aux, self.mask)
@@ -134,16 +145,24 @@ class MaskedReLU(nn.Module):
         return m * F.relu(x) + (1 - m) * self.polynomial(x)
 
     def density_term(self) -> torch.Tensor:
-        """Kept positions as a differentiable sum (through the STE)."""
-        return ste_mask(self.aux, self.mask).sum()
+        """Kept elements as a differentiable sum (through the STE)."""
+        return ste_mask(self.aux, self.mask).sum() * self._per_mask_entry()
+
+    def _per_mask_entry(self) -> int:
+        return int(np.prod(self.site_shape)) // self.mask.numel()
+
+    def full_mask(self) -> torch.Tensor:
+        """The mask over the whole activation (channel masks broadcast)."""
+        return self.mask.expand(self.site_shape)
 
     def kept(self) -> int:
-        return int(self.mask.sum().item()) if self.aux is not None else 0
+        return int(self.mask.sum().item()) * self._per_mask_entry() if self.aux is not None else 0
 
     def elements(self) -> int:
-        return int(self.mask.numel()) if self.aux is not None else 0
+        return int(np.prod(self.site_shape)) if self.aux is not None else 0
 
     def site(self) -> ActivationSite:
         c = self.coeffs.detach().clone()
         c[:, 2].clamp_(-self.c2_max, self.c2_max)
-        return ActivationSite(mask=self.mask.detach().cpu().numpy() > 0.5, coeffs=c.cpu().numpy().astype(np.float32))
+        mask = self.full_mask().detach().cpu().numpy() > 0.5
+        return ActivationSite(mask=mask, coeffs=c.cpu().numpy().astype(np.float32))
