@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from .crypten_compat import import_crypten
 from .transport import Transport
@@ -289,7 +290,7 @@ def install_communicator(transport: Transport, rank: int) -> None:
     TransportCommunicator._local.pending = (transport, rank)
     # crypten.communicator picks its backend class by this module-level name at call time.
     comm_module.DistributedCommunicator = TransportCommunicator
-    use_thread_local_generators()
+    use_thread_local_state()
 
 
 class _ThreadLocalGenerators(dict):
@@ -316,7 +317,46 @@ class _ThreadLocalGenerators(dict):
         return per_thread[key]
 
 
-def use_thread_local_generators() -> None:
-    """Give each thread its own crypten.generators (idempotent)."""
+def _thread_local_config_class(base_class: type) -> type:
+    class ThreadLocalConfig(base_class):
+        """crypten.cfg with one configuration per thread.
+
+        CrypTen changes its configuration in the middle of protocols (cfg.temp_override swaps
+        the whole config, e.g. to "pairwise" inside max pooling); two sessions in one process
+        would see each other's overrides, and the two parties of a session would then run
+        different algorithms. The main thread keeps the process-wide configuration; every other
+        thread starts from a copy of it taken when the thread first reads it.
+        """
+
+        @property
+        def config(self):
+            if threading.current_thread() is threading.main_thread():
+                return object.__getattribute__(self, "_base")
+            local = object.__getattribute__(self, "_local")
+            mine = getattr(local, "config", None)
+            if mine is None:
+                mine = local.config = OmegaConf.create(OmegaConf.to_container(object.__getattribute__(self, "_base")))
+            return mine
+
+        @config.setter
+        def config(self, value):
+            if threading.current_thread() is threading.main_thread():
+                object.__setattr__(self, "_base", value)
+            else:
+                object.__getattribute__(self, "_local").config = value
+
+    return ThreadLocalConfig
+
+
+def use_thread_local_state() -> None:
+    """Give each thread its own crypten.generators and crypten.cfg (idempotent)."""
     if not isinstance(crypten.generators, _ThreadLocalGenerators):
         crypten.generators = _ThreadLocalGenerators()
+    cfg = crypten.config.cfg
+    if not getattr(type(cfg), "_twinfer_thread_local", False):
+        base = cfg.__dict__.pop("config")
+        object.__setattr__(cfg, "_base", base)
+        object.__setattr__(cfg, "_local", threading.local())
+        cls = _thread_local_config_class(type(cfg))
+        cls._twinfer_thread_local = True
+        cfg.__class__ = cls

@@ -97,8 +97,8 @@ def test_eight_concurrent_sessions_on_one_party_pair(cluster, onnx_files, fashio
     from twinfer.deploy.ray_launcher import run_sessions
     from twinfer.parties.transport import TransportOptions
 
-    images = fashion_test[0][10:18]
-    inputs = [images[i : i + 1] for i in range(8)]
+    images = fashion_test[0][10:26]
+    inputs = [images[2 * i : 2 * i + 2] for i in range(8)]  # two batches per session
     sessions = run_sessions(
         onnx_files["fashion_cnn"].read_bytes(), inputs, batch_size=1, options=TransportOptions(recv_timeout_s=120)
     )
@@ -107,5 +107,5 @@ def test_eight_concurrent_sessions_on_one_party_pair(cluster, onnx_files, fashio
     assert all(len(p) == 1 for p in pids.values()), pids  # one process per role served every session
     for i, reports in enumerate(sessions):
         # Each session got its own input's logits: cross-talk would mix samples up.
-        assert np.abs(reports["client"].logits - reference[i : i + 1]).max() < 0.01, i
+        assert np.abs(reports["client"].logits - reference[2 * i : 2 * i + 2]).max() < 0.01, i
         assert reports["server"].logits is None
