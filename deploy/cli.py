@@ -64,7 +64,7 @@ def transport_options(args: argparse.Namespace) -> TransportOptions:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import cmd_bench, cmd_certs, cmd_demo, cmd_infer, cmd_party
+    from . import cmd_bench, cmd_certs, cmd_demo, cmd_infer, cmd_optimize, cmd_party
 
     parser = argparse.ArgumentParser(
         prog="twinfer",
@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log what each party does")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (cmd_infer, cmd_party, cmd_demo, cmd_bench, cmd_certs):
+    for module in (cmd_infer, cmd_party, cmd_demo, cmd_bench, cmd_certs, cmd_optimize):
         module.register(sub)
     return parser
 

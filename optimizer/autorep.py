@@ -44,7 +44,7 @@ class AutoRepConfig:
     batch_size: int = 128
     lr: float = 1e-3
     aux_lr: float | None = None  # default: aux can travel from +1 to -1 within the search steps
-    penalty: float = 100.0
+    penalty: float = 10.0
     kd_temperature: float = 4.0
     kd_weight: float = 1.0
     threshold: float = 0.002

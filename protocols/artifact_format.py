@@ -61,10 +61,7 @@ def sites_from_tensors(manifest: dict[str, Any], tensors: dict[str, np.ndarray])
             raise ArtifactError(f"{TENSORS_FILE} lacks {err.args[0]} for the site the manifest lists") from None
         if mask.dtype != np.uint8 or not np.isin(mask, (0, 1)).all():
             raise ArtifactError(f"mask of '{node}' must hold only 0 and 1 (uint8)")
-        site = ActivationSite(mask=mask.astype(bool), coeffs=coeffs.astype(np.float32))
-        if entry.get("kept") != site.kept:
-            raise ArtifactError(f"site '{node}' keeps {site.kept} ReLUs, but the manifest says {entry.get('kept')}")
-        sites[node] = site
+        sites[node] = ActivationSite(mask=mask.astype(bool), coeffs=coeffs.astype(np.float32))
     extra = sorted(k for k in tensors if k.startswith(_SITE_PREFIX) and k[len(_SITE_PREFIX) :].rsplit("/", 1)[0] not in sites)
     if extra:
         raise ArtifactError(f"{TENSORS_FILE} holds site arrays the manifest does not list: {extra}")
@@ -85,12 +82,16 @@ def check_manifest(manifest: Any, files: dict[str, bytes]) -> None:
 
 def apply_manifest(graph: Graph, manifest: dict[str, Any], tensors: dict[str, np.ndarray]) -> Graph:
     """The graph with the artifact's masked sites; its ReLU count must equal the manifest's."""
+    sites = sites_from_tensors(manifest, tensors)
     try:
-        masked = apply_sites(graph, sites_from_tensors(manifest, tensors))
+        masked = apply_sites(graph, sites)
     except ArtifactError:
         raise
     except GraphError as err:
         raise ArtifactError(str(err)) from None
+    for entry in manifest["activations"]:  # shapes fit (checked above); now each site's count
+        if entry.get("kept") != sites[entry["node"]].kept:
+            raise ArtifactError(f"site '{entry['node']}' keeps {sites[entry['node']].kept} ReLUs, but the manifest says {entry.get('kept')}")
     if masked.relu_count() != manifest.get("relu_count"):
         raise ArtifactError(
             f"the model keeps {masked.relu_count()} ReLUs per sample, but the manifest says {manifest.get('relu_count')}"
