@@ -22,6 +22,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("--out", type=Path, default=Path("results"))
     p.set_defaults(func=run)
+    sweep = bench.add_parser("sweep", help="models x batch sizes x networks as Ray tasks: sweep.json, a table and plots")
+    sweep.add_argument("--config", required=True, type=Path, help="sweep.yaml or .toml (models, batch_sizes, networks, reps, cpus_per_run)")
+    sweep.add_argument("--out", type=Path, default=Path("results"))
+    sweep.add_argument("--ray-address", default=None, help="run on this Ray cluster instead of a local one")
+    sweep.set_defaults(func=run_sweep)
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    from twinfer.benchmarks.sweep import SweepConfig, run_sweep as sweep
+
+    rows = sweep(SweepConfig.load(args.config), args.out, ray_address=args.ray_address)
+    failed = [r for r in rows if "error" in r]
+    if failed:
+        print(f"{len(failed)} of {len(rows)} runs failed; see {args.out / 'sweep.json'}")
+        return 1
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:

@@ -53,6 +53,32 @@ FIELDS: dict[str, Field] = {
 TLS_KEYS = ("ca", "cert", "key")
 
 
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A YAML or TOML file's top-level table; clear errors for a missing, unparsable or non-table file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {path} does not exist")
+    data = _parse(path)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a table of settings at the top level, got {type(data).__name__}")
+    return data
+
+
+def check_value(path: Path, key: str, value: Any, kind: type | tuple[type, ...], help: str) -> None:
+    """Raise a ValueError naming the file and key unless `value` is of `kind` (a bool is not a number)."""
+    numeric = kind in ((int, float), int, float)
+    if not isinstance(value, kind) or (numeric and isinstance(value, bool)):
+        raise ValueError(f"{path}: key '{key}' must be {_type_name(kind)} ({help}), got {value!r}")
+
+
+def reject_unknown(path: Path, data: dict, known) -> None:
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(f"{path}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} (known: {', '.join(known)})")
+
+
 def _parse(path: Path) -> Any:
     text = path.read_text()
     suffix = path.suffix.lower()
@@ -73,29 +99,19 @@ def _type_name(kind: type | tuple[type, ...]) -> str:
     if kind == (int, float):
         return "a number"
     kinds = kind if isinstance(kind, tuple) else (kind,)
-    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", dict: "a table"}
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", dict: "a table", list: "a list"}
     return " or ".join(names[k] for k in kinds)
 
 
 def load_party_config(path: str | Path) -> dict[str, Any]:
     """The file's settings, checked and with paths resolved; keys as in FIELDS."""
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"party config {path} does not exist")
-    data = _parse(path)
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a table of settings at the top level, got {type(data).__name__}")
-    unknown = sorted(set(data) - set(FIELDS))
-    if unknown:
-        raise ValueError(f"{path}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} (known: {', '.join(FIELDS)})")
+    data = read_config_file(path)
+    reject_unknown(path, data, FIELDS)
     out: dict[str, Any] = {}
     for key, value in data.items():
         field = FIELDS[key]
-        ok = isinstance(value, field.kind) and not (isinstance(value, bool) and field.kind in ((int, float), int))
-        if not ok:
-            raise ValueError(f"{path}: key '{key}' must be {_type_name(field.kind)} ({field.help}), got {value!r}")
+        check_value(path, key, value, field.kind, field.help)
         if key == "tls" and isinstance(value, dict):
             value = _tls_table(path, value)
         elif field.path:

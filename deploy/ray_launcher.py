@@ -109,7 +109,7 @@ class RayOptions:
             raise ValueError("num_cpus_per_party must be positive")
 
 
-def _init_ray(options: RayOptions) -> bool:
+def init_ray(options: RayOptions) -> bool:
     """Connect to (or start) Ray; returns whether this call started it."""
     import ray
 
@@ -257,7 +257,7 @@ def party_pool(
     if tls is not None and set(tls) != set(ROLES):
         raise ValueError(f"TLS needs an identity for each of {', '.join(ROLES)}")
     ray_options = ray_options or RayOptions()
-    started = _init_ray(ray_options)
+    started = init_ray(ray_options)
     group = None
     actors: dict[str, Any] = {}
     try:

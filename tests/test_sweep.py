@@ -1,0 +1,76 @@
+"""`twinfer bench sweep`: a strict config, and a small grid (an ONNX file and a ReLU-budget artifact) run as Ray tasks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from twinfer.benchmarks.sweep import SweepConfig
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("models: [m.onnx]\nbatch_sizes: [1]\nnetworks: [lan]\nrepz: 2\n", r"sweep.yaml: unknown key 'repz'"),
+        ("models: [m.onnx]\nbatch_sizes: [1]\n", r"key 'networks' is required"),
+        ("models: [m.onnx]\nbatch_sizes: [0]\nnetworks: [lan]\n", r"'batch_sizes\[0\]' must be at least 1"),
+        ("models: [m.onnx]\nbatch_sizes: [1]\nnetworks: [rtt=fast]\n", r"key 'networks\[0\]': network profile 'rtt=fast': cannot read rtt 'fast'"),
+        ("models: [missing.onnx]\nbatch_sizes: [1]\nnetworks: [lan]\n", r"model missing.onnx does not exist"),
+        ("models: m.onnx\nbatch_sizes: [1]\nnetworks: [lan]\n", r"key 'models' must be a list"),
+    ],
+)
+def test_bad_sweep_config_names_file_and_key(tmp_path, text, message):
+    (tmp_path / "m.onnx").write_bytes(b"")
+    (tmp_path / "sweep.yaml").write_text(text)
+    with pytest.raises(ValueError, match=message):
+        SweepConfig.load(tmp_path / "sweep.yaml")
+
+
+def _budget_artifact(onnx_path, out):
+    """An artifact that keeps a quarter of the first ReLU layer's positions (the rest: x^2 polynomial)."""
+    from twinfer.optimizer.artifact import write_artifact
+    from twinfer.protocols.masked_activation import ActivationSite
+
+    mask = np.zeros((8, 28, 28), dtype=bool)
+    mask[:2] = True
+    coeffs = np.tile(np.array([[0.0, 0.5, 0.25]], dtype=np.float32), (8, 1))
+    site = ActivationSite(mask=mask, coeffs=coeffs)
+    return write_artifact(out, onnx_path.read_bytes(), {"relu_budget": "quarter of layer 1"}, sites={"/features/features.1/Relu": site})
+
+
+def test_sweep_fans_the_grid_out_as_ray_tasks(tmp_path, onnx_files):
+    budget = _budget_artifact(onnx_files["fashion_cnn"], tmp_path / "budget_quarter")
+    (tmp_path / "sweep.yaml").write_text(
+        f"models: [{onnx_files['fashion_cnn']}, budget_quarter]\nbatch_sizes: [1]\n"
+        "networks: [loopback, 'rtt=4ms,bw=1gbit']\nreps: 1\ncpus_per_run: 1\n"
+    )
+    assert budget.is_dir()
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-m", "twinfer.deploy.cli", "bench", "sweep", "--config", str(tmp_path / "sweep.yaml"), "--out", str(out)],
+        capture_output=True, text=True, timeout=280,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "4/4" in proc.stderr  # the progress bar counted every finished run
+    result = json.loads((out / "sweep.json").read_text())
+    rows = result["rows"]
+    assert len(rows) == 4 and not any("error" in r for r in rows)
+    assert {(r["model"], r["profile"]) for r in rows} == {
+        (m, p) for m in ("fashion_cnn", "budget_quarter") for p in ("loopback", "rtt=4ms,bw=1gbit")
+    }
+    relu = {r["model"]: r["relu_per_sample"] for r in rows}
+    assert relu["budget_quarter"] == relu["fashion_cnn"] - 6 * 28 * 28
+    for r in rows:
+        assert r["relu_count"] == r["relu_per_sample"]  # measured per batch of one sample
+        assert r["latency_s"] > 0 and r["model_kind"] == ("artifact" if r["model"] == "budget_quarter" else "onnx")
+    shaped = [r for r in rows if r["profile"] != "loopback"]
+    assert all(r["latency_s"] >= r["lower_bound_s"] for r in shaped)
+    assert result["meta"]["cpu_count"] >= 1
+    for name in ("sweep.md", "sweep_latency.png", "sweep_throughput.png", "sweep_relu.png"):
+        assert (out / name).stat().st_size > 0, name
