@@ -19,39 +19,10 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-
-
-@contextmanager
-def local_cluster(nodes: int):
-    """A Ray cluster of `nodes` one-CPU nodes on this machine (ray.cluster_utils), or nothing for 1."""
-    if nodes <= 1:
-        yield None
-        return
-    for key, value in (("RAY_USAGE_STATS_ENABLED", "0"), ("RAY_AUTH_MODE", "disabled"), ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")):
-        os.environ.setdefault(key, value)
-    import ray
-    from ray.cluster_utils import Cluster
-
-    Path("/tmp/ray").mkdir(exist_ok=True)  # Cluster writes /tmp/ray/ray_current_cluster
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 1, "temp_dir": tempfile.mkdtemp(prefix="twinfer-ray-"), "include_dashboard": False},
-    )
-    try:
-        for _ in range(nodes - 1):
-            cluster.add_node(num_cpus=1)
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, logging_level="WARNING")
-        yield cluster
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
 
 def _model(spec: str) -> tuple[bytes, tuple[int, ...]]:
@@ -176,9 +147,14 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.sessions) < 1 or args.samples < 1 or args.batch < 1 or args.reps < 1:
         parser.error("--sessions, --samples, --batch and --reps must be at least 1")
     args.sessions = sorted(set(args.sessions))
+    from twinfer.deploy.ray_launcher import local_cluster
+
     load_start = os.getloadavg()[0]
-    with local_cluster(0 if args.ray_address else args.nodes):
-        measured = measure(args)
+    if args.ray_address or args.nodes <= 1:
+        measured = measure(args)  # the given cluster, or an embedded single-node Ray
+    else:
+        with local_cluster([{}] * args.nodes):
+            measured = measure(args)
     result = {
         "model": args.model,
         "samples_per_session": args.samples,

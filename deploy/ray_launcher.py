@@ -115,9 +115,7 @@ def init_ray(options: RayOptions) -> bool:
 
     if ray.is_initialized():
         return False
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    _local_ray_environment()
     if options.address:
         ray.init(address=options.address, logging_level=logging.WARNING, log_to_driver=True)
     else:
@@ -132,6 +130,37 @@ def init_ray(options: RayOptions) -> bool:
             configure_logging=True,
         )
     return True
+
+
+def _local_ray_environment() -> None:
+    """No usage reporting, no auth tokens, loopback addresses (see research/platform.md)."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+@contextmanager
+def local_cluster(resources: list[dict[str, float]], cpus_per_node: int = 1) -> Iterator[tuple[Any, list[str]]]:
+    """A Ray cluster of len(resources) nodes on this machine (ray.cluster_utils), the driver
+    connected; yields the cluster and its node ids in order. Node i offers resources[i]."""
+    import tempfile
+    from pathlib import Path
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    _local_ray_environment()
+    Path("/tmp/ray").mkdir(exist_ok=True)  # Cluster writes /tmp/ray/ray_current_cluster
+    head = {"num_cpus": cpus_per_node, "resources": resources[0], "include_dashboard": False}
+    cluster = Cluster(initialize_head=True, head_node_args=head | {"temp_dir": tempfile.mkdtemp(prefix="twinfer-ray-")})
+    try:
+        nodes = [cluster.head_node] + [cluster.add_node(num_cpus=cpus_per_node, resources=r) for r in resources[1:]]
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, logging_level=logging.WARNING)
+        yield cluster, [node.node_id for node in nodes]
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
 
 
 def _node_options(ray_options: RayOptions) -> tuple[dict[str, dict], Any, str]:

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,27 +19,11 @@ NODE_RESOURCES = {"head": "twinfer_dealer", "a": "twinfer_server", "b": "twinfer
 @pytest.fixture(scope="module")
 def cluster():
     """Three Ray nodes (one CPU each) on this machine, the driver connected; shut down after the module."""
-    for key, value in (("RAY_USAGE_STATS_ENABLED", "0"), ("RAY_AUTH_MODE", "disabled"), ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")):
-        os.environ.setdefault(key, value)
-    import ray
-    from ray.cluster_utils import Cluster
+    from twinfer.deploy.ray_launcher import local_cluster
 
-    Path("/tmp/ray").mkdir(exist_ok=True)  # Cluster writes /tmp/ray/ray_current_cluster
-    temp = tempfile.mkdtemp(prefix="twinfer-ray-")
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 1, "temp_dir": temp, "resources": {NODE_RESOURCES["head"]: 1}, "include_dashboard": False},
-    )
-    nodes = {"head": cluster.head_node}
-    try:
-        for name in ("a", "b"):
-            nodes[name] = cluster.add_node(num_cpus=1, resources={NODE_RESOURCES[name]: 1})
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, logging_level="WARNING")
-        yield cluster, {NODE_RESOURCES[name]: node.node_id for name, node in nodes.items()}
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
+    resources = [{NODE_RESOURCES[name]: 1} for name in ("head", "a", "b")]
+    with local_cluster(resources) as (cluster, node_ids):
+        yield cluster, {NODE_RESOURCES[name]: node_id for name, node_id in zip(("head", "a", "b"), node_ids)}
 
 
 def _reference(model: torch.nn.Module, images: np.ndarray) -> np.ndarray:
