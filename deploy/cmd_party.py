@@ -9,16 +9,23 @@ from pathlib import Path
 
 import numpy as np
 
-from twinfer.parties.session import CLIENT, DEALER, SERVER, PartyConfig
+from twinfer.parties.session import CLIENT, DEALER, SERVER, PartyConfig, PartyReport
 
 from .cli import add_transport_args, transport_options
+
+
+SERVE_TIMEOUT_S = 24 * 3600.0  # a session's own network waits end it long before this
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("party", help="run one party (server, client or dealer) without Ray")
     p.add_argument("--config", help="YAML or TOML file with this party's settings (keys: the flags below); flags win")
     p.add_argument("--role", choices=[SERVER, CLIENT, DEALER], help="required, here or in the config")
-    p.add_argument("--session", help="session id; every party of a session uses the same (required, here or in the config)")
+    p.add_argument(
+        "--session",
+        help="session id; every party of a session uses the same (required, here or in the config). Server and "
+        "dealer: several comma-separated ids serve those sessions at once on one listener",
+    )
     p.add_argument("--listen", default="127.0.0.1:0", help="server and dealer: address to listen on (port 0 picks one)")
     p.add_argument("--address-file", help="server and dealer: write the bound address here once listening")
     p.add_argument("--server", help="client: the server's address")
@@ -75,14 +82,15 @@ def run(args: argparse.Namespace) -> int:
 
         audit = Audit().install()
     try:
-        report = _run_party(args)
+        reports = _run_party(args)
     finally:
         if audit is not None:
             audit.write(args.audit_log)
     if args.json:
-        out = asdict(report)
-        out["logits"] = None if report.logits is None else report.logits.tolist()
-        print(json.dumps(out))
+        for session_id, report in reports.items():
+            out = asdict(report) | {"session": session_id}
+            out["logits"] = None if report.logits is None else report.logits.tolist()
+            print(json.dumps(out))
     return 0
 
 
@@ -95,35 +103,54 @@ def _announce(args: argparse.Namespace, address: str) -> None:
         print(f"{args.role} listening on {address}", flush=True)
 
 
-def _run_party(args: argparse.Namespace):
+def _run_party(args: argparse.Namespace) -> dict:
+    """This party's report for each of its sessions."""
+    from twinfer.parties.host import DealerHost, ServerHost
     from twinfer.parties.model_file import load_input, load_model
-    from twinfer.parties.session import ClientParty, DealerParty, ServerParty
+    from twinfer.parties.session import ClientParty
 
     options = transport_options(args)
     tfp = args.insecure_trusted_first_party
     tls = _tls(args)
+    sessions = [s.strip() for s in args.session.split(",") if s.strip()]
+    if not sessions or len(set(sessions)) != len(sessions):
+        raise ValueError(f"--session needs distinct non-empty ids, got '{args.session}'")
 
     def config(**kw) -> PartyConfig:
         return PartyConfig(
-            role=args.role, session_id=args.session, options=options, insecure_trusted_first_party=tfp, tls=tls, **kw
+            role=args.role, session_id=sessions[0], options=options, insecure_trusted_first_party=tfp, tls=tls, **kw
         )
 
     if args.role == DEALER:
-        party = DealerParty(config(listen=args.listen))
-        _announce(args, party.address)
-        return party.run()
+        return _serve(args, DealerHost(config(listen=args.listen), max_sessions=len(sessions)), sessions)
     if not tfp:
         _require(args, "dealer")
     if args.role == SERVER:
         _require(args, "model")
         graph, weights = load_model(args.model)
-        party = ServerParty(graph, weights, config(listen=args.listen, dealer_address=args.dealer))
-        _announce(args, party.address)
-        return party.run()
+        host = ServerHost(graph, weights, config(listen=args.listen, dealer_address=args.dealer), max_sessions=len(sessions))
+        return _serve(args, host, sessions)
     _require(args, "server", "input")
+    if len(sessions) > 1:
+        raise ValueError("a client runs one session per process; give it one --session id")
     inputs = load_input(args.input)
     party = ClientParty(inputs, args.batch or len(inputs), config(server_address=args.server, dealer_address=args.dealer))
     report = party.run()
     if args.output:
         np.save(args.output, report.logits)
-    return report
+    return {sessions[0]: report}
+
+
+def _serve(args: argparse.Namespace, host, sessions: list[str]) -> dict:
+    """Serve every session on the host's one listener; their reports, or the first failure."""
+    try:
+        for session_id in sessions:
+            host.open(session_id)
+        _announce(args, host.address)
+        results = host.wait(SERVE_TIMEOUT_S)
+    finally:
+        host.close()
+    for outcome in results.values():
+        if not isinstance(outcome, PartyReport):
+            raise outcome
+    return results

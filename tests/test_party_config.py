@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -66,42 +67,52 @@ def namespaces_ok():
 
 
 def test_standalone_parties_in_separate_namespaces_over_tls(namespaces_ok, tmp_path, onnx_files, fashion_cnn, fashion_test):
-    """Server and dealer in one namespace, the client in another, each with its own address; only configs and certs."""
+    """Server and dealer in one namespace, two clients in another, each side with its own address;
+    one server and one dealer process serve both clients' sessions at once. Only configs and certs."""
     from twinfer.deploy.certs import make_certs
     from twinfer.deploy.kernel_shaping import KernelLink, list_namespaces, wait_for_address
 
-    images = fashion_test[0][:3]
-    np.save(tmp_path / "x.npy", images)
+    images = fashion_test[0][:5]
+    np.save(tmp_path / "x1.npy", images[:3])
+    np.save(tmp_path / "x2.npy", images[3:])
     make_certs(tmp_path / "certs")
     before = set(list_namespaces())
     with KernelLink("loopback") as link:
         server_at, dealer_at = f"{link.server_ip}:17700", f"{link.server_ip}:17701"
         (tmp_path / "dealer.yaml").write_text(
-            f"role: dealer\nsession: ns-1\nlisten: {dealer_at}\naddress_file: dealer.addr\ntls: certs\ntimeout: 60\n"
+            f"role: dealer\nsession: ns-1,ns-2\nlisten: {dealer_at}\naddress_file: dealer.addr\ntls: certs\ntimeout: 60\n"
         )
         (tmp_path / "server.yaml").write_text(
-            f"role: server\nsession: ns-1\nlisten: {server_at}\naddress_file: server.addr\ndealer: {dealer_at}\n"
-            f"model: {onnx_files['fashion_cnn']}\ntls: certs\ntimeout: 60\nconnect_timeout: 30\n"
+            f"role: server\nsession: ns-1,ns-2\nlisten: {server_at}\naddress_file: server.addr\ndealer: {dealer_at}\n"
+            f"model: {onnx_files['fashion_cnn']}\ntls: certs\ntimeout: 60\nconnect_timeout: 60\n"
         )
-        (tmp_path / "client.toml").write_text(
-            f'role = "client"\nsession = "ns-1"\nserver = "{server_at}"\ndealer = "{dealer_at}"\ninput = "x.npy"\n'
-            f'batch = 3\noutput = "logits.npy"\ntimeout = 60\nconnect_timeout = 30\n[tls]\nca = "certs/ca.pem"\n'
-            f'cert = "certs/client.pem"\nkey = "certs/client.key"\n'
-        )
-        party = [sys.executable, "-m", "twinfer.deploy.cli", "party", "--config"]
-        procs = {}
-        for role, ns in (("dealer", link.server_ns), ("server", link.server_ns)):
-            log = open(tmp_path / f"{role}.log", "w")
-            procs[role] = link.run_in(ns, [*party, str(tmp_path / f"{role}.yaml")], stdout=log, stderr=subprocess.STDOUT)
-            assert wait_for_address(procs[role], tmp_path / f"{role}.addr", role, 120.0, tmp_path / f"{role}.log") == (
-                dealer_at if role == "dealer" else server_at
+        for i in (1, 2):
+            (tmp_path / f"client{i}.toml").write_text(
+                f'role = "client"\nsession = "ns-{i}"\nserver = "{server_at}"\ndealer = "{dealer_at}"\ninput = "x{i}.npy"\n'
+                f'batch = 2\noutput = "logits{i}.npy"\ntimeout = 60\nconnect_timeout = 30\n[tls]\nca = "certs/ca.pem"\n'
+                f'cert = "certs/client.pem"\nkey = "certs/client.key"\n'
             )
-        client = link.run_in(link.client_ns, [*party, str(tmp_path / "client.toml")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        out, err = client.communicate(timeout=180)
-        assert client.returncode == 0, err[-3000:]
+        party = [sys.executable, "-m", "twinfer.deploy.cli", "party", "--json", "--config"]
+        procs = {}
+        for role in ("dealer", "server"):
+            log = open(tmp_path / f"{role}.log", "w")
+            procs[role] = link.run_in(link.server_ns, [*party, str(tmp_path / f"{role}.yaml")], stdout=log, stderr=subprocess.STDOUT)
+            expected = dealer_at if role == "dealer" else server_at
+            assert wait_for_address(procs[role], tmp_path / f"{role}.addr", role, 120.0, tmp_path / f"{role}.log") == expected
+        clients = [
+            link.run_in(link.client_ns, [*party, str(tmp_path / f"client{i}.toml")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for i in (1, 2)
+        ]
+        for client in clients:
+            out, err = client.communicate(timeout=180)
+            assert client.returncode == 0, err[-3000:]
         for role in ("server", "dealer"):
             assert procs[role].wait(timeout=60) == 0, (tmp_path / f"{role}.log").read_text()[-3000:]
+        server_reports = [line for line in (tmp_path / "server.log").read_text().splitlines() if line.startswith("{")]
     assert set(list_namespaces()) == before  # the test's namespaces are gone
+    served = [json.loads(line) for line in server_reports]
+    assert sorted(r["session"] for r in served) == ["ns-1", "ns-2"] and len({r["pid"] for r in served}) == 1
     with torch.no_grad():
         reference = fashion_cnn(torch.from_numpy(images)).numpy()
-    assert np.abs(np.load(tmp_path / "logits.npy") - reference).max() < 0.01
+    logits = np.concatenate([np.load(tmp_path / "logits1.npy"), np.load(tmp_path / "logits2.npy")])
+    assert np.abs(logits - reference).max() < 0.01
