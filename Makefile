@@ -23,6 +23,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	# crypten's declared dependencies (sklearn stub, torchvision) break beside torch 2.13.
 	$(BIN)/pip install -q --no-deps crypten==0.4.1
+	# MovieLens-100k ships in recbole's wheel; it pins an old ray, so no deps, and it is never imported.
+	$(BIN)/pip install -q --no-deps recbole==1.2.1
 	touch $(STAMP)
 
 /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz:

@@ -64,7 +64,7 @@ def transport_options(args: argparse.Namespace) -> TransportOptions:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import cmd_bench, cmd_certs, cmd_demo, cmd_infer, cmd_optimize, cmd_party
+    from . import cmd_bench, cmd_certs, cmd_demo, cmd_infer, cmd_optimize, cmd_party, cmd_train_dp
 
     parser = argparse.ArgumentParser(
         prog="twinfer",
@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log what each party does")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (cmd_infer, cmd_party, cmd_demo, cmd_bench, cmd_certs, cmd_optimize):
+    for module in (cmd_infer, cmd_party, cmd_demo, cmd_bench, cmd_certs, cmd_optimize, cmd_train_dp):
         module.register(sub)
     return parser
 

@@ -15,6 +15,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from twinfer.protocols import artifact_format as af
+from twinfer.protocols.embedding import check_ids
 from twinfer.protocols.graph import Graph, GraphError, graph_from_onnx
 
 from .errors import InputError, ModelError
@@ -111,3 +112,7 @@ def check_input_fits(graph: Graph, inputs: np.ndarray) -> None:
         raise InputError(f"input has shape {inputs.shape}, but the model expects (N, {', '.join(map(str, graph.input_shape))})")
     if not np.isfinite(inputs).all():
         raise InputError("input contains NaN or infinite values")
+    try:
+        check_ids(graph, inputs)  # an embedding model's input: integer ids in range
+    except ValueError as err:
+        raise InputError(str(err)) from None

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from twinfer.protocols.embedding import check_ids, encode_input
 from twinfer.protocols.graph import Graph, GraphError
 from twinfer.protocols.secure_graph import run_secure
 
@@ -184,7 +185,7 @@ class _TwoPartySession:
         before = self.metrics.total()
         start = time.perf_counter()
         with self.metrics.layer("share_input"):
-            x_shared = crypten.cryptensor(x, src=1)
+            x_shared = crypten.cryptensor(encode_input(graph, x), src=1)  # ids -> one-hot on the client
         counts: Counter = Counter()
         y = run_secure(graph, shared_weights, x_shared, scope=self.metrics.layer, counts=counts)
         with self.metrics.layer("reveal_output"):
@@ -313,6 +314,10 @@ class ClientParty(_TwoPartySession):
                 f"{graph.input_shape} (input array shape {self.inputs.shape})",
                 origin=self.role,
             )
+        try:
+            check_ids(graph, self.inputs)  # an embedding model's input: integer ids in range
+        except ValueError as err:
+            raise InputError(str(err), origin=self.role) from None
         self.transport.send("plan", np.array([len(self.inputs), self.batch_size], dtype=np.int64))
         self._start_crypten()
         shared = self._share_weights(graph, None)

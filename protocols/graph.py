@@ -34,6 +34,7 @@ SUPPORTED_ONNX_OPS = (
     "Identity",
     "Constant",
     "Dropout",
+    "Gather",  # a constant table gathered at the model input: a private embedding lookup
 )
 # Ops of the compiled graph. Affine is a BatchNorm that follows no conv/linear: x * scale + shift.
 # MaskedRelu is a Relu that an optimizer replaced by a polynomial outside a public mask.
@@ -49,6 +50,7 @@ GRAPH_OPS = (
     "Flatten",
     "Reshape",
     "Add",
+    "Embedding",  # protocols/embedding.py
 )
 
 
@@ -143,6 +145,10 @@ class Graph:
                 from .masked_activation import check_attrs
 
                 check_attrs(node)
+            if node.op == "Embedding":
+                from .embedding import check_node
+
+                check_node(self, node)
             known.add(node.output)
         if self.output_name not in known:
             raise GraphError(f"the graph never produces its output '{self.output_name}'")
@@ -211,6 +217,10 @@ def _plain_op(node: Node, args: list[torch.Tensor], w: list[torch.Tensor]) -> to
         return x.reshape(resolve_reshape(x.shape, a["shape"]))
     if node.op == "Add":
         return x + (args[1] if len(args) > 1 else w[0])
+    if node.op == "Embedding":
+        from .embedding import plain_embedding
+
+        return plain_embedding(x, w[0])
     raise UnsupportedOpError([(node.name, node.op)])
 
 
@@ -356,6 +366,17 @@ class _Importer:
         if w is None or w.ndim != 2:
             raise GraphError(f"node '{node.name}' (MatMul): the right operand must be a constant matrix")
         self.emit(node, "Gemm", [node.input[0]], [self.weight(node, node.input[1], "weight", w.T)], {})
+
+    def _Gather(self, node, a):
+        table, ids = node.input
+        inputs = {i.name for i in self.model.graph.input}
+        if table not in self.init or self.init[table].ndim != 2 or int(a.get("axis", 0)) != 0 or ids not in inputs:
+            raise GraphError(
+                f"node '{node.name}' (Gather) is supported only as an embedding lookup: a constant 2-d table, "
+                "axis 0, indices taken straight from the model input"
+            )
+        rows, dim = self.init[table].shape
+        self.emit(node, "Embedding", [ids], [self.weight(node, table, "table")], {"rows": int(rows), "dim": int(dim)})
 
     def _Relu(self, node, a):
         self.emit(node, "Relu", [node.input[0]], [], {})

@@ -70,6 +70,10 @@ def secure_op(node: Node, args: list[Any], w: list[Any], counts: Counter | None 
         return x.reshape(resolve_reshape(x.shape, node.attrs["shape"]))
     if node.op == "Add":
         return x + (args[1] if len(args) > 1 else w[0])
+    if node.op == "Embedding":  # x: the client's one-hot ids (protocols/embedding.encode_input)
+        from .embedding import secure_embedding
+
+        return secure_embedding(x, w[0])
     raise UnsupportedOpError([(node.name, node.op)])
 
 

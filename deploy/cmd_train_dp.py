@@ -1,0 +1,146 @@
+"""`twinfer train-dp`: DP training of an embedding model (dense DP-SGD, DP-FEST, DP-AdaFEST).
+
+    twinfer train-dp --data movielens-100k --model embedding-mlp --epsilon 3 --delta auto \\
+        --selection adafest --out ml-dp/
+    twinfer infer --model ml-dp/ --input ml-dp/queries.npy
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from twinfer.optimizer.dp_accounting import ACCOUNTANTS
+from twinfer.optimizer.dp_data import DATASETS, load_dataset
+from twinfer.optimizer.dp_sparse_training import (
+    FREQUENCY_SOURCES,
+    METHODS,
+    DPTrainConfig,
+    plan_privacy,
+    train_dp,
+    write_dp_artifact,
+)
+
+from .report import print_table
+
+MODELS = ("embedding-mlp",)
+QUERIES = 16  # test examples written, encoded, as queries.npy beside the artifact
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    d = DPTrainConfig()
+    p = sub.add_parser("train-dp", help="train an embedding model with differential privacy, keeping gradients sparse")
+    p.add_argument("--data", required=True, choices=DATASETS, help="movielens-100k, or generated-zipf (synthetic, 1e6 rows)")
+    p.add_argument("--model", default="embedding-mlp", choices=MODELS)
+    p.add_argument("--epsilon", type=float, required=True, help="target epsilon; the noise multiplier is solved from it")
+    p.add_argument("--delta", default="auto", help="target delta, or 'auto' for 1/N (N training examples)")
+    p.add_argument("--selection", default=d.method, choices=METHODS, help="dense DP-SGD, DP-FEST or DP-AdaFEST")
+    p.add_argument("--accountant", default=d.accountant, choices=ACCOUNTANTS)
+    p.add_argument("--epochs", type=float, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="expected Poisson batch size")
+    p.add_argument("--clip", type=float, default=d.clip, help="per-example L2 clipping norm C")
+    p.add_argument("--lr-embedding", type=float, default=d.lr_embedding)
+    p.add_argument("--lr-mlp", type=float, default=d.lr_mlp)
+    p.add_argument("--dim", type=int, default=d.dim, help="embedding dimension")
+    p.add_argument("--hidden", type=int, default=d.hidden)
+    p.add_argument("--selection-share", type=float, default=d.selection_share, help="AdaFEST: share of 1/s_eff^2 spent on selection")
+    p.add_argument("--threshold-sigmas", type=float, default=d.threshold_sigmas, help="AdaFEST: tau in units of s1")
+    p.add_argument("--fest-topk", type=int, default=d.fest_topk, help="FEST: rows kept per field")
+    p.add_argument("--fest-frequencies", default=d.fest_frequencies, choices=FREQUENCY_SOURCES)
+    p.add_argument("--topk-noise", type=float, default=d.topk_noise_multiplier, help="FEST: DP top-k noise multiplier")
+    p.add_argument("--dense-fields-max-vocab", type=int, default=d.dense_fields_max_vocab)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--zipf-vocab", type=int, default=1_000_000, help="generated-zipf: id rows")
+    p.add_argument("--zipf-examples", type=int, default=200_000, help="generated-zipf: examples")
+    p.add_argument("--out", default=None, help="write the artifact here (model.onnx, manifest.json, tensors.safetensors)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.set_defaults(func=run)
+
+
+def _delta(text: str) -> float | None:
+    if text == "auto":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"--delta must be a number or 'auto', got {text!r}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    config = DPTrainConfig(
+        method=args.selection,
+        epsilon=args.epsilon,
+        delta=_delta(args.delta),
+        accountant=args.accountant,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        clip=args.clip,
+        lr_embedding=args.lr_embedding,
+        lr_mlp=args.lr_mlp,
+        dim=args.dim,
+        hidden=args.hidden,
+        selection_share=args.selection_share,
+        threshold_sigmas=args.threshold_sigmas,
+        fest_topk=args.fest_topk,
+        fest_frequencies=args.fest_frequencies,
+        topk_noise_multiplier=args.topk_noise,
+        dense_fields_max_vocab=args.dense_fields_max_vocab,
+        seed=args.seed,
+    )
+    data = load_dataset(args.data, seed=args.seed, zipf_vocab=args.zipf_vocab, zipf_examples=args.zipf_examples)
+    console = Console(stderr=args.json)
+    label = f"{data.name} (GENERATED, synthetic)" if data.generated else data.name
+    privacy = plan_privacy(config, len(data.train_ids))  # fails here, before training, if impossible
+    with Progress(
+        TextColumn(f"[bold]{config.method}[/] on {label}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=args.json,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("train", total=privacy.steps, info="")
+
+        def progress(step: int, total: int, info: dict) -> None:
+            bar.update(task, completed=step, info=f"loss {info['loss']:.4f}, gradient rows {info['rows']}")
+
+        result = train_dp(data, config, privacy=privacy, progress=progress)
+    summary = {"dataset": data.summary()} | result.summary() | {"rows": result.rows_kept_per_field()}
+    if args.out:
+        out = write_dp_artifact(args.out, result, data)
+        from twinfer.optimizer.dp_embedding_model import deploy_rows
+
+        queries = deploy_rows(result.model, result.updated).encode(data.test_ids[:QUERIES])
+        np.save(Path(out) / "queries.npy", queries.astype(np.float32))
+        summary["artifact"] = str(out)
+        summary["queries"] = str(Path(out) / "queries.npy")
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    p = result.privacy
+    s = result.summary()
+    rows = [
+        ("dataset", label),
+        ("selection", config.method),
+        ("test AUC", f"{result.test_auc:.4f}"),
+        (f"epsilon ({p.accountant}, target {p.epsilon_target:g})", f"{p.epsilon_rdp:.3f} (RDP), {p.epsilon_pld:.3f} (PLD)"),
+        ("delta", f"{p.delta:.3g}"),
+        ("noise multiplier: effective", f"{p.noise_multiplier_effective:.4f}"),
+        ("noise multiplier: gradient / selection", f"{p.noise_multiplier_gradient:.4f} / " + (f"{p.noise_multiplier_selection:.4f}" if p.noise_multiplier_selection else "-")),
+        ("DP top-k noise multiplier", p.topk_noise_multiplier or "-"),
+        ("sampling rate / steps", f"{p.sampling_rate:.4f} / {p.steps}"),
+        ("mean gradient rows per step", f"{s['mean_gradient_rows']:.1f} of {s['vocab_total']}"),
+        ("median step time", f"{s['step_s_median'] * 1e3:.1f} ms"),
+        ("rows kept / dropped", f"{sum(result.rows_kept_per_field()['kept'])} / {sum(result.rows_kept_per_field()['dropped'])}"),
+    ]
+    if args.out:
+        rows += [("artifact", str(out)), ("example queries", summary["queries"])]
+    print_table("twinfer train-dp", rows, console)
+    return 0

@@ -1,0 +1,412 @@
+"""Sparsity-preserving DP training of embedding models: DP-FEST, DP-AdaFEST and dense DP-SGD.
+
+Ghazi et al., "Sparsity-Preserving Differentially Private Training of Large Embedding Models",
+NeurIPS 2023 (arXiv 2311.08357). Each step, for every method:
+  1. Poisson-sample the batch (each example independently with probability q).
+  2. Clip every example's gradient to L2 norm C (exact per-example norms, see
+     dp_embedding_model.clipped_gradients) and sum.
+  3. MLP weights (small, dense): add N(0, (s2 C)^2) to every coordinate.
+  4. Embedding rows:
+     - dense DP-SGD: a dense V x d gradient, noise on every row (the baseline);
+     - DP-FEST: noise only on a fixed set of rows, the top-k per field by public or DP counts;
+     - DP-AdaFEST: each example's contribution map (the rows it touches) is normalised to norm
+       1, the maps are summed, N(0, s1^2) is added and rows above tau are kept; rows with zero
+       true count pass with probability P(N(0, s1^2) > tau), drawn without visiting them
+       (a binomial count, then that many distinct rows), so the selected set does not reveal
+       which rows the batch touched. Noise N(0, (s2 C)^2) goes on the selected rows only.
+  5. Update only the rows that got a gradient (SGD); the gradient is kept as (rows, values).
+Privacy: selection and gradient noise act on the same sampled batch, one Gaussian mechanism with
+s_eff = (s1^-2 + s2^-2)^(-1/2) per step (optimizer/dp_accounting.py).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from .dp_accounting import (
+    TrainingPrivacy,
+    compute_epsilon,
+    effective_noise_multiplier,
+    solve_noise_multiplier,
+    split_noise_multiplier,
+)
+from .dp_data import CategoricalData
+from .dp_embedding_model import EmbeddingMLP, auc, clipped_gradients, predict
+
+METHODS = ("dense", "fest", "adafest")
+FREQUENCY_SOURCES = ("dp", "public")
+
+
+@dataclass
+class DPTrainConfig:
+    """Everything a run needs; `delta=None` means 1/N."""
+
+    method: str = "adafest"
+    epsilon: float = 3.0
+    delta: float | None = None
+    accountant: str = "rdp"
+    epochs: float = 10.0
+    batch_size: int = 8192  # expected size of a Poisson-sampled batch
+    clip: float = 1.0
+    lr_embedding: float = 40.0  # SGD on the rows; the gradient is a sum over the batch / expected batch
+    lr_mlp: float = 1e-2
+    dim: int = 16
+    hidden: int = 64
+    # DP-AdaFEST
+    selection_share: float = 0.2  # share of 1/s_eff^2 spent on selection: s1 = s_eff / sqrt(share)
+    threshold_sigmas: float = 1.0  # tau = threshold_sigmas * s1
+    contribution_norm: str = "l2"  # each example's map scaled to L2 norm 1 ("l1": total 1)
+    # DP-FEST
+    fest_topk: int = 1024  # rows kept per field
+    fest_frequencies: str = "dp"  # "dp": noisy counts, cost composed; "public": counts taken as public
+    topk_noise_multiplier: float = 20.0
+    # FEST and AdaFEST: fields with at most this many ids have all their rows selected (a
+    # public, data-independent choice; such tables are small, so dense noise there is cheap).
+    dense_fields_max_vocab: int = 256
+    seed: int = 0
+    max_steps: int | None = None  # stop early (timing runs); privacy is accounted for the steps planned
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown selection method {self.method!r}; choose one of: {', '.join(METHODS)}")
+        if self.fest_frequencies not in FREQUENCY_SOURCES:
+            raise ValueError(f"fest_frequencies must be one of {FREQUENCY_SOURCES}, got {self.fest_frequencies!r}")
+        if self.contribution_norm not in ("l1", "l2"):
+            raise ValueError(f"contribution_norm must be 'l1' or 'l2', got {self.contribution_norm!r}")
+        for name in ("epochs", "batch_size", "clip", "lr_embedding", "lr_mlp", "dim", "hidden", "fest_topk", "threshold_sigmas"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass
+class PrivacyReport:
+    epsilon_target: float
+    delta: float
+    accountant: str
+    sampling_rate: float
+    steps: int
+    noise_multiplier_effective: float
+    noise_multiplier_gradient: float
+    noise_multiplier_selection: float | None
+    topk_noise_multiplier: float | None
+    epsilon_rdp: float
+    epsilon_pld: float
+
+
+@dataclass
+class StepStats:
+    seconds: list[float] = field(default_factory=list)
+    batch_sizes: list[int] = field(default_factory=list)
+    gradient_rows: list[int] = field(default_factory=list)  # non-zero embedding-gradient rows
+    true_rows: list[int] = field(default_factory=list)  # rows the batch touched
+    false_positive_rows: list[int] = field(default_factory=list)  # AdaFEST: zero-count rows sampled
+
+    def summary(self, vocab: int, dim: int) -> dict:
+        grad_rows = float(np.mean(self.gradient_rows)) if self.gradient_rows else 0.0
+        steady = self.seconds[1:] if len(self.seconds) > 1 else self.seconds
+        return {
+            "steps_run": len(self.seconds),
+            "mean_batch": float(np.mean(self.batch_sizes)) if self.batch_sizes else 0.0,
+            "mean_gradient_rows": grad_rows,
+            "mean_touched_rows": float(np.mean(self.true_rows)) if self.true_rows else 0.0,
+            "mean_false_positive_rows": float(np.mean(self.false_positive_rows)) if self.false_positive_rows else 0.0,
+            "gradient_floats_per_step": grad_rows * dim,
+            "dense_gradient_floats": vocab * dim,
+            "step_s_median": float(np.median(steady)) if steady else 0.0,
+            "step_s_mean": float(np.mean(steady)) if steady else 0.0,
+        }
+
+
+@dataclass
+class DPTrainResult:
+    model: EmbeddingMLP
+    config: DPTrainConfig
+    privacy: PrivacyReport
+    stats: StepStats
+    updated: torch.Tensor  # (V,) bool: rows that ever received a gradient
+    test_auc: float
+    train_s: float
+
+    def rows_kept_per_field(self) -> dict[str, list[int]]:
+        offsets = self.model.offsets.tolist()
+        kept = [int(self.updated[o : o + v].sum()) for o, v in zip(offsets, self.model.vocab_sizes)]
+        return {"kept": kept, "dropped": [v - k for v, k in zip(self.model.vocab_sizes, kept)]}
+
+    def summary(self) -> dict:
+        vocab = int(self.model.table.shape[0])
+        return {
+            "method": self.config.method,
+            "test_auc": self.test_auc,
+            "train_s": self.train_s,
+            "privacy": asdict(self.privacy),
+            "rows_ever_updated": int(self.updated.sum()),
+            "vocab_total": vocab,
+        } | self.stats.summary(vocab, self.model.dim)
+
+
+def zero_count_pass_probability(s1: float, tau: float) -> float:
+    """P(N(0, s1^2) > tau)."""
+    return 0.5 * math.erfc(tau / (s1 * math.sqrt(2.0)))
+
+
+def sample_zero_count_rows(vocab: int, touched: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
+    """Rows outside `touched` (sorted, unique), each kept independently with probability p.
+
+    Drawn as K ~ Binomial(n0, p) and then K distinct rows uniform among the n0 untouched
+    ones: the same distribution as a coin per row, at a cost of O(K) rather than O(V).
+    """
+    n0 = vocab - len(touched)
+    if n0 <= 0 or p <= 0:
+        return torch.empty(0, dtype=torch.long)
+    k = int(torch.binomial(torch.tensor(float(n0)), torch.tensor(p), generator=gen).item())
+    if k == 0:
+        return torch.empty(0, dtype=torch.long)
+    if k > n0 // 4:  # dense regime: draw a permutation of the complement
+        mask = torch.ones(vocab, dtype=torch.bool)
+        mask[touched] = False
+        free = mask.nonzero().squeeze(1)
+        return free[torch.randperm(len(free), generator=gen)[:k]].sort().values
+    # k << n0: pick k distinct ranks among the untouched rows, map rank -> row past the touched ones.
+    chosen: set[int] = set()
+    while len(chosen) < k:
+        chosen.update(torch.randint(0, n0, (k - len(chosen),), generator=gen).tolist())
+    ranks = torch.tensor(sorted(chosen), dtype=torch.long)
+    # row = rank + (number of touched rows <= row): solve by searching touched - arange (non-decreasing).
+    shifted = touched - torch.arange(len(touched))
+    return ranks + torch.searchsorted(shifted, ranks, right=True)
+
+
+def adafest_select(
+    rows: torch.Tensor,
+    vocab: int,
+    s1: float,
+    tau: float,
+    norm: str,
+    gen: torch.Generator,
+    exclude: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DP-AdaFEST selection for one batch: (touched rows, which of them pass, zero-count rows sampled).
+
+    `rows` is B x F (the rows each example touches, one per field). Returns the unique touched rows, a bool
+    mask over them, and the sampled zero-count rows. Rows in `exclude` (sorted; rows selected
+    anyway, such as those of small dense fields) are never sampled as zero-count rows.
+    """
+    touched, inverse = torch.unique(rows, return_inverse=True)
+    # Field ranges are disjoint, so an example touches exactly F distinct rows: each gets
+    # 1/sqrt(F) (L2 norm 1) or 1/F (total 1).
+    fields = rows.shape[1]
+    weight = 1.0 / (math.sqrt(fields) if norm == "l2" else fields)
+    counts = torch.zeros(len(touched)).index_add_(0, inverse.flatten(), torch.full((inverse.numel(),), weight))
+    noisy = counts + torch.randn(len(touched), generator=gen) * s1
+    passed = noisy > tau
+    taken = touched if exclude is None or len(exclude) == 0 else torch.unique(torch.cat([touched, exclude]))
+    extra = sample_zero_count_rows(vocab, taken, zero_count_pass_probability(s1, tau), gen)
+    return touched, passed, extra
+
+
+def dp_topk_rows(
+    data: CategoricalData, offsets: list[int], k: int, noise_multiplier: float | None, gen: torch.Generator
+) -> torch.Tensor:
+    """DP-FEST's fixed rows: the top-k ids per field by count, noisy when `noise_multiplier` is set.
+
+    One example adds 1 to one row of each of its F fields: L2 sensitivity sqrt(F), so the
+    counts get N(0, (noise_multiplier * sqrt(F))^2) (one Gaussian mechanism, composed by the caller).
+    """
+    chosen = []
+    fields = len(data.vocab_sizes)
+    for f, size in enumerate(data.vocab_sizes):
+        counts = torch.from_numpy(np.bincount(data.train_ids[:, f], minlength=size).astype(np.float32))
+        if noise_multiplier is not None:
+            counts = counts + torch.randn(size, generator=gen) * noise_multiplier * math.sqrt(fields)
+        top = torch.topk(counts, min(k, size)).indices
+        chosen.append(top + offsets[f])
+    return torch.cat(chosen).sort().values
+
+
+class _Adam:
+    """Adam on the dense MLP weights (the noised gradients are dense there)."""
+
+    def __init__(self, params: list[torch.nn.Parameter], lr: float) -> None:
+        self.params, self.lr, self.t = params, lr, 0
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+
+    @torch.no_grad()
+    def step(self, grads: list[torch.Tensor]) -> None:
+        self.t += 1
+        for p, g, m, v in zip(self.params, grads, self.m, self.v):
+            m.mul_(0.9).add_(g, alpha=0.1)
+            v.mul_(0.999).addcmul_(g, g, value=0.001)
+            p.sub_(self.lr * (m / (1 - 0.9**self.t)) / ((v / (1 - 0.999**self.t)).sqrt() + 1e-8))
+
+
+def plan_privacy(config: DPTrainConfig, n_train: int) -> PrivacyReport:
+    """Sampling rate and steps from the config, the noise solved from the target epsilon."""
+    q = min(1.0, config.batch_size / n_train)
+    steps = max(1, int(math.ceil(config.epochs / q)))
+    delta = config.delta if config.delta is not None else 1.0 / n_train
+    topk = config.topk_noise_multiplier if config.method == "fest" and config.fest_frequencies == "dp" else None
+    sigma = solve_noise_multiplier(config.epsilon, delta, q, steps, accountant=config.accountant, topk_noise_multiplier=topk)
+    if config.method == "adafest":
+        s1, s2 = split_noise_multiplier(sigma, config.selection_share)
+    else:
+        s1, s2 = None, sigma
+    effective = effective_noise_multiplier(s1, s2)
+    privacy = TrainingPrivacy(q, steps, effective, topk)
+    return PrivacyReport(
+        epsilon_target=config.epsilon,
+        delta=delta,
+        accountant=config.accountant,
+        sampling_rate=q,
+        steps=steps,
+        noise_multiplier_effective=effective,
+        noise_multiplier_gradient=s2,
+        noise_multiplier_selection=s1,
+        topk_noise_multiplier=topk,
+        epsilon_rdp=compute_epsilon(privacy, delta, "rdp"),
+        epsilon_pld=compute_epsilon(privacy, delta, "pld"),
+    )
+
+
+def train_dp(
+    data: CategoricalData,
+    config: DPTrainConfig,
+    *,
+    privacy: PrivacyReport | None = None,
+    progress: Callable[[int, int, dict], None] | None = None,
+) -> DPTrainResult:
+    """Train an EmbeddingMLP on `data` with the configured method; evaluates test AUC."""
+    torch.manual_seed(config.seed)
+    gen = torch.Generator().manual_seed(config.seed + 1)
+    privacy = privacy or plan_privacy(config, len(data.train_ids))
+    model = EmbeddingMLP(data.vocab_sizes, config.dim, config.hidden, seed=config.seed)
+    vocab, dim = model.table.shape
+    offsets = model.offsets.tolist()
+    ids_all = torch.from_numpy(data.train_ids)
+    labels_all = torch.from_numpy(data.train_labels)
+    n = len(ids_all)
+    q, steps = privacy.sampling_rate, privacy.steps
+    s2, s1 = privacy.noise_multiplier_gradient, privacy.noise_multiplier_selection
+    sigma_c = s2 * config.clip
+    expected_batch = q * n
+    adam = _Adam(model.mlp_parameters(), config.lr_mlp)
+    updated = torch.zeros(vocab, dtype=torch.bool)
+    stats = StepStats()
+    small = [f for f, v in enumerate(data.vocab_sizes) if v <= config.dense_fields_max_vocab]
+    sparse_cols = [f for f in range(len(data.vocab_sizes)) if f not in small]
+    dense_rows = torch.cat(
+        [torch.arange(offsets[f], offsets[f] + data.vocab_sizes[f]) for f in small] or [torch.empty(0, dtype=torch.long)]
+    )
+    fest_rows = None
+    if config.method == "fest":
+        noise = privacy.topk_noise_multiplier if config.fest_frequencies == "dp" else None
+        fest_rows = torch.unique(torch.cat([dp_topk_rows(data, offsets, config.fest_topk, noise, gen), dense_rows]))
+        updated[fest_rows] = True
+    if config.method == "adafest" and not sparse_cols:
+        raise ValueError(
+            f"every field has at most {config.dense_fields_max_vocab} ids, so AdaFEST would select nothing; "
+            "lower dense_fields_max_vocab or use dense DP-SGD"
+        )
+    tau = config.threshold_sigmas * s1 if s1 is not None else None
+    run_steps = min(steps, config.max_steps) if config.max_steps else steps
+    start = time.perf_counter()
+    for step in range(run_steps):
+        t0 = time.perf_counter()
+        batch = (torch.rand(n, generator=gen) < q).nonzero().squeeze(1)
+        if len(batch) == 0:
+            clipped = None
+        else:
+            clipped = clipped_gradients(model, ids_all[batch], labels_all[batch], config.clip)
+        mlp_grads = [
+            ((clipped.mlp[i] if clipped else torch.zeros_like(p)) + torch.randn(p.shape, generator=gen) * sigma_c) / expected_batch
+            for i, p in enumerate(model.mlp_parameters())
+        ]
+        adam.step(mlp_grads)
+        fp = 0
+        with torch.no_grad():
+            if clipped is not None:
+                touched, inverse = torch.unique(clipped.rows, return_inverse=True)
+                summed = torch.zeros(len(touched), dim).index_add_(0, inverse.flatten(), clipped.row_grads.reshape(-1, dim))
+            else:
+                touched, summed = torch.empty(0, dtype=torch.long), torch.zeros(0, dim)
+            if config.method == "dense":
+                grad = torch.randn(vocab, dim, generator=gen) * sigma_c  # a dense V x d gradient
+                grad.index_add_(0, touched, summed)
+                model.table.sub_(grad, alpha=config.lr_embedding / expected_batch)
+                grad_rows = vocab
+                updated.fill_(True)
+            else:
+                if config.method == "fest":
+                    selected = fest_rows
+                else:
+                    large = clipped.rows[:, sparse_cols] if clipped is not None else torch.empty(0, len(sparse_cols), dtype=torch.long)
+                    t_rows, passed, extra = adafest_select(large, vocab, s1, tau, config.contribution_norm, gen, exclude=dense_rows)
+                    fp = len(extra)
+                    selected = torch.cat([dense_rows, t_rows[passed], extra]).sort().values  # disjoint parts
+                # The gradient lives on the selected rows only: (selected, values).
+                values = torch.randn(len(selected), dim, generator=gen) * sigma_c
+                pos = torch.searchsorted(selected, touched).clamp(max=max(0, len(selected) - 1))
+                hit = (selected[pos] == touched) if len(selected) else torch.zeros(len(touched), dtype=torch.bool)
+                values.index_add_(0, pos[hit], summed[hit])
+                model.table.index_add_(0, selected, values, alpha=-config.lr_embedding / expected_batch)
+                updated[selected] = True
+                grad_rows = len(selected)
+        stats.seconds.append(time.perf_counter() - t0)
+        stats.batch_sizes.append(len(batch))
+        stats.gradient_rows.append(int(grad_rows))
+        stats.true_rows.append(len(touched))
+        stats.false_positive_rows.append(fp)
+        if progress is not None:
+            progress(step + 1, run_steps, {"loss": clipped.loss / max(1, len(batch)) if clipped else float("nan"), "rows": grad_rows})
+    train_s = time.perf_counter() - start
+    test_auc = auc(predict(model, data.test_ids), data.test_labels)
+    return DPTrainResult(model, config, privacy, stats, updated, test_auc, train_s)
+
+
+def write_dp_artifact(out_dir, result: DPTrainResult, data: CategoricalData) -> Path:
+    """Drop the never-updated rows, export ONNX, and write the artifact with its privacy manifest.
+
+    The safetensors file carries the public id -> row map of every field ("id_to_row/<field>"),
+    which a client needs to turn raw ids into the model's input (DeployedEmbedding.encode).
+    """
+    from .artifact import write_artifact
+    from .dp_embedding_model import deploy_rows, export_onnx
+
+    deployed = deploy_rows(result.model, result.updated)
+    p = result.privacy
+    manifest = {
+        "kind": "dp-embedding-mlp",
+        "dataset": data.name,
+        "dataset_generated": data.generated,
+        "fields": data.fields,
+        "vocab_sizes": data.vocab_sizes,
+        "selection": result.config.method,
+        "epsilon": p.epsilon_rdp if p.accountant == "rdp" else p.epsilon_pld,
+        "epsilon_target": p.epsilon_target,
+        "epsilon_rdp": p.epsilon_rdp,
+        "epsilon_pld": p.epsilon_pld,
+        "delta": p.delta,
+        "accountant": p.accountant,
+        "noise_multiplier_effective": p.noise_multiplier_effective,
+        "noise_multiplier_gradient": p.noise_multiplier_gradient,
+        "noise_multiplier_selection": p.noise_multiplier_selection,
+        "topk_noise_multiplier": p.topk_noise_multiplier,
+        "sampling_rate": p.sampling_rate,
+        "steps": p.steps,
+        "clip": result.config.clip,
+        "rows_kept": dict(zip(data.fields, deployed.kept_per_field)),
+        "rows_dropped": dict(zip(data.fields, deployed.dropped_per_field)),
+        "deployed_table_rows": deployed.rows,
+        "test_auc": result.test_auc,
+        "input": "int64 rows (N x F) of the deployed table; map raw ids with the id_to_row/<field> tensors "
+        f"(dropped ids map to the zero row {deployed.rows - 1})",
+    }
+    tensors = {f"id_to_row/{name}": mapping for name, mapping in zip(data.fields, deployed.row_of)}
+    return write_artifact(out_dir, export_onnx(result.model, deployed), manifest, tensors)

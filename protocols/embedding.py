@@ -1,0 +1,108 @@
+"""Private embedding lookup: the client's ids stay secret, and so does the server's table.
+
+Protocol (one-hot times table, as in CrypTen's and SecureML's private lookups):
+  1. The client encodes each id as a one-hot row of length R (the table's rows), locally and
+     in plaintext: the encoding is public model structure (R travels in the graph).
+  2. The client secret-shares the one-hot tensor X (N x F x R); the server shares its table T
+     (R x d) once per session.
+  3. Both compute [X T] with one Beaver matrix product: each party opens its share of X - A and
+     T - B (A, B, AB come from the dealer), then combines locally; one round.
+  4. The fixed-point product is truncated locally (two-party SecureML truncation).
+Online bytes per batch are those of step 3: 8 * (N F R + R d) bytes each way, linear in the
+vocabulary R; rows dropped before deployment (never selected in DP training) shrink R.
+
+The graph's Embedding node reads the model input (N x F ids) directly; `encode_input` is the
+client's step 1, applied just before the input is shared, and the secure layer sees one-hots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+EMBEDDING_OP = "Embedding"
+RING_BYTES = 8  # CrypTen shares are 64-bit
+
+
+def check_node(graph: Any, node: Any) -> None:
+    """An Embedding must read the model input directly, and be the only node that reads it."""
+    from .graph import GraphError
+
+    rows, dim = node.attrs.get("rows"), node.attrs.get("dim")
+    if not isinstance(rows, int) or rows < 1 or not isinstance(dim, int) or dim < 1:
+        raise GraphError(f"node '{node.name}' (Embedding) needs positive integer attrs rows and dim, got {node.attrs}")
+    if node.inputs != (graph.input_name,):
+        raise GraphError(
+            f"node '{node.name}' (Embedding) must read the model input '{graph.input_name}' directly "
+            "(the client one-hot encodes its ids before sharing them)"
+        )
+    readers = [n.name for n in graph.nodes if graph.input_name in n.inputs]
+    if readers != [node.name]:
+        raise GraphError(f"the model input feeds an Embedding, so no other node may read it; read by {readers}")
+
+
+def embedding_node(graph: Any) -> Any | None:
+    """The Embedding node that reads the model input, if the model has one."""
+    for node in graph.nodes:
+        if node.op == EMBEDDING_OP:
+            return node
+    return None
+
+
+def plain_embedding(ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Plaintext reference: rows of `table` (R x d) at `ids` (N x F) -> N x F x d."""
+    return table[ids.long()]
+
+
+def check_ids(graph: Any, inputs: np.ndarray) -> None:
+    """Ids for an Embedding input must be integers in [0, rows); raises ValueError naming the offender."""
+    node = embedding_node(graph)
+    if node is None:
+        return
+    rows = node.attrs["rows"]
+    values = np.asarray(inputs)
+    if not np.isfinite(values).all():
+        return  # reported by the caller's NaN check
+    fractional = values != np.round(values)
+    if fractional.any():
+        where = tuple(int(i) for i in np.argwhere(fractional)[0])
+        raise ValueError(f"the model's input is embedding ids, which must be integers; input{list(where)} = {values[where]}")
+    bad = (values < 0) | (values >= rows)
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"embedding id out of range: input{list(where)} = {int(values[where])}, but the deployed table "
+            f"has rows 0..{rows - 1} ({int(bad.sum())} id(s) out of range)"
+        )
+
+
+def encode_input(graph: Any, x: torch.Tensor) -> torch.Tensor:
+    """Step 1, the client's: ids (N x F) -> one-hot (N x F x R); other models' inputs pass unchanged.
+
+    The server calls it on its zero placeholder, which gives the shape of what the client shares.
+    """
+    node = embedding_node(graph)
+    if node is None:
+        return x
+    return torch.nn.functional.one_hot(x.long(), node.attrs["rows"]).to(torch.float32)
+
+
+def secure_embedding(one_hot: Any, table: Any) -> Any:
+    """Steps 2-4 on MPCTensors: [one_hot] (N x F x R) times [table] (R x d), one Beaver product."""
+    return one_hot.matmul(table)
+
+
+@dataclass(frozen=True)
+class LookupCost:
+    """Predicted online cost of one batch's lookup (a model, labelled as such where printed)."""
+
+    rounds: int
+    bytes_online: int  # both directions together
+
+    @classmethod
+    def predict(cls, batch: int, fields: int, rows: int, dim: int) -> "LookupCost":
+        opened = batch * fields * rows + rows * dim  # X - A and T - B
+        return cls(rounds=1, bytes_online=2 * RING_BYTES * opened)
