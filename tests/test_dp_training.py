@@ -1,0 +1,226 @@
+"""DP embedding training: selection sampling, accounting, sparse steps, exact clipping, data."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from dp_accounting import dp_event, rdp
+
+from twinfer.optimizer.dp_accounting import (
+    PrivacyBudgetError,
+    TrainingPrivacy,
+    compute_epsilon,
+    effective_noise_multiplier,
+    solve_noise_multiplier,
+    split_noise_multiplier,
+)
+from twinfer.optimizer.dp_data import DataError, generate_zipf_clicks, load_dataset
+from twinfer.optimizer.dp_embedding_model import EmbeddingMLP, auc, clipped_gradients
+from twinfer.optimizer.dp_sparse_training import (
+    DPTrainConfig,
+    PrivacyReport,
+    adafest_select,
+    plan_privacy,
+    sample_zero_count_rows,
+    train_dp,
+    zero_count_pass_probability,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def small_data():
+    return generate_zipf_clicks(vocab=5000, examples=3000, seed=3)
+
+
+def _privacy(q: float, steps: int, s2: float, s1: float | None = None) -> PrivacyReport:
+    """A fixed privacy plan, so step tests need not solve for the noise."""
+    return PrivacyReport(3.0, 1e-5, "rdp", q, steps, effective_noise_multiplier(s1, s2), s2, s1, None, 0.0, 0.0)
+
+
+# -- DP-AdaFEST selection ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("s1,tau", [(1.0, 1.5), (2.0, 1.0), (0.5, 1.2)])
+def test_zero_count_rows_pass_with_gaussian_tail_probability(s1, tau):
+    gen = torch.Generator().manual_seed(0)
+    vocab = 20_000
+    touched = torch.unique(torch.randint(0, vocab, (3000,), generator=gen))
+    p = zero_count_pass_probability(s1, tau)
+    assert p == pytest.approx(0.5 * math.erfc(tau / s1 / math.sqrt(2)))
+    n0, trials, hits = vocab - len(touched), 50, 0
+    for _ in range(trials):
+        rows = sample_zero_count_rows(vocab, touched, p, gen)
+        assert len(torch.unique(rows)) == len(rows)  # distinct
+        assert not torch.isin(rows, touched).any()  # never a touched row
+        assert rows.min() >= 0 and rows.max() < vocab
+        hits += len(rows)
+    rate = hits / (n0 * trials)
+    std = math.sqrt(p * (1 - p) / (n0 * trials))
+    assert abs(rate - p) < 5 * std, (rate, p)
+
+
+def test_zero_count_sampling_is_uniform_over_untouched_rows():
+    gen = torch.Generator().manual_seed(1)
+    vocab = 1000
+    touched = torch.arange(0, 1000, 2)  # even rows touched: only odd rows may come back
+    counts = torch.zeros(vocab)
+    for _ in range(400):
+        rows = sample_zero_count_rows(vocab, touched, 0.05, gen)
+        counts[rows] += 1
+    assert counts[touched].sum() == 0
+    odd = counts[1::2]
+    assert abs(odd[:250].sum() - odd[250:].sum()) < 5 * math.sqrt(odd.sum())  # no drift towards either end
+
+
+def test_adafest_selection_of_touched_rows_follows_noisy_counts():
+    gen = torch.Generator().manual_seed(2)
+    s1, tau = 1.0, 2.0
+    rows = torch.zeros(4, 1, dtype=torch.long)  # row 0 has true count 4 (one field: weight 1)
+    passes = 0
+    trials = 4000
+    for _ in range(trials):
+        touched, passed, extra = adafest_select(rows, 10, s1, tau, "l2", gen)
+        assert touched.tolist() == [0] and not torch.isin(extra, touched).any()
+        passes += int(passed[0])
+    expected = 0.5 * math.erfc((tau - 4.0) / s1 / math.sqrt(2))  # P(4 + N(0, 1) > 2)
+    assert abs(passes / trials - expected) < 5 * math.sqrt(expected * (1 - expected) / trials)
+
+
+# -- accounting ----------------------------------------------------------------------------------
+
+
+def test_combined_noise_multiplier_and_epsilon_match_plain_dp_sgd():
+    q, steps, delta = 0.01, 500, 1e-5
+    s1, s2 = split_noise_multiplier(1.2, 0.25)
+    assert (s1, s2) == pytest.approx((2.4, 1.2 / math.sqrt(0.75)))
+    effective = effective_noise_multiplier(s1, s2)
+    assert effective == pytest.approx(1.2)
+    assert effective_noise_multiplier(2.0, 2.0) == pytest.approx(math.sqrt(2.0))
+    ours = compute_epsilon(TrainingPrivacy(q, steps, effective), delta, "rdp")
+    reference = rdp.RdpAccountant()
+    reference.compose(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(1.2)), steps)
+    assert ours == pytest.approx(reference.get_epsilon(delta), rel=1e-9)
+
+
+def test_noise_solved_from_epsilon_spends_the_target():
+    q, steps, delta = 0.05, 100, 1e-5
+    sigma = solve_noise_multiplier(2.0, delta, q, steps)
+    assert compute_epsilon(TrainingPrivacy(q, steps, sigma), delta) <= 2.0
+    assert compute_epsilon(TrainingPrivacy(q, steps, sigma * 0.99), delta) > 2.0  # not more noise than needed
+
+
+def test_adafest_plan_spends_what_dp_sgd_at_its_effective_noise_spends():
+    n = 10_000
+    ada = plan_privacy(DPTrainConfig(method="adafest", epsilon=3, epochs=2, batch_size=500, selection_share=0.3), n)
+    s1, s2 = ada.noise_multiplier_selection, ada.noise_multiplier_gradient
+    assert ada.noise_multiplier_effective == pytest.approx((s1**-2 + s2**-2) ** -0.5)
+    assert s2 > ada.noise_multiplier_effective  # selection costs gradient noise
+    reference = rdp.RdpAccountant()  # plain DP-SGD with the same effective noise and sampling
+    reference.compose(dp_event.PoissonSampledDpEvent(500 / n, dp_event.GaussianDpEvent(ada.noise_multiplier_effective)), ada.steps)
+    assert ada.epsilon_rdp == pytest.approx(reference.get_epsilon(1 / n), rel=1e-9)
+    assert ada.epsilon_rdp <= 3.0 and ada.delta == pytest.approx(1 / n) and ada.epsilon_pld <= ada.epsilon_rdp
+
+
+def test_impossible_settings_are_refused_clearly():
+    with pytest.raises(PrivacyBudgetError, match="out of reach for 100000 steps"):
+        solve_noise_multiplier(0.01, 1e-5, 1.0, 100_000)
+    with pytest.raises(PrivacyBudgetError, match="DP top-k selection alone spends"):
+        solve_noise_multiplier(0.5, 1e-5, 0.01, 10, topk_noise_multiplier=1.0)
+    with pytest.raises(PrivacyBudgetError, match="epsilon must be a positive"):
+        solve_noise_multiplier(0.0, 1e-5, 0.01, 10)
+    with pytest.raises(PrivacyBudgetError, match="delta must be in"):
+        solve_noise_multiplier(1.0, 1.5, 0.01, 10)
+    with pytest.raises(ValueError, match="unknown selection method"):
+        DPTrainConfig(method="sparse")
+
+
+# -- training steps ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["fest", "adafest"])
+def test_a_step_touches_only_selected_rows(small_data, method):
+    config = DPTrainConfig(
+        method=method, batch_size=300, threshold_sigmas=3.0, fest_topk=200, fest_frequencies="public", max_steps=1, seed=4
+    )
+    s1 = 2.0 if method == "adafest" else None
+    result = train_dp(small_data, config, privacy=_privacy(0.1, 10, 1.0, s1))
+    table = result.model.table.detach()
+    changed = (table != 0).any(1)
+    vocab = table.shape[0]
+    assert changed.sum() > 0
+    assert not (changed & ~result.updated).any()  # every changed row was selected
+    assert result.stats.gradient_rows[0] == int(result.updated.sum()) < vocab  # a sparse gradient
+    if method == "fest":
+        assert result.stats.gradient_rows[0] == 200 + small_data.vocab_sizes[1]  # top-k ids + the small field
+    else:
+        # the batch touched far more rows than passed; the untouched, unselected rows stay exactly zero
+        assert result.stats.false_positive_rows[0] >= 0
+        assert int(result.updated.sum()) < result.stats.true_rows[0] + small_data.vocab_sizes[1] + 50
+
+
+def test_dense_dp_sgd_updates_every_row(small_data):
+    config = DPTrainConfig(method="dense", batch_size=300, max_steps=2)
+    result = train_dp(small_data, config, privacy=_privacy(0.1, 10, 1.0))
+    assert bool((result.model.table != 0).any(1).all())
+    assert result.stats.gradient_rows == [result.model.table.shape[0]] * 2
+
+
+def test_clipped_gradients_equal_per_example_autograd():
+    torch.manual_seed(0)
+    model = EmbeddingMLP([7, 5, 3], dim=4, hidden=6, seed=1)
+    with torch.no_grad():
+        model.table.normal_()  # non-zero rows, so every term of the norm is exercised
+    ids = torch.stack([torch.randint(0, v, (9,)) for v in (7, 5, 3)], 1)
+    labels = (torch.rand(9) > 0.5).float()
+    clip = 0.5
+    ours = clipped_gradients(model, ids, labels, clip)
+
+    params = dict(model.named_parameters())
+
+    def loss_one(p, x, y):
+        out = torch.func.functional_call(model, p, (x[None],))
+        return torch.nn.functional.binary_cross_entropy_with_logits(out, y[None], reduction="sum")
+
+    per = torch.func.vmap(torch.func.grad(loss_one), in_dims=(None, 0, 0))(params, ids, labels)
+    norms = torch.sqrt(sum((g.reshape(9, -1) ** 2).sum(1) for g in per.values()))
+    torch.testing.assert_close(ours.norms, norms, rtol=1e-4, atol=1e-6)
+    c = torch.clamp(clip / norms, max=1.0)
+    for name, got in zip(["w1", "b1", "w2", "b2"], ours.mlp):
+        torch.testing.assert_close(got, (per[name] * c.reshape(-1, *[1] * (per[name].dim() - 1))).sum(0), rtol=1e-4, atol=1e-6)
+    dense_table = (per["table"] * c[:, None, None]).sum(0)
+    sparse_table = torch.zeros_like(dense_table).index_add_(0, ours.rows.flatten(), ours.row_grads.reshape(-1, 4))
+    torch.testing.assert_close(sparse_table, dense_table, rtol=1e-4, atol=1e-6)
+
+
+def test_auc_matches_pairwise_count():
+    rng = np.random.default_rng(0)
+    scores = np.round(rng.normal(size=300), 1)  # ties on purpose
+    labels = rng.random(300) > 0.4
+    pos, neg = scores[labels], scores[~labels]
+    brute = ((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (len(pos) * len(neg))
+    assert auc(scores, labels) == pytest.approx(brute)
+
+
+# -- data ----------------------------------------------------------------------------------------
+
+
+def test_movielens_from_the_installed_wheel():
+    data = load_dataset("movielens-100k")
+    assert len(data.train_ids) + len(data.test_ids) == 100_000
+    assert data.fields[:2] == ["user", "item"] and data.vocab_sizes[:2] == [943, 1682]
+    assert not data.generated
+    for f, size in enumerate(data.vocab_sizes):
+        assert data.train_ids[:, f].min() >= 0 and data.train_ids[:, f].max() < size
+    assert 0.5 < data.train_labels.mean() < 0.6  # share of ratings >= 4
+
+
+def test_generated_data_says_so_and_unknown_names_fail():
+    data = generate_zipf_clicks(vocab=1000, examples=500)
+    assert data.generated and "GENERATED" in data.description and data.summary()["generated"] is True
+    with pytest.raises(DataError, match="unknown dataset 'criteo'.*movielens-100k"):
+        load_dataset("criteo")
