@@ -43,6 +43,7 @@ from twinfer.optimizer.demo_models import evaluate_accuracy
 from twinfer.optimizer.he_friendly import FitConfig, Split, fit
 from twinfer.optimizer.mofhei import artifact_graph, cost_report, format_report, lenet5, optimize_mofhei
 from twinfer.parties.model_file import read_model_bytes
+from twinfer.parties.transport import TransportOptions
 from twinfer.protocols.cost_model import graph_cost, total_cost
 
 log = logging.getLogger("block_pruning")
@@ -73,7 +74,8 @@ def measure(label: str, model: torch.nn.Module, test: tuple[np.ndarray, np.ndarr
     graph = artifact_graph(out)
     predicted = graph_cost(graph, batch=1)
     start = time.perf_counter()
-    reports = run_local_session(read_model_bytes(out), private, batch=1)
+    options = TransportOptions(connect_timeout_s=60.0)  # party start-up is slow on a busy machine
+    reports = run_local_session(read_model_bytes(out), private, batch=1, options=options, timeout_s=600)
     session_s = time.perf_counter() - start
     client = reports["client"]
     n = len(client.batch_latency_s)

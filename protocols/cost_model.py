@@ -22,9 +22,14 @@ Per layer, for a batch of N samples:
    Beaver product (2 words). 29 words = 464 bytes per element, 9 rounds.
 4. Average pooling, flatten, reshape, additions, public scaling: local, no bytes.
 5. The logits are opened to the client only: N * |out| * 8 bytes, 1 round (one way).
-
-Max-pooling (CrypTen's log-reduction of comparisons plus an equality test) is not modelled:
-its layer is reported with `modelled=False`, so a caller never mistakes a gap for a zero.
+6. Max-pooling over windows of n elements (CrypTen `common/functions/maximum.py`, max_method
+   "log_reduction"): int(ln n) halving steps, each a comparison (a ReLU without its product:
+   27 words, 8 rounds) and a `where` (2 products); a pairwise argmax over the r values left
+   ((r - 1) r comparisons, a product tree), a tie-breaking `weighted_index` (a random fixed-point
+   value: 16 bit conversions; a product; r comparisons); the max as a product; then, for the
+   argmax that max_pool2d discards, an equality test per window element (6 ANDs + B2A: 13
+   words, 7 rounds) and another `weighted_index` over the n elements. `maxpool_words` counts it
+   (2x2: 370 words, 46 rounds per window). An op with no entry here is `modelled=False`.
 
 The unit that pruning removes is a `BlockShape`. With Beaver products nothing is packed, so a
 block is one output neuron or filter (its row of W, its outputs, the next layer's input
@@ -35,6 +40,7 @@ matrix) would be another BlockShape kind.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -45,6 +51,9 @@ WORD_BYTES = 8  # CrypTen's 64-bit ring
 OPEN_BYTES = 2 * WORD_BYTES  # one opened element: send my share, receive theirs
 RELU_WORDS = 2 + 4 * 6 + 1 + 2  # adder AND, 6 SPK levels, B2A bit, final product
 RELU_ROUNDS = 1 + 6 + 1 + 1
+CMP_WORDS, CMP_ROUNDS = RELU_WORDS - 2, RELU_ROUNDS - 1  # x < 0 without the final product
+EQ_WORDS, EQ_ROUNDS = 2 * 6 + 1, 6 + 1  # 6 ANDs of one word, B2A of the bit
+RAND_WORDS = 16  # crypten.rand: a 16-bit fixed-point value from 16 single-bit B2As, one round
 LINEAR_OPS = ("Conv", "Gemm")
 LOCAL_OPS = ("AveragePool", "GlobalAveragePool", "Flatten", "Reshape", "Add")
 CHANNEL_OPS = ("Relu", "MaskedRelu", "MaxPool", "AveragePool", "GlobalAveragePool", "Affine", "Add")
@@ -104,6 +113,45 @@ def _input_shapes(graph: Graph) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def maxpool_words(windows: int, n: int) -> tuple[int, int]:
+    """Words each party sends, and rounds, for CrypTen's max_pool2d over `windows` windows of n."""
+    if n < 2:
+        return 0, 0
+    words = rounds = 0
+
+    def cmp(e: int) -> None:
+        nonlocal words, rounds
+        words, rounds = words + CMP_WORDS * e, rounds + CMP_ROUNDS
+
+    def mul(e: int) -> None:
+        nonlocal words, rounds
+        words, rounds = words + 2 * e, rounds + 1
+
+    def weighted_index(r: int) -> None:
+        nonlocal words, rounds
+        words, rounds = words + RAND_WORDS * windows, rounds + 1
+        mul(windows)
+        cmp(windows * r)
+
+    m = n
+    for _ in range(int(math.log(n))):  # CrypTen's step count uses the natural logarithm
+        half = m // 2
+        cmp(windows * half)
+        mul(windows * half)  # where(x >= y, x, y): (1 - c) * y, then x * c
+        mul(windows * half)
+        m = half + m % 2
+    cmp(windows * m * (m - 1))  # pairwise: every value against the m - 1 others
+    size = m - 1
+    while size > 1:  # product over the comparisons
+        mul(windows * m * (size // 2))
+        size = size // 2 + size % 2
+    weighted_index(m)
+    mul(windows * m)  # the max, as (values * one-hot).sum()
+    words, rounds = words + EQ_WORDS * windows * n, rounds + EQ_ROUNDS  # argmax: values == max
+    weighted_index(n)
+    return words, rounds
+
+
 def layer_cost(node: Node, graph: Graph, shapes: dict[str, tuple[int, ...]], batch: int) -> LayerCost:
     """Cost of one node for `batch` samples."""
     x = _size(shapes[node.inputs[0]])
@@ -136,7 +184,11 @@ def layer_cost(node: Node, graph: Graph, shapes: dict[str, tuple[int, ...]], bat
         pass  # a secret constant added: local
     elif node.op in LOCAL_OPS:
         pass
-    else:  # MaxPool
+    elif node.op == "MaxPool":
+        n = int(np.prod(node.attrs["kernel"]))
+        words, cost.rounds = maxpool_words(batch * out, n)
+        cost.bytes_online = words * OPEN_BYTES
+    else:
         cost.modelled = False
     return cost
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import onnx
 import pytest
 import torch
 from torch import nn
@@ -33,7 +32,6 @@ from twinfer.optimizer.he_friendly import (
 )
 from twinfer.optimizer.mofhei import artifact_graph, cost_report, format_report, optimize_mofhei
 from twinfer.protocols.cost_model import BlockShape, graph_cost, pruned_graph, total_cost
-from twinfer.protocols.graph import graph_from_onnx
 
 QUICK = FitConfig(epochs=1, lr=1e-3, patience=1, batch_size=32)
 
@@ -218,20 +216,26 @@ def test_pruned_graph_predicts_the_culled_models_cost(tmp_path):
 
 
 def test_cost_model_matches_a_measured_private_run(tmp_path):
-    """Real dealer, server and client processes over gRPC; bytes within 5% (in fact exact)."""
+    """Real dealer, server and client processes over gRPC; bytes within 5% (in fact exact).
+
+    The model has every layer kind the cost model prices: Beaver conv and matmul, polynomial
+    sites, a full ReLU, average and max pooling, the output opening.
+    """
     from twinfer.benchmarks.local_session import run_local_session
     from twinfer.parties.model_file import read_model_bytes
+    from twinfer.parties.transport import TransportOptions
 
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(1, 3, 3, padding=1), PolyAct((0.2, 0.5, 0.1)), nn.AvgPool2d(2),
-        nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 8), PolyAct(), nn.Linear(8, 10),
+        nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 2 * 2, 8), PolyAct(), nn.Linear(8, 10),
     ).eval()  # fmt: skip
     x = torch.randn(2, 1, 12, 12)
     model(x)
     export_artifact(model, x[:1], tmp_path / "art", {})
     graph = artifact_graph(tmp_path / "art")
-    reports = run_local_session(read_model_bytes(tmp_path / "art"), x.numpy(), batch=2, timeout_s=180)
+    options = TransportOptions(connect_timeout_s=60.0)  # a loaded 2-core machine starts processes slowly
+    reports = run_local_session(read_model_bytes(tmp_path / "art"), x.numpy(), batch=2, options=options, timeout_s=300)
     predicted = graph_cost(graph, batch=2)
     for role in ("client", "server"):
         r = reports[role]
@@ -252,11 +256,3 @@ def test_cost_model_matches_a_measured_private_run(tmp_path):
     total = report["layers"][-1]
     assert total["layer"] == "total" and total["after"]["bytes_online_measured"] == total["after"]["bytes_online_predicted"]
     assert "bytes measured" in format_report(report)
-
-
-def test_max_pool_is_reported_as_not_modelled():
-    onnx_bytes = export_onnx_bytes(small_lenet().eval(), torch.zeros(1, 1, 12, 12))
-    graph, _ = graph_from_onnx(onnx.load_from_string(onnx_bytes))
-    costs = graph_cost(graph)
-    assert [c.op for c in costs if not c.modelled] == ["MaxPool", "MaxPool"]
-    assert not total_cost(costs).modelled
