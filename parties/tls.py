@@ -110,6 +110,8 @@ def check_peer_role(context: grpc.ServicerContext, allowed: tuple[str, ...], lis
 def handshake_hint(details: str) -> str:
     """A readable reason for a failed TLS connection, from the status details gRPC gives the dialer."""
     text = details.lower()
+    if "wrong_version_number" in text:
+        return "the listening party does not speak TLS (start it with --tls as well)"
     if "hostname verification" in text:
         return "the listening party's certificate names another role"
     if "certificate signature failure" in text or "certificate_verify_failed" in text or "unknown_ca" in text:

@@ -502,10 +502,16 @@ def open_channel(
     try:
         grpc.channel_ready_future(channel).result(timeout=options.connect_timeout_s)
     except grpc.FutureTimeoutError:
-        refused = _tls_failure(channel, options) if tls is not None else None
+        refused = _connect_failure(channel, options, tls is not None)
         channel.close()
-        if refused is not None:
+        if refused is not None and tls is not None:
             raise AuthError(f"TLS connection to {peer_role} at {address} failed: {refused}", origin=role) from None
+        if refused is not None:
+            raise AuthError(
+                f"{peer_role} at {address} closed the connection at once: it probably requires mutual TLS "
+                f"(start this party with --tls) ({refused})",
+                origin=role,
+            ) from None
         raise PeerError(
             f"{peer_role} at {address} is not reachable (no connection within {options.connect_timeout_s:g} s)",
             origin=role,
@@ -516,13 +522,16 @@ def open_channel(
 _TLS_MARKERS = ("tls", "ssl", "handshake", "hostname", "socket closed", "certificate")
 
 
-def _tls_failure(channel: grpc.Channel, options: TransportOptions) -> str | None:
-    """Why a TLS channel did not connect, if the handshake is to blame; None if nothing answers."""
+def _connect_failure(channel: grpc.Channel, options: TransportOptions, secure: bool) -> str | None:
+    """Why a channel did not connect, if TLS is to blame (a failed handshake, or a TLS-only
+    listener hanging up on a plaintext dialer); None if nothing answers at all."""
     probe = channel.unary_unary("/twinfer.Probe/Connect", request_serializer=None, response_deserializer=None)
     try:
         probe(b"", timeout=min(2.0, options.connect_timeout_s), wait_for_ready=False)
     except grpc.RpcError as err:
         details = err.details() or ""
-        if any(marker in details.lower() for marker in _TLS_MARKERS):
+        if secure and any(marker in details.lower() for marker in _TLS_MARKERS):
             return f"{handshake_hint(details)} (gRPC: {details})"
+        if not secure and "socket closed" in details.lower():
+            return f"gRPC: {details}"
     return None

@@ -184,3 +184,13 @@ def test_config_role_and_certificate_role_must_agree(certs):
 def test_identity_never_prints_its_key(certs):
     identity = _identity(certs, "server")
     assert "PRIVATE" not in repr(identity) and "PRIVATE" not in str(identity)
+
+
+@pytest.mark.parametrize("listener_tls, dialer_tls, message", [(True, False, "probably requires mutual TLS"), (False, True, "does not speak TLS")])
+def test_tls_on_one_end_only_is_named(certs, listener_tls, dialer_tls, message):
+    listener = PartyListener("server", "127.0.0.1:0", FAST, _identity(certs, "server") if listener_tls else None)
+    try:
+        with pytest.raises(AuthError, match=message):
+            open_channel(listener.address, role="client", peer_role="server", options=FAST, tls=_identity(certs, "client") if dialer_tls else None)
+    finally:
+        listener.close(grace=0)
