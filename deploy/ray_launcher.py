@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from twinfer.parties.errors import PeerError, TwinferError
+from twinfer.parties.errors import PeerError, PeerTimeoutError, TwinferError
 from twinfer.parties.session import CLIENT, DEALER, SERVER, PartyConfig, PartyReport
 from twinfer.parties.tls import TlsIdentity
 from twinfer.parties.transport import TransportOptions
@@ -349,31 +349,41 @@ class PartyPool:
         )  # fmt: skip
 
     def start(self, onnx_bytes: bytes) -> None:
-        import ray
-
         timeout = self.options.connect_timeout_s + 120.0  # actor start-up includes importing torch
         dealer_address = None
         if DEALER in self.actors:
-            dealer_address = ray.get(
+            dealer_address = _get(
                 self.actors[DEALER].listen.remote(self._template(DEALER), None, self.max_sessions), timeout=timeout
             )
-        server_address = ray.get(
+        server_address = _get(
             self.actors[SERVER].listen.remote(self._template(SERVER, dealer_address=dealer_address), onnx_bytes, self.max_sessions),
             timeout=timeout,
         )
         client = self._template(CLIENT, server_address=server_address, dealer_address=dealer_address)
-        ray.get(self.actors[CLIENT].listen.remote(client, None, self.max_sessions), timeout=timeout)
+        _get(self.actors[CLIENT].listen.remote(client, None, self.max_sessions), timeout=timeout)
 
     def open(self, session_ids: list[str], inputs: list[np.ndarray], batch_size: int) -> None:
-        import ray
-
         # Server and dealer expect the sessions before the client dials them.
-        ray.get([self.actors[r].open.remote(session_ids) for r in (DEALER, SERVER) if r in self.actors], timeout=60)
-        ray.get(self.actors[CLIENT].open.remote(session_ids, inputs, batch_size), timeout=60)
+        _get([self.actors[r].open.remote(session_ids) for r in (DEALER, SERVER) if r in self.actors], timeout=60)
+        _get(self.actors[CLIENT].open.remote(session_ids, inputs, batch_size), timeout=60)
 
     def collect(self, session_ids: list[str], timeout_s: float, progress: bool) -> dict[str, dict | BaseException]:
         refs = {self.actors[role].run.remote(session_ids, timeout_s): role for role in self.actors}
         return _collect(self.actors, refs, self.options, progress)
+
+
+def _get(refs, timeout: float):
+    """ray.get for set-up calls: a party's own error as itself, a stalled start as a timeout."""
+    import ray
+    from ray.exceptions import GetTimeoutError, RayError
+
+    try:
+        return ray.get(refs, timeout=timeout)
+    except GetTimeoutError:
+        raise PeerTimeoutError(f"the party actors did not answer within {timeout:g} s (is the cluster busy?)") from None
+    except RayError as err:
+        cause = _unwrap(err)
+        raise cause if isinstance(cause, (TwinferError, ValueError)) else PeerError(f"a party actor failed: {cause}") from None
 
 
 def _collect(actors, refs: dict, options: TransportOptions, progress: bool) -> dict[str, dict | BaseException]:
