@@ -126,6 +126,16 @@ def budget_hinge(model: nn.Module, budget: int) -> torch.Tensor:
     return F.relu(kept / total - budget / total)
 
 
+def _penalty(base: float, step: int, search_steps: int) -> float:
+    """The hinge weight: constant for the first half of the search, then doubling every tenth.
+
+    Our searches are a few hundred steps, not AutoReP's 200 epochs; positions whose loss
+    gradient resists a constant weight would otherwise keep the count above the budget.
+    """
+    late = (step - search_steps / 2) / max(search_steps / 10, 1)
+    return base * 2.0 ** max(0.0, late)
+
+
 @torch.no_grad()
 def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     model.eval()
@@ -197,19 +207,20 @@ def optimize_relus(
             target = teacher(x[idx])
         loss = F.cross_entropy(logits, y[idx]) + config.kd_weight * _kd_loss(logits, target, config.kd_temperature)
         if searching:
-            loss = loss + config.penalty * budget_hinge(student, config.relu_budget)
+            loss = loss + _penalty(config.penalty, step, search_steps) * budget_hinge(student, config.relu_budget)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
         count = relu_count(student)
-        bar.set_postfix(loss=f"{loss.item():.3f}", relus=count)
+        epoch = f"{(step + 1) / steps_per_epoch:.2f}"
+        bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}", relus=count)
         if (step + 1) % eval_every == 0 or step == steps - 1:
             acc = _accuracy(student, xv, yv)
             history.append(
                 {"step": step + 1, "epoch": (step + 1) / steps_per_epoch, "loss": loss.item(), "val_accuracy": acc, "relu_count": count, "searching": searching}
             )
-            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.3f}", relus=count)
+            bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}", val_acc=f"{acc:.3f}", relus=count)
             # Only fine-tune-phase checkpoints count: their mask is final, and within budget.
             if count <= config.relu_budget and not searching and (best is None or acc > best[0]):
                 best = (acc, copy.deepcopy(student.state_dict()))
