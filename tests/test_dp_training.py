@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -224,3 +225,31 @@ def test_generated_data_says_so_and_unknown_names_fail():
     assert data.generated and "GENERATED" in data.description and data.summary()["generated"] is True
     with pytest.raises(DataError, match="unknown dataset 'criteo'.*movielens-100k"):
         load_dataset("criteo")
+
+
+# -- the command ---------------------------------------------------------------------------------
+
+
+def test_train_dp_command_writes_a_loadable_artifact(tmp_path, capsys):
+    from twinfer.deploy.cli import main
+    from twinfer.parties.model_file import check_input_fits, load_model
+
+    out = tmp_path / "ml-dp"
+    code = main(["train-dp", "--data", "movielens-100k", "--epsilon", "3", "--epochs", "1", "--selection", "fest", "--out", str(out), "--json"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["method"] == "fest" and summary["privacy"]["epsilon_rdp"] <= 3.0
+    assert summary["dataset"]["generated"] is False
+    graph, _ = load_model(out)
+    check_input_fits(graph, np.load(out / "queries.npy"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["selection"] == "fest" and manifest["topk_noise_multiplier"] == 20.0  # DP top-k, composed
+    assert sum(manifest["rows_dropped"].values()) > 0  # items outside the top-k are not deployed
+
+
+def test_train_dp_command_refuses_an_impossible_budget(capsys):
+    from twinfer.deploy.cli import main
+
+    code = main(["train-dp", "--data", "movielens-100k", "--epsilon", "0.001", "--epochs", "2000"])
+    err = capsys.readouterr().err
+    assert code == 2 and "out of reach" in err and "Traceback" not in err
