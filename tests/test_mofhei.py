@@ -256,3 +256,44 @@ def test_cost_model_matches_a_measured_private_run(tmp_path):
     total = report["layers"][-1]
     assert total["layer"] == "total" and total["after"]["bytes_online_measured"] == total["after"]["bytes_online_predicted"]
     assert "bytes measured" in format_report(report)
+
+
+# -- twinfer optimize ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def one_thread():
+    """Training beside other processes on 2 cores: one intra-op thread avoids oversubscription."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_twinfer_optimize_converts_prunes_and_writes_a_smaller_dense_artifact(tmp_path, capsys, one_thread):
+    from twinfer.deploy.cli import main
+    from twinfer.optimizer.mofhei import lenet5
+    from twinfer.parties.model_file import load_model
+
+    torch.manual_seed(0)
+    (tmp_path / "lenet.onnx").write_bytes(export_onnx_bytes(lenet5().eval(), torch.zeros(1, 1, 28, 28)))
+    out = tmp_path / "lenet-p90"
+    argv = ["optimize", "--model", str(tmp_path / "lenet.onnx"), "--data", "mnist", "--train-samples", "200", "--out", str(out)]
+    assert main(argv + ["--convert", "he-friendly", "--prune-blocks", "0.9"]) == 0
+    graph, weights = load_model(out)  # what `twinfer infer --model out/` loads: digests, sites, relu_count
+    ops = [n.op for n in graph.nodes]
+    assert "Relu" not in ops and "MaxPool" not in ops and graph.relu_count() == 0
+    for key, w in weights.items():  # dense: every remaining filter / neuron has nonzero weights
+        if key.endswith("weight"):
+            assert (np.abs(w).reshape(w.shape[0], -1).sum(axis=1) > 0).all(), key
+    conv_out = [graph.weight_shapes[n.weights[0]][0] for n in graph.nodes if n.op == "Conv"]
+    assert conv_out == [1, 2]  # 6 -> 1 and 16 -> 2 filters at 90% target sparsity
+    manifest = __import__("json").loads((out / "manifest.json").read_text())
+    cost = manifest["mofhei"]["cost_predicted"]["layers"][-1]
+    assert cost["layer"] == "total" and cost["after"]["bytes_online_predicted"] < 0.2 * cost["before"]["bytes_online_predicted"]
+    assert cost["before"]["relu_count"] > 0 and cost["after"]["relu_count"] == 0 and cost["after"]["poly_count"] > 0
+
+    assert main(argv + ["--convert", "he_friendly"]) != 0
+    assert "unknown conversion 'he_friendly'" in capsys.readouterr().err
+    assert main(argv + ["--prune-blocks", "1.0"]) != 0
+    assert "[0, 1)" in capsys.readouterr().err
