@@ -16,6 +16,7 @@ or a GraphModule (optimizer/graph_module.py) whose nodes each read the previous 
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from twinfer.optimizer.graph_module import GraphModule, Reshape
-from twinfer.optimizer.he_friendly import FitConfig, PolyAct, Split, StageLog, fit
+from twinfer.optimizer.he_friendly import FitConfig, PolyAct, Split, StageLog, fit, run_hooked
 from twinfer.protocols.cost_model import FILTER_BLOCKS, BlockShape
 
 LINEAR = (nn.Conv2d, nn.Linear)
@@ -188,16 +189,9 @@ def _shapes(model: nn.Module, example: torch.Tensor) -> dict[str, tuple[torch.Si
     layers = chain(model)
     names = {id(m): n for n, m in layers}
     shapes = {}
-    hooks = [
-        m.register_forward_hook(lambda mod, i, o: shapes.__setitem__(names[id(mod)], (i[0].shape[1:], o.shape[1:])))
-        for _, m in layers
-    ]
-    try:
-        with torch.no_grad():
-            model(example[:1])
-    finally:
-        for h in hooks:
-            h.remove()
+    run_hooked(
+        model, example[:1], [m for _, m in layers], lambda mod, i, o: shapes.__setitem__(names[id(mod)], (i[0].shape[1:], o.shape[1:]))
+    )
     return shapes
 
 
@@ -237,7 +231,7 @@ def cull(model: nn.Module, masks: dict[str, torch.Tensor], example: torch.Tensor
                 raise PruningError(f"layer '{name}' pads a pruned channel that holds a nonzero constant")
             if const is not None:
                 const = torch.tensor([_constant_through(m, float(v)) for v in const])
-            out.append(_copy(m))
+            out.append(copy.deepcopy(m))
         elif isinstance(m, (nn.Flatten, Reshape)):
             in_shape, out_shape = shapes[name]
             if len(out_shape) != 1:
@@ -256,12 +250,6 @@ def cull(model: nn.Module, masks: dict[str, torch.Tensor], example: torch.Tensor
 def _padded(m: nn.Module) -> bool:
     p = getattr(m, "padding", 0)
     return any(v != 0 for v in (p if isinstance(p, (tuple, list)) else (p,)))
-
-
-def _copy(m: nn.Module) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(m)
 
 
 @torch.no_grad()

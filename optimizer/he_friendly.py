@@ -159,17 +159,22 @@ def fit(
     return StageLog(stage, epoch, best, history)
 
 
+def run_hooked(model: nn.Module, x: torch.Tensor, modules, hook: Callable) -> None:
+    """One no-grad forward pass of `x` with `hook(module, inputs, output)` on each of `modules`."""
+    handles = [m.register_forward_hook(hook) for m in modules]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def forward_order(model: nn.Module, example: torch.Tensor) -> list[str]:
     """Names of the leaf modules in the order one forward pass calls them."""
     names = {m: n for n, m in model.named_modules() if not list(m.children())}
     order: list[str] = []
-    hooks = [m.register_forward_hook(lambda mod, _i, _o: order.append(names[mod])) for m in names]
-    try:
-        with torch.no_grad():
-            model(example[:1])
-    finally:
-        for h in hooks:
-            h.remove()
+    run_hooked(model, example[:1], names, lambda mod, _i, _o: order.append(names[mod]))
     return order
 
 
@@ -200,12 +205,7 @@ def _replacement(model: nn.Module, name: str, x: torch.Tensor) -> nn.Module:
     if isinstance(module, nn.MaxPool2d):
         return avg_pool_like(module)
     seen: list[torch.Tensor] = []
-    hook = module.register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0].detach()))
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        hook.remove()
+    run_hooked(model, x, [module], lambda _m, inputs, _o: seen.append(inputs[0].detach()))
     return PolyAct.fit_relu(3.0 * float(seen[0].std()))
 
 
