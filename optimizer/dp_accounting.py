@@ -11,7 +11,10 @@ for the noise.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import dp_accounting
@@ -77,12 +80,25 @@ def _check_common(delta: float, sampling_rate: float, steps: int) -> None:
         raise PrivacyBudgetError(f"training needs at least one step, got {steps}")
 
 
+@contextlib.contextmanager
+def _quiet_absl() -> Iterator[None]:
+    """dp-accounting logs a warning for each RDP order it skips (harmless: that order is not used)."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def compute_epsilon(privacy: TrainingPrivacy, delta: float, accountant: str = "rdp") -> float:
     """Epsilon spent by the run at `delta`, from dp-accounting's RDP or PLD accountant."""
     _check_common(delta, privacy.sampling_rate, privacy.steps)
     acc = _accountant(accountant)
-    acc.compose(privacy.event())
-    return float(acc.get_epsilon(delta))
+    with _quiet_absl():
+        acc.compose(privacy.event())
+        return float(acc.get_epsilon(delta))
 
 
 def solve_noise_multiplier(
@@ -109,8 +125,9 @@ def solve_noise_multiplier(
 
     if topk_noise_multiplier is not None:
         alone = _accountant(accountant)
-        alone.compose(dp_event.GaussianDpEvent(topk_noise_multiplier))
-        spent = float(alone.get_epsilon(delta))
+        with _quiet_absl():
+            alone.compose(dp_event.GaussianDpEvent(topk_noise_multiplier))
+            spent = float(alone.get_epsilon(delta))
         if spent >= target_epsilon:
             raise PrivacyBudgetError(
                 f"the DP top-k selection alone spends epsilon {spent:.3g} (noise multiplier "
