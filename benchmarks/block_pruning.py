@@ -10,7 +10,8 @@ run privately (dealer, server, client as three local processes over gRPC, batch 
 cost model's predictions (protocols/cost_model.py) are printed beside the measurements.
 
     python benchmarks/block_pruning.py [--datasets mnist fashion] [--sparsities 0.5 0.8 0.9 0.95]
-        [--fashion-train 5000] [--settle-epochs 15] [--private-samples 3] [--out results/block_pruning]
+        [--fashion-train 5000] [--settle-epochs 15] [--private-samples 3] [--network wan]
+        [--out results/block_pruning]
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from twinfer.optimizer.demo_models import evaluate_accuracy
 from twinfer.optimizer.he_friendly import FitConfig, Split, fit
 from twinfer.optimizer.mofhei import artifact_graph, cost_report, format_report, lenet5, optimize_mofhei
 from twinfer.parties.model_file import read_model_bytes
+from twinfer.parties.network_profile import parse_profile
 from twinfer.parties.transport import TransportOptions
 from twinfer.protocols.cost_model import graph_cost, total_cost
 
@@ -62,7 +64,9 @@ def load(name: str, fashion_train: int, seed: int) -> tuple[tuple[np.ndarray, ..
     return (x[pick], y[pick], xt, yt), note
 
 
-def measure(label: str, model: torch.nn.Module, test: tuple[np.ndarray, np.ndarray], private: np.ndarray, workdir: Path) -> dict[str, Any]:
+def measure(
+    label: str, model: torch.nn.Module, test: tuple[np.ndarray, np.ndarray], private: np.ndarray, workdir: Path, network: str | None
+) -> dict[str, Any]:
     """Plaintext accuracy, structure, predicted costs and one private session (batch 1)."""
     model.eval()
     accuracy = evaluate_accuracy(model, *test)
@@ -74,7 +78,8 @@ def measure(label: str, model: torch.nn.Module, test: tuple[np.ndarray, np.ndarr
     graph = artifact_graph(out)
     predicted = graph_cost(graph, batch=1)
     start = time.perf_counter()
-    options = TransportOptions(connect_timeout_s=60.0)  # party start-up is slow on a busy machine
+    # party start-up is slow on a busy machine; --network shapes the client<->server link in the transport
+    options = TransportOptions(connect_timeout_s=60.0, network=parse_profile(network) if network else None)
     reports = run_local_session(read_model_bytes(out), private, batch=1, options=options, timeout_s=600)
     session_s = time.perf_counter() - start
     client = reports["client"]
@@ -120,26 +125,27 @@ def run_dataset(name: str, args: argparse.Namespace, workdir: Path) -> dict[str,
     torch.manual_seed(args.seed)
     model = lenet5()
     fit(model, data, PRETRAIN, stage=f"{name}: pretrain")
-    original_accuracy = evaluate_accuracy(model, *test)
     timings["pretrain_s"] = time.perf_counter() - t
+    original = measure("original (ReLU, max-pool)", model, test, private, workdir / name, args.network)
     t = time.perf_counter()
     he = optimize_mofhei(model, data, convert="he-friendly").model
     timings["convert_s"] = time.perf_counter() - t
-    rows = [measure("HE-friendly unpruned", he, test, private, workdir / name)]
+    rows = [measure("HE-friendly unpruned", he, test, private, workdir / name, args.network)]
     prune = PruneConfig(settle=FitConfig(epochs=args.settle_epochs, lr=3e-3, patience=5, batch_size=32))
     for sparsity in args.sparsities:
         t = time.perf_counter()
         block = optimize_mofhei(copy.deepcopy(he), data, convert=None, prune_blocks=sparsity, pruning=prune)
         timings[f"block_{sparsity}_s"] = time.perf_counter() - t
-        row = measure(f"block {sparsity}", block.model, test, private, workdir / name)
+        row = measure(f"block {sparsity}", block.model, test, private, workdir / name, args.network)
         row["kept_blocks"] = {k: f"{block.kept_blocks[k]}/{block.total_blocks[k]}" for k in block.kept_blocks}
         rows.append(row)
         t = time.perf_counter()
         base = copy.deepcopy(he)
         train_pruned(base, data, UnstructuredPruner.for_model(base, sparsity), prune)
         timings[f"unstructured_{sparsity}_s"] = time.perf_counter() - t
-        rows.append(measure(f"unstructured {sparsity}", base, test, private, workdir / name))
+        rows.append(measure(f"unstructured {sparsity}", base, test, private, workdir / name, args.network))
     unpruned = rows[0]
+    rows.insert(0, original)
     for row in rows:
         row["params_reduction"] = 1 - row["params"] / unpruned["params"]
         row["bytes_reduction_measured"] = 1 - row["bytes_online_measured"] / unpruned["bytes_online_measured"]
@@ -148,7 +154,7 @@ def run_dataset(name: str, args: argparse.Namespace, workdir: Path) -> dict[str,
         row["model"]: cost_report(
             unpruned["graph"], row["graph"], batch=1, measured_before=unpruned["measured_layers"], measured_after=row["measured_layers"]
         )
-        for row in rows[1:]
+        for row in rows
         if row["model"].startswith("block")
     }
     for row in rows:
@@ -164,25 +170,32 @@ def run_dataset(name: str, args: argparse.Namespace, workdir: Path) -> dict[str,
     return {
         "dataset": name,
         "split": note,
-        "original_accuracy": original_accuracy,
         "rows": rows,
         "per_layer": reports,
         "target_met_by": met,
+        "network": args.network,
         "timings_s": timings,
     }
 
 
 def table(result: dict[str, Any]) -> str:
     head = (
-        f"{'model':<22} {'acc':>6} {'params':>8} {'-params':>8} {'secure mults':>13} {'bytes predicted':>16} "
-        f"{'bytes measured':>15} {'-bytes':>7} {'rounds p/m':>11} {'poly':>6} {'latency s':>10} {'kept blocks'}"
+        f"{'model':<25} {'acc':>6} {'params':>8} {'nonzero':>8} {'-params':>8} {'secure mults':>13} {'bytes predicted':>16} "
+        f"{'bytes measured':>15} {'-bytes':>7} {'rounds p/m':>11} {'ReLU':>6} {'poly':>6} {'latency s':>10} {'kept blocks'}"
     )
-    lines = [f"== {result['dataset']}: {result['split']}", f"original LeNet-5 (ReLU, max-pool) test accuracy {result['original_accuracy']:.4f}", head, "-" * len(head)]
+    lines = [
+        f"== {result['dataset']}: {result['split']}",
+        "batch 1 per private inference; bytes: one party's online bytes per inference; reductions (-) against the HE-friendly "
+        "unpruned model; secure mults predicted by the cost model; latency: median measured over the steady batches, "
+        f"network {result['network'] or 'loopback (unshaped)'}",
+        head,
+        "-" * len(head),
+    ]
     for r in result["rows"]:
         lines.append(
-            f"{r['model']:<22} {r['accuracy']:>6.4f} {r['params']:>8,} {r['params_reduction']:>8.1%} {r['secure_mults_predicted']:>13,} "
+            f"{r['model']:<25} {r['accuracy']:>6.4f} {r['params']:>8,} {r['nonzero_params']:>8,} {r['params_reduction']:>8.1%} {r['secure_mults_predicted']:>13,} "
             f"{r['bytes_online_predicted']:>16,} {r['bytes_online_measured']:>15,} {r['bytes_reduction_measured']:>7.1%} "
-            f"{r['rounds_predicted']:>5}/{r['rounds_measured']:<5} {r['poly_count']:>6,} {r['latency_s_measured']:>10.4f} "
+            f"{r['rounds_predicted']:>5}/{r['rounds_measured']:<5} {r['relu_count']:>6,} {r['poly_count']:>6,} {r['latency_s_measured']:>10.4f} "
             f"{' '.join(f'{k}:{v}' for k, v in r.get('kept_blocks', {}).items())}"
         )
     if result["dataset"] == "mnist":
@@ -201,12 +214,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fashion-train", type=int, default=5000)
     parser.add_argument("--settle-epochs", type=int, default=15)
     parser.add_argument("--private-samples", type=int, default=3, help="batch-1 private inferences per model (first one warms up)")
+    parser.add_argument("--network", default=None, help="shape the client<->server link: loopback (default), lan, wan, mobile, 'rtt=..,bw=..'")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("results/block_pruning"))
     args = parser.parse_args(argv)
     for s in args.sparsities:
         if not 0 <= s < 1:
             parser.error(f"sparsity must be in [0, 1), got {s}")
+    if args.network:
+        try:
+            parse_profile(args.network)
+        except ValueError as err:
+            parser.error(str(err))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     torch.set_num_threads(1)
     started = time.perf_counter()

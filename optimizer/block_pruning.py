@@ -79,9 +79,10 @@ def prunable(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return linear[:-1]
 
 
-def block_scores(layer: nn.Module) -> torch.Tensor:
-    """Mean |w| of each filter / output neuron."""
-    return layer.weight.detach().abs().reshape(layer.weight.shape[0], -1).mean(dim=1)
+def block_scores(layer: nn.Module, block: BlockShape = FILTER_BLOCKS) -> torch.Tensor:
+    """Mean |w| of each block (a filter / output neuron for the "filter" shape)."""
+    w = layer.weight.detach().abs()
+    return w.reshape(block.count(tuple(w.shape)), -1).mean(dim=1)
 
 
 def blocks_to_keep(n_blocks: int, sparsity: float) -> int:
@@ -105,7 +106,7 @@ class BlockPruner:
     def update(self) -> None:
         """Re-choose the blocks to keep by magnitude (constant sparsity), then zero the others."""
         for name, layer in self.layers.items():
-            scores = block_scores(layer)
+            scores = block_scores(layer, self.block)
             keep = torch.topk(scores, blocks_to_keep(len(scores), self.sparsity)).indices
             mask = torch.zeros(len(scores), dtype=torch.bool)
             mask[keep] = True

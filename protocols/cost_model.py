@@ -72,11 +72,15 @@ class BlockShape:
                 "'filter' (one conv filter or one output neuron); tiles need an HE-packed linear protocol"
             )
 
+    def count(self, weight_shape: tuple[int, ...]) -> int:
+        """How many blocks a weight of this shape (outputs first) splits into: one per output."""
+        return int(weight_shape[0])
+
     def blocks(self, node: Node, weight_shape: tuple[int, ...]) -> int:
-        """How many blocks a Conv/Gemm layer has: its output channels."""
+        """How many blocks a Conv/Gemm layer has."""
         if node.op not in LINEAR_OPS:
             raise GraphError(f"layer '{node.name}' ({node.op}) has no weight blocks")
-        return int(weight_shape[0])
+        return self.count(weight_shape)
 
 
 FILTER_BLOCKS = BlockShape("filter")
