@@ -138,18 +138,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"generated-zipf {method}: step {zipf[-1]['step_s_median'] * 1e3:.1f} ms", file=sys.stderr, flush=True)
 
     from twinfer.optimizer.dp_data import load_dataset
-    from twinfer.optimizer.dp_sparse_training import DPTrainConfig  # noqa: F401  (installed package check)
+    from twinfer.optimizer.dp_sparse_training import encode_for_artifact
 
-    data = load_dataset("movielens-100k")
+    test_ids = load_dataset("movielens-100k").test_ids[: args.queries]
     serving = []
-    from safetensors.numpy import load_file
-
     for row in movielens:
         if "artifact" not in row:
             continue
-        maps = load_file(str(Path(row["artifact"]) / "tensors.safetensors"))
-        ids = data.test_ids[: args.queries]
-        queries = np.stack([maps[f"id_to_row/{name}"][ids[:, f]] for f, name in enumerate(data.fields)], 1).astype(np.float32)
+        queries = encode_for_artifact(row["artifact"], test_ids).astype(np.float32)
         serving.append({"method": row["method"]} | lookup_bytes(row["artifact"], queries, batch=args.queries))
 
     # Ratios against the dense run of this invocation.

@@ -21,6 +21,7 @@ from twinfer.optimizer.dp_sparse_training import (
     FREQUENCY_SOURCES,
     METHODS,
     DPTrainConfig,
+    encode_for_artifact,
     plan_privacy,
     train_dp,
     write_dp_artifact,
@@ -115,9 +116,7 @@ def run(args: argparse.Namespace) -> int:
     summary = {"dataset": data.summary()} | result.summary() | {"rows": result.rows_kept_per_field()}
     if args.out:
         out = write_dp_artifact(args.out, result, data)
-        from twinfer.optimizer.dp_embedding_model import deploy_rows
-
-        queries = deploy_rows(result.model, result.updated).encode(data.test_ids[:QUERIES])
+        queries = encode_for_artifact(out, data.test_ids[:QUERIES])
         np.save(Path(out) / "queries.npy", queries.astype(np.float32))
         summary["artifact"] = str(out)
         summary["queries"] = str(Path(out) / "queries.npy")

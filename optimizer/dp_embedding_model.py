@@ -127,19 +127,6 @@ class DeployedEmbedding:
     def rows(self) -> int:
         return int(self.table.shape[0])
 
-    def encode(self, ids: np.ndarray) -> np.ndarray:
-        """Field-local ids (N x F) -> deployed-table rows (N x F), the model's input."""
-        ids = np.asarray(ids)
-        if ids.ndim != 2 or ids.shape[1] != len(self.row_of):
-            raise ValueError(f"ids must be N x {len(self.row_of)}, got shape {ids.shape}")
-        out = np.empty(ids.shape, dtype=np.int64)
-        for f, mapping in enumerate(self.row_of):
-            col = ids[:, f]
-            if col.min() < 0 or col.max() >= len(mapping):
-                raise ValueError(f"field {f}: ids must lie in [0, {len(mapping)}), got {col.min()}..{col.max()}")
-            out[:, f] = mapping[col]
-        return out
-
 
 def deploy_rows(model: EmbeddingMLP, updated: torch.Tensor) -> DeployedEmbedding:
     """Drop the rows never updated (still exactly zero); map their ids to one shared zero row."""

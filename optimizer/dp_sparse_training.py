@@ -21,11 +21,12 @@ s_eff = (s1^-2 + s2^-2)^(-1/2) per step (optimizer/dp_accounting.py).
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
-from pathlib import Path
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -41,6 +42,7 @@ from .dp_data import CategoricalData
 from .dp_embedding_model import EmbeddingMLP, auc, clipped_gradients, predict
 
 METHODS = ("dense", "fest", "adafest")
+ID_MAP_PREFIX = "id_to_row/"  # artifact tensors: per field, raw id -> row of the deployed table
 FREQUENCY_SOURCES = ("dp", "public")
 
 
@@ -389,17 +391,10 @@ def write_dp_artifact(out_dir, result: DPTrainResult, data: CategoricalData) -> 
         "vocab_sizes": data.vocab_sizes,
         "selection": result.config.method,
         "epsilon": p.epsilon_rdp if p.accountant == "rdp" else p.epsilon_pld,
-        "epsilon_target": p.epsilon_target,
-        "epsilon_rdp": p.epsilon_rdp,
-        "epsilon_pld": p.epsilon_pld,
         "delta": p.delta,
         "accountant": p.accountant,
         "noise_multiplier_effective": p.noise_multiplier_effective,
-        "noise_multiplier_gradient": p.noise_multiplier_gradient,
-        "noise_multiplier_selection": p.noise_multiplier_selection,
-        "topk_noise_multiplier": p.topk_noise_multiplier,
-        "sampling_rate": p.sampling_rate,
-        "steps": p.steps,
+        "privacy": asdict(p),
         "clip": result.config.clip,
         "rows_kept": dict(zip(data.fields, deployed.kept_per_field)),
         "rows_dropped": dict(zip(data.fields, deployed.dropped_per_field)),
@@ -408,5 +403,24 @@ def write_dp_artifact(out_dir, result: DPTrainResult, data: CategoricalData) -> 
         "input": "int64 rows (N x F) of the deployed table; map raw ids with the id_to_row/<field> tensors "
         f"(dropped ids map to the zero row {deployed.rows - 1})",
     }
-    tensors = {f"id_to_row/{name}": mapping for name, mapping in zip(data.fields, deployed.row_of)}
+    tensors = {f"{ID_MAP_PREFIX}{name}": mapping for name, mapping in zip(data.fields, deployed.row_of)}
     return write_artifact(out_dir, export_onnx(result.model, deployed), manifest, tensors)
+
+
+def encode_for_artifact(out_dir: str | Path, ids: np.ndarray) -> np.ndarray:
+    """Raw field-local ids (N x F) -> the artifact's input rows, with its public id -> row maps."""
+    from safetensors.numpy import load_file
+
+    out_dir = Path(out_dir)
+    fields = json.loads((out_dir / "manifest.json").read_text())["fields"]
+    maps = load_file(str(out_dir / "tensors.safetensors"))
+    ids = np.asarray(ids)
+    if ids.ndim != 2 or ids.shape[1] != len(fields):
+        raise ValueError(f"ids must be N x {len(fields)} ({', '.join(fields)}), got shape {ids.shape}")
+    columns = []
+    for f, name in enumerate(fields):
+        mapping = maps[f"{ID_MAP_PREFIX}{name}"]
+        if ids[:, f].min() < 0 or ids[:, f].max() >= len(mapping):
+            raise ValueError(f"field '{name}': ids must lie in [0, {len(mapping)}), got {ids[:, f].min()}..{ids[:, f].max()}")
+        columns.append(mapping[ids[:, f]])
+    return np.stack(columns, 1)

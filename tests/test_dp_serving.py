@@ -9,12 +9,11 @@ import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
-from safetensors.numpy import load_file
 
 from party_processes import Parties
 from twinfer.optimizer.dp_data import load_dataset
 from twinfer.optimizer.dp_embedding_model import predict
-from twinfer.optimizer.dp_sparse_training import DPTrainConfig, train_dp, write_dp_artifact
+from twinfer.optimizer.dp_sparse_training import DPTrainConfig, encode_for_artifact, train_dp, write_dp_artifact
 from twinfer.parties.errors import InputError
 from twinfer.parties.model_file import check_input_fits, load_model
 from twinfer.protocols.embedding import LookupCost, encode_input
@@ -37,11 +36,6 @@ def trained(movielens, tmp_path_factory):
     return result, out
 
 
-def _raw_to_rows(artifact, fields, ids):
-    maps = load_file(str(artifact / "tensors.safetensors"))
-    return np.stack([maps[f"id_to_row/{name}"][ids[:, f]] for f, name in enumerate(fields)], 1)
-
-
 def test_artifact_drops_unselected_rows_and_predicts_like_the_trained_model(trained, movielens):
     result, artifact = trained
     manifest = json.loads((artifact / "manifest.json").read_text())
@@ -54,7 +48,7 @@ def test_artifact_drops_unselected_rows_and_predicts_like_the_trained_model(trai
     embedding = graph.nodes[0]
     assert embedding.op == "Embedding" and embedding.attrs["rows"] == manifest["deployed_table_rows"] == movielens.vocab_total - dropped + 1
     ids = movielens.test_ids[:200]
-    rows = _raw_to_rows(artifact, movielens.fields, ids)
+    rows = encode_for_artifact(artifact, ids)
     plain = run_plain(graph, {k: torch.from_numpy(v) for k, v in weights.items()}, torch.from_numpy(rows.astype(np.float32)))
     # Dropped rows were exactly zero in training, so the smaller table predicts identically.
     np.testing.assert_allclose(plain.squeeze(1).numpy(), predict(result.model, ids), atol=1e-5)
@@ -104,7 +98,7 @@ def test_dp_trained_movielens_model_served_privately_over_grpc(trained, movielen
     """Real dealer, server and client processes; the private predictions equal the plaintext ones."""
     result, artifact = trained
     ids = movielens.test_ids[:12]
-    rows = _raw_to_rows(artifact, movielens.fields, ids).astype(np.float32)
+    rows = encode_for_artifact(artifact, ids).astype(np.float32)
     queries = tmp_path / "queries.npy"
     np.save(queries, rows)
     parties = Parties(tmp_path)

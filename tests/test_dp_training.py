@@ -243,7 +243,7 @@ def test_train_dp_command_writes_a_loadable_artifact(tmp_path, capsys):
     graph, _ = load_model(out)
     check_input_fits(graph, np.load(out / "queries.npy"))
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["selection"] == "fest" and manifest["topk_noise_multiplier"] == 20.0  # DP top-k, composed
+    assert manifest["selection"] == "fest" and manifest["privacy"]["topk_noise_multiplier"] == 20.0  # DP top-k, composed
     assert sum(manifest["rows_dropped"].values()) > 0  # items outside the top-k are not deployed
 
 
