@@ -4,12 +4,13 @@
    gradient rows per step, median step time, peak memory of the training process.
 2. GENERATED Zipf click-log with a 1e6-row table, epsilon 3: gradient size and step time of
    FEST and AdaFEST against dense DP-SGD.
-3. The DP-trained MovieLens models served under 2PC (three local processes): online bytes of
-   the private embedding lookup against the deployed table's rows, beside the cost model.
+3. The DP-trained MovieLens models, and untrained tables of swept sizes, served under 2PC
+   (three local processes): online bytes of the private embedding lookup against the deployed
+   table's rows, beside the cost model.
 Each training run is its own process, so its peak RSS is its own. Every number is measured in
 this run; ratios are against the dense run of the same invocation. Prints tables, then JSON.
 
-    python benchmarks/dp_embeddings.py [--epsilons 1 3 8] [--zipf-vocab 1000000] [--out results/dp_embeddings.json]
+    python benchmarks/dp_embeddings.py [--epsilons 1 3 8] [--zipf-vocab 1000000] [--lookup-rows 1000 4000 16000] [--out results/dp_embeddings.json]
 """
 
 from __future__ import annotations
@@ -71,21 +72,22 @@ def _run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     return json.loads(lines[-1])
 
 
-def lookup_bytes(artifact: str, queries: np.ndarray, batch: int) -> dict[str, Any]:
-    """Serve one artifact privately (dealer, server, client processes) and read the lookup's counters."""
+def lookup_bytes(model: bytes, queries: np.ndarray, batch: int) -> dict[str, Any]:
+    """Serve a model privately (dealer, server, client processes) and read the lookup's counters."""
     from twinfer.benchmarks.local_session import run_local_session
-    from twinfer.parties.model_file import load_model, read_model_bytes
+    from twinfer.parties.model_file import parse_model
     from twinfer.protocols.embedding import LookupCost
 
-    graph, _ = load_model(artifact)
+    graph, _ = parse_model(model)
     node = graph.nodes[0]
-    reports = run_local_session(read_model_bytes(artifact), queries, batch)
+    reports = run_local_session(model, queries, batch)
     client = reports["client"]
     batches = len(client.batch_latency_s)
     layer = client.layers[node.name]
     predicted = LookupCost.predict(batch, graph.input_shape[0], node.attrs["rows"], node.attrs["dim"])
     return {
         "rows": node.attrs["rows"],
+        "fields": graph.input_shape[0],
         "batch": batch,
         "lookup_bytes_online_per_batch": (layer["bytes_sent"] + layer["bytes_received"]) / batches,
         "lookup_rounds_per_batch": layer["rounds"] / batches,
@@ -94,6 +96,19 @@ def lookup_bytes(artifact: str, queries: np.ndarray, batch: int) -> dict[str, An
         "latency_per_batch_s": float(np.median(client.batch_latency_s)),
         "lookup_wall_s_per_batch": layer["wall_s"] / batches,
     }
+
+
+def random_lookup_model(rows: int, fields: int = 2, seed: int = 0) -> bytes:
+    """An untrained EmbeddingMLP whose deployed table has `rows` rows (for the vocabulary sweep)."""
+    import torch
+
+    from twinfer.optimizer.dp_embedding_model import EmbeddingMLP, deploy_rows, export_onnx
+
+    per_field = [(rows - 1) // fields + (1 if f < (rows - 1) % fields else 0) for f in range(fields)]
+    model = EmbeddingMLP(per_field, seed=seed)
+    with torch.no_grad():
+        model.table.normal_(0, 0.1, generator=torch.Generator().manual_seed(seed))
+    return export_onnx(model, deploy_rows(model, torch.ones(rows - 1, dtype=torch.bool)))
 
 
 def _table(title: str, columns: list[str], rows: list[list[str]]) -> None:
@@ -114,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--zipf-vocab", type=int, default=1_000_000)
     parser.add_argument("--zipf-epsilon", type=float, default=3.0)
     parser.add_argument("--queries", type=int, default=16, help="MovieLens test examples served privately per model")
+    parser.add_argument("--lookup-rows", type=int, nargs="*", default=[1000, 4000, 16000], help="table sizes for the lookup sweep")
     parser.add_argument("--out", default="results/dp_embeddings.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -140,13 +156,19 @@ def main(argv: list[str] | None = None) -> int:
     from twinfer.optimizer.dp_data import load_dataset
     from twinfer.optimizer.dp_sparse_training import encode_for_artifact
 
+    from twinfer.parties.model_file import read_model_bytes
+
     test_ids = load_dataset("movielens-100k").test_ids[: args.queries]
     serving = []
     for row in movielens:
         if "artifact" not in row:
             continue
         queries = encode_for_artifact(row["artifact"], test_ids).astype(np.float32)
-        serving.append({"method": row["method"]} | lookup_bytes(row["artifact"], queries, batch=args.queries))
+        serving.append({"model": f"MovieLens eps 3, {row['method']}"} | lookup_bytes(read_model_bytes(row["artifact"]), queries, args.queries))
+    rng = np.random.default_rng(0)
+    for rows in args.lookup_rows:  # untrained two-field models: bytes against the table's rows
+        queries = rng.integers(0, rows, size=(args.queries, 2)).astype(np.float32)
+        serving.append({"model": f"random 2-field table, {rows} rows"} | lookup_bytes(random_lookup_model(rows), queries, args.queries))
 
     # Ratios against the dense run of this invocation.
     for group in [movielens[i : i + len(METHODS)] for i in range(0, len(movielens), len(METHODS))] + [zipf]:
@@ -195,11 +217,12 @@ def main(argv: list[str] | None = None) -> int:
         ],
     )
     _table(
-        f"Private embedding lookup under 2PC (MovieLens eps-3 models, batch {args.queries}, one-hot x table)",
-        ["trained with", "deployed rows", "lookup bytes_online / batch", "predicted (cost model)", "lookup rounds", "session bytes / batch", "latency / batch"],
+        f"Private embedding lookup under 2PC (batch {args.queries}, one-hot x table, measured vs cost model)",
+        ["model", "fields", "deployed rows", "lookup bytes_online / batch", "predicted (cost model)", "lookup rounds", "session bytes / batch", "latency / batch"],
         [
             [
-                s["method"],
+                s["model"],
+                f"{s['fields']}",
                 f"{s['rows']}",
                 f"{s['lookup_bytes_online_per_batch']:.0f}",
                 f"{s['predicted_lookup_bytes_online_per_batch']:.0f}",

@@ -50,6 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dim", type=int, default=d.dim, help="embedding dimension")
     p.add_argument("--hidden", type=int, default=d.hidden)
     p.add_argument("--selection-share", type=float, default=d.selection_share, help="AdaFEST: share of 1/s_eff^2 spent on selection")
+    p.add_argument(
+        "--contribution-norm", default=d.contribution_norm, choices=["l2", "l1"], help="AdaFEST: per-example map scaled to L2 norm 1 or total 1"
+    )
     p.add_argument("--threshold-sigmas", type=float, default=d.threshold_sigmas, help="AdaFEST: tau in units of s1")
     p.add_argument("--fest-topk", type=int, default=d.fest_topk, help="FEST: rows kept per field")
     p.add_argument("--fest-frequencies", default=d.fest_frequencies, choices=FREQUENCY_SOURCES)
@@ -87,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
         hidden=args.hidden,
         selection_share=args.selection_share,
         threshold_sigmas=args.threshold_sigmas,
+        contribution_norm=args.contribution_norm,
         fest_topk=args.fest_topk,
         fest_frequencies=args.fest_frequencies,
         topk_noise_multiplier=args.topk_noise,
