@@ -203,7 +203,7 @@ def _constant_through(module: nn.Module, value: float) -> float:
         return float(c[0] + c[1] * value + c[2] * value * value)
     if isinstance(module, nn.ReLU):
         return max(value, 0.0)
-    return value  # pooling or identity keeps a constant map constant (padding checked by the caller)
+    return value  # pooling or identity keeps a constant map constant (average-pool padding checked by the caller)
 
 
 def cull(model: nn.Module, masks: dict[str, torch.Tensor], example: torch.Tensor) -> nn.Sequential:
@@ -228,7 +228,7 @@ def cull(model: nn.Module, masks: dict[str, torch.Tensor], example: torch.Tensor
             flat_from = None
             out.append(new)
         elif isinstance(m, CHANNELWISE):
-            if kept is not None and isinstance(m, (nn.AvgPool2d, nn.MaxPool2d)) and _padded(m) and bool((const != 0).any()):
+            if kept is not None and isinstance(m, nn.AvgPool2d) and _padded(m) and bool((const[~kept] != 0).any()):
                 raise PruningError(f"layer '{name}' pads a pruned channel that holds a nonzero constant")
             if const is not None:
                 const = torch.tensor([_constant_through(m, float(v)) for v in const])
@@ -246,6 +246,18 @@ def cull(model: nn.Module, masks: dict[str, torch.Tensor], example: torch.Tensor
                 f"supported: Conv2d, Linear, ReLU, PolyAct, pooling, Flatten"
             )
     return nn.Sequential(*out).eval()
+
+
+def check_cullable(model: nn.Module, example: torch.Tensor) -> None:
+    """Fail before training when culling could not follow the model: cull a copy missing one block per layer."""
+    trial = copy.deepcopy(model)
+    pruner = BlockPruner.for_model(trial, 0.0)
+    for name, layer in pruner.layers.items():
+        mask = torch.ones(layer.weight.shape[0], dtype=torch.bool)
+        mask[-1] = len(mask) == 1
+        pruner.masks[name] = mask
+    pruner.apply()
+    cull(trial, pruner.masks, example)
 
 
 def _padded(m: nn.Module) -> bool:

@@ -199,6 +199,15 @@ def convert_pooling(model: nn.Module, example: torch.Tensor) -> int:
     return len(names)
 
 
+def structure_after_conversion(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """An untrained copy with every replacement made (a ReLU fit with nonzero c0): for structural checks."""
+    trial = copy.deepcopy(model)
+    for name in replaceable_layers(trial, example):
+        module = trial.get_submodule(name)
+        set_module(trial, name, avg_pool_like(module) if isinstance(module, nn.MaxPool2d) else PolyAct.fit_relu(1.0))
+    return trial
+
+
 def _replacement(model: nn.Module, name: str, x: torch.Tensor) -> nn.Module:
     """The HE-friendly layer for `name`; a polynomial fits ReLU over the range its input takes."""
     module = model.get_submodule(name)

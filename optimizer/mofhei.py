@@ -27,6 +27,7 @@ from twinfer.optimizer.artifact import export_artifact
 from twinfer.optimizer.block_pruning import (
     BlockPruner,
     PruneConfig,
+    check_cullable,
     check_sparsity,
     cull,
     parameter_count,
@@ -40,6 +41,7 @@ from twinfer.optimizer.he_friendly import (
     StageLog,
     convert_he_friendly,
     convert_pooling,
+    structure_after_conversion,
 )
 from twinfer.protocols import artifact_format as af
 from twinfer.protocols.cost_model import FILTER_BLOCKS, BlockShape, LayerCost, graph_cost, total_cost
@@ -119,6 +121,8 @@ def optimize_mofhei(
     result = MofheiResult(model=model, params_before=parameter_count(model))
     example = data.x_train[:2]
     before = model_graph(model, example[:1])
+    if prune_blocks is not None:  # refuse a model culling cannot follow before any training
+        check_cullable(structure_after_conversion(model, example) if convert and activations else model, example)
     if convert is not None:
         if activations:
             result.stages += convert_he_friendly(model, data, conversion)

@@ -171,6 +171,15 @@ def test_padded_consumer_of_a_nonzero_constant_is_refused():
         cull(model, pruner.masks, torch.zeros(1, 1, 12, 12))
 
 
+def test_a_model_culling_cannot_follow_is_refused_before_training(monkeypatch):
+    from twinfer.optimizer import he_friendly
+
+    monkeypatch.setattr(he_friendly, "fit", lambda *a, **k: pytest.fail("trained a model that cannot be culled"))
+    padded = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 144, 10))
+    with pytest.raises(PruningError, match="zero-pads"):
+        optimize_mofhei(padded, toy_split(), convert="he-friendly", prune_blocks=0.5)
+
+
 def test_training_keeps_pruned_blocks_at_zero_and_unstructured_keeps_shapes():
     data = toy_split()
     model = he_lenet()
