@@ -249,6 +249,34 @@ class _Adam:
             p.sub_(self.lr * (m / (1 - 0.9**self.t)) / ((v / (1 - 0.999**self.t)).sqrt() + 1e-8))
 
 
+def _update_rows(
+    table: torch.Tensor,
+    touched: torch.Tensor,
+    summed: torch.Tensor,
+    selected: torch.Tensor | None,
+    sigma_c: float,
+    lr: float,
+    gen: torch.Generator,
+) -> int:
+    """Noise the clipped sum on the selected rows (all rows when `selected` is None) and step.
+
+    `touched` (sorted) and `summed` are the batch's rows and clipped gradient sums; a touched row
+    that was not selected contributes nothing. The sparse gradient is (selected, values) and never
+    becomes a V x d tensor; dense DP-SGD builds exactly that. Returns the gradient's row count.
+    """
+    if selected is None:
+        grad = torch.randn(table.shape, generator=gen) * sigma_c  # dense DP-SGD: a V x d gradient
+        grad.index_add_(0, touched, summed)
+        table.sub_(grad, alpha=lr)
+        return int(table.shape[0])
+    values = torch.randn(len(selected), table.shape[1], generator=gen) * sigma_c
+    pos = torch.searchsorted(selected, touched).clamp(max=max(0, len(selected) - 1))
+    hit = (selected[pos] == touched) if len(selected) else torch.zeros(len(touched), dtype=torch.bool)
+    values.index_add_(0, pos[hit], summed[hit])
+    table.index_add_(0, selected, values, alpha=-lr)
+    return len(selected)
+
+
 def plan_privacy(config: DPTrainConfig, n_train: int) -> PrivacyReport:
     """Sampling rate and steps from the config, the noise solved from the target epsilon."""
     q = min(1.0, config.batch_size / n_train)
@@ -331,35 +359,24 @@ def train_dp(
             for i, p in enumerate(model.mlp_parameters())
         ]
         adam.step(mlp_grads)
-        fp = 0
         with torch.no_grad():
             if clipped is not None:
                 touched, inverse = torch.unique(clipped.rows, return_inverse=True)
                 summed = torch.zeros(len(touched), dim).index_add_(0, inverse.flatten(), clipped.row_grads.reshape(-1, dim))
             else:
                 touched, summed = torch.empty(0, dtype=torch.long), torch.zeros(0, dim)
+            fp = 0
             if config.method == "dense":
-                grad = torch.randn(vocab, dim, generator=gen) * sigma_c  # a dense V x d gradient
-                grad.index_add_(0, touched, summed)
-                model.table.sub_(grad, alpha=config.lr_embedding / expected_batch)
-                grad_rows = vocab
-                updated.fill_(True)
+                selected = None
+            elif config.method == "fest":
+                selected = fest_rows
             else:
-                if config.method == "fest":
-                    selected = fest_rows
-                else:
-                    large = clipped.rows[:, sparse_cols] if clipped is not None else torch.empty(0, len(sparse_cols), dtype=torch.long)
-                    t_rows, passed, extra = adafest_select(large, vocab, s1, tau, config.contribution_norm, gen, exclude=dense_rows)
-                    fp = len(extra)
-                    selected = torch.cat([dense_rows, t_rows[passed], extra]).sort().values  # disjoint parts
-                # The gradient lives on the selected rows only: (selected, values).
-                values = torch.randn(len(selected), dim, generator=gen) * sigma_c
-                pos = torch.searchsorted(selected, touched).clamp(max=max(0, len(selected) - 1))
-                hit = (selected[pos] == touched) if len(selected) else torch.zeros(len(touched), dtype=torch.bool)
-                values.index_add_(0, pos[hit], summed[hit])
-                model.table.index_add_(0, selected, values, alpha=-config.lr_embedding / expected_batch)
-                updated[selected] = True
-                grad_rows = len(selected)
+                large = clipped.rows[:, sparse_cols] if clipped is not None else torch.empty(0, len(sparse_cols), dtype=torch.long)
+                t_rows, passed, extra = adafest_select(large, vocab, s1, tau, config.contribution_norm, gen, exclude=dense_rows)
+                fp = len(extra)
+                selected = torch.cat([dense_rows, t_rows[passed], extra]).sort().values  # disjoint parts
+            grad_rows = _update_rows(model.table, touched, summed, selected, sigma_c, config.lr_embedding / expected_batch, gen)
+            updated[selected if selected is not None else slice(None)] = True
         stats.seconds.append(time.perf_counter() - t0)
         stats.batch_sizes.append(len(batch))
         stats.gradient_rows.append(int(grad_rows))
