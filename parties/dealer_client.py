@@ -87,7 +87,11 @@ class DealerClient:
             "/twinfer.Dealer/Prefetch", request_serializer=pb.PrefetchRequest.SerializeToString, response_deserializer=decode
         )
         self._closed = False
-        self._seed = self._call(self._stub.Seed, pb.SeedRequest(session_id=session_id, role=role)).seed
+        try:
+            self._seed = self._call(self._stub.Seed, pb.SeedRequest(session_id=session_id, role=role)).seed
+        except BaseException:
+            self._channel.close()  # an open channel left to the garbage collector can hang interpreter exit
+            raise
         metrics.count_offline(8)
         self._index = 0  # tuples drawn so far in this session
         self._current: int | None = None  # the tuple get_generator() opened, until its request

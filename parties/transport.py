@@ -500,23 +500,49 @@ def open_channel(
     else:
         channel = grpc.secure_channel(address, tls.channel_credentials(), options=opts + channel_options(peer_role))
     try:
-        grpc.channel_ready_future(channel).result(timeout=options.connect_timeout_s)
-    except grpc.FutureTimeoutError:
-        refused = _connect_failure(channel, options, tls is not None)
+        _wait_ready(channel, address, role=role, peer_role=peer_role, options=options, secure=tls is not None)
+    except BaseException:
         channel.close()
-        if refused is not None and tls is not None:
-            raise AuthError(f"TLS connection to {peer_role} at {address} failed: {refused}", origin=role) from None
-        if refused is not None:
-            raise AuthError(
-                f"{peer_role} at {address} closed the connection at once: it probably requires mutual TLS "
-                f"(start this party with --tls) ({refused})",
-                origin=role,
-            ) from None
-        raise PeerError(
-            f"{peer_role} at {address} is not reachable (no connection within {options.connect_timeout_s:g} s)",
-            origin=role,
-        ) from None
+        raise
     return channel
+
+
+def _wait_ready(channel: grpc.Channel, address: str, *, role: str, peer_role: str, options: TransportOptions, secure: bool) -> None:
+    """Wait for the channel to connect; a TLS refusal ends the wait at once, with its reason."""
+    changed = threading.Condition()
+    states: list[grpc.ChannelConnectivity] = []
+
+    def on_change(state: grpc.ChannelConnectivity) -> None:
+        with changed:
+            states.append(state)
+            changed.notify_all()
+
+    deadline = time.monotonic() + options.connect_timeout_s
+    channel.subscribe(on_change, try_to_connect=True)
+    try:
+        while True:
+            with changed:
+                changed.wait_for(lambda: states, timeout=max(0.0, deadline - time.monotonic()))
+                seen, states[:] = list(states), []
+            if grpc.ChannelConnectivity.READY in seen:
+                return
+            if grpc.ChannelConnectivity.TRANSIENT_FAILURE in seen or time.monotonic() >= deadline:
+                refused = _connect_failure(channel, options, secure)
+                if refused is not None and secure:
+                    raise AuthError(f"TLS connection to {peer_role} at {address} failed: {refused}", origin=role)
+                if refused is not None:
+                    raise AuthError(
+                        f"{peer_role} at {address} closed the connection at once: it probably requires mutual TLS "
+                        f"(start this party with --tls) ({refused})",
+                        origin=role,
+                    )
+            if time.monotonic() >= deadline:
+                raise PeerError(
+                    f"{peer_role} at {address} is not reachable (no connection within {options.connect_timeout_s:g} s)",
+                    origin=role,
+                )
+    finally:
+        channel.unsubscribe(on_change)
 
 
 _TLS_MARKERS = ("tls", "ssl", "handshake", "hostname", "socket closed", "certificate")
@@ -527,7 +553,7 @@ def _connect_failure(channel: grpc.Channel, options: TransportOptions, secure: b
     listener hanging up on a plaintext dialer); None if nothing answers at all."""
     probe = channel.unary_unary("/twinfer.Probe/Connect", request_serializer=None, response_deserializer=None)
     try:
-        probe(b"", timeout=min(2.0, options.connect_timeout_s), wait_for_ready=False)
+        probe(b"", timeout=min(1.0, options.connect_timeout_s), wait_for_ready=False)
     except grpc.RpcError as err:
         details = err.details() or ""
         if secure and any(marker in details.lower() for marker in _TLS_MARKERS):
