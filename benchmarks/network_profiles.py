@@ -79,7 +79,9 @@ def measure(model: str, onnx_bytes: bytes, sample_shape: tuple[int, ...], profil
     from twinfer.benchmarks.local_session import run_local_session
 
     inputs = np.random.default_rng(0).random((batch * (1 + reps), *sample_shape), dtype=np.float32)
-    options = TransportOptions(recv_timeout_s=300, network=profile)
+    # The server waits for the client while the client's process starts (imports torch and
+    # crypten): on a loaded machine that takes far longer than the 10 s default.
+    options = TransportOptions(recv_timeout_s=300, connect_timeout_s=120, network=profile)
     reports = run_local_session(onnx_bytes, inputs, batch, options=options, prefetch=True)
     return _row(model, profile, "transport", batch, reports["client"])
 
