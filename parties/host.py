@@ -29,15 +29,24 @@ MAX_SESSIONS = 64
 
 
 class _Host:
-    """Sessions by id, each run in a worker thread; results collected with a deadline."""
+    """Sessions by id, each run in a worker thread; results collected with a deadline.
 
-    def __init__(self, template: PartyConfig, max_sessions: int) -> None:
+    The server and the dealer also hold the one listener all their sessions share.
+    """
+
+    role: str
+
+    def __init__(self, template: PartyConfig, max_sessions: int = 16) -> None:
+        if template.role != self.role:
+            raise ValueError(f"{type(self).__name__} needs a {self.role} configuration, got a {template.role}'s")
         if not 1 <= max_sessions <= MAX_SESSIONS:
             raise ValueError(f"max_sessions must be between 1 and {MAX_SESSIONS}, got {max_sessions}")
         self.template = template
         self._pool = ThreadPoolExecutor(max_workers=max_sessions, thread_name_prefix=f"twinfer-{template.role}")
         self._futures: dict[str, Future] = {}
         self._lock = threading.Lock()
+        self.listener = PartyListener(self.role, template.listen, template.options, template.tls) if self.role != CLIENT else None
+        self.address = self.listener.address if self.listener is not None else None
 
     def config(self, session_id: str) -> PartyConfig:
         return dataclasses.replace(self.template, session_id=session_id)
@@ -82,55 +91,42 @@ class _Host:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.listener is not None:
+            self.listener.close()
 
 
 class ServerHost(_Host):
     """The server: one listener, one model, any number of concurrent sessions."""
 
+    role = SERVER
+
     def __init__(self, graph: Graph, weights: dict[str, np.ndarray], template: PartyConfig, max_sessions: int = 16) -> None:
-        if template.role != SERVER:
-            raise ValueError("ServerHost needs a server configuration")
         graph.check_weights(weights)
         super().__init__(template, max_sessions)
         self.graph, self.weights = graph, weights
-        self.listener = PartyListener(SERVER, template.listen, template.options, template.tls)
-        self.address = self.listener.address
 
     def open(self, session_id: str) -> None:
         """Expect a client for `session_id` from now on and serve it in its own thread."""
         party = ServerParty(self.graph, self.weights, self.config(session_id), listener=self.listener)
         self._submit(session_id, party.run)
 
-    def close(self) -> None:
-        super().close()
-        self.listener.close()
-
 
 class DealerHost(_Host):
     """The dealer: one listener serving the correlated randomness of many sessions."""
 
-    def __init__(self, template: PartyConfig, max_sessions: int = 16) -> None:
-        if template.role != DEALER:
-            raise ValueError("DealerHost needs a dealer configuration")
-        super().__init__(template, max_sessions)
-        self.listener = PartyListener(DEALER, template.listen, template.options, template.tls)
-        self.address = self.listener.address
+    role = DEALER
 
     def open(self, session_id: str, timeout_s: float = 3600.0) -> None:
         party = DealerParty(self.config(session_id), listener=self.listener)
         self._submit(session_id, party.run, timeout_s)
 
-    def close(self) -> None:
-        super().close()
-        self.listener.close()
-
 
 class ClientHost(_Host):
     """The client: runs several sessions against one server at once, each with its own input."""
 
+    role = CLIENT
+
     def __init__(self, template: PartyConfig, max_sessions: int = 16) -> None:
-        if template.role != CLIENT:
-            raise ValueError("ClientHost needs a client configuration")
         super().__init__(template, max_sessions)
         self.parties: dict[str, ClientParty] = {}
 
