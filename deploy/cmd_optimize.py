@@ -96,9 +96,10 @@ def split_validation(train: tuple[np.ndarray, np.ndarray], fraction: float = 0.1
 
 def run(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
-    model = load_trainable(args.model, args.weights)
     if args.relu_budget is None and args.convert is None and args.prune_blocks is None:
         raise ValueError("nothing to do: give --relu-budget, --convert he-friendly and/or --prune-blocks")
+    _check_options(args)
+    model = load_trainable(args.model, args.weights)
     train, test = load_data(args.data, args.train_samples)
     example = torch.as_tensor(train[0][:1], dtype=torch.float32)
     try:
@@ -124,6 +125,19 @@ def run(args: argparse.Namespace) -> int:
             f"{written['accuracy_before']:.4f} -> {written['accuracy_after']:.4f} ({args.data}, {len(test[0])} test samples)"
         )
     return 0
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """Every option's value, before any data is loaded or a step trained."""
+    from twinfer.optimizer.autorep import AutoRepConfig
+    from twinfer.optimizer.block_pruning import check_sparsity
+    from twinfer.optimizer.mofhei import check_convert
+
+    check_convert(args.convert)
+    if args.prune_blocks is not None:
+        check_sparsity(args.prune_blocks)
+    if args.relu_budget is not None:
+        AutoRepConfig(relu_budget=args.relu_budget, granularity=args.granularity, epochs=args.epochs, penalty=args.penalty)
 
 
 def _autorep(model: nn.Module, train, args: argparse.Namespace, manifest: dict) -> nn.Module:

@@ -22,6 +22,7 @@ import torch
 from safetensors.numpy import save
 from torch import nn
 
+from twinfer.optimizer.hooks import run_hooked
 from twinfer.protocols import artifact_format as af
 from twinfer.protocols.graph import graph_from_onnx
 from twinfer.protocols.masked_activation import ActivationSite, apply_sites
@@ -90,17 +91,8 @@ def _sites_as_relu(model: nn.Module) -> Iterator[None]:
 def _activation_order(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
     """ReLU-like modules in the order a forward pass calls them (the exporter's node order)."""
     order: list[nn.Module] = []
-    hooks = [
-        m.register_forward_hook(lambda mod, _i, _o: order.append(mod))
-        for m in model.modules()
-        if is_site(m) or isinstance(m, nn.ReLU)
-    ]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in hooks:
-            h.remove()
+    activations = [m for m in model.modules() if is_site(m) or isinstance(m, nn.ReLU)]
+    run_hooked(model, example, activations, lambda mod, _i, _o: order.append(mod))
     return order
 
 

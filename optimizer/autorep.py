@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from .hooks import run_hooked
 from .masked_relu import MaskedReLU
 
 Granularity = Literal["element", "channel", "polynomial"]
@@ -79,11 +80,8 @@ def relu_sites_model(model: nn.Module, example: torch.Tensor, config: AutoRepCon
     """A copy of `model` with each nn.ReLU replaced by its own MaskedReLU, materialized."""
     student = copy.deepcopy(model)
     calls: dict[int, int] = {}
-    hooks = [m.register_forward_hook(lambda mod, *_: calls.__setitem__(id(mod), calls.get(id(mod), 0) + 1)) for m in student.modules() if isinstance(m, nn.ReLU)]
-    with torch.no_grad():
-        student.eval()(example)
-    for h in hooks:
-        h.remove()
+    relus = [m for m in student.modules() if isinstance(m, nn.ReLU)]
+    run_hooked(student.eval(), example, relus, lambda mod, *_: calls.__setitem__(id(mod), calls.get(id(mod), 0) + 1))
     shared = [c for c in calls.values() if c > 1]
     if shared:
         raise ValueError("an nn.ReLU instance is called at several sites; give each site its own module")

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from twinfer.optimizer.graph_module import GraphModule, Reshape
-from twinfer.optimizer.he_friendly import FitConfig, PolyAct, Split, StageLog, fit, run_hooked
+from twinfer.optimizer.he_friendly import FitConfig, PolyAct, Split, StageLog, fit
+from twinfer.optimizer.hooks import run_hooked
 from twinfer.protocols.cost_model import FILTER_BLOCKS, BlockShape
 
 LINEAR = (nn.Conv2d, nn.Linear)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from twinfer.optimizer.demo_models import evaluate_accuracy
+from twinfer.optimizer.hooks import run_hooked
 from twinfer.protocols.masked_activation import ActivationSite
 
 _log = logging.getLogger(__name__)
@@ -157,17 +158,6 @@ def fit(
     model.eval()
     _log.info("%s: %d epochs, best validation accuracy %.4f", stage, epoch, best)
     return StageLog(stage, epoch, best, history)
-
-
-def run_hooked(model: nn.Module, x: torch.Tensor, modules, hook: Callable) -> None:
-    """One no-grad forward pass of `x` with `hook(module, inputs, output)` on each of `modules`."""
-    handles = [m.register_forward_hook(hook) for m in modules]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def forward_order(model: nn.Module, example: torch.Tensor) -> list[str]:
