@@ -43,7 +43,10 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_json_dict()))
         return 0
     console = Console()
-    console.print("argmax per sample:", " ".join(str(int(i)) for i in result.logits.argmax(axis=1)))
+    if result.logits.shape[1] == 1:  # one logit (e.g. a click or rating model): argmax is always 0
+        console.print("logit per sample:", " ".join(f"{float(v):.4f}" for v in result.logits[:, 0]))
+    else:
+        console.print("argmax per sample:", " ".join(str(int(i)) for i in result.logits.argmax(axis=1)))
     print_table("twinfer private inference", summary_rows(result.summary()), console)
     parties = ", ".join(f"{r.role} pid {r.pid}" for r in result.reports.values())
     console.print(f"parties: {parties}")
