@@ -41,6 +41,12 @@ def add_transport_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=60.0, help="deadline of every network wait, seconds (default 60)")
     parser.add_argument("--connect-timeout", type=float, default=10.0, help="deadline to reach a peer, seconds (default 10)")
     parser.add_argument(
+        "--accept-timeout",
+        type=float,
+        default=120.0,
+        help="how long a listening party waits for its peer to dial in, seconds (default 120)",
+    )
+    parser.add_argument(
         "--network",
         default=None,
         help="shape the client<->server link, per direction: loopback, lan, wan, mobile, or 'rtt=40ms,bw=100mbit'",
@@ -58,6 +64,7 @@ def transport_options(args: argparse.Namespace) -> TransportOptions:
     return TransportOptions(
         recv_timeout_s=args.timeout,
         connect_timeout_s=args.connect_timeout,
+        accept_timeout_s=args.accept_timeout,
         network=parse_profile(args.network) if args.network else None,
         dealer_network=parse_profile(args.dealer_network) if args.dealer_network else None,
     )

@@ -46,6 +46,7 @@ FIELDS: dict[str, Field] = {
     "tls": Field((str, dict), "folder from `twinfer certs`, or a table with ca, cert and key files", path=True),
     "timeout": Field((int, float), "deadline of every network wait, seconds"),
     "connect_timeout": Field((int, float), "deadline to reach a peer, seconds"),
+    "accept_timeout": Field((int, float), "server: how long to wait for the client to dial in, seconds"),
     "network": Field(str, "shape the client<->server link (a profile name or 'rtt=..,bw=..')"),
     "dealer_network": Field(str, "shape the dealer's links"),
     "insecure_trusted_first_party": Field(bool, "INSECURE: no dealer; the server makes the randomness"),

@@ -46,16 +46,24 @@ class TransportOptions:
 
     recv_timeout_s: float = 60.0
     connect_timeout_s: float = 10.0
+    # How long a listening party waits for its peer to dial in; None: connect_timeout_s. A
+    # person starting parties on two machines by hand needs longer than a dial takes.
+    accept_timeout_s: float | None = None
     chunk_bytes: int = 4 * MiB
     max_tensor_bytes: int = 1024 * MiB
     network: NetworkProfile | None = None  # shapes client <-> server, each direction
     dealer_network: NetworkProfile | None = None  # shapes the dealer's link to each party
 
     def __post_init__(self) -> None:
-        if self.recv_timeout_s <= 0 or self.connect_timeout_s <= 0:
+        accept_bad = self.accept_timeout_s is not None and self.accept_timeout_s <= 0
+        if self.recv_timeout_s <= 0 or self.connect_timeout_s <= 0 or accept_bad:
             raise ValueError("timeouts must be positive seconds")
         if not 1024 <= self.chunk_bytes <= 64 * MiB:
             raise ValueError(f"chunk_bytes must be between 1 KiB and 64 MiB, got {self.chunk_bytes}")
+
+    @property
+    def accept_deadline_s(self) -> float:
+        return self.accept_timeout_s if self.accept_timeout_s is not None else self.connect_timeout_s
 
     @property
     def grpc_message_limit(self) -> int:
@@ -194,9 +202,9 @@ class GrpcTransport(Transport):
 
     def wait_accepted(self) -> None:
         """Block until the peer has dialed in (the accepting end)."""
-        if not self._connected.wait(self.options.connect_timeout_s):
+        if not self._connected.wait(self.options.accept_deadline_s):
             raise PeerTimeoutError(
-                f"{self.peer_role} did not connect within {self.options.connect_timeout_s:g} s "
+                f"{self.peer_role} did not connect within {self.options.accept_deadline_s:g} s "
                 f"for session {self.session_id}",
                 origin=self.role,
             )

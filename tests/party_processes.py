@@ -21,13 +21,14 @@ class Parties:
     session: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     timeout: float = 20.0
     connect_timeout: float = 15.0
+    accept_timeout: float = 60.0
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     def _cmd(self, role: str, *args: str, session: str | None = None) -> list[str]:
         return [
             sys.executable, "-m", "twinfer.deploy.cli", "party", "--role", role,
             "--session", session or self.session, "--timeout", str(self.timeout), "--connect-timeout", str(self.connect_timeout),
-            "--json", *args,
+            "--accept-timeout", str(self.accept_timeout), "--json", *args,
         ]  # fmt: skip
 
     def _spawn(self, role: str, cmd: list[str]) -> subprocess.Popen:

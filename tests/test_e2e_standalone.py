@@ -121,13 +121,15 @@ def test_peer_not_listening(parties, tmp_path, fashion_test):
 
 
 def test_frame_for_another_session_is_refused(parties, tmp_path, onnx_files, fashion_test):
-    parties.connect_timeout = 8.0  # the server gives up on its missing client after this
+    # The server gives up on its missing client after this; long enough for the intruder's
+    # process to start on a loaded machine.
+    parties.accept_timeout = 20.0
     dealer = parties.start_dealer()
     server = parties.start_server(onnx_files["fashion_cnn"], "--dealer", dealer)
     parties.start_client(server, _save(tmp_path, fashion_test[0][:1]), "--dealer", dealer, session="intruder")
     code, _, err = parties.finish("client", timeout=60)
     assert code == 6 and "unknown session 'intruder'" in err and "Traceback" not in err
-    # The server, still waiting for its own client, gives up at its connect deadline.
+    # The server, still waiting for its own client, gives up at its accept deadline.
     code, _, err = parties.finish("server", timeout=60)
     assert code == 5 and "did not connect" in err
 

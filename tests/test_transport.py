@@ -121,6 +121,10 @@ def test_options_reject_bad_values():
         TransportOptions(chunk_bytes=100)
     with pytest.raises(ValueError, match="timeouts"):
         TransportOptions(recv_timeout_s=0)
+    with pytest.raises(ValueError, match="timeouts"):
+        TransportOptions(accept_timeout_s=0)
+    assert TransportOptions(connect_timeout_s=3).accept_deadline_s == 3
+    assert TransportOptions(connect_timeout_s=3, accept_timeout_s=30).accept_deadline_s == 30
     assert TransportOptions(chunk_bytes=1024).grpc_message_limit > 1024
 
 
