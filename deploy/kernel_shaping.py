@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -52,6 +53,8 @@ BURST_S = 0.005
 # crosses the veth has a sub-millisecond RTT (the delay lives in the relay), so a short queue
 # keeps throughput without hiding a large standing queue in latency measurements.
 TBF_LATENCY_MS = 20
+# Names of the namespaces this module creates: KernelLink ends and the availability probe.
+OWN_NAMESPACE = re.compile(r"^tw-(?:probe-)?(?P<pid>\d+)-[0-9a-f]{8}(?:-[sc])?$")
 
 
 class ShapingError(RuntimeError):
@@ -76,6 +79,21 @@ def list_namespaces() -> list[str]:
     return [line.split()[0] for line in _run(["ip", "netns", "list"]).splitlines() if line.strip()]
 
 
+def remove_stale_namespaces() -> list[str]:
+    """Remove the namespaces (and what runs in them) left by a run whose process has died."""
+    removed = []
+    for ns in list_namespaces():
+        match = OWN_NAMESPACE.match(ns)
+        if match is None or Path(f"/proc/{match['pid']}").exists():
+            continue
+        try:
+            KernelLink._remove_namespace(ns)
+            removed.append(ns)
+        except ShapingError as exc:
+            warnings.warn(f"could not remove stale namespace {ns}: {exc}", stacklevel=2)
+    return removed
+
+
 def tbf_args(bandwidth_bps: float) -> list[str]:
     """`tc` arguments of a tbf qdisc limiting to `bandwidth_bps`."""
     rate = int(bandwidth_bps)
@@ -90,7 +108,7 @@ def check_kernel_shaping_available() -> str | None:
     for tool in ("ip", "tc"):
         if shutil.which(tool) is None:
             return f"kernel shaping needs '{tool}' (iproute2), not found on PATH"
-    probe = f"tw-probe-{uuid.uuid4().hex[:8]}"
+    probe = f"tw-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         _run(["ip", "netns", "add", probe])
     except ShapingError as exc:
@@ -114,8 +132,9 @@ class KernelLink:
     def __init__(self, profile: NetworkProfile | str, prefix: str = "tw") -> None:
         self.profile = parse_profile(profile) if isinstance(profile, str) else profile
         tag = uuid.uuid4().hex[:8]
-        self.server_ns = f"{prefix}-{tag}-s"
-        self.client_ns = f"{prefix}-{tag}-c"
+        # The creator's pid in the name lets a later link remove what a killed run left behind.
+        self.server_ns = f"{prefix}-{os.getpid()}-{tag}-s"
+        self.client_ns = f"{prefix}-{os.getpid()}-{tag}-c"
         # Interface names are limited to 15 characters.
         self.server_veth = f"twv{tag}s"
         self.client_veth = f"twv{tag}c"
@@ -143,6 +162,7 @@ class KernelLink:
             warnings.warn(f"KernelLink teardown failed: {error}", stacklevel=2)
 
     def _setup(self) -> None:
+        remove_stale_namespaces()
         self._tmp = Path(tempfile.mkdtemp(prefix=f"{self.server_ns[:-2]}-"))
         for ns in (self.server_ns, self.client_ns):
             _run(["ip", "netns", "add", ns])

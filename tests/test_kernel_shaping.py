@@ -352,6 +352,25 @@ def test_kernel_link_cleans_up_when_setup_fails(kernel_ok, monkeypatch: pytest.M
     assert not {link.server_ns, link.client_ns} & set(list_namespaces())
 
 
+def test_a_new_link_removes_namespaces_left_by_a_dead_run(kernel_ok):
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    stale = f"tw-{finished.pid}-0badc0de-s"
+    live = f"tw-{os.getpid()}-0badc0de-c"  # this process runs: its namespace stays
+    for ns in (stale, live):
+        subprocess.run(["ip", "netns", "add", ns], check=True)
+    sleeper = subprocess.Popen(["ip", "netns", "exec", stale, "sleep", "60"])
+    try:
+        with KernelLink(PROFILE) as link:
+            names = set(list_namespaces())
+            assert stale not in names and live in names and link.server_ns in names
+        assert sleeper.wait(timeout=5) != 0  # killed with its namespace
+    finally:
+        sleeper.kill()
+        for ns in (stale, live):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
 @pytest.mark.timeout(240)
 def test_private_inference_across_namespaces(tmp_path, onnx_files, fashion_cnn, fashion_test):
     """Real `twinfer party` processes in two namespaces: correct, and never under the bound."""
