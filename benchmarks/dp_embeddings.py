@@ -16,6 +16,7 @@ this run; ratios are against the dense run of the same invocation. Prints tables
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import subprocess
@@ -29,7 +30,11 @@ import numpy as np
 
 METHODS = ("dense", "fest", "adafest")
 # Hyperparameters, the same for the three methods except where a method has its own knob.
-MOVIELENS = {}  # DPTrainConfig defaults are tuned on MovieLens-100k
+MOVIELENS = {}  # DPTrainConfig defaults; with --tune the learning rates below are chosen per run
+# Learning rates tried for each (epsilon, method) on a validation split carved out of the
+# training examples; the test examples are never seen until the chosen configuration's run.
+TUNE_GRID = {"lr_embedding": [10.0, 20.0, 40.0, 80.0], "lr_mlp": [3e-3, 1e-2, 3e-2]}
+VALIDATION_FRACTION = 0.1
 ZIPF = {"epochs": 1.0, "batch_size": 1024, "threshold_sigmas": 4.0, "fest_topk": 500, "lr_embedding": 40.0}
 
 
@@ -55,11 +60,32 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         "peak_rss_mb": _rss_mb(),
         "peak_rss_before_training_mb": rss_before,
         "rows": result.rows_kept_per_field(),
+        "config": dataclasses.asdict(config),
     }
     if spec.get("artifact"):
         write_dp_artifact(spec["artifact"], result, data)
         out["artifact"] = spec["artifact"]
     return out
+
+
+def tune_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """Grid over the learning rates on a validation split of the training examples; best by AUC."""
+    import itertools
+
+    import torch
+
+    torch.set_num_threads(1)
+    from twinfer.optimizer.dp_data import load_dataset
+    from twinfer.optimizer.dp_sparse_training import DPTrainConfig, train_dp
+
+    data = load_dataset(spec["dataset"]).validation_split(VALIDATION_FRACTION)
+    tried = []
+    for values in itertools.product(*TUNE_GRID.values()):
+        knobs = dict(zip(TUNE_GRID, values))
+        result = train_dp(data, DPTrainConfig(**(spec["config"] | knobs)))
+        tried.append(knobs | {"validation_auc": result.test_auc})
+    best = max(tried, key=lambda t: t["validation_auc"])
+    return {"chosen": {k: best[k] for k in TUNE_GRID}, "validation_auc": best["validation_auc"], "tried": tried}
 
 
 def _run_worker(spec: dict[str, Any]) -> dict[str, Any]:
@@ -132,9 +158,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lookup-rows", type=int, nargs="*", default=[1000, 4000, 16000], help="table sizes for the lookup sweep")
     parser.add_argument("--out", default="results/dp_embeddings.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--tune",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=f"choose the MovieLens learning rates per run on a {VALIDATION_FRACTION:g} validation split of the training data",
+    )
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
+        spec = json.loads(args.worker)
+        print(json.dumps(tune_worker(spec) if spec.get("tune") else worker(spec)))
         return 0
 
     start = time.perf_counter()
@@ -142,11 +175,17 @@ def main(argv: list[str] | None = None) -> int:
     movielens: list[dict[str, Any]] = []
     for eps in args.epsilons:
         for method in METHODS:
-            spec = {"dataset": "movielens-100k", "config": MOVIELENS | {"method": method, "epsilon": eps}}
+            config = MOVIELENS | {"method": method, "epsilon": eps}
+            tuning = None
+            if args.tune:
+                tuning = _run_worker({"dataset": "movielens-100k", "config": config, "tune": True})
+                config = config | tuning["chosen"]
+            spec = {"dataset": "movielens-100k", "config": config}
             if eps == 3.0:
                 spec["artifact"] = str(tmp / f"ml-{method}")
-            movielens.append(_run_worker(spec) | {"epsilon_target": eps})
-            print(f"movielens eps={eps:g} {method}: auc {movielens[-1]['test_auc']:.4f}", file=sys.stderr, flush=True)
+            movielens.append(_run_worker(spec) | {"epsilon_target": eps, "tuning": tuning})
+            chosen = f" (chosen on validation: {tuning['chosen']}, val auc {tuning['validation_auc']:.4f})" if tuning else ""
+            print(f"movielens eps={eps:g} {method}: test auc {movielens[-1]['test_auc']:.4f}{chosen}", file=sys.stderr, flush=True)
     zipf = []
     for method in METHODS:
         spec = {"dataset": "generated-zipf", "zipf_vocab": args.zipf_vocab, "config": ZIPF | {"method": method, "epsilon": args.zipf_epsilon}}
@@ -180,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
 
     _table(
         "MovieLens-100k (real data): DP training, delta = 1/N",
-        ["eps", "method", "eps RDP / PLD", "sigma eff (grad / sel)", "test AUC", "AUC - dense", "grad rows/step", "rows ever", "step ms", "speedup", "peak RSS MB"],
+        ["eps", "method", "eps RDP / PLD", "sigma eff (grad / sel)", "lr emb / mlp (val AUC)", "test AUC", "AUC - dense", "grad rows/step", "rows ever", "step ms", "speedup", "peak RSS MB"],
         [
             [
                 f"{r['epsilon_target']:g}",
@@ -188,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['privacy']['epsilon_rdp']:.3f} / {r['privacy']['epsilon_pld']:.3f}",
                 f"{r['privacy']['noise_multiplier_effective']:.3f} ({r['privacy']['noise_multiplier_gradient']:.3f} / "
                 + (f"{r['privacy']['noise_multiplier_selection']:.3f})" if r["privacy"]["noise_multiplier_selection"] else "-)"),
+                f"{r['config']['lr_embedding']:g} / {r['config']['lr_mlp']:g}"
+                + (f" ({r['tuning']['validation_auc']:.4f})" if r["tuning"] else " (defaults)"),
                 f"{r['test_auc']:.4f}",
                 f"{r['auc_minus_dense']:+.4f}",
                 f"{r['mean_gradient_rows']:.0f} / {r['vocab_total']}",

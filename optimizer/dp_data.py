@@ -10,7 +10,7 @@ Zipf click-log is generated, and its name says so wherever it is printed.
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
@@ -44,6 +44,23 @@ class CategoricalData:
     @property
     def vocab_total(self) -> int:
         return int(sum(self.vocab_sizes))
+
+    def validation_split(self, fraction: float = 0.1, seed: int = 0) -> "CategoricalData":
+        """The training examples split again: a random `fraction` becomes the test part (for tuning)."""
+        if not 0 < fraction < 1:
+            raise DataError(f"validation fraction must be in (0, 1), got {fraction}")
+        order = np.random.default_rng(seed).permutation(len(self.train_ids))
+        n_val = int(round(len(order) * fraction))
+        val, train = order[:n_val], order[n_val:]
+        return replace(
+            self,
+            name=f"{self.name} (validation split)",
+            train_ids=self.train_ids[train],
+            train_labels=self.train_labels[train],
+            test_ids=self.train_ids[val],
+            test_labels=self.train_labels[val],
+            description=f"{self.description}; {fraction:g} of the training examples held out for validation",
+        )
 
     def summary(self) -> dict:
         return {

@@ -220,6 +220,19 @@ def test_movielens_from_the_installed_wheel():
     assert 0.5 < data.train_labels.mean() < 0.6  # share of ratings >= 4
 
 
+def test_validation_split_comes_from_training_examples_only():
+    data = generate_zipf_clicks(vocab=1000, examples=500)
+    split = data.validation_split(0.2, seed=1)
+    assert len(split.test_ids) == 90 and len(split.train_ids) == 360  # 450 training examples
+    rows = {tuple(r) + (lab,) for r, lab in zip(data.train_ids.tolist(), data.train_labels.tolist())}
+    split_rows = [tuple(r) + (lab,) for r, lab in zip(split.test_ids.tolist(), split.test_labels.tolist())]
+    assert all(r in rows for r in split_rows)
+    assert np.array_equal(np.sort(np.concatenate([split.train_labels, split.test_labels])), np.sort(data.train_labels))
+    assert split.generated and "validation" in split.name
+    with pytest.raises(DataError, match="validation fraction"):
+        data.validation_split(1.0)
+
+
 def test_generated_data_says_so_and_unknown_names_fail():
     data = generate_zipf_clicks(vocab=1000, examples=500)
     assert data.generated and "GENERATED" in data.description and data.summary()["generated"] is True
