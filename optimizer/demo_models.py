@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
@@ -18,9 +19,11 @@ from twinfer.optimizer.datasets import load_fashion_mnist
 ArrayLike = np.ndarray | torch.Tensor
 _log = logging.getLogger(__name__)
 
-# Both models train on the full 60k training split: 2 epochs take ~17 s (FashionCNN) and ~55 s
-# (TinyResNet, convs at full 28x28 resolution) on 2 CPU cores, within the ~90 s budget.
-_DEFAULT_EPOCHS = {"fashion_cnn": 2, "tiny_resnet": 2, "resnet_fmnist": 2}
+# Every model trains on the full 60k training split. The two the tests use take 2 epochs at a
+# constant rate: ~17 s (FashionCNN) and ~55 s (TinyResNet) on 2 CPU cores, within the ~90 s
+# budget. ResNetFMNIST is the ReLU-budget benchmark's reference, so it trains to convergence
+# (cosine-decayed rate): fine-tuning it further must not be what an optimized model gains.
+_RECIPES = {"fashion_cnn": (2, False), "tiny_resnet": (2, False), "resnet_fmnist": (8, True)}  # (epochs, cosine)
 _SEED = 0
 
 
@@ -134,14 +137,18 @@ def train_classifier(
     epochs: int,
     batch_size: int = 128,
     lr: float = 2e-3,
+    cosine: bool = False,
     seed: int = 0,
     progress: bool = True,
 ) -> nn.Module:
-    """Train in place with Adam and cross-entropy; returns the model in eval mode."""
+    """Train in place with Adam and cross-entropy (rate decayed to 0 on a cosine if `cosine`);
+    returns the model in eval mode."""
     if epochs < 0 or batch_size < 1:
         raise ValueError(f"need epochs >= 0 and batch_size >= 1, got {epochs} and {batch_size}")
     x, y = _as_tensors(images, labels)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    total_steps = epochs * -(-len(x) // batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(total_steps, 1)) if cosine else None
     loss_fn = nn.CrossEntropyLoss()
     # A private generator makes shuffling depend only on `seed`, not on global RNG state.
     generator = torch.Generator().manual_seed(seed)
@@ -162,6 +169,8 @@ def train_classifier(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if schedule is not None:
+                schedule.step()
             seen += len(idx)
             loss_sum += loss.item() * len(idx)
             correct += int((logits.argmax(1) == y[idx]).sum())
@@ -189,31 +198,38 @@ def evaluate_accuracy(model: nn.Module, images: ArrayLike, labels: ArrayLike) ->
 def load_or_train_demo_model(
     name: str, cache_dir: Path, *, epochs: int | None = None, progress: bool = True
 ) -> nn.Module:
-    """Load `cache_dir/<name>.safetensors` if present, else train on Fashion-MNIST and save it there."""
+    """Load `cache_dir/<name>.safetensors` if present and trained by the same recipe, else train
+    on Fashion-MNIST and save it there."""
     model = build_demo_model(name)
+    default_epochs, cosine = _RECIPES[name]
+    epochs = default_epochs if epochs is None else epochs
+    recipe = f"epochs={epochs},cosine={cosine}"
     path = Path(cache_dir) / f"{name}.safetensors"
     if path.is_file():
-        # safetensors only: a cached file must never be able to run code (no pickle/torch.load).
-        model.load_state_dict(load_file(path), strict=True)
-        return model.eval()
+        with safe_open(str(path), "pt") as cached:
+            cached_recipe = (cached.metadata() or {}).get("recipe", recipe)  # a file saved by hand is taken as is
+        if cached_recipe == recipe:
+            # safetensors only: a cached file must never be able to run code (no pickle/torch.load).
+            model.load_state_dict(load_file(path), strict=True)
+            return model.eval()
+        _log.warning("%s was trained with %s, not %s: training it again", path, cached_recipe, recipe)
     images, labels = load_fashion_mnist("train")
-    epochs = _DEFAULT_EPOCHS[name] if epochs is None else epochs
     started = time.perf_counter()
-    train_classifier(model, images, labels, epochs=epochs, seed=_SEED, progress=progress)
+    train_classifier(model, images, labels, epochs=epochs, cosine=cosine, seed=_SEED, progress=progress)
     elapsed = time.perf_counter() - started
     _log.info("trained %s on %d images x %d epochs in %.1f s", name, len(images), epochs, elapsed)
-    save_state_dict(model, path)
+    save_state_dict(model, path, metadata={"recipe": recipe})
     return model.eval()
 
 
-def save_state_dict(model: nn.Module, path: Path) -> None:
+def save_state_dict(model: nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
     """Write the full state dict (parameters and BN buffers) as safetensors, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     # Write then rename so an interrupted run never leaves a truncated cache file behind.
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    save_file(tensors, str(tmp))
+    save_file(tensors, str(tmp), metadata=metadata)
     tmp.replace(path)
 
 

@@ -103,6 +103,30 @@ def test_safetensors_round_trip_keeps_bn_stats(name: str, tmp_path: Path) -> Non
         assert torch.equal(value, loaded.state_dict()[key]), key
 
 
+def test_a_cached_model_from_another_recipe_is_trained_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from twinfer.optimizer import demo_models
+
+    trained = []
+    monkeypatch.setattr(demo_models, "load_fashion_mnist", lambda split: (np.zeros((4, 1, 28, 28), np.float32), np.zeros(4, np.int64)))
+    monkeypatch.setattr(demo_models, "train_classifier", lambda model, *a, **kw: trained.append(kw) or model)
+    path = tmp_path / "resnet_fmnist.safetensors"
+    save_state_dict(build_demo_model("resnet_fmnist"), path, metadata={"recipe": "epochs=2,cosine=False"})
+    load_or_train_demo_model("resnet_fmnist", tmp_path, progress=False)
+    assert len(trained) == 1 and trained[0]["cosine"] is True
+    load_or_train_demo_model("resnet_fmnist", tmp_path, progress=False)  # now cached with its own recipe
+    assert len(trained) == 1
+
+
+def test_cosine_schedule_ends_at_a_zero_rate(monkeypatch: pytest.MonkeyPatch) -> None:
+    rates = []
+    step = torch.optim.Adam.step
+    monkeypatch.setattr(torch.optim.Adam, "step", lambda self, *a, **kw: (rates.append(self.param_groups[0]["lr"]), step(self, *a, **kw))[1])
+    images, labels = np.zeros((40, 1, 28, 28), np.float32), np.zeros(40, np.int64)
+    train_classifier(build_demo_model("fashion_cnn"), images, labels, epochs=2, batch_size=8, cosine=True, progress=False)
+    assert len(rates) == 10 and rates[0] == pytest.approx(2e-3) and rates[-1] < 1e-4
+    assert all(a >= b for a, b in zip(rates, rates[1:]))
+
+
 def test_training_is_deterministic_given_seed() -> None:
     rng = np.random.default_rng(1)
     images = rng.random((32, 1, 28, 28), dtype=np.float32)
