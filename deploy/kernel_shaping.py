@@ -79,6 +79,17 @@ def list_namespaces() -> list[str]:
     return [line.split()[0] for line in _run(["ip", "netns", "list"]).splitlines() if line.strip()]
 
 
+def remove_namespace(ns: str) -> None:
+    """Kill what still runs in `ns` (it keeps the namespace alive), then delete it."""
+    pids = _run(["ip", "netns", "pids", ns]).split()
+    for pid in pids:
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    _run(["ip", "netns", "del", ns])
+
+
 def remove_stale_namespaces() -> list[str]:
     """Remove the namespaces (and what runs in them) left by a run whose process has died."""
     removed = []
@@ -87,7 +98,7 @@ def remove_stale_namespaces() -> list[str]:
         if match is None or Path(f"/proc/{match['pid']}").exists():
             continue
         try:
-            KernelLink._remove_namespace(ns)
+            remove_namespace(ns)
             removed.append(ns)
         except ShapingError as exc:
             warnings.warn(f"could not remove stale namespace {ns}: {exc}", stacklevel=2)
@@ -211,7 +222,7 @@ class KernelLink:
         self._stop_processes()
         for ns in list(self._created):
             try:
-                self._remove_namespace(ns)
+                remove_namespace(ns)
                 self._created.remove(ns)
             except ShapingError as exc:
                 errors.append(str(exc))
@@ -232,17 +243,6 @@ class KernelLink:
                 proc.kill()
                 proc.wait(timeout=5)
         self._procs.clear()
-
-    @staticmethod
-    def _remove_namespace(ns: str) -> None:
-        """Kill what still runs in `ns` (it keeps the namespace alive), then delete it."""
-        pids = _run(["ip", "netns", "pids", ns]).split()
-        for pid in pids:
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        _run(["ip", "netns", "del", ns])
 
 
 def wait_for_address(
