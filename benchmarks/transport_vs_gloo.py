@@ -29,10 +29,10 @@ import torch
 
 
 def _model_bytes() -> tuple[bytes, np.ndarray]:
-    from twinfer.deploy.inference import model_bytes
-    from twinfer.deploy.paths import cache_dir
-    from twinfer.optimizer.datasets import load_fashion_mnist
-    from twinfer.optimizer.demo_models import load_or_train_demo_model
+    from twinfer.deploy.config.paths import cache_dir
+    from twinfer.deploy.launch.inference import model_bytes
+    from twinfer.optimizer.data.datasets import load_fashion_mnist
+    from twinfer.optimizer.zoo.demo_models import load_or_train_demo_model
 
     model = load_or_train_demo_model("fashion_cnn", cache_dir() / "models", progress=False)
     images, _ = load_fashion_mnist("test")
@@ -45,11 +45,12 @@ def _model_bytes() -> tuple[bytes, np.ndarray]:
 def _gloo_worker(rank: int, rendezvous: str, onnx_bytes: bytes, x: np.ndarray, reps: int, out: mp.Queue) -> None:
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", RENDEZVOUS=rendezvous, DISTRIBUTED_BACKEND="gloo")
-    from twinfer.parties.crypten_compat import import_crypten
+    from twinfer.protocols.backends.crypten.patches import load_crypten
     from twinfer.parties.model_file import parse_model
+    from twinfer.protocols.backends.crypten.backend import CryptenBackend
     from twinfer.protocols.secure_graph import run_secure
 
-    crypten = import_crypten()
+    crypten = load_crypten()
     crypten.cfg.mpc.provider = "TTP"
     crypten.cfg.communicator.verbose = True
     if rank == 2:
@@ -58,6 +59,7 @@ def _gloo_worker(rank: int, rendezvous: str, onnx_bytes: bytes, x: np.ndarray, r
         TTPServer()  # serves tuples until rank 0 says terminate
         return
     crypten.init()
+    backend = CryptenBackend.attach(rank)
     graph, weights = parse_model(onnx_bytes)
     shared = {
         k: crypten.cryptensor(torch.from_numpy(weights[k]) if rank == 0 else torch.zeros(graph.weight_shapes[k]), src=0)
@@ -70,7 +72,7 @@ def _gloo_worker(rank: int, rendezvous: str, onnx_bytes: bytes, x: np.ndarray, r
         comm.get().reset_communication_stats()
         start = time.perf_counter()
         xs = crypten.cryptensor(torch.from_numpy(x) if rank == 1 else torch.zeros(x.shape), src=1)
-        logits = run_secure(graph, shared, xs).get_plain_text(dst=1)
+        logits = run_secure(graph, shared, xs, backend).get_plain_text(dst=1)
         elapsed = time.perf_counter() - start
         results.append((elapsed, dict(comm.get().get_communication_stats())))
     if rank == 1:
@@ -95,10 +97,10 @@ def run_gloo(onnx_bytes: bytes, x: np.ndarray, reps: int) -> dict:
 
 
 def run_twinfer(onnx_bytes: bytes, x: np.ndarray, reps: int, prefetch: bool = False) -> dict:
-    from twinfer.benchmarks.local_session import run_local_session
+    from twinfer.deploy.launch.local import run_local_session
 
     report = run_local_session(onnx_bytes, np.concatenate([x] * reps), len(x), prefetch=prefetch)["client"]
-    return {"latency": report.batch_latency_s, "stats": report.batch_crypten_stats[-1], "logits": report.logits[: len(x)]}
+    return {"latency": report.batch_latency_s, "stats": report.batch_protocol_stats[-1], "logits": report.logits[: len(x)]}
 
 
 def main(argv: list[str] | None = None) -> int:

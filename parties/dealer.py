@@ -1,21 +1,16 @@
 """The dealer: a third process that hands out correlated randomness and never sees a share.
 
-Protocol (CrypTen's trusted third party, Knott et al., "CrypTen", NeurIPS 2021, appendix):
-1. At session start the dealer draws one seed per party and sends it to that party only.
-2. For the k-th tuple of the session each party draws its shares of a, b (and, for party 1,
-   of c) from a generator seeded with derive_seed(its seed, k); the dealer derives the same
-   generators, so it knows a and b in the clear.
-3. Party 0 asks for tuple k by public size and op; the dealer computes c = op(a, b) and
-   returns c0 = c - c1 to party 0 alone. Party 1 never talks to the dealer after step 1.
-Because tuple k depends only on (seeds, k, size, op), party 0 may ask for tuples before it
-needs them (Prefetch: the offline phase), in any order. The math of step 3 is CrypTen's own
-(`TTPServer`), run on generators this module owns.
+At session start the dealer draws one seed per party and sends it to that party only; the
+k-th correlation of the session is derived from (seeds, k), so a party that may compute its
+share locally never asks again, and the others ask by public kind and size. What each kind
+is, how its request is checked and its share made, and who may ask for it, comes from the
+backend that needs it (the correlation registry of `twinfer.protocols.backends`); this module
+only serves. Because a correlation depends only on (seeds, k, kind, size), a party may ask
+for it before it needs it (Prefetch: the offline phase), in any order.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import os
@@ -24,50 +19,22 @@ import time
 from dataclasses import dataclass, field
 
 import grpc
-import torch
 
-from .crypten_compat import import_crypten
+from twinfer.protocols.backends import correlation_kind
+from twinfer.protocols.roles import RANKS
+
 from .errors import new_error_id
 from .tls import check_peer_role
 from .proto import twinfer_pb2 as pb
 from .wire import encode_framed
 
-import_crypten()
-from crypten.mpc.provider.ttp_provider import TTP_FUNCTIONS, TTPServer  # noqa: E402
-
 log = logging.getLogger(__name__)
 
-RANKS = {"server": 0, "client": 1}
-# Ops a Beaver triple may be requested for: the linear layers twinfer runs.
-TRIPLE_OPS = {"mul", "matmul", "conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d"}
 CHUNK_BYTES = 4 * 1024 * 1024
-# Largest tuple the dealer makes (elements of one tensor): 1 GiB of int64, as the transport allows.
-MAX_TUPLE_ELEMENTS = 2**27
 
 
 def _seed() -> int:
     return int.from_bytes(os.urandom(8), "big") - 2**63
-
-
-def derive_seed(seed: int, index: int) -> int:
-    """The seed of a party's generator for the session's index-th tuple (a keyed hash)."""
-    digest = hashlib.blake2b(index.to_bytes(8, "little"), key=seed.to_bytes(8, "little", signed=True), digest_size=8)
-    return int.from_bytes(digest.digest(), "little", signed=True)
-
-
-def tuple_generator(seed: int, index: int) -> torch.Generator:
-    g = torch.Generator(device="cpu")
-    g.manual_seed(derive_seed(seed, index))
-    return g
-
-
-class _TupleMath(TTPServer):
-    """CrypTen's TTPServer arithmetic, for one tuple, without its torch.distributed set-up."""
-
-    def __init__(self, seeds: list[int], index: int) -> None:  # noqa: super().__init__ would start a TTP loop
-        self.device = "cpu"
-        self.generators = [tuple_generator(s, index) for s in seeds]
-        self.generators_cuda = [None] * len(seeds)
 
 
 @dataclass
@@ -85,32 +52,6 @@ class DealerSession:
     @property
     def finished(self) -> bool:
         return self.error is not None or self.closed >= set(RANKS.values())
-
-
-def _decode_args(function: str, args_json: str) -> tuple[list, dict]:
-    """Validate a tuple request: a known function, integer sizes, a whitelisted op."""
-    if function not in TTP_FUNCTIONS:
-        raise ValueError(f"unknown tuple function '{function}' (known: {', '.join(TTP_FUNCTIONS)})")
-    try:
-        payload = json.loads(args_json or "{}")
-        args, kwargs = list(payload.get("args", [])), dict(payload.get("kwargs", {}))
-    except (ValueError, AttributeError, TypeError) as err:
-        raise ValueError(f"malformed tuple request arguments: {err}") from None
-    n_sizes = 2 if function in ("additive", "binary") else 1
-    if len(args) < n_sizes:
-        raise ValueError(f"'{function}' needs {n_sizes} sizes, got {len(args)} arguments")
-    for size in args[:n_sizes]:
-        if not (isinstance(size, list) and all(isinstance(d, int) and 0 <= d < 2**31 for d in size)):
-            raise ValueError(f"tuple sizes must be lists of non-negative ints, got {size!r}")
-        if math.prod(size) > MAX_TUPLE_ELEMENTS:
-            raise ValueError(f"tuple size {size} exceeds the dealer's limit of {MAX_TUPLE_ELEMENTS} elements")
-    if function == "additive":
-        if len(args) < 3 or not isinstance(args[2], str) or args[2] not in TRIPLE_OPS:
-            raise ValueError(f"'additive' op must be one of {sorted(TRIPLE_OPS)}, got {args[2:3]}")
-        args = [torch.Size(args[0]), torch.Size(args[1]), *args[2:]]
-    else:
-        args = [torch.Size(a) for a in args[:n_sizes]] + args[n_sizes:]
-    return args, kwargs
 
 
 class DealerServicer:
@@ -166,15 +107,19 @@ class DealerServicer:
         log.info("session %s: seed sent to %s", session.session_id, request.role)
         return pb.SeedReply(seed=session.seeds[rank])
 
-    def _make(self, session: DealerSession, request: pb.TupleRequest, context) -> list[bytes]:
-        """Party 0's share of one tuple, as framed chunks."""
+    def _make(self, session: DealerSession, request: pb.TupleRequest, role: str, context) -> list[bytes]:
+        """The asking party's share of one correlation, as framed chunks."""
         try:
-            args, kwargs = _decode_args(request.function, request.args_json)
+            kind = correlation_kind(request.function)
+            if role not in kind.requesters:
+                context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED, f"dealer: the {role} may not ask for '{kind.name}' (only {list(kind.requesters)})"
+                )
+            args, kwargs = kind.decode(request.args_json)
         except ValueError as err:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"dealer: {err}")
-        math_ = _TupleMath([session.seeds[0], session.seeds[1]], request.index)
         try:
-            share = getattr(math_, request.function)(*args, **kwargs)
+            share = kind.make([session.seeds[0], session.seeds[1]], request.index, args, kwargs)
         except (RuntimeError, TypeError, ValueError) as err:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"dealer: cannot make '{request.function}': {err}")
         array = share.contiguous().numpy()
@@ -194,7 +139,7 @@ class DealerServicer:
     def Tuple(self, request, context):  # noqa: N802
         self._authorize(context, "server")
         session = self._session(request.session_id, context)
-        yield from self._make(session, request, context)
+        yield from self._make(session, request, "server", context)
 
     def Prefetch(self, request, context):  # noqa: N802
         self._authorize(context, "server")
@@ -203,7 +148,7 @@ class DealerServicer:
             if not context.is_active() or session.error is not None:
                 return  # the party went away or the session failed: stop making tuples
             session.last_active = time.monotonic()
-            yield from self._make(session, tuple_request, context)
+            yield from self._make(session, tuple_request, "server", context)
 
     def Close(self, request, context):  # noqa: N802
         self._authorize(context, request.role)

@@ -1,4 +1,4 @@
-"""A party's side of the dealer: the seed, tuple requests, and the CrypTen provider using them."""
+"""A party's side of the dealer: the seed, tuple requests, and the offline-phase prefetch."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import grpc
 import numpy as np
 import torch
 
-from .crypten_compat import import_crypten
-from .dealer import tuple_generator
+from twinfer.protocols.backends.crypten.correlations import tuple_generator
+from twinfer.protocols.roles import SERVER
+
 from .errors import AuthError, PeerError, PeerTimeoutError, ProtocolError, TwinferError
 from .metrics import Metrics
 from .network_profile import LinkShaper
@@ -22,11 +23,6 @@ from .tls import TlsIdentity
 from .transport import TransportOptions, open_channel
 from .wire import framed_decoder, join_payloads
 
-crypten = import_crypten()
-import crypten.mpc as crypten_mpc  # noqa: E402
-from crypten.mpc.provider import ttp_provider  # noqa: E402
-
-PROVIDER_NAME = "TWINFER_DEALER"
 
 
 def _assemble(replies: list) -> torch.Tensor:
@@ -133,7 +129,7 @@ class DealerClient:
 
     def begin_batch(self, batch_size: int) -> None:
         """Prefetch this batch's tuples if a batch of this size ran before; else record them."""
-        if self.role != "server" or not self.prefetch_enabled:
+        if self.role != SERVER or not self.prefetch_enabled:
             return
         plan = self._plans.get(batch_size)
         if plan is None:
@@ -259,46 +255,3 @@ class DealerClient:
             pass  # the dealer may already be gone; closing is best effort
         finally:
             self._channel.close()
-
-
-class _ActiveDealer:
-    """Stands in for CrypTen's TTPClient: returns the DealerClient of this thread's session."""
-
-    _local = threading.local()  # a process may run several sessions, one per thread
-
-    @staticmethod
-    def get() -> DealerClient:
-        client = getattr(_ActiveDealer._local, "client", None)
-        if client is None:
-            raise RuntimeError("no dealer session is active in this thread")
-        return client
-
-    @staticmethod
-    def _init() -> None:
-        return None
-
-    @staticmethod
-    def uninit() -> None:
-        _ActiveDealer._local.client = None
-
-
-class DealerProvider(ttp_provider.TrustedThirdParty):
-    """CrypTen's TTP tuple math, with the dealer reached over twinfer's gRPC link."""
-
-    NAME = PROVIDER_NAME
-
-
-def use_dealer(client: DealerClient) -> None:
-    """Make CrypTen draw every tuple through `client` (cfg.mpc.provider = TWINFER_DEALER)."""
-    providers = getattr(crypten_mpc, "__SUPPORTED_PROVIDERS")
-    if PROVIDER_NAME not in providers:
-        providers[PROVIDER_NAME] = DealerProvider()
-    # TrustedThirdParty looks its client up by this module-level name at call time.
-    ttp_provider.TTPClient = _ActiveDealer
-    _ActiveDealer._local.client = client
-    crypten.cfg.mpc.provider = PROVIDER_NAME
-
-
-def use_insecure_trusted_first_party() -> None:
-    """CrypTen's TFP: the server makes every tuple itself and could read the client's input."""
-    crypten.cfg.mpc.provider = "TFP"

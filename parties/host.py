@@ -18,7 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
-from twinfer.protocols.graph import Graph
+from twinfer.protocols.ir.graph import Graph
 
 from .errors import PeerError, PeerTimeoutError, TwinferError
 from .session import CLIENT, DEALER, SERVER, ClientParty, DealerParty, PartyConfig, PartyListener, PartyReport, ServerParty

@@ -15,8 +15,9 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from twinfer.protocols import artifact_format as af
-from twinfer.protocols.embedding import check_ids
-from twinfer.protocols.graph import Graph, GraphError, graph_from_onnx
+from twinfer.protocols.ops.embedding import check_ids
+from twinfer.protocols.ir.graph import Graph, GraphError
+from twinfer.protocols.ir.onnx_import import graph_from_onnx
 
 from .errors import InputError, ModelError
 

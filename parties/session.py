@@ -19,23 +19,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from twinfer.protocols.embedding import check_ids, encode_input
-from twinfer.protocols.graph import Graph, GraphError
+from twinfer.protocols.backends import DEFAULT_PROTOCOL, Backend, backend_class, protocols
+from twinfer.protocols.ir.graph import Graph, GraphError
+from twinfer.protocols.ir.validation import graph_from_json
+from twinfer.protocols.ops.embedding import check_ids, encode_input
+from twinfer.protocols.roles import CLIENT, DEALER, RANKS, SERVER
 from twinfer.protocols.secure_graph import run_secure
 
-from .crypten_comm import install_communicator
-from .crypten_compat import import_crypten
 from .dealer import DealerServicer, add_dealer_servicer
-from .dealer_client import DealerClient, use_dealer, use_insecure_trusted_first_party
+from .dealer_client import DealerClient
 from .errors import InputError, PeerError, ProtocolError, TwinferError
 from .metrics import Metrics
 from .tls import TlsIdentity
 from .transport import GrpcTransport, PeerServicer, TransportOptions, add_peer_servicer, start_server
 
-crypten = import_crypten()
 log = logging.getLogger(__name__)
-
-SERVER, CLIENT, DEALER = "server", "client", "dealer"
 
 
 @dataclass(frozen=True)
@@ -51,8 +49,10 @@ class PartyConfig:
     insecure_trusted_first_party: bool = False
     dealer_prefetch: bool = True  # have the dealer make a batch's tuples before they are needed
     tls: TlsIdentity | None = None  # mutual TLS on every link this party opens or accepts
+    protocol: str = DEFAULT_PROTOCOL  # the secure backend; both parties of a session must agree
 
     def __post_init__(self) -> None:
+        backend_class(self.protocol)  # an unknown protocol is refused before anything starts
         if self.role not in (SERVER, CLIENT, DEALER):
             raise ValueError(f"role must be server, client or dealer, got '{self.role}'")
         if not self.session_id:
@@ -99,9 +99,11 @@ class PartyReport:
     batch_rounds: list[int] = field(default_factory=list)
     batch_bytes_online: list[int] = field(default_factory=list)
     batch_bytes_sent: list[int] = field(default_factory=list)
-    batch_crypten_stats: list[dict[str, float]] = field(default_factory=list)
+    batch_protocol_stats: list[dict[str, float]] = field(default_factory=list)  # the backend's own counters
     bytes_offline: int = 0
     relu_count: int = 0
+    comparisons: int = 0
+    protocol: str = DEFAULT_PROTOCOL
     layers: dict[str, dict] = field(default_factory=dict)
     logits: np.ndarray | None = None
 
@@ -137,8 +139,8 @@ class _TwoPartySession:
             metrics=self.metrics,
         )
         self.dealer: DealerClient | None = None
-        self.report = PartyReport(role=config.role, pid=os.getpid(), node=_node_name())
-        self._crypten_up = False
+        self.report = PartyReport(role=config.role, pid=os.getpid(), node=_node_name(), protocol=config.protocol)
+        self.backend: Backend | None = None
 
     def _connect_dealer(self) -> None:
         """First thing in a session: from then on any failure reaches the dealer too."""
@@ -156,16 +158,23 @@ class _TwoPartySession:
             tls=self.config.tls,
         )
 
-    def _start_crypten(self) -> None:
+    def _agree_protocol(self, theirs: np.ndarray, peer: str) -> None:
+        """Refuse a peer that runs another backend: the two would desynchronise, not fail."""
+        name = theirs.tobytes().decode(errors="replace")
+        if name != self.config.protocol:
+            raise ProtocolError(
+                f"the {peer} runs protocol '{name}' but this {self.role} runs '{self.config.protocol}': every party "
+                f"of a session must use the same --protocol (known: {', '.join(protocols())})",
+                origin=self.role,
+            )
+
+    def _send_protocol(self) -> None:
+        self.transport.send("protocol", np.frombuffer(self.config.protocol.encode(), dtype=np.uint8))
+
+    def _start_backend(self) -> None:
         torch.set_num_threads(1)  # two parties on one machine: 10x slower with default threads
-        if self.dealer is None:
-            use_insecure_trusted_first_party()
-        else:
-            use_dealer(self.dealer)
-        install_communicator(self.transport, self.rank)
-        crypten.cfg.communicator.verbose = True
-        crypten.init()
-        self._crypten_up = True
+        self.backend = backend_class(self.config.protocol).create(self.rank, self.transport, self.dealer)
+        self.backend.start()
         self.report.torch_threads = torch.get_num_threads()
 
     def _share_weights(self, graph: Graph, weights: dict[str, np.ndarray] | None) -> dict[str, Any]:
@@ -173,23 +182,22 @@ class _TwoPartySession:
         with self.metrics.layer("share_weights"):
             for name in sorted(graph.weight_shapes):
                 value = torch.from_numpy(weights[name]) if weights is not None else torch.zeros(graph.weight_shapes[name])
-                shared[name] = crypten.cryptensor(value, src=0)
+                shared[name] = self.backend.share(value, src=RANKS[SERVER])
         return shared
 
     def _infer_batch(self, graph: Graph, shared_weights: dict[str, Any], x: torch.Tensor) -> Any:
-        import crypten.communicator as comm
-
-        comm.get().reset_communication_stats()
+        backend = self.backend
+        backend.reset_stats()
         if self.dealer is not None:
             self.dealer.begin_batch(int(x.shape[0]))
         before = self.metrics.total()
         start = time.perf_counter()
         with self.metrics.layer("share_input"):
-            x_shared = crypten.cryptensor(encode_input(graph, x), src=1)  # ids -> one-hot on the client
+            x_shared = backend.share(encode_input(graph, x), src=RANKS[CLIENT])  # ids -> one-hot on the client
         counts: Counter = Counter()
-        y = run_secure(graph, shared_weights, x_shared, scope=self.metrics.layer, counts=counts)
+        y = run_secure(graph, shared_weights, x_shared, backend, scope=self.metrics.layer, counts=counts)
         with self.metrics.layer("reveal_output"):
-            logits = y.get_plain_text(dst=1)  # None on the server: only the client learns it
+            logits = backend.reveal(y, dst=RANKS[CLIENT])  # None on the server: only the client learns it
         after = self.metrics.total()
         self.report.batch_latency_s.append(time.perf_counter() - start)
         if self.dealer is not None:
@@ -201,7 +209,8 @@ class _TwoPartySession:
         )
         self.report.batch_bytes_sent.append(after.bytes_sent - before.bytes_sent)
         self.report.relu_count += counts["relu_count"]
-        self.report.batch_crypten_stats.append(dict(comm.get().get_communication_stats()))
+        self.report.comparisons += counts["comparisons"]
+        self.report.batch_protocol_stats.append(backend.stats())
         return logits
 
     def _finish(self) -> PartyReport:
@@ -216,9 +225,9 @@ class _TwoPartySession:
             self.transport.close()
         if self.dealer is not None:
             self.dealer.close(error)
-        if self._crypten_up:
-            crypten.uninit()
-            self._crypten_up = False
+        if self.backend is not None:
+            self.backend.stop()
+            self.backend = None
 
     def run(self) -> PartyReport:
         error: TwinferError | None = None
@@ -239,7 +248,7 @@ class _TwoPartySession:
 class ServerParty(_TwoPartySession):
     """Owns the weights; listens for the client; never receives the output."""
 
-    role, rank = SERVER, 0
+    role, rank = SERVER, RANKS[SERVER]
 
     def __init__(
         self, graph: Graph, weights: dict[str, np.ndarray], config: PartyConfig, listener: PartyListener | None = None
@@ -258,12 +267,14 @@ class ServerParty(_TwoPartySession):
         start = time.perf_counter()
         self._connect_dealer()
         self.transport.wait_accepted()
+        self._send_protocol()
         self.transport.send("graph", np.frombuffer(self.graph.to_json().encode(), dtype=np.uint8))
+        self._agree_protocol(self.transport.recv("protocol"), CLIENT)
         plan = self.transport.recv("plan")
         if plan.shape != (2,) or plan[0] < 1 or plan[1] < 1:
             raise ProtocolError(f"client sent an invalid batch plan {plan.tolist()}", origin=self.role)
         n_samples, batch = int(plan[0]), int(plan[1])
-        self._start_crypten()
+        self._start_backend()
         shared = self._share_weights(self.graph, self.weights)
         self.report.setup_s = time.perf_counter() - start
         for begin in range(0, n_samples, batch):
@@ -282,7 +293,7 @@ class ServerParty(_TwoPartySession):
 class ClientParty(_TwoPartySession):
     """Owns the input; gets the weight-free graph from the server; learns the logits."""
 
-    role, rank = CLIENT, 1
+    role, rank = CLIENT, RANKS[CLIENT]
 
     def __init__(self, inputs: np.ndarray, batch_size: int, config: PartyConfig) -> None:
         if not config.server_address:
@@ -299,7 +310,7 @@ class ClientParty(_TwoPartySession):
     def _receive_graph(self) -> Graph:
         raw = self.transport.recv("graph")
         try:
-            return Graph.from_json(raw.tobytes().decode())
+            return graph_from_json(raw.tobytes().decode())
         except (GraphError, UnicodeDecodeError) as err:
             raise ProtocolError(f"the server sent an unusable graph: {err}", origin=self.role) from None
 
@@ -307,6 +318,7 @@ class ClientParty(_TwoPartySession):
         start = time.perf_counter()
         self._connect_dealer()
         self.transport.dial(self.config.server_address, tls=self.config.tls)
+        self._agree_protocol(self.transport.recv("protocol"), SERVER)
         self.graph = graph = self._receive_graph()
         if tuple(self.inputs.shape[1:]) != graph.input_shape:
             raise InputError(
@@ -318,8 +330,9 @@ class ClientParty(_TwoPartySession):
             check_ids(graph, self.inputs)  # an embedding model's input: integer ids in range
         except ValueError as err:
             raise InputError(str(err), origin=self.role) from None
+        self._send_protocol()
         self.transport.send("plan", np.array([len(self.inputs), self.batch_size], dtype=np.int64))
-        self._start_crypten()
+        self._start_backend()
         shared = self._share_weights(graph, None)
         self.report.setup_s = time.perf_counter() - start
         outputs = []

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from .graph import Graph, GraphError
-from .masked_activation import ActivationSite, apply_sites
+from .ir.graph import Graph, GraphError
+from .ops.activation import ActivationSite, apply_sites
 
 FORMAT = "twinfer-artifact"
 FORMAT_VERSION = 1

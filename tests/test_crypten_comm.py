@@ -9,9 +9,12 @@ import pytest
 import torch
 from torch.distributed import ReduceOp
 
-from twinfer.parties.crypten_comm import TransportCommunicator, crypten
+from twinfer.protocols.backends.crypten.patches import load_crypten
+
+crypten = load_crypten()
+from twinfer.protocols.backends.crypten.communicator import TransportCommunicator  # noqa: E402  (needs CrypTen loaded)
 from twinfer.parties.errors import PeerTimeoutError
-from twinfer.parties.memory_transport import MemoryTransport
+from helpers.memory_transport import MemoryTransport
 
 TOP = 2**63 - 1
 BOTTOM = -(2**63)

@@ -11,8 +11,10 @@ import onnx
 import pytest
 import torch
 
-from twinfer.parties.crypten_compat import export_onnx, import_crypten
-from twinfer.protocols.graph import graph_from_onnx, run_plain
+from twinfer.protocols.backends.crypten.patches import load_crypten
+from twinfer.protocols.ir.onnx_import import graph_from_onnx
+from twinfer.protocols.ir.plain import run_plain
+from twinfer.protocols.ir.onnx_export import export_onnx
 
 
 def test_registration_moved_and_crypten_imports():
@@ -21,7 +23,7 @@ def test_registration_moved_and_crypten_imports():
     assert subprocess.run([sys.executable, "-c", probe]).returncode == 0, "torch still ships the old path"
     fresh = subprocess.run([sys.executable, "-c", "import crypten"], capture_output=True, text=True)
     assert fresh.returncode != 0 and "registration" in fresh.stderr
-    crypten = import_crypten()
+    crypten = load_crypten()
     assert importlib.import_module("crypten.nn.onnx_converter").from_pytorch is crypten.nn.from_pytorch
 
 
@@ -37,7 +39,7 @@ def _bn_model(mean: float, var: float) -> torch.nn.Module:
 
 
 def test_from_pytorch_uses_torchscript_exporter():
-    crypten = import_crypten()
+    crypten = load_crypten()
     with pytest.raises(Exception, match="onnxscript|dynamo"):
         # What crypten's converter did before the fix: torch's default (dynamo) exporter.
         torch.onnx.export(_bn_model(0.5, 1.5), (torch.zeros(1, 1, 8, 8),), __import__("io").BytesIO(), dynamo=True)
@@ -46,7 +48,7 @@ def test_from_pytorch_uses_torchscript_exporter():
 
 
 def test_load_state_dict_copies_buffers():
-    crypten = import_crypten()
+    crypten = load_crypten()
     source, target = crypten.nn.BatchNorm2d(3), crypten.nn.BatchNorm2d(3)
     source.running_mean = torch.tensor([0.5, 0.6, 0.7])
     source.running_var = torch.tensor([1.5, 1.6, 1.7])

@@ -10,14 +10,15 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from twinfer.parties.crypten_compat import import_crypten
-from twinfer.parties.dealer import DealerServicer, _decode_args, add_dealer_servicer
+from twinfer.protocols.backends.crypten.patches import load_crypten
+from twinfer.parties.dealer import DealerServicer, add_dealer_servicer
+from twinfer.protocols.backends.crypten.correlations import decode_request as _decode_args
 from twinfer.parties.dealer_client import DealerClient
 from twinfer.parties.errors import InputError, PeerError, ProtocolError
 from twinfer.parties.metrics import Metrics
 from twinfer.parties.transport import TransportOptions, start_server
 
-crypten = import_crypten()
+crypten = load_crypten()
 from crypten.common.rng import generate_kbit_random_tensor, generate_random_ring_element  # noqa: E402
 from crypten.common.util import count_wraps  # noqa: E402
 

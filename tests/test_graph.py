@@ -7,10 +7,13 @@ import onnx
 import pytest
 import torch
 
-from twinfer.parties.crypten_compat import export_onnx
 from twinfer.parties.errors import InputError, ModelError
 from twinfer.parties.model_file import check_input_fits, load_input, load_model, parse_model
-from twinfer.protocols.graph import Graph, GraphError, UnsupportedOpError, graph_from_onnx, run_plain
+from twinfer.protocols.ir.graph import Graph, GraphError, UnsupportedOpError
+from twinfer.protocols.ir.validation import graph_from_json
+from twinfer.protocols.ir.onnx_import import graph_from_onnx
+from twinfer.protocols.ir.plain import run_plain
+from twinfer.protocols.ir.onnx_export import export_onnx
 
 
 def _compile(model: torch.nn.Module, shape=(1, 28, 28)):
@@ -103,13 +106,13 @@ def test_asymmetric_padding_is_refused():
 def test_graph_json_round_trip_carries_no_weights(fashion_cnn):
     graph, weights = _compile(fashion_cnn)
     text = graph.to_json()
-    back = Graph.from_json(text)
+    back = graph_from_json(text)
     assert back.to_json() == text
     assert back.relu_count() == graph.relu_count() == 8 * 28 * 28 + 16 * 14 * 14 + 64
     # Only shapes travel: no weight value appears in the public description.
     assert str(float(next(iter(weights.values())).ravel()[0]))[:8] not in text
     with pytest.raises(GraphError, match="malformed"):
-        Graph.from_json('{"nodes": 3}')
+        graph_from_json('{"nodes": 3}')
     bad = dict(weights)
     bad.pop(next(iter(bad)))
     with pytest.raises(GraphError, match="missing"):

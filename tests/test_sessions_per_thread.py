@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from twinfer.parties.crypten_comm import use_thread_local_state
-from twinfer.parties.crypten_compat import import_crypten
+from twinfer.protocols.backends.crypten.patches import load_crypten
 
-crypten = import_crypten()
+crypten = load_crypten()
 pytestmark = pytest.mark.timeout(180)
 
 
@@ -25,7 +24,6 @@ def _in_thread(fn):
 
 def test_a_config_override_in_one_thread_is_invisible_to_another():
     """CrypTen swaps its whole config inside max pooling; a concurrent session must not see it."""
-    use_thread_local_state()
     inside, release = threading.Event(), threading.Event()
     seen = []
 
@@ -48,7 +46,6 @@ def test_a_config_override_in_one_thread_is_invisible_to_another():
 
 
 def test_each_thread_draws_from_its_own_generators():
-    use_thread_local_state()
 
     def seeded(seed: int):
         g = torch.Generator()

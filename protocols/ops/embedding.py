@@ -23,25 +23,49 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..backends.base import OPEN_BYTES
+from ..ir.graph import Graph, GraphError, Node
+from .registry import LayerCost, Op, register, size
+
 EMBEDDING_OP = "Embedding"
-RING_BYTES = 8  # CrypTen shares are 64-bit
 
 
-def check_node(graph: Any, node: Any) -> None:
-    """An Embedding must read the model input directly, and be the only node that reads it."""
-    from .graph import GraphError
+def lookup_opened(batch: int, fields: int, rows: int, dim: int) -> int:
+    """Elements one lookup opens: X - A (N x F x R) and T - B (R x d)."""
+    return batch * fields * rows + rows * dim
 
-    rows, dim = node.attrs.get("rows"), node.attrs.get("dim")
-    if not isinstance(rows, int) or rows < 1 or not isinstance(dim, int) or dim < 1:
-        raise GraphError(f"node '{node.name}' (Embedding) needs positive integer attrs rows and dim, got {node.attrs}")
-    if node.inputs != (graph.input_name,):
-        raise GraphError(
-            f"node '{node.name}' (Embedding) must read the model input '{graph.input_name}' directly "
-            "(the client one-hot encodes its ids before sharing them)"
-        )
-    readers = [n.name for n in graph.nodes if graph.input_name in n.inputs]
-    if readers != [node.name]:
-        raise GraphError(f"the model input feeds an Embedding, so no other node may read it; read by {readers}")
+
+class Embedding(Op):
+    name = EMBEDDING_OP
+
+    def check(self, node: Node, graph: Graph) -> None:
+        """An Embedding must read the model input directly, and be the only node that reads it."""
+        rows, dim = node.attrs.get("rows"), node.attrs.get("dim")
+        if not isinstance(rows, int) or rows < 1 or not isinstance(dim, int) or dim < 1:
+            raise GraphError(f"node '{node.name}' (Embedding) needs positive integer attrs rows and dim, got {node.attrs}")
+        if node.inputs != (graph.input_name,):
+            raise GraphError(
+                f"node '{node.name}' (Embedding) must read the model input '{graph.input_name}' directly "
+                "(the client one-hot encodes its ids before sharing them)"
+            )
+        readers = [n.name for n in graph.nodes if graph.input_name in n.inputs]
+        if readers != [node.name]:
+            raise GraphError(f"the model input feeds an Embedding, so no other node may read it; read by {readers}")
+
+    def plain(self, node, args, w):
+        """Rows of the table (R x d) at the ids (N x F) -> N x F x d."""
+        return w[0][args[0].long()]
+
+    def secure(self, node, args, w, ctx):
+        """Steps 2-4: [one_hot] (N x F x R) times [table] (R x d), one Beaver product."""
+        return ctx.backend.matmul(args[0], w[0])
+
+    def cost(self, node, io, pricing):
+        rows, dim = int(node.attrs["rows"]), int(node.attrs["dim"])
+        step = pricing.product(lookup_opened(io.batch, io.x, rows, dim))
+        params = sum(size(io.weight(k)) for k in node.weights)
+        mults = io.batch * io.out(node) * rows
+        return LayerCost(node.name, node.op, params=params, secure_mults=mults, bytes_online=step.bytes_online, rounds=step.rounds)
 
 
 def embedding_node(graph: Any) -> Any | None:
@@ -50,11 +74,6 @@ def embedding_node(graph: Any) -> Any | None:
         if node.op == EMBEDDING_OP:
             return node
     return None
-
-
-def plain_embedding(ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Plaintext reference: rows of `table` (R x d) at `ids` (N x F) -> N x F x d."""
-    return table[ids.long()]
 
 
 def check_ids(graph: Any, inputs: np.ndarray) -> None:
@@ -90,11 +109,6 @@ def encode_input(graph: Any, x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.one_hot(x.long(), node.attrs["rows"]).to(torch.float32)
 
 
-def secure_embedding(one_hot: Any, table: Any) -> Any:
-    """Steps 2-4 on MPCTensors: [one_hot] (N x F x R) times [table] (R x d), one Beaver product."""
-    return one_hot.matmul(table)
-
-
 @dataclass(frozen=True)
 class LookupCost:
     """Predicted online cost of one batch's lookup (a model, labelled as such where printed)."""
@@ -104,5 +118,19 @@ class LookupCost:
 
     @classmethod
     def predict(cls, batch: int, fields: int, rows: int, dim: int) -> "LookupCost":
-        opened = batch * fields * rows + rows * dim  # X - A and T - B
-        return cls(rounds=1, bytes_online=2 * RING_BYTES * opened)
+        return cls(rounds=1, bytes_online=OPEN_BYTES * lookup_opened(batch, fields, rows, dim))
+
+
+def _import_gather(imp, node, a):
+    table, ids = node.input
+    inputs = {i.name for i in imp.model.graph.input}
+    if table not in imp.init or imp.init[table].ndim != 2 or int(a.get("axis", 0)) != 0 or ids not in inputs:
+        raise GraphError(
+            f"node '{node.name}' (Gather) is supported only as an embedding lookup: a constant 2-d table, "
+            "axis 0, indices taken straight from the model input"
+        )
+    rows, dim = imp.init[table].shape
+    imp.emit(node, EMBEDDING_OP, [ids], [imp.weight(node, table, "table")], {"rows": int(rows), "dim": int(dim)})
+
+
+register(Embedding(), {"Gather": _import_gather})  # a constant table gathered at the model input

@@ -3,22 +3,25 @@
 For two parties every collective is "send mine, receive theirs, combine", so each one is one
 round on the wire. The methods keep CrypTen's names and signatures and its `_logging`
 decorator, so CrypTen's own statistics count this backend exactly as they count gloo.
+
+The transport is any object with `send(tag, array)`, `recv(tag) -> array` and `metrics`
+(parties' Transport); this module opens no socket. It subclasses CrypTen's Communicator, so
+it is imported only after `patches.load_crypten()`.
 """
 
 from __future__ import annotations
 
 import json
-import threading
 from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
-from .crypten_compat import import_crypten
-from .transport import Transport
+from ...roles import CLIENT, SERVER
+from ..base import RING_BYTES
+from . import patches
 
-crypten = import_crypten()
+patches.require_loaded()
 from crypten.communicator.communicator import Communicator, _logging  # noqa: E402
 
 try:  # ReduceOp lives in torch.distributed, which may be built without backends
@@ -28,7 +31,6 @@ try:  # ReduceOp lives in torch.distributed, which may be built without backends
 except Exception:  # pragma: no cover - torch builds without distributed
     _BXOR = "BXOR"
 
-ROLES = ("server", "client")  # rank 0 and rank 1
 
 
 def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
@@ -99,44 +101,16 @@ class _PendingRecv:
 class TransportCommunicator(Communicator):
     """CrypTen's Communicator interface for exactly two parties over a Transport."""
 
-    BYTES_PER_ELEMENT = 8
-    # One session per thread: a party process may run several sessions at once, each in its
-    # own thread with its own communicator (see use_thread_local_generators).
-    _local = threading.local()
+    BYTES_PER_ELEMENT = RING_BYTES
 
-    def __init__(self, transport: Transport, rank: int) -> None:
+    def __init__(self, transport: Any, rank: int) -> None:
         if rank not in (0, 1):
             raise ValueError(f"rank must be 0 (server) or 1 (client), got {rank}")
         self.transport = transport
         self.rank = rank
         self.world_size = 2
-        self._name = ROLES[rank]
+        self._name = (SERVER, CLIENT)[rank]
         self.reset_communication_stats()
-
-    # -- CrypTen's class-level lifecycle ----------------------------------------------------
-
-    @classmethod
-    def is_initialized(cls) -> bool:
-        return getattr(cls._local, "instance", None) is not None
-
-    @classmethod
-    def initialize(cls, rank: int = 0, world_size: int = 1, init_ttp: bool = False) -> None:
-        pending = getattr(cls._local, "pending", None)
-        if pending is None:
-            raise RuntimeError("install_communicator() must run before crypten.init()")
-        if init_ttp:
-            raise RuntimeError("CrypTen's TTP over torch.distributed is not used; twinfer's dealer provides tuples")
-        transport, own_rank = pending
-        cls._local.instance = cls(transport, own_rank)
-
-    @classmethod
-    def get(cls) -> "TransportCommunicator | None":
-        return getattr(cls._local, "instance", None)
-
-    @classmethod
-    def shutdown(cls) -> None:
-        cls._local.instance = None
-        cls._local.pending = None
 
     # -- plumbing -------------------------------------------------------------------------------
 
@@ -281,82 +255,3 @@ class TransportCommunicator(Communicator):
 
     def get_name(self) -> str:
         return self._name
-
-
-def install_communicator(transport: Transport, rank: int) -> None:
-    """Make crypten.init() build a TransportCommunicator instead of torch.distributed's."""
-    import crypten.communicator as comm_module
-
-    TransportCommunicator._local.pending = (transport, rank)
-    # crypten.communicator picks its backend class by this module-level name at call time.
-    comm_module.DistributedCommunicator = TransportCommunicator
-    use_thread_local_state()
-
-
-class _ThreadLocalGenerators(dict):
-    """crypten.generators with one set of generators per thread.
-
-    CrypTen keeps the generators of its pseudo-random zero sharings ("prev", "next",
-    "local", "global") in one module-level dict; two sessions in one process would draw from
-    each other's generators and desynchronise from their peers. This mapping has CrypTen's
-    four keys, and each lookup returns the calling thread's own dict of generators.
-    """
-
-    KEYS = ("prev", "next", "local", "global")
-
-    def __init__(self) -> None:
-        super().__init__({key: None for key in self.KEYS})
-        self._local = threading.local()
-
-    def __getitem__(self, key: str) -> dict:
-        if key not in self.KEYS:
-            raise KeyError(key)
-        per_thread = getattr(self._local, "generators", None)
-        if per_thread is None:
-            per_thread = self._local.generators = {k: {} for k in self.KEYS}
-        return per_thread[key]
-
-
-def _thread_local_config_class(base_class: type) -> type:
-    class ThreadLocalConfig(base_class):
-        """crypten.cfg with one configuration per thread.
-
-        CrypTen changes its configuration in the middle of protocols (cfg.temp_override swaps
-        the whole config, e.g. to "pairwise" inside max pooling); two sessions in one process
-        would see each other's overrides, and the two parties of a session would then run
-        different algorithms. The main thread keeps the process-wide configuration; every other
-        thread starts from a copy of it taken when the thread first reads it.
-        """
-
-        @property
-        def config(self):
-            if threading.current_thread() is threading.main_thread():
-                return object.__getattribute__(self, "_base")
-            local = object.__getattribute__(self, "_local")
-            mine = getattr(local, "config", None)
-            if mine is None:
-                mine = local.config = OmegaConf.create(OmegaConf.to_container(object.__getattribute__(self, "_base")))
-            return mine
-
-        @config.setter
-        def config(self, value):
-            if threading.current_thread() is threading.main_thread():
-                object.__setattr__(self, "_base", value)
-            else:
-                object.__getattribute__(self, "_local").config = value
-
-    return ThreadLocalConfig
-
-
-def use_thread_local_state() -> None:
-    """Give each thread its own crypten.generators and crypten.cfg (idempotent)."""
-    if not isinstance(crypten.generators, _ThreadLocalGenerators):
-        crypten.generators = _ThreadLocalGenerators()
-    cfg = crypten.config.cfg
-    if not getattr(type(cfg), "_twinfer_thread_local", False):
-        base = cfg.__dict__.pop("config")
-        object.__setattr__(cfg, "_base", base)
-        object.__setattr__(cfg, "_local", threading.local())
-        cls = _thread_local_config_class(type(cfg))
-        cls._twinfer_thread_local = True
-        cfg.__class__ = cls

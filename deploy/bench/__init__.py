@@ -1,0 +1,1 @@
+"""What `twinfer bench` runs: latency under network profiles, and sweeps of models x batches x networks."""

@@ -1,0 +1,1 @@
+"""The `twinfer` command: the entry point, shared options and one module per subcommand."""

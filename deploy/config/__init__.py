@@ -1,0 +1,1 @@
+"""Configuration: party config files, where twinfer keeps its files, TLS certificates."""

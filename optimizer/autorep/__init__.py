@@ -1,0 +1,1 @@
+"""AutoReP: learned per-element ReLU masks with DaPa polynomials elsewhere."""

@@ -1,0 +1,1 @@
+"""Training data: Fashion-MNIST and MNIST images, categorical click data for DP training."""

@@ -1,0 +1,1 @@
+"""Small demo classifiers built only from layers the secure protocols support."""

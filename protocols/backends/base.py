@@ -1,0 +1,145 @@
+"""What a secure protocol backend provides: shares, products, comparisons, and their prices.
+
+A backend holds one session's collaborators (the communicator to the peer, the source of
+correlated randomness) given to it by the party that builds it; ops receive the backend as
+an argument (`ops.registry.SecureContext`) and never reach for a global. Its shared values
+support the local operations of additive sharing as methods and operators: `+`, `-`, `*` and
+`+` with public or shared tensors of the same layout, `reshape`, `flatten`, `index_select`,
+`shape`, `nelement()`. Everything that talks to the peer is a method here.
+
+Parties are ranks: 0 the server (owns the weights), 1 the client (owns the input).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+RING_BYTES = 8  # shares live in Z_2^64: one ring element is 8 bytes on the wire
+OPEN_BYTES = 2 * RING_BYTES  # one opened element: send my share, receive theirs
+SERVER_RANK, CLIENT_RANK = 0, 1
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Online cost of one protocol step: one party's bytes (sent + received) and rounds."""
+
+    bytes_online: int = 0
+    rounds: int = 0
+
+
+@dataclass(frozen=True)
+class CorrelationKind:
+    """One kind of correlated randomness the dealer makes for a backend.
+
+    `decode` checks a request's public arguments (JSON) and returns them; `make` returns the
+    asking party's share of correlation `index` from the session's seeds (one per rank);
+    only `requesters` (roles) may ask for it, the others derive their shares from their seed.
+    """
+
+    name: str
+    requesters: tuple[str, ...]
+    decode: Callable[[str], tuple[list, dict]]
+    make: Callable[[list[int], int, list, dict], torch.Tensor]
+
+
+class Pricing(abc.ABC):
+    """A backend's online cost per primitive, read off the protocols it runs."""
+
+    def product(self, opened: int) -> Cost:
+        """A Beaver product that opens `opened` masked elements (x - a and y - b together)."""
+        return Cost(OPEN_BYTES * opened, 1)
+
+    def square(self, n: int) -> Cost:
+        """A Beaver square of n elements: open x - r."""
+        return Cost(OPEN_BYTES * n, 1 if n else 0)
+
+    def reveal(self, n: int) -> Cost:
+        """Opening n elements to one party (the logits, to the client)."""
+        return Cost(RING_BYTES * n, 1)
+
+    @abc.abstractmethod
+    def relu(self, n: int) -> Cost:
+        """n ReLUs evaluated together."""
+
+    @abc.abstractmethod
+    def max_pool(self, windows: int, n: int) -> Cost:
+        """The maximum of each of `windows` windows of n elements."""
+
+
+class Backend(abc.ABC):
+    """One session's secure protocol; a party builds it with its communicator and randomness."""
+
+    name: ClassVar[str]
+    pricing: ClassVar[Pricing]
+    # Kinds of correlated randomness this backend asks the dealer for.
+    correlations: ClassVar[tuple[CorrelationKind, ...]]
+
+    rank: int
+
+    # -- session lifecycle ---------------------------------------------------------------------
+
+    @classmethod
+    @abc.abstractmethod
+    def create(cls, rank: int, transport: Any, dealer: Any | None) -> "Backend":
+        """The backend of one session: `transport` reaches the peer (send/recv/metrics), `dealer`
+        is this party's dealer client (None: the insecure trusted first party, where supported)."""
+
+    def start(self) -> None:
+        """Called once before the first share; the backend binds its collaborators here."""
+
+    def stop(self) -> None:
+        """Called once when the session ends, also after a failure."""
+
+    def reset_stats(self) -> None:
+        """Start the backend's own counters of a batch afresh."""
+
+    def stats(self) -> dict[str, float]:
+        """The backend's own counters since reset_stats (twinfer's metrics count the wire)."""
+        return {}
+
+    # -- sharing -----------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def share(self, value: torch.Tensor, src: int) -> Any:
+        """Secret-share `value`, owned by rank `src`; other ranks pass a zero tensor of its shape."""
+
+    @abc.abstractmethod
+    def reveal(self, x: Any, dst: int) -> torch.Tensor | None:
+        """Open `x` to rank `dst` only; every other rank gets None."""
+
+    @abc.abstractmethod
+    def cat(self, parts: list[Any], dim: int) -> Any:
+        """Concatenate shared tensors (local)."""
+
+    # -- products (one Beaver product each) -----------------------------------------------------------
+
+    @abc.abstractmethod
+    def conv2d(self, x: Any, w: Any, *, stride: tuple, padding: tuple, dilation: tuple, groups: int) -> Any: ...
+
+    @abc.abstractmethod
+    def matmul(self, x: Any, w: Any) -> Any: ...
+
+    @abc.abstractmethod
+    def mul(self, x: Any, y: Any) -> Any:
+        """Elementwise product of two shared tensors (broadcasting)."""
+
+    @abc.abstractmethod
+    def square(self, x: Any) -> Any: ...
+
+    # -- comparisons ------------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def relu(self, x: Any) -> Any: ...
+
+    @abc.abstractmethod
+    def max_pool2d(self, x: Any, *, kernel: tuple, stride: tuple, padding: tuple) -> Any: ...
+
+    # -- local -----------------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def avg_pool2d(self, x: Any, *, kernel: tuple, stride: tuple, padding: tuple) -> Any: ...

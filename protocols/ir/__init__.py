@@ -1,0 +1,1 @@
+"""The graph IR: public model structure, its JSON form and checks, ONNX in and out."""

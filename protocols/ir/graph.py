@@ -1,0 +1,86 @@
+"""The model as twinfer runs it: a small public graph of supported ops plus secret weights.
+
+The graph (ops, shapes, attributes) is public model structure and travels to the client as
+JSON; the weights stay with the server. This module holds the data only; what each op means
+lives in `protocols/ops/`, its checks in `ir/validation.py`, ONNX import in `ir/onnx_import.py`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+class GraphError(ValueError):
+    """The model cannot be run: malformed, or an attribute twinfer does not support."""
+
+
+class UnsupportedOpError(GraphError):
+    """The model uses ops twinfer has no secure layer for; names every such node."""
+
+    def __init__(self, nodes: list[tuple[str, str]], supported: Iterable[str] = ()) -> None:
+        self.nodes = nodes
+        listed = ", ".join(f"node '{name}' (op {op})" for name, op in nodes)
+        known = f". Supported ops: {', '.join(supported)}" if supported else ""
+        super().__init__(f"unsupported ONNX op(s): {listed}{known}")
+
+
+@dataclass(frozen=True)
+class Node:
+    """One layer: `inputs` are activations (secret), `weights` name server-owned tensors."""
+
+    name: str
+    op: str
+    inputs: tuple[str, ...]
+    output: str
+    weights: tuple[str, ...] = ()
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Graph:
+    """Public structure of a model: everything but the weight values."""
+
+    input_name: str
+    input_shape: tuple[int, ...]  # one sample, without the batch dimension
+    output_name: str
+    nodes: list[Node]
+    weight_shapes: dict[str, tuple[int, ...]]
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "input_name": self.input_name,
+                "input_shape": list(self.input_shape),
+                "output_name": self.output_name,
+                "nodes": [asdict(n) | {"inputs": list(n.inputs), "weights": list(n.weights)} for n in self.nodes],
+                "weight_shapes": {k: list(v) for k, v in self.weight_shapes.items()},
+            }
+        )
+
+    def check_weights(self, weights: dict[str, np.ndarray]) -> None:
+        """The server's weights must be exactly the declared ones, with the declared shapes."""
+        missing = sorted(set(self.weight_shapes) - set(weights))
+        extra = sorted(set(weights) - set(self.weight_shapes))
+        if missing or extra:
+            raise GraphError(f"weights do not match the graph: missing {missing}, unexpected {extra}")
+        for name, shape in self.weight_shapes.items():
+            if tuple(weights[name].shape) != shape:
+                raise GraphError(f"weight '{name}' has shape {tuple(weights[name].shape)}, graph says {shape}")
+
+    def relu_count(self) -> int:
+        """ReLU elements per sample: ReLU-type ops record theirs as the attribute `elements`."""
+        return sum(int(n.attrs.get("elements", 0)) for n in self.nodes)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+
+def resolve_reshape(shape: tuple[int, ...], target: list[int]) -> tuple[int, ...]:
+    """ONNX Reshape semantics: 0 copies the input dimension, -1 is inferred."""
+    return tuple(shape[i] if d == 0 else d for i, d in enumerate(target))

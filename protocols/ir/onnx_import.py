@@ -1,0 +1,117 @@
+"""ONNX import: a standard ONNX model -> a public graph and the server's weights.
+
+The importer walks the ONNX graph once; each ONNX op type is handled by the importer its op
+family registered (`protocols/ops/`), which calls back into `Importer` to name values, take
+weights and emit nodes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ..ops import onnx_importer, supported_onnx_ops
+from .graph import Graph, GraphError, Node, UnsupportedOpError
+from .plain import annotate_shapes
+from .validation import validate_graph
+
+
+def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+class Importer:
+    """Walks an ONNX graph once, producing twinfer nodes and the weights they use."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        self.init = {t.name: numpy_helper.to_array(t).astype(np.float32, copy=True) for t in model.graph.initializer}
+        self.ints: dict[str, np.ndarray] = {
+            t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT64
+        }
+        self.weights: dict[str, np.ndarray] = {}
+        self.nodes: list[Node] = []
+        self.alias: dict[str, str] = {}
+        self.consumers: dict[str, int] = {}
+        for n in model.graph.node:
+            for i in n.input:
+                self.consumers[i] = self.consumers.get(i, 0) + 1
+        for o in model.graph.output:
+            self.consumers[o.name] = self.consumers.get(o.name, 0) + 1
+
+    def name(self, value: str) -> str:
+        while value in self.alias:
+            value = self.alias[value]
+        return value
+
+    def weight(self, node: onnx.NodeProto, value: str, role: str, array: np.ndarray | None = None) -> str:
+        if array is None:
+            if value not in self.init:
+                raise GraphError(f"node '{node.name}' ({node.op_type}): {role} '{value}' must be a constant weight")
+            array = self.init[value]
+        key = f"{node.name or node.output[0]}.{role}"
+        self.weights[key] = np.ascontiguousarray(array, dtype=np.float32)
+        return key
+
+    def emit(self, node: onnx.NodeProto, op: str, inputs: list[str], weights: list[str], attrs: dict[str, Any]) -> None:
+        self.nodes.append(
+            Node(
+                name=node.name or node.output[0],
+                op=op,
+                inputs=tuple(self.name(i) for i in inputs),
+                output=node.output[0],
+                weights=tuple(weights),
+                attrs=attrs,
+            )
+        )
+
+    @staticmethod
+    def symmetric_pads(node: onnx.NodeProto, pads: list[int]) -> list[int]:
+        half = len(pads) // 2
+        if pads[:half] != pads[half:]:
+            raise GraphError(f"node '{node.name}' ({node.op_type}) has asymmetric padding {pads}; pad symmetrically")
+        return list(pads[:half])
+
+    def run(self) -> None:
+        unsupported = [(n.name or n.output[0], n.op_type) for n in self.model.graph.node if onnx_importer(n.op_type) is None]
+        if unsupported:
+            raise UnsupportedOpError(unsupported, supported_onnx_ops())
+        for node in self.model.graph.node:
+            onnx_importer(node.op_type)(self, node, _attrs(node))
+
+
+def _input_shape(model: onnx.ModelProto, initializers: set[str]) -> tuple[str, tuple[int, ...]]:
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        raise GraphError(f"the model must have exactly one input, it has {len(inputs)}: {[i.name for i in inputs]}")
+    dims = inputs[0].type.tensor_type.shape.dim
+    shape = tuple(int(d.dim_value) if d.HasField("dim_value") else -1 for d in dims)
+    if len(shape) < 2 or any(d <= 0 for d in shape[1:]):
+        raise GraphError(f"input '{inputs[0].name}' needs fixed dimensions after the batch, got {shape}")
+    return inputs[0].name, shape[1:]
+
+
+def graph_from_onnx(model: onnx.ModelProto) -> tuple[Graph, dict[str, np.ndarray]]:
+    """Compile an ONNX model into a public graph and the server's weights."""
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as err:
+        raise GraphError(f"invalid ONNX model: {str(err).splitlines()[0]}") from None
+    if len(model.graph.output) != 1:
+        raise GraphError(f"the model must have exactly one output, it has {len(model.graph.output)}")
+    importer = Importer(model)
+    importer.run()
+    input_name, input_shape = _input_shape(model, set(importer.init))
+    graph = Graph(
+        input_name=input_name,
+        input_shape=input_shape,
+        output_name=importer.name(model.graph.output[0].name),
+        nodes=importer.nodes,
+        weight_shapes={k: tuple(v.shape) for k, v in importer.weights.items()},
+    )
+    validate_graph(graph)
+    annotate_shapes(graph, importer.weights)
+    return graph, importer.weights

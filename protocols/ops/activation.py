@@ -1,0 +1,306 @@
+"""Activations: ReLU, masked ReLU (a ReLU kept only where a public mask says so), Clip.
+
+Masked activation, per site, with a public binary mask `m` over one sample's activation and
+public per-channel coefficients (c0, c1, c2):
+
+    out = m * relu(x) + (1 - m) * (c0 + c1 * x + c2 * x^2)
+
+An all-zero mask is a pure polynomial activation (MOFHEI's conversion); an all-one mask is a
+plain ReLU. The mask and coefficients are public model structure (DESIGN.md invariants), so
+they travel in the graph's attributes, not with the secret weights.
+
+Secure evaluation of a masked site (AutoReP's gather, which its public code leaves out):
+1. gather the kept positions (a local index_select on shares) and run the backend's ReLU on
+   that smaller tensor only: these are the only elements that pay for a secure comparison;
+2. gather the other positions and evaluate the polynomial: one Beaver square, then
+   multiplications by public coefficients and a public addition (local);
+3. concatenate and scatter both parts back with the inverse permutation (local).
+
+Clip(x, lo, hi) with public bounds (ReLU6 is Clip(0, 6)) is lo + relu(x - lo) - relu(x - hi):
+both ReLUs in one call of the backend on the stacked differences, so one comparison's rounds
+for two comparisons per element. With one bound only: lo + relu(x - lo), or x - relu(x - hi).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..ir.graph import Graph, GraphError, Node
+from .registry import CostInputs, LayerCost, Op, SecureContext, register
+
+OP = "MaskedRelu"
+
+
+@dataclass(frozen=True)
+class ActivationSite:
+    """What an optimizer learned for one ReLU node: where to keep it and the substitute."""
+
+    mask: np.ndarray  # bool, one sample's activation shape
+    coeffs: np.ndarray  # (C, 3) or (1, 3): c0, c1, c2 per channel (dim 0 of `mask`)
+
+    @property
+    def kept(self) -> int:
+        return int(np.count_nonzero(self.mask))
+
+
+def check_site(node: Node, site: ActivationSite) -> None:
+    """The site must fit the ReLU it replaces: same activation shape, one row per channel."""
+    if node.op != "Relu":
+        raise GraphError(f"activation site '{node.name}' is a {node.op} node, not a Relu")
+    shape = tuple(node.attrs.get("out_shape", ()))
+    if tuple(site.mask.shape) != shape:
+        raise GraphError(f"mask for '{node.name}' has shape {tuple(site.mask.shape)}, but the layer's activation is {shape}")
+    channels = shape[0] if shape else 1
+    if site.coeffs.ndim != 2 or site.coeffs.shape[1] != 3 or site.coeffs.shape[0] not in (1, channels):
+        raise GraphError(
+            f"coefficients for '{node.name}' have shape {tuple(site.coeffs.shape)}; expected ({channels}, 3) or (1, 3)"
+        )
+    if not np.isfinite(site.coeffs).all():
+        raise GraphError(f"coefficients for '{node.name}' contain NaN or infinite values")
+
+
+def apply_sites(graph: Graph, sites: dict[str, ActivationSite]) -> Graph:
+    """A copy of `graph` whose named Relu nodes become masked activations."""
+    by_name = {n.name: n for n in graph.nodes}
+    unknown = sorted(set(sites) - set(by_name))
+    if unknown:
+        raise GraphError(f"activation sites name nodes the model does not have: {unknown}")
+    nodes = []
+    for node in graph.nodes:
+        site = sites.get(node.name)
+        if site is None:
+            nodes.append(node)
+            continue
+        check_site(node, site)
+        flat = site.mask.reshape(-1).astype(bool)
+        coeffs = np.broadcast_to(site.coeffs, (site.mask.shape[0] if site.mask.ndim else 1, 3))
+        attrs = {
+            "out_shape": list(node.attrs["out_shape"]),
+            "keep": np.flatnonzero(flat).astype(int).tolist(),
+            "coeffs": coeffs.astype(float).tolist(),
+            "elements": int(flat.sum()),
+        }
+        nodes.append(Node(name=node.name, op=OP, inputs=node.inputs, output=node.output, attrs=attrs))
+    return Graph(graph.input_name, graph.input_shape, graph.output_name, nodes, dict(graph.weight_shapes))
+
+
+def check_attrs(node: Node) -> None:
+    """Validate a masked-activation node received as JSON (e.g. by the client)."""
+    try:
+        shape = [int(d) for d in node.attrs["out_shape"]]
+        keep = [int(i) for i in node.attrs["keep"]]
+        coeffs = np.asarray(node.attrs["coeffs"], dtype=np.float64)
+        elements = int(node.attrs["elements"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise GraphError(f"masked activation '{node.name}' has malformed attributes: {err}") from None
+    size = int(np.prod(shape)) if shape else 1
+    if any(i < 0 or i >= size for i in keep) or len(set(keep)) != len(keep) or keep != sorted(keep):
+        raise GraphError(f"masked activation '{node.name}': kept positions must be distinct, sorted, within {size}")
+    if elements != len(keep):
+        raise GraphError(f"masked activation '{node.name}' says {elements} ReLUs but keeps {len(keep)} positions")
+    if coeffs.shape != ((shape[0] if shape else 1), 3) or not np.isfinite(coeffs).all():
+        raise GraphError(f"masked activation '{node.name}': coefficients must be finite, shape ({shape[0]}, 3)")
+
+
+def _layout(node: Node) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Kept indices, the other indices, per-element coefficients of the others, inverse permutation."""
+    shape = node.attrs["out_shape"]
+    size = int(np.prod(shape))
+    keep = torch.tensor(node.attrs["keep"], dtype=torch.long)
+    mask = torch.zeros(size, dtype=torch.bool)
+    mask[keep] = True
+    rest = torch.nonzero(~mask).reshape(-1)
+    per_channel = size // shape[0]
+    coeffs = torch.tensor(node.attrs["coeffs"], dtype=torch.float32)[rest // per_channel]  # (len(rest), 3)
+    inverse = torch.argsort(torch.cat([keep, rest]))
+    return keep, rest, coeffs, inverse
+
+
+def plain_masked_relu(x: torch.Tensor, node: Node) -> torch.Tensor:
+    """Plaintext reference: m * relu(x) + (1 - m) * p(x), per channel."""
+    shape = node.attrs["out_shape"]
+    flat = x.reshape(x.shape[0], -1)
+    mask = torch.zeros(flat.shape[1], dtype=torch.bool)
+    mask[torch.tensor(node.attrs["keep"], dtype=torch.long)] = True
+    c = torch.tensor(node.attrs["coeffs"], dtype=x.dtype).repeat_interleave(flat.shape[1] // shape[0], dim=0)
+    poly = c[:, 0] + c[:, 1] * flat + c[:, 2] * flat * flat
+    return torch.where(mask, torch.relu(flat), poly).reshape(x.shape)
+
+
+
+def _relu(x, ctx: SecureContext, relu_layer: bool = True):
+    """The backend's ReLU, counting the elements compared."""
+    n = int(x.nelement())
+    ctx.count(comparisons=n, relu=n if relu_layer else 0)
+    return ctx.backend.relu(x)
+
+
+class Relu(Op):
+    name = "Relu"
+    channelwise = True
+
+    def plain(self, node, args, w):
+        return torch.relu(args[0])
+
+    def secure(self, node, args, w, ctx):
+        return _relu(args[0], ctx)
+
+    def cost(self, node, io: CostInputs, pricing) -> LayerCost:
+        n = io.batch * io.out(node)
+        step = pricing.relu(n)
+        return LayerCost(
+            node.name, node.op, secure_mults=n, bytes_online=step.bytes_online, rounds=step.rounds, relu_count=n, comparisons=n
+        )
+
+    def module(self, node, w):
+        return nn.ReLU()
+
+    def annotate(self, node, out):
+        node.attrs["elements"] = int(out[0].numel())
+
+    def pruned_attrs(self, node: Node, attrs: dict, have: int, full: int) -> dict:
+        return attrs | {"elements": int(np.prod(attrs["out_shape"]))}
+
+
+class MaskedRelu(Op):
+    name = OP
+    channelwise = True
+
+    def check(self, node, graph):
+        check_attrs(node)
+
+    def plain(self, node, args, w):
+        return plain_masked_relu(args[0], node)
+
+    def secure(self, node, args, w, ctx):
+        x = args[0]
+        keep, rest, coeffs, inverse = _layout(node)
+        flat = x.reshape(x.shape[0], -1)
+        parts = []
+        if len(keep):
+            parts.append(_relu(flat.index_select(1, keep), ctx))
+        if len(rest):
+            r = flat.index_select(1, rest)
+            parts.append(ctx.backend.square(r) * coeffs[:, 2] + r * coeffs[:, 1] + coeffs[:, 0])
+        joined = parts[0] if len(parts) == 1 else ctx.backend.cat(parts, dim=1)
+        return joined.index_select(1, inverse).reshape(x.shape)
+
+    def cost(self, node, io, pricing):
+        out = io.out(node)
+        kept = int(node.attrs["elements"])
+        relu, poly = io.batch * kept, io.batch * (out - kept)
+        a, b = pricing.relu(relu), pricing.square(poly)
+        return LayerCost(
+            node.name,
+            node.op,
+            secure_mults=relu + poly,
+            bytes_online=a.bytes_online + b.bytes_online,
+            rounds=a.rounds + b.rounds,
+            relu_count=relu,
+            poly_count=poly,
+            comparisons=relu,
+        )
+
+    def pruned_attrs(self, node: Node, attrs: dict, have: int, full: int) -> dict:
+        """A masked site after pruning: prediction only, so keep the kept fraction per channel."""
+        per_channel = int(np.prod(node.attrs["out_shape"][1:])) if len(node.attrs["out_shape"]) > 1 else 1
+        kept = int(node.attrs["elements"])
+        if kept not in (0, full * per_channel):
+            raise GraphError(
+                f"masked site '{node.name}' keeps some ReLUs: which survive pruning depends on the blocks removed; "
+                "predict the culled model's cost from its own graph instead"
+            )
+        elements = 0 if kept == 0 else have * per_channel
+        return attrs | {"elements": elements, "keep": list(range(elements)), "coeffs": attrs["coeffs"][:have]}
+
+
+class Clamp(nn.Module):
+    """torch.clamp with fixed bounds; exports as ONNX Clip."""
+
+    def __init__(self, lo: float | None, hi: float | None) -> None:
+        super().__init__()
+        self.lo, self.hi = lo, hi
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(x, self.lo, self.hi)
+
+
+def _bounds(node: Node) -> tuple[float | None, float | None]:
+    return node.attrs.get("min"), node.attrs.get("max")
+
+
+class Clip(Op):
+    """min(max(x, lo), hi) with public bounds: one backend ReLU over the stacked differences."""
+
+    name = "Clip"
+    channelwise = True
+
+    def check(self, node, graph):
+        lo, hi = _bounds(node)
+        for bound in (lo, hi):
+            if bound is not None and (not isinstance(bound, (int, float)) or not np.isfinite(bound)):
+                raise GraphError(f"node '{node.name}' (Clip) needs finite numeric bounds, got min={lo!r} max={hi!r}")
+        if lo is None and hi is None:
+            raise GraphError(f"node '{node.name}' (Clip) has neither bound")
+        if lo is not None and hi is not None and lo > hi:
+            raise GraphError(f"node '{node.name}' (Clip) has min {lo} above max {hi}")
+
+    def plain(self, node, args, w):
+        lo, hi = _bounds(node)
+        return torch.clamp(args[0], lo, hi)
+
+    def secure(self, node, args, w, ctx):
+        lo, hi = _bounds(node)
+        x = args[0]
+        flat = x.reshape(x.shape[0], -1)
+        m = flat.shape[1]
+        diffs = [d for d in (None if lo is None else flat - lo, None if hi is None else flat - hi) if d is not None]
+        stacked = diffs[0] if len(diffs) == 1 else ctx.backend.cat(diffs, dim=1)
+        r = _relu(stacked, ctx, relu_layer=False)
+        if lo is not None and hi is not None:
+            y = r.index_select(1, torch.arange(m)) - r.index_select(1, torch.arange(m, 2 * m)) + lo
+        elif lo is not None:
+            y = r + lo
+        else:
+            y = flat - r
+        return y.reshape(x.shape)
+
+    def cost(self, node, io, pricing):
+        n = io.batch * io.out(node) * sum(b is not None for b in _bounds(node))
+        step = pricing.relu(n)
+        return LayerCost(node.name, node.op, secure_mults=n, bytes_online=step.bytes_online, rounds=step.rounds, comparisons=n)
+
+    def module(self, node, w):
+        return Clamp(*_bounds(node))
+
+
+# -- ONNX import ----------------------------------------------------------------------------------
+
+
+def _import_relu(imp, node, a):
+    imp.emit(node, "Relu", [node.input[0]], [], {})
+
+
+def _import_clip(imp, node, a):
+    bounds = [a.get("min"), a.get("max")]  # opset < 11: attributes
+    for i, name in enumerate(node.input[1:3]):  # opset >= 11: optional constant inputs
+        if not name:
+            continue
+        value = imp.init.get(name)
+        if value is None or value.size != 1:
+            raise GraphError(f"node '{node.name}' (Clip): bound '{name}' must be a constant scalar")
+        bounds[i] = float(value.reshape(()))
+    lo, hi = (None if b is None else float(b) for b in bounds)
+    if lo is None and hi is None:
+        imp.alias[node.output[0]] = node.input[0]
+        return
+    imp.emit(node, "Clip", [node.input[0]], [], {"min": lo, "max": hi})
+
+
+register(Relu(), {"Relu": _import_relu})
+register(MaskedRelu())
+register(Clip(), {"Clip": _import_clip})

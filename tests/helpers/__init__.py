@@ -1,0 +1,1 @@
+"""Test-only helpers: party processes started as a user would, an in-memory transport, an audit hook."""

@@ -1,0 +1,128 @@
+"""Secure ops written once, run on every protocol backend: two parties as two threads of this
+process over the in-memory transport, each result opened and compared with plaintext torch.
+
+End-to-end tests with real processes over gRPC are in test_e2e_*.py; these check each op's
+secure evaluation and its counters, and that the cost model prices what ran.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+
+from tests.helpers.memory_transport import MemoryTransport
+from twinfer.protocols.backends import backend_class, protocols
+from twinfer.protocols.cost_model import graph_cost
+from twinfer.protocols.ir.graph import Graph, Node
+from twinfer.protocols.ir.plain import annotate_shapes, run_plain
+from twinfer.protocols.ir.validation import validate_graph
+from twinfer.protocols.roles import CLIENT, RANKS, SERVER
+from twinfer.protocols.secure_graph import run_secure
+
+TOLERANCE = 0.02  # 16 fractional bits, a few products deep
+
+
+def _graph(input_shape, nodes, weights) -> Graph:
+    graph = Graph("x", tuple(input_shape), nodes[-1].output, nodes, {k: tuple(v.shape) for k, v in weights.items()})
+    validate_graph(graph)
+    annotate_shapes(graph, weights)
+    return graph
+
+
+def run_two_party(protocol: str, graph: Graph, weights: dict[str, np.ndarray], x: torch.Tensor):
+    """Share weights (server) and input (client), evaluate, open to the client; returns (y, counts, bytes)."""
+    transports = MemoryTransport.pair(f"backend-{protocol}", timeout_s=30.0)
+
+    def party(role: str):
+        rank = RANKS[role]
+        backend = backend_class(protocol).create(rank, transports[rank], None)  # TFP: tests only
+        backend.start()
+        try:
+            shared = {
+                k: backend.share(torch.from_numpy(v) if role == SERVER else torch.zeros(v.shape), src=RANKS[SERVER])
+                for k, v in sorted(weights.items())
+            }
+            xs = backend.share(x if role == CLIENT else torch.zeros(x.shape), src=RANKS[CLIENT])
+            before = transports[rank].metrics.total()
+            counts: Counter = Counter()
+            y = run_secure(graph, shared, xs, backend, counts=counts)
+            after = transports[rank].metrics.total()
+            return backend.reveal(y, dst=RANKS[CLIENT]), counts, (after.bytes_sent + after.bytes_received) - (
+                before.bytes_sent + before.bytes_received
+            )
+        finally:
+            backend.stop()
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        server, client = pool.submit(party, SERVER), pool.submit(party, CLIENT)
+        assert server.result(timeout=120)[0] is None  # the server never learns the output
+        return client.result(timeout=120)
+
+
+def _w(*shape, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(0, 0.5, shape).astype(np.float32)
+
+
+CASES = {
+    "conv_relu": (
+        (2, 6, 6),
+        [Node("conv", "Conv", ("x",), "c", ("w", "b"), {"stride": [1, 1], "padding": [1, 1], "dilation": [1, 1], "group": 1}),
+         Node("relu", "Relu", ("c",), "y")],
+        {"w": _w(3, 2, 3, 3), "b": _w(3, seed=1)},
+    ),
+    "gemm_clip": (
+        (8,),
+        [Node("fc", "Gemm", ("x",), "h", ("w",)), Node("relu6", "Clip", ("h",), "y", (), {"min": 0.0, "max": 1.5})],
+        {"w": _w(5, 8)},
+    ),
+    "clip_one_bound": ((6,), [Node("floor", "Clip", ("x",), "y", (), {"min": -0.5, "max": None})], {}),
+    "maxpool_avgpool": (
+        (2, 4, 4),
+        [Node("max", "MaxPool", ("x",), "m", (), {"kernel": [2, 2], "stride": [2, 2], "padding": [0, 0]}),
+         Node("avg", "AveragePool", ("x",), "a", (), {"kernel": [2, 2], "stride": [2, 2], "padding": [0, 0]}),
+         Node("join", "Concat", ("m", "a"), "y", (), {"axis": 1})],
+        {},
+    ),
+    "masked_relu": (
+        (2, 3),
+        [Node("site", "MaskedRelu", ("x",), "y", (), {"out_shape": [2, 3], "keep": [0, 4], "elements": 2,
+                                                       "coeffs": [[0.1, 0.5, 0.2], [0.0, 1.0, -0.1]]})],
+        {},
+    ),
+    "affine_add": (
+        (3, 2, 2),
+        [Node("bn", "Affine", ("x",), "s", ("scale", "shift")), Node("res", "Add", ("s", "x"), "y")],
+        {"scale": _w(3, 1, 1), "shift": _w(3, 1, 1, seed=2)},
+    ),
+}
+
+
+@pytest.mark.parametrize("protocol", protocols())
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_secure_op_matches_plaintext_and_its_cost(protocol, case):
+    input_shape, nodes, weights = CASES[case]
+    graph = _graph(input_shape, nodes, weights)
+    x = torch.randn(3, *input_shape, generator=torch.Generator().manual_seed(7)) * 2
+    expected = run_plain(graph, {k: torch.from_numpy(v) for k, v in weights.items()}, x)
+    y, counts, bytes_online = run_two_party(protocol, graph, weights, x)
+    assert y.shape == expected.shape
+    assert torch.max(torch.abs(y - expected)).item() < TOLERANCE, (y, expected)
+    predicted = graph_cost(graph, batch=3, protocol=protocol)
+    layers = predicted[:-1]  # the reveal is priced apart
+    assert counts["relu_count"] == sum(c.relu_count for c in layers)
+    assert counts["comparisons"] == sum(c.comparisons for c in layers)
+    assert bytes_online == sum(c.bytes_online for c in layers)
+
+
+def test_comparisons_count_every_compared_element():
+    """ReLU: one per element; Clip with two bounds: two; a 2x2 max-pool window: three."""
+    graph = _graph(*CASES["maxpool_avgpool"][:2], {})
+    costs = {c.name: c for c in graph_cost(graph, batch=1)}
+    assert costs["max"].comparisons == 2 * 2 * 2 * 3 and costs["max"].relu_count == 0
+    graph = _graph(*CASES["gemm_clip"][:2], CASES["gemm_clip"][2])
+    costs = {c.name: c for c in graph_cost(graph, batch=2)}
+    assert costs["relu6"].comparisons == 2 * 2 * 5 and costs["relu6"].relu_count == 0
