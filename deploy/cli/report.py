@@ -34,6 +34,8 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, Any]]:
         ("bytes_online (client<->server)", human_bytes(summary["bytes_online"])),
         ("bytes_offline (from dealer)", human_bytes(summary["bytes_offline"])),
         ("relu_count", f"{summary['relu_count']} ({summary['relu_per_sample']} per sample)"),
+        ("comparisons (ReLU, max-pool, clip)", summary["comparisons"]),
+        ("protocol", summary["protocol"]),
     ] + (
         [
             ("network", summary["network"]),

@@ -9,12 +9,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from twinfer.parties.crypten_compat import export_onnx
 from twinfer.parties.network_profile import NetworkProfile
 from twinfer.parties.model_file import check_input_fits, parse_model, read_model_bytes
 from twinfer.parties.session import CLIENT, DEALER, SERVER, PartyReport
 from twinfer.parties.tls import TlsIdentity
 from twinfer.parties.transport import TransportOptions
+from twinfer.protocols.ir.onnx_export import export_onnx
 
 from .ray_launcher import RayOptions, run_parties
 
@@ -51,6 +51,8 @@ class InferenceResult:
             "bytes_offline": int(offline),
             "relu_count": int(c.relu_count),
             "relu_per_sample": self.relu_per_sample,
+            "comparisons": int(c.comparisons),
+            "protocol": c.protocol,
             "latency_per_batch_list_s": [float(t) for t in c.batch_latency_s],
         } | self._bound()
 
@@ -130,29 +132,3 @@ def private_inference(
 def tls_identities(directory: str | Path) -> dict[str, TlsIdentity]:
     """Every role's TLS identity from a folder `twinfer certs` wrote."""
     return {role: TlsIdentity.from_dir(directory, role) for role in (SERVER, CLIENT, DEALER)}
-
-
-def ray_options_from_args(args) -> RayOptions:
-    """RayOptions from --ray-address, --placement and --<role>-node (where a command has them)."""
-    nodes = {role: getattr(args, f"{role}_node", None) for role in (SERVER, CLIENT, DEALER)}
-    return RayOptions(
-        address=args.ray_address,
-        placement=getattr(args, "placement", "auto"),
-        nodes={role: node for role, node in nodes.items() if node},
-    )
-
-
-def run_private_inference(args, model: ModelLike, inputs: np.ndarray) -> InferenceResult:
-    """private_inference with the options of a parsed command line (infer, demo)."""
-    from .cli import transport_options
-
-    return private_inference(
-        model,
-        inputs,
-        batch_size=args.batch,
-        options=transport_options(args),
-        insecure_trusted_first_party=args.insecure_trusted_first_party,
-        ray_options=ray_options_from_args(args),
-        tls_dir=getattr(args, "tls", None),
-        progress=not args.json,
-    )

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
-from .hooks import run_hooked
-from .masked_relu import MaskedReLU
+from twinfer.optimizer.autorep.masked_relu import MaskedReLU
+from twinfer.optimizer.common.hooks import run_hooked
+from twinfer.optimizer.common.training import Step, evaluate_accuracy, train_loop
 
 Granularity = Literal["element", "channel", "polynomial"]
 _log = logging.getLogger(__name__)
@@ -134,13 +134,6 @@ def _penalty(base: float, step: int, search_steps: int) -> float:
     return base * 2.0 ** max(0.0, late)
 
 
-@torch.no_grad()
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    model.eval()
-    correct = sum(int((model(x[i : i + 1000]).argmax(1) == y[i : i + 1000]).sum()) for i in range(0, len(x), 1000))
-    return correct / max(len(x), 1)
-
-
 def _freeze_masks(model: nn.Module, frozen: bool) -> None:
     for s in sites(model):
         s.frozen = frozen
@@ -179,49 +172,62 @@ def optimize_relus(
     )
     eval_every = max(1, steps_per_epoch // config.evals_per_epoch)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-    generator = torch.Generator().manual_seed(config.seed)
     _freeze_masks(student, config.granularity == "polynomial")
     best: tuple[float, dict] | None = None
     history: list[dict] = []
-    order = torch.randperm(len(x), generator=generator)
-    cursor = 0
-    bar = tqdm(range(steps), desc=f"autorep {config.granularity} budget {config.relu_budget}", disable=not progress)
     searching = search_steps > 0
-    for step in bar:
+    current = 0  # the step being taken (0-based): the hinge weight grows with it
+
+    def before_step(step: int) -> None:
+        nonlocal searching, current
+        current = step
         if searching and (step >= search_steps or relu_count(student) <= config.relu_budget):
             # Fine-tune phase: the mask is fixed from the first step it fits the budget, so the
             # optimizer's momentum cannot carry it further down than needed.
             _freeze_masks(student, True)
             searching = False
-        if cursor >= len(x):
-            order, cursor = torch.randperm(len(x), generator=generator), 0
-        idx = order[cursor : cursor + config.batch_size]
-        cursor += config.batch_size
         for s in sites(student):
             s.refit = step < config.refit_steps
-        student.train()
-        logits = student(x[idx])
+
+    def loss_fn(logits: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            target = teacher(x[idx])
-        loss = F.cross_entropy(logits, y[idx]) + config.kd_weight * _kd_loss(logits, target, config.kd_temperature)
+            target = teacher(xb)
+        loss = F.cross_entropy(logits, yb) + config.kd_weight * _kd_loss(logits, target, config.kd_temperature)
         if searching:
-            loss = loss + _penalty(config.penalty, step, search_steps) * budget_hinge(student, config.relu_budget)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
+            loss = loss + _penalty(config.penalty, current, search_steps) * budget_hinge(student, config.relu_budget)
+        return loss
+
+    def after_step(done: Step) -> None:
+        nonlocal best
         count = relu_count(student)
-        epoch = f"{(step + 1) / steps_per_epoch:.2f}"
-        bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}", relus=count)
-        if (step + 1) % eval_every == 0 or step == steps - 1:
-            acc = _accuracy(student, xv, yv)
+        epoch = f"{done.step / steps_per_epoch:.2f}"
+        loss = done.loss.item()
+        done.bar.set_postfix(epoch=epoch, loss=f"{loss:.3f}", relus=count)
+        if done.step % eval_every == 0 or done.step == steps:
+            acc = evaluate_accuracy(student, xv, yv)
             history.append(
-                {"step": step + 1, "epoch": (step + 1) / steps_per_epoch, "loss": loss.item(), "val_accuracy": acc, "relu_count": count, "searching": searching}
+                {"step": done.step, "epoch": done.step / steps_per_epoch, "loss": loss, "val_accuracy": acc, "relu_count": count, "searching": searching}
             )
-            bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}", val_acc=f"{acc:.3f}", relus=count)
+            done.bar.set_postfix(epoch=epoch, loss=f"{loss:.3f}", val_acc=f"{acc:.3f}", relus=count)
             # Only fine-tune-phase checkpoints count: their mask is final, and within budget.
             if count <= config.relu_budget and not searching and (best is None or acc > best[0]):
                 best = (acc, copy.deepcopy(student.state_dict()))
+
+    train_loop(
+        student,
+        x,
+        y,
+        optimizer,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        steps=steps,
+        loss_fn=loss_fn,
+        scheduler=scheduler,
+        before_step=before_step,
+        after_step=after_step,
+        progress=progress,
+        desc=f"autorep {config.granularity} budget {config.relu_budget}",
+    )
     if best is None:
         raise BudgetError(
             f"the budget of {config.relu_budget} ReLUs was not met: the mask search ended at {relu_count(student)} of {total}; "

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from twinfer.protocols.masked_activation import ActivationSite
+from twinfer.protocols.ops.activation import ActivationSite
 
 
 class _SoftplusSTE(torch.autograd.Function):

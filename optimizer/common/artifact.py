@@ -8,9 +8,7 @@ activations) and maps each site to the Relu node it exports as.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
-import warnings
 from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -22,10 +20,11 @@ import torch
 from safetensors.numpy import save
 from torch import nn
 
-from twinfer.optimizer.hooks import run_hooked
+from twinfer.optimizer.common.hooks import run_hooked
 from twinfer.protocols import artifact_format as af
-from twinfer.protocols.graph import graph_from_onnx
-from twinfer.protocols.masked_activation import ActivationSite, apply_sites
+from twinfer.protocols.ir.onnx_import import graph_from_onnx
+from twinfer.protocols.ir.onnx_export import export_onnx
+from twinfer.protocols.ops.activation import ActivationSite, apply_sites
 
 
 def twinfer_version() -> str:
@@ -96,17 +95,6 @@ def _activation_order(model: nn.Module, example: torch.Tensor) -> list[nn.Module
     return order
 
 
-def export_onnx_bytes(model: nn.Module, example: torch.Tensor) -> bytes:
-    """TorchScript ONNX export (the dynamo exporter needs onnxscript), no constant folding."""
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model, (example,), buffer, dynamo=False, do_constant_folding=False, input_names=["input"], output_names=["logits"]
-        )
-    return buffer.getvalue()
-
-
 def export_artifact(model: nn.Module, example: torch.Tensor, out_dir: str | Path, manifest: dict[str, Any]) -> Path:
     """Export `model` (eval mode) with its sites as masked activations, and write the artifact."""
     was_training = model.training
@@ -114,7 +102,7 @@ def export_artifact(model: nn.Module, example: torch.Tensor, out_dir: str | Path
     try:
         with _sites_as_relu(model):
             order = _activation_order(model, example)
-            onnx_bytes = export_onnx_bytes(model, example)
+            onnx_bytes = export_onnx(model, example)
     finally:
         model.train(was_training)
     relu_nodes = [n.name for n in onnx.load_from_string(onnx_bytes).graph.node if n.op_type == "Relu"]

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from twinfer.optimizer.common.validation import validation_split
+
 MOVIELENS = "movielens-100k"
 ZIPF = "generated-zipf"
 DATASETS = (MOVIELENS, ZIPF)
@@ -49,16 +51,16 @@ class CategoricalData:
         """The training examples split again: a random `fraction` becomes the test part (for tuning)."""
         if not 0 < fraction < 1:
             raise DataError(f"validation fraction must be in (0, 1), got {fraction}")
-        order = np.random.default_rng(seed).permutation(len(self.train_ids))
-        n_val = int(round(len(order) * fraction))
-        val, train = order[:n_val], order[n_val:]
+        (train_ids, train_labels), (val_ids, val_labels) = validation_split(
+            self.train_ids, self.train_labels, fraction=fraction, seed=seed
+        )
         return replace(
             self,
             name=f"{self.name} (validation split)",
-            train_ids=self.train_ids[train],
-            train_labels=self.train_labels[train],
-            test_ids=self.train_ids[val],
-            test_labels=self.train_labels[val],
+            train_ids=train_ids,
+            train_labels=train_labels,
+            test_ids=val_ids,
+            test_labels=val_labels,
             description=f"{self.description}; {fraction:g} of the training examples held out for validation",
         )
 
@@ -155,17 +157,15 @@ def load_movielens_100k(*, seed: int = 0, test_fraction: float = 0.2, folder: Pa
         cols.append(np.fromiter((vocab[v] for v in values), dtype=np.int64, count=len(values)))
     ids = np.stack(cols, axis=1)
     labels = (np.array([float(r[ri]) for r in inter]) >= 4).astype(np.float32)
-    order = np.random.default_rng(seed).permutation(len(ids))
-    n_test = int(round(len(ids) * test_fraction))
-    test, train = order[:n_test], order[n_test:]
+    (train_ids, train_labels), (test_ids, test_labels) = validation_split(ids, labels, fraction=test_fraction, seed=seed)
     return CategoricalData(
         name=MOVIELENS,
         fields=fields,
         vocab_sizes=vocab_sizes,
-        train_ids=ids[train],
-        train_labels=labels[train],
-        test_ids=ids[test],
-        test_labels=labels[test],
+        train_ids=train_ids,
+        train_labels=train_labels,
+        test_ids=test_ids,
+        test_labels=test_labels,
         generated=False,
         description="MovieLens-100k ratings (GroupLens), label rating >= 4",
     )

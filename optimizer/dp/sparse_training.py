@@ -16,7 +16,7 @@ NeurIPS 2023 (arXiv 2311.08357). Each step, for every method:
        which rows the batch touched. Noise N(0, (s2 C)^2) goes on the selected rows only.
   5. Update only the rows that got a gradient (SGD); the gradient is kept as (rows, values).
 Privacy: selection and gradient noise act on the same sampled batch, one Gaussian mechanism with
-s_eff = (s1^-2 + s2^-2)^(-1/2) per step (optimizer/dp_accounting.py).
+s_eff = (s1^-2 + s2^-2)^(-1/2) per step (optimizer/dp/accounting.py).
 """
 
 from __future__ import annotations
@@ -31,15 +31,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .dp_accounting import (
+from twinfer.optimizer.data.dp_data import CategoricalData
+from twinfer.optimizer.dp.accounting import (
     TrainingPrivacy,
     compute_epsilon,
     effective_noise_multiplier,
     solve_noise_multiplier,
     split_noise_multiplier,
 )
-from .dp_data import CategoricalData
-from .dp_embedding_model import EmbeddingMLP, auc, clipped_gradients, predict
+from twinfer.optimizer.dp.embedding_model import EmbeddingMLP, auc, clipped_gradients, predict
 
 METHODS = ("dense", "fest", "adafest")
 ID_MAP_PREFIX = "id_to_row/"  # artifact tensors: per field, raw id -> row of the deployed table
@@ -395,8 +395,8 @@ def write_dp_artifact(out_dir, result: DPTrainResult, data: CategoricalData) -> 
     The safetensors file carries the public id -> row map of every field ("id_to_row/<field>"),
     which a client needs to turn raw ids into the model's input (DeployedEmbedding.encode).
     """
-    from .artifact import write_artifact
-    from .dp_embedding_model import deploy_rows, export_onnx
+    from twinfer.optimizer.common.artifact import write_artifact
+    from twinfer.optimizer.dp.embedding_model import deploy_rows, export_onnx
 
     deployed = deploy_rows(result.model, result.updated)
     p = result.privacy

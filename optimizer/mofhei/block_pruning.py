@@ -11,7 +11,7 @@ Unstructured magnitude pruning at the same sparsity is the baseline: it zeroes w
 model keeps its shapes, so it removes no cryptographic work.
 
 Pruning and culling work on a chain of layers: an nn.Sequential (nested ones are flattened)
-or a GraphModule (optimizer/graph_module.py) whose nodes each read the previous one's output.
+or a GraphModule (optimizer/common/graph_module.py) whose nodes each read the previous one's output.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from twinfer.optimizer.graph_module import GraphModule, Reshape
-from twinfer.optimizer.he_friendly import FitConfig, PolyAct, Split, StageLog, fit
-from twinfer.optimizer.hooks import run_hooked
+from twinfer.optimizer.common.graph_module import GraphModule, Reshape
+from twinfer.optimizer.common.hooks import run_hooked
+from twinfer.optimizer.mofhei.he_friendly import FitConfig, PolyAct, Split, StageLog, fit
 from twinfer.protocols.cost_model import FILTER_BLOCKS, BlockShape
 
 LINEAR = (nn.Conv2d, nn.Linear)

@@ -6,8 +6,8 @@ the whole model is fine-tuned at a lower rate. Each stage stops early on validat
 and restores its best weights. Under 2PC average pooling is local and a degree-2 polynomial
 costs one Beaver square per element instead of a 9-round comparison.
 
-A `PolyAct` is an activation site (optimizer/artifact.py) whose mask is all zeros: it exports
-as a Relu node plus public coefficients, and runs as protocols/masked_activation.py's
+A `PolyAct` is an activation site (optimizer/common/artifact.py) whose mask is all zeros: it
+exports as a Relu node plus public coefficients, and runs as protocols/ops/activation.py's
 polynomial branch.
 """
 
@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from twinfer.optimizer.demo_models import evaluate_accuracy
-from twinfer.optimizer.hooks import run_hooked
-from twinfer.protocols.masked_activation import ActivationSite
+from twinfer.optimizer.common.hooks import run_hooked
+from twinfer.optimizer.common.training import evaluate_accuracy, train_loop
+from twinfer.optimizer.common.validation import validation_split
+from twinfer.protocols.ops.activation import ActivationSite
 
 _log = logging.getLogger(__name__)
 
@@ -85,10 +86,8 @@ class Split:
         y = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
         if len(x) != len(y) or len(x) < 10:
             raise ValueError(f"need at least 10 labelled samples, got {len(x)} images and {len(y)} labels")
-        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-        n_val = max(1, int(round(len(x) * val_fraction)))
-        val, train = order[:n_val], order[n_val:]
-        return cls(x[train], y[train], x[val], y[val])
+        (x_train, y_train), (x_val, y_val) = validation_split(x, y, fraction=val_fraction, seed=seed, shuffle="torch", at_least=1)
+        return cls(x_train, y_train, x_val, y_val)
 
 
 @dataclass
@@ -128,32 +127,33 @@ def fit(
     if not params:
         raise ConversionError(f"stage '{stage}' has nothing to train")
     opt = torch.optim.Adam(params, lr=config.lr)
-    gen = torch.Generator().manual_seed(config.seed)
     best = evaluate_accuracy(model, data.x_val, data.y_val)
     best_state = copy.deepcopy(model.state_dict())
-    history, stale, step, epoch = [best], 0, 0, 0
-    for epoch in range(1, config.epochs + 1):
-        model.train()
-        order = torch.randperm(len(data.x_train), generator=gen)
-        for start in range(0, len(order), config.batch_size):
-            idx = order[start : start + config.batch_size]
-            loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, config.clip_norm)
-            opt.step()
-            step += 1
-            if after_step is not None:
-                after_step(step)
+    history, stale = [best], 0
+
+    def early_stop(_epoch: int) -> bool:
+        nonlocal best, best_state, stale
         acc = evaluate_accuracy(model, data.x_val, data.y_val)
         history.append(acc)
         if acc > best:
             best, stale = acc, 0
             best_state = copy.deepcopy(model.state_dict())
-        else:
-            stale += 1
-            if stale >= config.patience:
-                break
+            return False
+        stale += 1
+        return stale >= config.patience
+
+    epoch = train_loop(
+        model,
+        data.x_train,
+        data.y_train,
+        opt,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        epochs=config.epochs,
+        clip_norm=config.clip_norm,
+        after_step=None if after_step is None else lambda s: after_step(s.step),
+        after_epoch=early_stop,
+    )
     model.load_state_dict(best_state)
     model.eval()
     _log.info("%s: %d epochs, best validation accuracy %.4f", stage, epoch, best)

@@ -23,8 +23,8 @@ import torch
 from safetensors.numpy import load as load_tensors
 from torch import nn
 
-from twinfer.optimizer.artifact import export_artifact
-from twinfer.optimizer.block_pruning import (
+from twinfer.optimizer.common.artifact import export_artifact
+from twinfer.optimizer.mofhei.block_pruning import (
     BlockPruner,
     PruneConfig,
     check_cullable,
@@ -33,7 +33,7 @@ from twinfer.optimizer.block_pruning import (
     parameter_count,
     train_pruned,
 )
-from twinfer.optimizer.he_friendly import (
+from twinfer.optimizer.mofhei.he_friendly import (
     CONVERSIONS,
     ConversionConfig,
     ConversionError,
@@ -45,7 +45,8 @@ from twinfer.optimizer.he_friendly import (
 )
 from twinfer.protocols import artifact_format as af
 from twinfer.protocols.cost_model import FILTER_BLOCKS, BlockShape, LayerCost, graph_cost, total_cost
-from twinfer.protocols.graph import Graph, graph_from_onnx
+from twinfer.protocols.ir.graph import Graph
+from twinfer.protocols.ir.onnx_import import graph_from_onnx
 
 
 def lenet5(num_classes: int = 10) -> nn.Sequential:

@@ -7,16 +7,14 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm import tqdm
 
-from twinfer.optimizer.datasets import load_fashion_mnist
+from twinfer.optimizer.common.training import ArrayLike, Step, as_tensors, train_loop
+from twinfer.optimizer.data.datasets import load_fashion_mnist
 
-ArrayLike = np.ndarray | torch.Tensor
 _log = logging.getLogger(__name__)
 
 # Every model trains on the full 60k training split. The two the tests use take 2 epochs at a
@@ -145,54 +143,28 @@ def train_classifier(
     returns the model in eval mode."""
     if epochs < 0 or batch_size < 1:
         raise ValueError(f"need epochs >= 0 and batch_size >= 1, got {epochs} and {batch_size}")
-    x, y = _as_tensors(images, labels)
+    x, y = as_tensors(images, labels)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     total_steps = epochs * -(-len(x) // batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(total_steps, 1)) if cosine else None
-    loss_fn = nn.CrossEntropyLoss()
-    # A private generator makes shuffling depend only on `seed`, not on global RNG state.
-    generator = torch.Generator().manual_seed(seed)
-    model.train()
-    for epoch in range(epochs):
-        order = torch.randperm(len(x), generator=generator)
-        batches = tqdm(
-            range(0, len(x), batch_size),
-            desc=f"epoch {epoch + 1}/{epochs}",
-            disable=not progress,
-            leave=True,
-        )
-        seen, correct, loss_sum = 0, 0, 0.0
-        for start in batches:
-            idx = order[start : start + batch_size]
-            logits = model(x[idx])
-            loss = loss_fn(logits, y[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if schedule is not None:
-                schedule.step()
-            seen += len(idx)
-            loss_sum += loss.item() * len(idx)
-            correct += int((logits.argmax(1) == y[idx]).sum())
-            batches.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+    # The loop shuffles with a private generator: batches depend only on `seed`, not on global RNG state.
+    running = {"epoch": 0, "seen": 0, "correct": 0, "loss_sum": 0.0}
+
+    def show(step: Step) -> None:
+        if step.epoch != running["epoch"]:
+            running.update(epoch=step.epoch, seen=0, correct=0, loss_sum=0.0)
+        n = len(step.index)
+        running["seen"] += n
+        running["loss_sum"] += step.loss.item() * n
+        running["correct"] += int((step.logits.argmax(1) == y[step.index]).sum())
+        seen = running["seen"]
+        step.bar.set_postfix(loss=f"{running['loss_sum'] / seen:.3f}", acc=f"{running['correct'] / seen:.3f}")
+
+    train_loop(
+        model, x, y, optimizer, batch_size=batch_size, seed=seed, epochs=epochs, scheduler=schedule,
+        after_step=show, progress=progress, bar="epoch",
+    )
     return model.eval()
-
-
-@torch.no_grad()
-def evaluate_accuracy(model: nn.Module, images: ArrayLike, labels: ArrayLike) -> float:
-    """Top-1 accuracy in eval mode; restores the model's previous train/eval mode."""
-    x, y = _as_tensors(images, labels)
-    was_training = model.training
-    model.eval()
-    correct = 0
-    try:
-        # Chunks bound peak memory on the 10k test split.
-        for start in range(0, len(x), 1000):
-            chunk = slice(start, start + 1000)
-            correct += int((model(x[chunk]).argmax(1) == y[chunk]).sum())
-    finally:
-        model.train(was_training)
-    return correct / max(len(x), 1)
 
 
 def load_or_train_demo_model(
@@ -232,11 +204,3 @@ def save_state_dict(model: nn.Module, path: Path, metadata: dict[str, str] | Non
     save_file(tensors, str(tmp), metadata=metadata)
     tmp.replace(path)
 
-
-def _as_tensors(images: ArrayLike, labels: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:
-    """Convert image/label arrays to float32 and int64 tensors of matching length."""
-    x = torch.as_tensor(images, dtype=torch.float32)
-    y = torch.as_tensor(labels, dtype=torch.int64)
-    if len(x) != len(y):
-        raise ValueError(f"{len(x)} images but {len(y)} labels")
-    return x, y

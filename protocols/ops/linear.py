@@ -37,6 +37,15 @@ def _product_cost(node: Node, io: CostInputs, pricing, opened: int, mults: int) 
     return LayerCost(node.name, node.op, params=params, secure_mults=mults, bytes_online=step.bytes_online, rounds=step.rounds)
 
 
+def _loaded(module: nn.Module, w: list[np.ndarray]) -> nn.Module:
+    """`module` with the node's weight (and bias) copied in."""
+    with torch.no_grad():
+        module.weight.copy_(torch.from_numpy(w[0]))
+        if len(w) > 1:
+            module.bias.copy_(torch.from_numpy(w[1]))
+    return module
+
+
 class Conv(Op):
     name = "Conv"
 
@@ -63,11 +72,7 @@ class Conv(Op):
             in_per_group * a["group"], out_c, (kh, kw), tuple(a["stride"]), tuple(a["padding"]), tuple(a["dilation"]), a["group"],
             bias=len(w) > 1,
         )
-        with torch.no_grad():
-            conv.weight.copy_(torch.from_numpy(w[0]))
-            if len(w) > 1:
-                conv.bias.copy_(torch.from_numpy(w[1]))
-        return conv
+        return _loaded(conv, w)
 
 
 class Gemm(Op):
@@ -84,12 +89,7 @@ class Gemm(Op):
 
     def module(self, node, w):
         out_f, in_f = w[0].shape
-        linear = nn.Linear(in_f, out_f, bias=len(w) > 1)
-        with torch.no_grad():
-            linear.weight.copy_(torch.from_numpy(w[0]))
-            if len(w) > 1:
-                linear.bias.copy_(torch.from_numpy(w[1]))
-        return linear
+        return _loaded(nn.Linear(in_f, out_f, bias=len(w) > 1), w)
 
 
 class AffineOp(Op):
