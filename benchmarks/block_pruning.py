@@ -30,19 +30,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from twinfer.benchmarks.local_session import run_local_session
-from twinfer.optimizer.artifact import export_artifact
-from twinfer.optimizer.block_pruning import (
+from twinfer.deploy.launch.local import run_local_session
+from twinfer.optimizer.common.artifact import export_artifact
+from twinfer.optimizer.common.training import evaluate_accuracy
+from twinfer.optimizer.data.datasets import load_fashion_mnist, load_mnist_digits
+from twinfer.optimizer.mofhei.block_pruning import (
     PruneConfig,
     UnstructuredPruner,
     nonzero_parameter_count,
     parameter_count,
     train_pruned,
 )
-from twinfer.optimizer.datasets import load_fashion_mnist, load_mnist_digits
-from twinfer.optimizer.demo_models import evaluate_accuracy
-from twinfer.optimizer.he_friendly import FitConfig, Split, fit
-from twinfer.optimizer.mofhei import artifact_graph, cost_report, format_report, lenet5, optimize_mofhei
+from twinfer.optimizer.mofhei.he_friendly import FitConfig, Split, fit
+from twinfer.optimizer.mofhei.mofhei import artifact_graph, cost_report, format_report, lenet5, optimize_mofhei
 from twinfer.parties.model_file import read_model_bytes
 from twinfer.parties.network_profile import parse_profile
 from twinfer.parties.transport import TransportOptions

@@ -29,9 +29,9 @@ def _model(spec: str) -> tuple[bytes, tuple[int, ...]]:
     from twinfer.parties.model_file import parse_model, read_model_bytes
 
     if spec in ("fashion_cnn", "tiny_resnet"):
-        from twinfer.deploy.inference import model_bytes
-        from twinfer.deploy.paths import cache_dir
-        from twinfer.optimizer.demo_models import load_or_train_demo_model
+        from twinfer.deploy.config.paths import cache_dir
+        from twinfer.deploy.launch.inference import model_bytes
+        from twinfer.optimizer.zoo.demo_models import load_or_train_demo_model
 
         data = model_bytes(load_or_train_demo_model(spec, cache_dir() / "models", progress=False), (1, 28, 28))
     else:
@@ -41,7 +41,7 @@ def _model(spec: str) -> tuple[bytes, tuple[int, ...]]:
 
 
 def measure(args: argparse.Namespace) -> dict:
-    from twinfer.deploy.ray_launcher import RayOptions, party_pool
+    from twinfer.deploy.launch.ray_launcher import RayOptions, party_pool
     from twinfer.parties.transport import TransportOptions
 
     data, shape = _model(args.model)
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.sessions) < 1 or args.samples < 1 or args.batch < 1 or args.reps < 1:
         parser.error("--sessions, --samples, --batch and --reps must be at least 1")
     args.sessions = sorted(set(args.sessions))
-    from twinfer.deploy.ray_launcher import local_cluster
+    from twinfer.deploy.launch.ray_launcher import local_cluster
 
     load_start = os.getloadavg()[0]
     if args.ray_address or args.nodes <= 1:

@@ -47,8 +47,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
-    from twinfer.optimizer.dp_data import load_dataset
-    from twinfer.optimizer.dp_sparse_training import DPTrainConfig, train_dp, write_dp_artifact
+    from twinfer.optimizer.data.dp_data import load_dataset
+    from twinfer.optimizer.dp.sparse_training import DPTrainConfig, train_dp, write_dp_artifact
 
     data = load_dataset(spec["dataset"], zipf_vocab=spec.get("zipf_vocab", 1_000_000))
     config = DPTrainConfig(**spec["config"])
@@ -75,8 +75,8 @@ def tune_worker(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
-    from twinfer.optimizer.dp_data import load_dataset
-    from twinfer.optimizer.dp_sparse_training import DPTrainConfig, train_dp
+    from twinfer.optimizer.data.dp_data import load_dataset
+    from twinfer.optimizer.dp.sparse_training import DPTrainConfig, train_dp
 
     data = load_dataset(spec["dataset"]).validation_split(VALIDATION_FRACTION)
     tried = []
@@ -100,9 +100,9 @@ def _run_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 def lookup_bytes(model: bytes, queries: np.ndarray, batch: int) -> dict[str, Any]:
     """Serve a model privately (dealer, server, client processes) and read the lookup's counters."""
-    from twinfer.benchmarks.local_session import run_local_session
+    from twinfer.deploy.launch.local import run_local_session
     from twinfer.parties.model_file import parse_model
-    from twinfer.protocols.embedding import LookupCost
+    from twinfer.protocols.ops.embedding import LookupCost
 
     graph, _ = parse_model(model)
     node = graph.nodes[0]
@@ -128,7 +128,7 @@ def random_lookup_model(rows: int, fields: int = 2, seed: int = 0) -> bytes:
     """An untrained EmbeddingMLP whose deployed table has `rows` rows (for the vocabulary sweep)."""
     import torch
 
-    from twinfer.optimizer.dp_embedding_model import EmbeddingMLP, deploy_rows, export_onnx
+    from twinfer.optimizer.dp.embedding_model import EmbeddingMLP, deploy_rows, export_onnx
 
     per_field = [(rows - 1) // fields + (1 if f < (rows - 1) % fields else 0) for f in range(fields)]
     model = EmbeddingMLP(per_field, seed=seed)
@@ -192,8 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         zipf.append(_run_worker(spec))
         print(f"generated-zipf {method}: step {zipf[-1]['step_s_median'] * 1e3:.1f} ms", file=sys.stderr, flush=True)
 
-    from twinfer.optimizer.dp_data import load_dataset
-    from twinfer.optimizer.dp_sparse_training import encode_for_artifact
+    from twinfer.optimizer.data.dp_data import load_dataset
+    from twinfer.optimizer.dp.sparse_training import encode_for_artifact
 
     from twinfer.parties.model_file import read_model_bytes
 

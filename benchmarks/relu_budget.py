@@ -28,14 +28,16 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from twinfer.benchmarks.local_session import run_local_session
-from twinfer.optimizer.artifact import export_artifact, export_onnx_bytes
-from twinfer.optimizer.autorep import AutoRepConfig, BudgetError, optimize_relus
-from twinfer.optimizer.datasets import load_fashion_mnist
-from twinfer.optimizer.demo_models import evaluate_accuracy, load_or_train_demo_model
+from twinfer.deploy.launch.local import run_local_session
+from twinfer.optimizer.autorep.autorep import AutoRepConfig, BudgetError, optimize_relus
+from twinfer.optimizer.common.artifact import export_artifact
+from twinfer.optimizer.common.training import evaluate_accuracy
+from twinfer.optimizer.data.datasets import load_fashion_mnist
+from twinfer.optimizer.zoo.demo_models import load_or_train_demo_model
 from twinfer.parties.model_file import parse_model, read_model_bytes
 from twinfer.parties.transport import TransportOptions
-from twinfer.protocols.graph import run_plain
+from twinfer.protocols.ir.plain import run_plain
+from twinfer.protocols.ir.onnx_export import export_onnx
 
 METHODS = ("autorep", "channel", "polynomial")
 # The settings a stored row was produced with; a row is reused only when all of them match.
@@ -154,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
 
     base = load_or_train_demo_model(args.model, _cache() / "models", progress=not args.quiet)
     train, test = load_fashion_mnist("train"), load_fashion_mnist("test")
-    base_bytes = export_onnx_bytes(base, torch.zeros(1, 1, 28, 28))
+    base_bytes = export_onnx(base, torch.zeros(1, 1, 28, 28))
     base_row = {
         "method": "relu model",
         "relu_count": parse_model(base_bytes)[0].relu_count(),

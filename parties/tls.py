@@ -5,7 +5,7 @@ alternative names: `twinfer-server`, `twinfer-client`, `twinfer-dealer` (see rol
 The dialing end checks the role of the party it reaches through gRPC's host name check
 (`grpc.ssl_target_name_override` set to the expected role's name); the accepting end reads
 the dialer's certificate from the call's auth context and refuses any other role
-(check_peer_role). Certificates are made by `twinfer certs` (deploy/certs.py).
+(check_peer_role). Certificates are made by `twinfer certs` (deploy/config/certs.py).
 """
 
 from __future__ import annotations

@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from twinfer.optimizer.datasets import load_fashion_mnist
-from twinfer.optimizer.demo_models import load_or_train_demo_model
+from twinfer.optimizer.data.datasets import load_fashion_mnist
+from twinfer.optimizer.zoo.demo_models import load_or_train_demo_model
 
 os.environ.setdefault("TWINFER_CACHE", str(Path(__file__).resolve().parents[1] / ".cache"))
 
 
 @pytest.fixture(scope="session")
 def cache() -> Path:
-    from twinfer.deploy.paths import cache_dir
+    from twinfer.deploy.config.paths import cache_dir
 
     return cache_dir()
 
@@ -40,7 +40,7 @@ def tiny_resnet(cache: Path) -> torch.nn.Module:
 @pytest.fixture(scope="session")
 def onnx_files(tmp_path_factory, fashion_cnn, tiny_resnet) -> dict[str, Path]:
     """Both demo models as standard ONNX files (TorchScript exporter, BatchNorm kept as nodes)."""
-    from twinfer.parties.crypten_compat import export_onnx
+    from twinfer.protocols.ir.onnx_export import export_onnx
 
     out = tmp_path_factory.mktemp("onnx")
     paths = {}

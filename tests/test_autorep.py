@@ -13,12 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from twinfer.optimizer.artifact import export_artifact
-from twinfer.optimizer.autorep import AutoRepConfig, BudgetError, budget_hinge, optimize_relus, relu_count, relu_sites_model, sites
-from twinfer.optimizer.masked_relu import MaskedReLU, dapa_coefficients, hysteresis, ste_mask
+from twinfer.optimizer.autorep.autorep import AutoRepConfig, BudgetError, budget_hinge, optimize_relus, relu_count, relu_sites_model, sites
+from twinfer.optimizer.autorep.masked_relu import MaskedReLU, dapa_coefficients, hysteresis, ste_mask
+from twinfer.optimizer.common.artifact import export_artifact
 from twinfer.parties.errors import ModelError
 from twinfer.parties.model_file import load_model
-from twinfer.protocols.graph import run_plain
+from twinfer.protocols.ir.plain import run_plain
 
 
 def test_ste_forward_is_the_mask_and_backward_scales_by_softplus():

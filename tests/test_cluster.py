@@ -19,7 +19,7 @@ NODE_RESOURCES = {"head": "twinfer_dealer", "a": "twinfer_server", "b": "twinfer
 @pytest.fixture(scope="module")
 def cluster():
     """Three Ray nodes (one CPU each) on this machine, the driver connected; shut down after the module."""
-    from twinfer.deploy.ray_launcher import local_cluster
+    from twinfer.deploy.launch.ray_launcher import local_cluster
 
     resources = [{NODE_RESOURCES[name]: 1} for name in ("head", "a", "b")]
     with local_cluster(resources) as (cluster, node_ids):
@@ -32,8 +32,8 @@ def _reference(model: torch.nn.Module, images: np.ndarray) -> np.ndarray:
 
 
 def test_three_nodes_one_party_each(cluster, onnx_files, fashion_cnn, fashion_test):
-    from twinfer.deploy.inference import private_inference
-    from twinfer.deploy.ray_launcher import RayOptions
+    from twinfer.deploy.launch.inference import private_inference
+    from twinfer.deploy.launch.ray_launcher import RayOptions
 
     images = fashion_test[0][:4]
     result = private_inference(onnx_files["fashion_cnn"], images, batch_size=4, ray_options=RayOptions(placement="spread"))
@@ -48,7 +48,7 @@ def test_named_nodes_by_custom_resource_over_tls(cluster, tmp_path, onnx_files, 
     images = fashion_test[0][4:6]
     np.save(tmp_path / "x.npy", images)
     certs = tmp_path / "certs"
-    from twinfer.deploy.certs import make_certs
+    from twinfer.deploy.config.certs import make_certs
 
     make_certs(certs)
     proc = subprocess.run(
@@ -66,8 +66,8 @@ def test_named_nodes_by_custom_resource_over_tls(cluster, tmp_path, onnx_files, 
 
 
 def test_unknown_node_is_a_clear_error(cluster, onnx_files, fashion_test):
-    from twinfer.deploy.inference import private_inference
-    from twinfer.deploy.ray_launcher import RayOptions
+    from twinfer.deploy.launch.inference import private_inference
+    from twinfer.deploy.launch.ray_launcher import RayOptions
 
     with pytest.raises(ValueError, match=r"node for the server: 'gpu_box' is neither the id of a live Ray node nor a custom resource.*twinfer_client"):
         private_inference(onnx_files["fashion_cnn"], fashion_test[0][:1], ray_options=RayOptions(nodes={"server": "gpu_box"}))
@@ -75,7 +75,7 @@ def test_unknown_node_is_a_clear_error(cluster, onnx_files, fashion_test):
 
 def test_eight_concurrent_sessions_on_one_party_pair(cluster, onnx_files, fashion_cnn, fashion_test):
     """One server, one client and one dealer actor; eight sessions at once, each with its own input."""
-    from twinfer.deploy.ray_launcher import run_sessions
+    from twinfer.deploy.launch.ray_launcher import run_sessions
     from twinfer.parties.transport import TransportOptions
 
     images = fashion_test[0][10:26]

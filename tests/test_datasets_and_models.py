@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from twinfer.optimizer.datasets import FASHION_MNIST_DIR, DatasetError, load_fashion_mnist
-from twinfer.optimizer.demo_models import (
+from twinfer.optimizer.common.training import evaluate_accuracy
+from twinfer.optimizer.data.datasets import FASHION_MNIST_DIR, DatasetError, load_fashion_mnist
+from twinfer.optimizer.zoo.demo_models import (
     FashionCNN,
     TinyResNet,
     build_demo_model,
-    evaluate_accuracy,
     load_or_train_demo_model,
     save_state_dict,
     train_classifier,
@@ -104,7 +104,7 @@ def test_safetensors_round_trip_keeps_bn_stats(name: str, tmp_path: Path) -> Non
 
 
 def test_a_cached_model_from_another_recipe_is_trained_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from twinfer.optimizer import demo_models
+    from twinfer.optimizer.zoo import demo_models
 
     trained = []
     monkeypatch.setattr(demo_models, "load_fashion_mnist", lambda split: (np.zeros((4, 1, 28, 28), np.float32), np.zeros(4, np.int64)))

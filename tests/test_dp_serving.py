@@ -10,14 +10,16 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from party_processes import Parties
-from twinfer.optimizer.dp_data import load_dataset
-from twinfer.optimizer.dp_embedding_model import predict
-from twinfer.optimizer.dp_sparse_training import DPTrainConfig, encode_for_artifact, train_dp, write_dp_artifact
+from helpers.party_processes import Parties
+from twinfer.optimizer.data.dp_data import load_dataset
+from twinfer.optimizer.dp.embedding_model import predict
+from twinfer.optimizer.dp.sparse_training import DPTrainConfig, encode_for_artifact, train_dp, write_dp_artifact
 from twinfer.parties.errors import InputError
 from twinfer.parties.model_file import check_input_fits, load_model
-from twinfer.protocols.embedding import LookupCost, encode_input
-from twinfer.protocols.graph import GraphError, graph_from_onnx, run_plain
+from twinfer.protocols.ops.embedding import LookupCost, encode_input
+from twinfer.protocols.ir.graph import GraphError
+from twinfer.protocols.ir.onnx_import import graph_from_onnx
+from twinfer.protocols.ir.plain import run_plain
 
 pytestmark = pytest.mark.timeout(240)
 

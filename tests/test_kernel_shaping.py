@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from twinfer.deploy.kernel_shaping import KernelLink, check_kernel_shaping_available, list_namespaces, tbf_args
-from twinfer.deploy.tcp_delay_relay import bound_address, split_address, start_relay
+from twinfer.deploy.netem.kernel_shaping import KernelLink, check_kernel_shaping_available, list_namespaces, tbf_args
+from twinfer.deploy.netem.tcp_delay_relay import bound_address, split_address, start_relay
 from twinfer.parties.network_profile import parse_profile
 
 PROFILE = "rtt=40ms,bw=100mbit"
@@ -159,7 +159,7 @@ def echo_server():
 @pytest.fixture(scope="module")
 def relay(echo_server: EchoServer, tmp_path_factory: pytest.TempPathFactory):
     address_file = tmp_path_factory.mktemp("relay") / "relay.addr"
-    argv = [sys.executable, "-m", "twinfer.deploy.tcp_delay_relay", "--listen", "127.0.0.1:0",
+    argv = [sys.executable, "-m", "twinfer.deploy.netem.tcp_delay_relay", "--listen", "127.0.0.1:0",
             "--target", f"127.0.0.1:{echo_server.port}", "--one-way-delay", str(RELAY_DELAY_S),
             "--address-file", str(address_file)]  # fmt: skip
     proc = subprocess.Popen(argv, stderr=subprocess.PIPE)
@@ -339,7 +339,7 @@ def _gone(pid: int) -> bool:
 
 
 def test_kernel_link_cleans_up_when_setup_fails(kernel_ok, monkeypatch: pytest.MonkeyPatch):
-    from twinfer.deploy import kernel_shaping
+    from twinfer.deploy.netem import kernel_shaping
 
     def fail(self, ns: str, veth: str, ip: str) -> None:
         raise kernel_shaping.ShapingError("tc failed on purpose")
@@ -374,7 +374,7 @@ def test_a_new_link_removes_namespaces_left_by_a_dead_run(kernel_ok):
 @pytest.mark.timeout(240)
 def test_private_inference_across_namespaces(tmp_path, onnx_files, fashion_cnn, fashion_test):
     """Real `twinfer party` processes in two namespaces: correct, and never under the bound."""
-    from twinfer.deploy.kernel_shaping import run_kernel_shaped_session
+    from twinfer.deploy.netem.kernel_shaping import run_kernel_shaped_session
 
     reason = check_kernel_shaping_available()
     if reason:

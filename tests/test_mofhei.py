@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from twinfer.optimizer.artifact import export_artifact, export_onnx_bytes
-from twinfer.optimizer.block_pruning import (
+from twinfer.optimizer.common.artifact import export_artifact
+from twinfer.optimizer.common.graph_module import GraphModule
+from twinfer.optimizer.mofhei.block_pruning import (
     BlockPruner,
     PruneConfig,
     PruningError,
@@ -21,8 +22,7 @@ from twinfer.optimizer.block_pruning import (
     prunable,
     train_pruned,
 )
-from twinfer.optimizer.graph_module import GraphModule
-from twinfer.optimizer.he_friendly import (
+from twinfer.optimizer.mofhei.he_friendly import (
     ConversionConfig,
     ConversionError,
     FitConfig,
@@ -30,8 +30,9 @@ from twinfer.optimizer.he_friendly import (
     Split,
     convert_he_friendly,
 )
-from twinfer.optimizer.mofhei import artifact_graph, cost_report, format_report, optimize_mofhei
+from twinfer.optimizer.mofhei.mofhei import artifact_graph, cost_report, format_report, optimize_mofhei
 from twinfer.protocols.cost_model import BlockShape, graph_cost, pruned_graph, total_cost
+from twinfer.protocols.ir.onnx_export import export_onnx
 
 QUICK = FitConfig(epochs=1, lr=1e-3, patience=1, batch_size=32)
 
@@ -83,7 +84,7 @@ def test_conversion_leaves_no_maxpool_or_relu():
 
 def test_conversion_of_an_onnx_model_exports_polynomial_sites(tmp_path):
     torch.manual_seed(0)
-    model = GraphModule.from_onnx(export_onnx_bytes(small_lenet().eval(), torch.zeros(1, 1, 12, 12)))
+    model = GraphModule.from_onnx(export_onnx(small_lenet().eval(), torch.zeros(1, 1, 12, 12)))
     data = toy_split()
     convert_he_friendly(model, data, ConversionConfig(per_layer=QUICK, finetune=QUICK))
     assert not any(isinstance(m, (nn.ReLU, nn.MaxPool2d)) for m in model.modules())
@@ -95,7 +96,7 @@ def test_conversion_of_an_onnx_model_exports_polynomial_sites(tmp_path):
 
 
 def test_each_stage_trains_the_replaced_layer_and_those_after_it(monkeypatch):
-    from twinfer.optimizer import he_friendly
+    from twinfer.optimizer.mofhei import he_friendly
 
     stages = []
     real_fit = he_friendly.fit
@@ -152,7 +153,7 @@ def test_culled_model_equals_masked_model_on_random_inputs():
 
 def test_culling_a_graph_module_built_from_onnx():
     torch.manual_seed(0)
-    onnx_model = GraphModule.from_onnx(export_onnx_bytes(small_lenet().eval(), torch.zeros(1, 1, 12, 12)))
+    onnx_model = GraphModule.from_onnx(export_onnx(small_lenet().eval(), torch.zeros(1, 1, 12, 12)))
     x = torch.randn(8, 1, 12, 12)
     pruner = BlockPruner.for_model(onnx_model, 0.5)
     pruner.update()
@@ -172,7 +173,7 @@ def test_padded_consumer_of_a_nonzero_constant_is_refused():
 
 
 def test_a_model_culling_cannot_follow_is_refused_before_training(monkeypatch):
-    from twinfer.optimizer import he_friendly
+    from twinfer.optimizer.mofhei import he_friendly
 
     monkeypatch.setattr(he_friendly, "fit", lambda *a, **k: pytest.fail("trained a model that cannot be culled"))
     padded = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 144, 10))
@@ -230,7 +231,7 @@ def test_cost_model_matches_a_measured_private_run(tmp_path):
     The model has every layer kind the cost model prices: Beaver conv and matmul, polynomial
     sites, a full ReLU, average and max pooling, the output opening.
     """
-    from twinfer.benchmarks.local_session import run_local_session
+    from twinfer.deploy.launch.local import run_local_session
     from twinfer.parties.model_file import read_model_bytes
     from twinfer.parties.transport import TransportOptions
 
@@ -280,12 +281,12 @@ def one_thread():
 
 
 def test_twinfer_optimize_converts_prunes_and_writes_a_smaller_dense_artifact(tmp_path, capsys, one_thread):
-    from twinfer.deploy.cli import main
-    from twinfer.optimizer.mofhei import lenet5
+    from twinfer.deploy.cli.cli import main
+    from twinfer.optimizer.mofhei.mofhei import lenet5
     from twinfer.parties.model_file import load_model
 
     torch.manual_seed(0)
-    (tmp_path / "lenet.onnx").write_bytes(export_onnx_bytes(lenet5().eval(), torch.zeros(1, 1, 28, 28)))
+    (tmp_path / "lenet.onnx").write_bytes(export_onnx(lenet5().eval(), torch.zeros(1, 1, 28, 28)))
     out = tmp_path / "lenet-p90"
     argv = ["optimize", "--model", str(tmp_path / "lenet.onnx"), "--data", "mnist", "--train-samples", "200", "--out", str(out)]
     assert main(argv + ["--convert", "he-friendly", "--prune-blocks", "0.9"]) == 0

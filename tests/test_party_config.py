@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from twinfer.deploy.party_config import load_party_config
+from twinfer.deploy.config.party_config import load_party_config
 
 pytestmark = pytest.mark.timeout(240)
 
 
 def _twinfer(capsys, *args: str) -> tuple[int, str]:
     """Exit code and stderr of `twinfer ARGS` (in this process: a config error stops before any party starts)."""
-    from twinfer.deploy.cli import main
+    from twinfer.deploy.cli.cli import main
 
     code = main(list(args))
     return code, capsys.readouterr().err
@@ -59,7 +59,7 @@ def test_missing_config_file_is_named(capsys, tmp_path):
 
 @pytest.fixture(scope="module")
 def namespaces_ok():
-    from twinfer.deploy.kernel_shaping import check_kernel_shaping_available
+    from twinfer.deploy.netem.kernel_shaping import check_kernel_shaping_available
 
     reason = check_kernel_shaping_available()
     if reason is not None:
@@ -69,8 +69,9 @@ def namespaces_ok():
 def test_standalone_parties_in_separate_namespaces_over_tls(namespaces_ok, tmp_path, onnx_files, fashion_cnn, fashion_test):
     """Server and dealer in one namespace, two clients in another, each side with its own address;
     one server and one dealer process serve both clients' sessions at once. Only configs and certs."""
-    from twinfer.deploy.certs import make_certs
-    from twinfer.deploy.kernel_shaping import KernelLink, list_namespaces, wait_for_address
+    from twinfer.deploy.config.certs import make_certs
+    from twinfer.deploy.launch.wiring import wait_for_address
+    from twinfer.deploy.netem.kernel_shaping import KernelLink, list_namespaces
 
     images = fashion_test[0][:5]
     np.save(tmp_path / "x1.npy", images[:3])

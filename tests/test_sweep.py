@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from twinfer.benchmarks.sweep import SweepConfig
+from twinfer.deploy.bench.sweep import SweepConfig
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -34,8 +34,8 @@ def test_bad_sweep_config_names_file_and_key(tmp_path, text, message):
 
 def _budget_artifact(onnx_path, out):
     """An artifact that keeps a quarter of the first ReLU layer's positions (the rest: x^2 polynomial)."""
-    from twinfer.optimizer.artifact import write_artifact
-    from twinfer.protocols.masked_activation import ActivationSite
+    from twinfer.optimizer.common.artifact import write_artifact
+    from twinfer.protocols.ops.activation import ActivationSite
 
     mask = np.zeros((8, 28, 28), dtype=bool)
     mask[:2] = True
@@ -77,7 +77,7 @@ def test_a_failing_run_is_reported_not_waited_on():
     """A sweep run whose party fails ends with that party's error at once (it used to wait out the timeout)."""
     import time
 
-    from twinfer.benchmarks.local_session import run_local_session
+    from twinfer.deploy.launch.local import run_local_session
     from twinfer.parties.errors import ModelError
 
     start = time.monotonic()

@@ -34,7 +34,7 @@ def certs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def other_ca(tmp_path_factory):
-    from twinfer.deploy.certs import make_certs
+    from twinfer.deploy.config.certs import make_certs
 
     return make_certs(tmp_path_factory.mktemp("other-ca"), ca_name="another CA")
 

@@ -4,7 +4,7 @@ For each model and profile, one session of 1 + reps batches runs as three local 
 with the profile applied in twinfer's transport (both directions between client and server;
 the dealer sits next to the server). With --kernel, the same sessions also run as real
 `twinfer party` processes in two network namespaces joined by a tbf-limited veth pair, with
-the delay added by a TCP relay (deploy/kernel_shaping.py). The first batch records the dealer's tuple plan; the reported
+the delay added by a TCP relay (deploy/netem/kernel_shaping.py). The first batch records the dealer's tuple plan; the reported
 latency is the median of the others. Each row prints the lower bound
 `rounds * rtt/2 + bytes of the busier direction / bandwidth` and measured / bound.
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +75,7 @@ def measure(model: str, onnx_bytes: bytes, sample_shape: tuple[int, ...], profil
     The dealer sits next to the server (its links unshaped), as in the kernel-shaped runs,
     where it shares the server's namespace.
     """
-    from twinfer.benchmarks.local_session import run_local_session
+    from twinfer.deploy.launch.local import run_local_session
 
     inputs = np.random.default_rng(0).random((batch * (1 + reps), *sample_shape), dtype=np.float32)
     # The server waits for the client while the client's process starts (imports torch and
@@ -88,7 +87,7 @@ def measure(model: str, onnx_bytes: bytes, sample_shape: tuple[int, ...], profil
 
 def measure_kernel(model: str, onnx_path: Path, sample_shape: tuple[int, ...], profile: NetworkProfile, *, batch: int, reps: int) -> dict:
     """The same session with parties in network namespaces: tc tbf bandwidth, relay delay."""
-    from twinfer.deploy.kernel_shaping import run_kernel_shaped_session
+    from twinfer.deploy.netem.kernel_shaping import run_kernel_shaped_session
 
     inputs = np.random.default_rng(0).random((batch * (1 + reps), *sample_shape), dtype=np.float32)
     client = run_kernel_shaped_session(onnx_path, inputs, batch, profile)
@@ -197,9 +196,9 @@ def latency_study(
 
 
 def _demo_models() -> tuple[dict[str, tuple[bytes, tuple[int, ...]]], dict[str, Path]]:
-    from twinfer.deploy.inference import model_bytes
-    from twinfer.deploy.paths import cache_dir
-    from twinfer.optimizer.demo_models import load_or_train_demo_model
+    from twinfer.deploy.launch.inference import model_bytes
+    from twinfer.deploy.config.paths import cache_dir
+    from twinfer.optimizer.zoo.demo_models import load_or_train_demo_model
 
     models, paths = {}, {}
     for name in ("fashion_cnn", "tiny_resnet"):
@@ -224,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     models = {m: models[m] for m in args.models}
     kernel = []
     if args.kernel is not None:
-        from twinfer.deploy.kernel_shaping import check_kernel_shaping_available
+        from twinfer.deploy.netem.kernel_shaping import check_kernel_shaping_available
 
         reason = check_kernel_shaping_available()
         if reason:
@@ -242,7 +241,3 @@ def main(argv: list[str] | None = None) -> int:
         out=args.out,
     )
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

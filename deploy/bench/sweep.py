@@ -3,7 +3,7 @@
 The grid is models x batch sizes x network profiles. A model is an ONNX file or an artifact
 folder from `twinfer optimize` (one per ReLU budget, say), so a ReLU-budget axis is a list of
 artifact folders. Each run is one session of three local party processes inside one Ray task
-(`measure` of benchmarks/network_profiles.py: the profile shapes twinfer's transport, one
+(`measure` of deploy/bench/latency.py: the profile shapes twinfer's transport, one
 warm-up batch records the dealer's plan, then `reps` measured batches; the median is
 reported beside the network's lower bound). Each task reserves `cpus_per_run` Ray CPUs, so
 two runs share a node's CPUs only when the config asks for it. A failed run is recorded with
@@ -48,7 +48,7 @@ class SweepConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> SweepConfig:
-        from twinfer.deploy.party_config import check_value, read_config_file, reject_unknown
+        from twinfer.deploy.config.party_config import check_value, read_config_file, reject_unknown
 
         path = Path(path)
         data = read_config_file(path)
@@ -94,7 +94,7 @@ def _run_point(name: str, kind: str, data: bytes, shape: tuple[int, ...], profil
     """One run, inside a Ray task: one session of three local processes under `profile`."""
     import ray
 
-    from twinfer.benchmarks.network_profiles import measure
+    from twinfer.deploy.bench.latency import measure
 
     start = time.perf_counter()
     row = measure(name, data, shape, profile, batch=batch, reps=reps)
@@ -113,7 +113,7 @@ def run_sweep(config: SweepConfig, out: Path, *, ray_address: str | None = None,
     import ray
     from tqdm import tqdm
 
-    from twinfer.deploy.ray_launcher import RayOptions, init_ray
+    from twinfer.deploy.launch.ray_launcher import RayOptions, init_ray
     from twinfer.parties.model_file import parse_model, read_model_bytes
 
     models = {}

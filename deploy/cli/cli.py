@@ -7,8 +7,8 @@ import logging
 import sys
 
 from twinfer.parties.errors import InputError, ModelError, PeerError, ProtocolError, TwinferError
-from twinfer.parties.network_profile import parse_profile
-from twinfer.parties.transport import TransportOptions
+
+from . import cmd_bench, cmd_certs, cmd_demo, cmd_infer, cmd_optimize, cmd_party, cmd_train_dp
 
 # Exit codes, so scripts can tell failures apart.
 EXIT_OK = 0
@@ -37,42 +37,7 @@ def exit_code(err: BaseException) -> int:
     return EXIT_FAILURE
 
 
-def add_transport_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--timeout", type=float, default=60.0, help="deadline of every network wait, seconds (default 60)")
-    parser.add_argument("--connect-timeout", type=float, default=10.0, help="deadline to reach a peer, seconds (default 10)")
-    parser.add_argument(
-        "--accept-timeout",
-        type=float,
-        default=120.0,
-        help="how long a listening party waits for its peer to dial in, seconds (default 120)",
-    )
-    parser.add_argument(
-        "--network",
-        default=None,
-        help="shape the client<->server link, per direction: loopback, lan, wan, mobile, or 'rtt=40ms,bw=100mbit'",
-    )
-    parser.add_argument("--dealer-network", default=None, help="shape the dealer's link to each party (same forms)")
-    parser.add_argument(
-        "--insecure-trusted-first-party",
-        action="store_true",
-        help="INSECURE: the server makes the correlated randomness itself (CrypTen TFP) and could "
-        "learn the client's input; for development only. Default: a separate dealer process.",
-    )
-
-
-def transport_options(args: argparse.Namespace) -> TransportOptions:
-    return TransportOptions(
-        recv_timeout_s=args.timeout,
-        connect_timeout_s=args.connect_timeout,
-        accept_timeout_s=args.accept_timeout,
-        network=parse_profile(args.network) if args.network else None,
-        dealer_network=parse_profile(args.dealer_network) if args.dealer_network else None,
-    )
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from . import cmd_bench, cmd_certs, cmd_demo, cmd_infer, cmd_optimize, cmd_party, cmd_train_dp
-
     parser = argparse.ArgumentParser(
         prog="twinfer",
         description="Two-party private neural-network inference.",

@@ -8,6 +8,10 @@ from pathlib import Path
 from twinfer.parties.model_file import parse_model, read_model_bytes
 from twinfer.parties.network_profile import parse_profile
 
+from ..bench.latency import latency_study
+from ..bench.sweep import SweepConfig
+from ..bench.sweep import run_sweep as sweep
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
@@ -30,8 +34,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_sweep(args: argparse.Namespace) -> int:
-    from twinfer.benchmarks.sweep import SweepConfig, run_sweep as sweep
-
     rows = sweep(SweepConfig.load(args.config), args.out, ray_address=args.ray_address)
     failed = [r for r in rows if "error" in r]
     if failed:
@@ -41,8 +43,6 @@ def run_sweep(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from twinfer.benchmarks.network_profiles import latency_study
-
     # Profiles are parsed first: a typo fails before any party starts.
     profiles = [parse_profile(p) for p in args.profiles.split(",") if p.strip()]
     if args.batch < 1 or args.reps < 1:

@@ -14,7 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .certs import make_certs
+    from ..config.certs import make_certs
 
     out = make_certs(args.out, days=args.days)
     print(f"wrote a CA and certificates for server, client and dealer to {out}")

@@ -9,12 +9,11 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from twinfer.optimizer.datasets import load_fashion_mnist
-from twinfer.optimizer.demo_models import load_or_train_demo_model
+from twinfer.optimizer.data.datasets import load_fashion_mnist
+from twinfer.optimizer.zoo.demo_models import load_or_train_demo_model
 
-from .cli import add_transport_args
-from .inference import run_private_inference
-from .paths import cache_dir
+from ..config.paths import cache_dir
+from .options import add_transport_args, run_private_inference
 from .report import print_table, summary_rows
 
 

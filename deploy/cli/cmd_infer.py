@@ -9,8 +9,7 @@ from rich.console import Console
 
 from twinfer.parties.model_file import load_input
 
-from .cli import add_transport_args
-from .inference import run_private_inference
+from .options import add_transport_args, run_private_inference
 from .report import print_table, summary_rows
 
 

@@ -19,11 +19,12 @@ from rich.console import Console
 from safetensors.torch import load_file
 from torch import nn
 
-from twinfer.optimizer.artifact import export_artifact, export_onnx_bytes
-from twinfer.optimizer.datasets import load_fashion_mnist, load_mnist_digits
-from twinfer.optimizer.demo_models import evaluate_accuracy
-from twinfer.optimizer.graph_module import GraphModule
+from twinfer.optimizer.common.artifact import export_artifact
+from twinfer.optimizer.common.graph_module import GraphModule
+from twinfer.optimizer.common.training import evaluate_accuracy
+from twinfer.optimizer.data.datasets import load_fashion_mnist, load_mnist_digits
 from twinfer.parties.errors import ModelError
+from twinfer.protocols.ir.onnx_export import export_onnx
 
 DATASETS = ("fashion-mnist", "mnist")
 
@@ -86,14 +87,6 @@ def load_data(name: str, train_samples: int | None) -> tuple[tuple[np.ndarray, n
     return train, test
 
 
-def split_validation(train: tuple[np.ndarray, np.ndarray], fraction: float = 0.1, seed: int = 0):
-    """Hold out a seeded fraction of the training data for checkpoint selection (never the test set)."""
-    order = np.random.default_rng(seed).permutation(len(train[0]))
-    cut = max(1, int(len(order) * fraction))
-    held, kept = order[:cut], order[cut:]
-    return (train[0][kept], train[1][kept]), (train[0][held], train[1][held])
-
-
 def run(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     if args.relu_budget is None and args.convert is None and args.prune_blocks is None:
@@ -103,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     train, test = load_data(args.data, args.train_samples)
     example = torch.as_tensor(train[0][:1], dtype=torch.float32)
     try:
-        export_onnx_bytes(model, example)  # fail now, not after training, if the model cannot export
+        export_onnx(model, example)  # fail now, not after training, if the model cannot export
         accuracy_before = evaluate_accuracy(model, *test)
     except RuntimeError as err:
         raise ModelError(f"the model does not run on {args.data} samples of shape {tuple(example.shape[1:])}: {err}") from None
@@ -129,9 +122,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _check_options(args: argparse.Namespace) -> None:
     """Every option's value, before any data is loaded or a step trained."""
-    from twinfer.optimizer.autorep import AutoRepConfig
-    from twinfer.optimizer.block_pruning import check_sparsity
-    from twinfer.optimizer.mofhei import check_convert
+    from twinfer.optimizer.autorep.autorep import AutoRepConfig
+    from twinfer.optimizer.mofhei.block_pruning import check_sparsity
+    from twinfer.optimizer.mofhei.mofhei import check_convert
 
     check_convert(args.convert)
     if args.prune_blocks is not None:
@@ -141,10 +134,12 @@ def _check_options(args: argparse.Namespace) -> None:
 
 
 def _autorep(model: nn.Module, train, args: argparse.Namespace, manifest: dict) -> nn.Module:
-    from twinfer.optimizer.autorep import AutoRepConfig, config_dict, optimize_relus
+    from twinfer.optimizer.autorep.autorep import AutoRepConfig, config_dict, optimize_relus
+    from twinfer.optimizer.common.validation import validation_split
 
     config = AutoRepConfig(relu_budget=args.relu_budget, granularity=args.granularity, epochs=args.epochs, penalty=args.penalty, seed=args.seed)
-    fit, val = split_validation(train, seed=args.seed)
+    # A seeded tenth of the training data, never the test set, picks the checkpoint.
+    fit, val = validation_split(*train, fraction=0.1, seed=args.seed, rounding="down", at_least=1)
     result = optimize_relus(model, fit, val, config)
     manifest["methods"].append("autorep")
     manifest["budget"] = args.relu_budget
@@ -158,8 +153,8 @@ def _autorep(model: nn.Module, train, args: argparse.Namespace, manifest: dict) 
 
 
 def _mofhei(model: nn.Module, train, args: argparse.Namespace, manifest: dict) -> nn.Module:
-    from twinfer.optimizer.he_friendly import Split
-    from twinfer.optimizer.mofhei import optimize_mofhei
+    from twinfer.optimizer.mofhei.he_friendly import Split
+    from twinfer.optimizer.mofhei.mofhei import optimize_mofhei
 
     result = optimize_mofhei(
         model,

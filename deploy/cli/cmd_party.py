@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from twinfer.parties.session import CLIENT, DEALER, SERVER, PartyConfig, PartyReport
 
-from .cli import add_transport_args, transport_options
+from ..config.party_config import load_party_config
+from ..launch.wiring import report_json
+from .options import add_transport_args, transport_options
 
 
 SERVE_TIMEOUT_S = 24 * 3600.0  # a session's own network waits end it long before this
@@ -19,6 +20,11 @@ SERVE_TIMEOUT_S = 24 * 3600.0  # a session's own network waits end it long befor
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("party", help="run one party (server, client or dealer) without Ray")
+    add_party_args(p)
+    p.set_defaults(func=run)
+
+
+def add_party_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML or TOML file with this party's settings (keys: the flags below); flags win")
     p.add_argument("--role", choices=[SERVER, CLIENT, DEALER], help="required, here or in the config")
     p.add_argument(
@@ -35,10 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=None, help="client: samples per batch (default: all)")
     p.add_argument("--output", help="client: write the logits to this .npy file")
     p.add_argument("--json", action="store_true", help="print this party's report as JSON")
-    p.add_argument("--audit-log", help="record files opened and plaintexts revealed in this process (for tests)")
     p.add_argument("--tls", help="folder from `twinfer certs`: present <role>.pem, accept only peers signed by ca.pem")
     add_transport_args(p)
-    p.set_defaults(func=run)
 
 
 def _require(args: argparse.Namespace, *names: str) -> None:
@@ -51,10 +55,9 @@ def _require(args: argparse.Namespace, *names: str) -> None:
 
 def _apply_config(args: argparse.Namespace) -> None:
     """Settings from --config where the command line left the default."""
-    from .cli import build_parser
-    from .party_config import load_party_config
-
-    defaults = vars(build_parser().parse_args(["party"]))
+    parser = argparse.ArgumentParser()
+    add_party_args(parser)
+    defaults = vars(parser.parse_args([]))
     for key, value in load_party_config(args.config).items():
         if getattr(args, key) == defaults[key]:
             setattr(args, key, value)
@@ -76,21 +79,10 @@ def run(args: argparse.Namespace) -> int:
     if args.config:
         _apply_config(args)
     _require(args, "role", "session")
-    audit = None
-    if args.audit_log:
-        from twinfer.parties.audit import Audit
-
-        audit = Audit().install()
-    try:
-        reports = _run_party(args)
-    finally:
-        if audit is not None:
-            audit.write(args.audit_log)
+    reports = _run_party(args)
     if args.json:
         for session_id, report in reports.items():
-            out = asdict(report) | {"session": session_id}
-            out["logits"] = None if report.logits is None else report.logits.tolist()
-            print(json.dumps(out))
+            print(json.dumps(report_json(report, session_id)))
     return 0
 
 

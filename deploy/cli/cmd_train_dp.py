@@ -15,9 +15,9 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from twinfer.optimizer.dp_accounting import ACCOUNTANTS
-from twinfer.optimizer.dp_data import DATASETS, load_dataset
-from twinfer.optimizer.dp_sparse_training import (
+from twinfer.optimizer.data.dp_data import DATASETS, load_dataset
+from twinfer.optimizer.dp.accounting import ACCOUNTANTS
+from twinfer.optimizer.dp.sparse_training import (
     FREQUENCY_SOURCES,
     METHODS,
     DPTrainConfig,

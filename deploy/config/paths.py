@@ -12,7 +12,7 @@ def cache_dir() -> Path:
     if env:
         path = Path(env)
     else:
-        checkout = Path(__file__).resolve().parents[1]
+        checkout = Path(__file__).resolve().parents[2]
         path = checkout / ".cache" if (checkout / "pyproject.toml").exists() else Path.home() / ".cache" / "twinfer"
     path.mkdir(parents=True, exist_ok=True)
     return path

@@ -27,11 +27,11 @@ from twinfer.parties.session import CLIENT, DEALER, SERVER, PartyConfig, PartyRe
 from twinfer.parties.tls import TlsIdentity
 from twinfer.parties.transport import TransportOptions
 
-from .paths import cache_dir
+from ..config.paths import cache_dir
+from .wiring import ROLES, party_config, root_cause, start_parties
 
 log = logging.getLogger(__name__)
 
-ROLES = (DEALER, SERVER, CLIENT)
 PLACEMENTS = ("auto", "spread", "pack")
 PLACEMENT_TIMEOUT_S = 60.0
 
@@ -206,18 +206,6 @@ def _node_options(ray_options: RayOptions) -> tuple[dict[str, dict], Any, str]:
     return options, group, "three distinct nodes (STRICT_SPREAD)"
 
 
-def _root_cause(errors: dict[str, BaseException]) -> TwinferError:
-    """Of the errors the parties raised, the one where the failure started."""
-    twinfer_errors = {role: e for role, e in errors.items() if isinstance(e, TwinferError)}
-    for role, err in twinfer_errors.items():
-        if err.origin == role:
-            return err
-    if twinfer_errors:
-        return next(iter(twinfer_errors.values()))
-    role, err = next(iter(errors.items()))
-    return PeerError(f"{role} process ended unexpectedly: {err}", origin=role)
-
-
 def _unwrap(err: BaseException) -> BaseException:
     import ray.exceptions as rex
 
@@ -316,7 +304,7 @@ def _session_reports(session_id: str, results: dict[str, dict | BaseException]) 
         else:
             errors[role] = outcome if outcome is not None else PeerError(f"{role} has no record of session {session_id}")
     if errors:
-        raise _root_cause(errors)
+        raise root_cause(errors)
     return reports
 
 
@@ -342,25 +330,18 @@ class PartyPool:
         results = self.collect(session_ids, timeout_s, progress)
         return [_session_reports(session_id, results) for session_id in session_ids]
 
-    def _template(self, role: str, **kw: Any) -> PartyConfig:
-        return PartyConfig(
-            role=role, session_id="-", options=self.options, insecure_trusted_first_party=self.insecure_tfp,
-            tls=self.tls[role] if self.tls else None, **kw,
-        )  # fmt: skip
+    def _template(self, role: str, **addresses: str | None) -> PartyConfig:
+        return party_config(role, "-", self.options, insecure_trusted_first_party=self.insecure_tfp, tls=self.tls, **addresses)
 
     def start(self, onnx_bytes: bytes) -> None:
         timeout = self.options.connect_timeout_s + 120.0  # actor start-up includes importing torch
-        dealer_address = None
-        if DEALER in self.actors:
-            dealer_address = _get(
-                self.actors[DEALER].listen.remote(self._template(DEALER), None, self.max_sessions), timeout=timeout
-            )
-        server_address = _get(
-            self.actors[SERVER].listen.remote(self._template(SERVER, dealer_address=dealer_address), onnx_bytes, self.max_sessions),
-            timeout=timeout,
-        )
-        client = self._template(CLIENT, server_address=server_address, dealer_address=dealer_address)
-        _get(self.actors[CLIENT].listen.remote(client, None, self.max_sessions), timeout=timeout)
+        payloads = {SERVER: onnx_bytes}
+
+        def listen(role: str, **addresses: str | None) -> str | None:
+            ref = self.actors[role].listen.remote(self._template(role, **addresses), payloads.get(role), self.max_sessions)
+            return _get(ref, timeout=timeout)
+
+        start_parties(listen, dealer=DEALER in self.actors)
 
     def open(self, session_ids: list[str], inputs: list[np.ndarray], batch_size: int) -> None:
         # Server and dealer expect the sessions before the client dials them.

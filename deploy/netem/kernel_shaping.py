@@ -17,8 +17,7 @@ only inside the namespaces this module creates and removes.
 
 from __future__ import annotations
 
-import dataclasses
-import json
+import functools
 import os
 import re
 import shutil
@@ -26,7 +25,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 import warnings
 from pathlib import Path
@@ -35,7 +33,10 @@ from types import TracebackType
 import numpy as np
 
 from twinfer.parties.network_profile import NetworkProfile, parse_profile
-from twinfer.parties.session import PartyReport
+from twinfer.parties.session import CLIENT, DEALER, SERVER, PartyReport
+
+from ..launch.local import PartyCommand, launch_local
+from ..launch.wiring import PartyExitError, new_session_id, party_command, wait_for_address
 
 SERVER_IP = "10.231.0.1"
 CLIENT_IP = "10.231.0.2"
@@ -209,12 +210,12 @@ class KernelLink:
         assert self._tmp is not None, "start_relay needs an entered KernelLink"
         name = f"relay-{target_port}-{uuid.uuid4().hex[:6]}"
         address_file, log_file = self._tmp / f"{name}.addr", self._tmp / f"{name}.log"
-        argv = [sys.executable, "-m", "twinfer.deploy.tcp_delay_relay", "--listen", f"{self.client_ip}:0",
+        argv = [sys.executable, "-m", "twinfer.deploy.netem.tcp_delay_relay", "--listen", f"{self.client_ip}:0",
                 "--target", f"{self.server_ip}:{target_port}", "--one-way-delay", repr(self.profile.rtt_s / 2),
                 "--address-file", str(address_file)]  # fmt: skip
         with open(log_file, "wb") as log:
             proc = self.run_in(self.client_ns, argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-        return wait_for_address(proc, address_file, "delay relay", RELAY_START_TIMEOUT_S, log_file)
+        return wait_for_address(proc, address_file, "delay relay", RELAY_START_TIMEOUT_S, log_file, error=ShapingError)
 
     def close(self) -> None:
         """Stop every process started here and remove the namespaces; safe to call twice."""
@@ -245,63 +246,30 @@ class KernelLink:
         self._procs.clear()
 
 
-def wait_for_address(
-    proc: subprocess.Popen, path: Path, what: str, timeout_s: float, log_file: Path | None = None
-) -> str:
-    """The address `proc` writes to `path` once it listens; a clear error if it dies or stalls."""
-    deadline = time.monotonic() + timeout_s
-    while not path.exists():
-        log = f": {log_file.read_text().strip()}" if log_file is not None and log_file.exists() else ""
-        if proc.poll() is not None:
-            raise ShapingError(f"{what} exited with code {proc.returncode} before listening{log}")
-        if time.monotonic() > deadline:
-            raise ShapingError(f"{what} did not listen within {timeout_s:g} s{log}")
-        time.sleep(0.02)
-    return path.read_text().strip()
-
-
-def _party_argv(role: str, session: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", "twinfer.deploy.cli", "party", "--role", role, "--session", session,
-            "--timeout", "300", "--connect-timeout", "60", *args]  # fmt: skip
-
-
 def run_kernel_shaped_session(onnx_path: Path, inputs: np.ndarray, batch: int, profile: NetworkProfile | str) -> PartyReport:
     """One session of real `twinfer party` processes across a KernelLink; the client's report.
 
     Dealer and server share the server namespace; the client reaches both through delay
     relays in its own namespace, over the tbf-limited veth pair.
     """
-    session = uuid.uuid4().hex[:12]
+    session = new_session_id()
     with KernelLink(profile) as link, tempfile.TemporaryDirectory(prefix="twinfer-kernel-") as tmp:
         tmp_path = Path(tmp)
         np.save(tmp_path / "x.npy", inputs)
-        dealer_file, server_file = tmp_path / "dealer.addr", tmp_path / "server.addr"
-        dealer = link.run_in(
-            link.server_ns,
-            _party_argv("dealer", session, "--listen", f"{link.server_ip}:0", "--address-file", str(dealer_file)),
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        dealer_address = wait_for_address(dealer, dealer_file, "dealer", 120.0)
-        server = link.run_in(
-            link.server_ns,
-            _party_argv("server", session, "--listen", f"{link.server_ip}:0", "--address-file", str(server_file),
-                        "--dealer", dealer_address, "--model", str(onnx_path)),
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        server_address = wait_for_address(server, server_file, "server", 120.0)
-        via_server = link.start_relay(int(server_address.rsplit(":", 1)[1]))
-        via_dealer = link.start_relay(int(dealer_address.rsplit(":", 1)[1]))
-        client = link.run_in(
-            link.client_ns,
-            _party_argv("client", session, "--server", via_server, "--dealer", via_dealer,
-                        "--input", str(tmp_path / "x.npy"), "--batch", str(batch), "--json"),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        out, err = client.communicate(timeout=1800)
-        if client.returncode != 0:
-            raise ShapingError(f"kernel-shaped client failed (exit {client.returncode}): {err.strip()[-2000:]}")
-        report = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
-    known = {f.name for f in dataclasses.fields(PartyReport)}
-    fields = {k: v for k, v in report.items() if k in known}
-    fields["logits"] = None if report.get("logits") is None else np.asarray(report["logits"])
-    return PartyReport(**fields)
+        role_args = {
+            DEALER: ["--listen", f"{link.server_ip}:0"],
+            SERVER: ["--listen", f"{link.server_ip}:0", "--model", str(onnx_path)],
+            CLIENT: ["--input", str(tmp_path / "x.npy"), "--batch", str(batch)],
+        }
+
+        def start(role: str, dealer_address: str | None = None, server_address: str | None = None) -> PartyCommand:
+            peers = [*(["--server", server_address] if server_address else []), *(["--dealer", dealer_address] if dealer_address else [])]
+            argv = party_command(role, session, *role_args[role], *peers, timeout=300, connect_timeout=60)
+            ns = link.client_ns if role == CLIENT else link.server_ns
+            return PartyCommand(role, argv, tmp_path, popen=functools.partial(link.run_in, ns))
+
+        try:
+            reports = launch_local(start, client_view=lambda address: link.start_relay(int(address.rsplit(":", 1)[1])), timeout_s=1800)
+        except PartyExitError as err:
+            raise ShapingError(f"kernel-shaped {err.role} failed (exit {err.returncode}): {err.stderr.strip()[-2000:]}") from None
+    return reports[CLIENT]

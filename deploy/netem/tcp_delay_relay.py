@@ -7,7 +7,7 @@ End of stream is delayed like data; when one side closes, the relay closes the o
 once everything read before the close has been delivered, and that close travels back the
 same way. Half-closed connections are not kept open.
 
-Run as `python -m twinfer.deploy.tcp_delay_relay --listen HOST:PORT --target HOST:PORT
+Run as `python -m twinfer.deploy.netem.tcp_delay_relay --listen HOST:PORT --target HOST:PORT
 --one-way-delay SECONDS [--address-file F]`.
 """
 
@@ -159,7 +159,7 @@ async def _serve(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
-    p = argparse.ArgumentParser(prog="python -m twinfer.deploy.tcp_delay_relay", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m twinfer.deploy.netem.tcp_delay_relay", description=__doc__.splitlines()[0])
     p.add_argument("--listen", required=True, help="HOST:PORT to accept on (port 0 picks one)")
     p.add_argument("--target", required=True, help="HOST:PORT to forward each connection to")
     p.add_argument("--one-way-delay", type=float, required=True, help="seconds added to each direction")

@@ -1,7 +1,9 @@
 """Opt-in record of what a party process saw: files it opened and plaintexts it revealed.
 
 Tests use it to check the roles: the client never opens the weights file nor holds the
-weights, and the server never holds the output.
+weights, and the server never holds the output. `audited_command` runs a `twinfer` command
+line under it: `python tests/helpers/audit.py LOG ARGS...` records while `twinfer ARGS` runs
+and writes LOG (JSON) when it ends.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .crypten_compat import import_crypten
+from twinfer.protocols.backends.crypten.patches import load_crypten
 
 
 class Audit:
@@ -26,7 +28,7 @@ class Audit:
                 self.opened.append(str(args[0]))
 
         sys.addaudithook(on_event)
-        mpc_tensor = import_crypten().mpc.MPCTensor
+        mpc_tensor = load_crypten().mpc.MPCTensor
         original = mpc_tensor.get_plain_text
 
         def get_plain_text(tensor, dst=None):
@@ -40,3 +42,21 @@ class Audit:
 
     def write(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps({"opened": self.opened, "revealed": self.revealed}))
+
+
+def audited_command(argv: list[str], log: str | Path) -> list[str]:
+    """`argv`, a `python -m twinfer.deploy.cli ARGS` command line, run under an Audit that writes `log`."""
+    if argv[1:3] != ["-m", "twinfer.deploy.cli"]:
+        raise ValueError(f"not a `python -m twinfer.deploy.cli` command: {argv[:3]}")
+    return [argv[0], str(Path(__file__).resolve()), str(log), *argv[3:]]
+
+
+if __name__ == "__main__":
+    from twinfer.deploy.cli.cli import main
+
+    audit = Audit().install()
+    try:
+        code = main(sys.argv[2:])
+    finally:
+        audit.write(sys.argv[1])
+    sys.exit(code)

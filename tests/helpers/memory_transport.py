@@ -6,9 +6,9 @@ import queue
 
 import numpy as np
 
-from .errors import PeerError, PeerTimeoutError, ProtocolError, TwinferError
-from .metrics import Metrics
-from .transport import Transport
+from twinfer.parties.errors import PeerError, PeerTimeoutError, ProtocolError, TwinferError
+from twinfer.parties.metrics import Metrics
+from twinfer.parties.transport import Transport
 
 
 class MemoryTransport(Transport):
