@@ -141,6 +141,7 @@ class _TwoPartySession:
         self.dealer: DealerClient | None = None
         self.report = PartyReport(role=config.role, pid=os.getpid(), node=_node_name(), protocol=config.protocol)
         self.backend: Backend | None = None
+        backend_class(config.protocol).prepare()  # imports happen here, not inside the measured setup
 
     def _connect_dealer(self) -> None:
         """First thing in a session: from then on any failure reaches the dealer too."""

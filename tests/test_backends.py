@@ -126,3 +126,17 @@ def test_comparisons_count_every_compared_element():
     graph = _graph(*CASES["gemm_clip"][:2], CASES["gemm_clip"][2])
     costs = {c.name: c for c in graph_cost(graph, batch=2)}
     assert costs["relu6"].comparisons == 2 * 2 * 5 and costs["relu6"].relu_count == 0
+
+
+def test_a_peer_on_another_protocol_is_refused_by_name():
+    """The handshake carries the backend's name; a mismatch is a ProtocolError naming both."""
+    from twinfer.parties.errors import ProtocolError
+    from twinfer.parties.session import ClientParty, PartyConfig
+
+    config = PartyConfig(role=CLIENT, session_id="s", server_address="127.0.0.1:9", insecure_trusted_first_party=True)
+    party = ClientParty(np.zeros((1, 4), np.float32), 1, config)
+    party._agree_protocol(np.frombuffer(config.protocol.encode(), np.uint8), SERVER)  # the same: accepted
+    with pytest.raises(ProtocolError, match="the server runs protocol 'fss' but this client runs 'crypten'"):
+        party._agree_protocol(np.frombuffer(b"fss", np.uint8), SERVER)
+    with pytest.raises(ValueError, match="unknown protocol 'nope'"):
+        PartyConfig(role=CLIENT, session_id="s", protocol="nope")

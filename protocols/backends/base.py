@@ -84,6 +84,10 @@ class Backend(abc.ABC):
     # -- session lifecycle ---------------------------------------------------------------------
 
     @classmethod
+    def prepare(cls) -> None:
+        """Load what the backend needs (libraries, tables) before a session's clock starts."""
+
+    @classmethod
     @abc.abstractmethod
     def create(cls, rank: int, transport: Any, dealer: Any | None) -> "Backend":
         """The backend of one session: `transport` reaches the peer (send/recv/metrics), `dealer`

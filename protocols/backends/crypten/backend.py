@@ -30,8 +30,12 @@ class CryptenBackend(Backend):
         self._attached = False
 
     @classmethod
-    def create(cls, rank: int, transport: Any, dealer: Any | None) -> "CryptenBackend":
+    def prepare(cls) -> None:
         patches.load_crypten()
+
+    @classmethod
+    def create(cls, rank: int, transport: Any, dealer: Any | None) -> "CryptenBackend":
+        cls.prepare()
         from .communicator import TransportCommunicator  # subclasses CrypTen's, so only once loaded
 
         return cls(rank, TransportCommunicator(transport, rank), dealer)
