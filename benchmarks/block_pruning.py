@@ -43,9 +43,9 @@ from twinfer.optimizer.mofhei.block_pruning import (
 )
 from twinfer.optimizer.mofhei.he_friendly import FitConfig, Split, fit
 from twinfer.optimizer.mofhei.mofhei import artifact_graph, cost_report, format_report, lenet5, optimize_mofhei
-from twinfer.parties.model_file import read_model_bytes
-from twinfer.parties.network_profile import parse_profile
-from twinfer.parties.transport import TransportOptions
+from twinfer.parties.runtime.model_file import read_model_bytes
+from twinfer.parties.wire.network_profile import parse_profile
+from twinfer.parties.wire.transport import TransportOptions
 from twinfer.protocols.cost_model import graph_cost, total_cost
 
 log = logging.getLogger("block_pruning")

@@ -26,7 +26,7 @@ import numpy as np
 
 
 def _model(spec: str) -> tuple[bytes, tuple[int, ...]]:
-    from twinfer.parties.model_file import parse_model, read_model_bytes
+    from twinfer.parties.runtime.model_file import parse_model, read_model_bytes
 
     if spec in ("fashion_cnn", "tiny_resnet"):
         from twinfer.deploy.config.paths import cache_dir
@@ -42,7 +42,7 @@ def _model(spec: str) -> tuple[bytes, tuple[int, ...]]:
 
 def measure(args: argparse.Namespace) -> dict:
     from twinfer.deploy.launch.ray_launcher import RayOptions, party_pool
-    from twinfer.parties.transport import TransportOptions
+    from twinfer.parties.wire.transport import TransportOptions
 
     data, shape = _model(args.model)
     rng = np.random.default_rng(0)

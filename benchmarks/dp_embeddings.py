@@ -101,7 +101,7 @@ def _run_worker(spec: dict[str, Any]) -> dict[str, Any]:
 def lookup_bytes(model: bytes, queries: np.ndarray, batch: int) -> dict[str, Any]:
     """Serve a model privately (dealer, server, client processes) and read the lookup's counters."""
     from twinfer.deploy.launch.local import run_local_session
-    from twinfer.parties.model_file import parse_model
+    from twinfer.parties.runtime.model_file import parse_model
     from twinfer.protocols.ops.embedding import LookupCost
 
     graph, _ = parse_model(model)
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     from twinfer.optimizer.data.dp_data import load_dataset
     from twinfer.optimizer.dp.sparse_training import encode_for_artifact
 
-    from twinfer.parties.model_file import read_model_bytes
+    from twinfer.parties.runtime.model_file import read_model_bytes
 
     test_ids = load_dataset("movielens-100k").test_ids[: args.queries]
     serving = []

@@ -34,8 +34,8 @@ from twinfer.optimizer.common.artifact import export_artifact
 from twinfer.optimizer.common.training import evaluate_accuracy
 from twinfer.optimizer.data.datasets import load_fashion_mnist
 from twinfer.optimizer.zoo.demo_models import load_or_train_demo_model
-from twinfer.parties.model_file import parse_model, read_model_bytes
-from twinfer.parties.transport import TransportOptions
+from twinfer.parties.runtime.model_file import parse_model, read_model_bytes
+from twinfer.parties.wire.transport import TransportOptions
 from twinfer.protocols.ir.plain import run_plain
 from twinfer.protocols.ir.onnx_export import export_onnx
 

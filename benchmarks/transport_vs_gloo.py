@@ -46,7 +46,7 @@ def _gloo_worker(rank: int, rendezvous: str, onnx_bytes: bytes, x: np.ndarray, r
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", RENDEZVOUS=rendezvous, DISTRIBUTED_BACKEND="gloo")
     from twinfer.protocols.backends.crypten.patches import load_crypten
-    from twinfer.parties.model_file import parse_model
+    from twinfer.parties.runtime.model_file import parse_model
     from twinfer.protocols.backends.crypten.backend import CryptenBackend
     from twinfer.protocols.secure_graph import run_secure
 

@@ -17,7 +17,7 @@ from twinfer.optimizer.autorep.autorep import AutoRepConfig, BudgetError, budget
 from twinfer.optimizer.autorep.masked_relu import MaskedReLU, dapa_coefficients, hysteresis, ste_mask
 from twinfer.optimizer.common.artifact import export_artifact
 from twinfer.parties.errors import ModelError
-from twinfer.parties.model_file import load_model
+from twinfer.parties.runtime.model_file import load_model
 from twinfer.protocols.ir.plain import run_plain
 
 

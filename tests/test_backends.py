@@ -131,7 +131,7 @@ def test_comparisons_count_every_compared_element():
 def test_a_peer_on_another_protocol_is_refused_by_name():
     """The handshake carries the backend's name; a mismatch is a ProtocolError naming both."""
     from twinfer.parties.errors import ProtocolError
-    from twinfer.parties.session import ClientParty, PartyConfig
+    from twinfer.parties.runtime.session import ClientParty, PartyConfig
 
     config = PartyConfig(role=CLIENT, session_id="s", server_address="127.0.0.1:9", insecure_trusted_first_party=True)
     party = ClientParty(np.zeros((1, 4), np.float32), 1, config)

@@ -76,7 +76,7 @@ def test_unknown_node_is_a_clear_error(cluster, onnx_files, fashion_test):
 def test_eight_concurrent_sessions_on_one_party_pair(cluster, onnx_files, fashion_cnn, fashion_test):
     """One server, one client and one dealer actor; eight sessions at once, each with its own input."""
     from twinfer.deploy.launch.ray_launcher import run_sessions
-    from twinfer.parties.transport import TransportOptions
+    from twinfer.parties.wire.transport import TransportOptions
 
     images = fashion_test[0][10:26]
     inputs = [images[2 * i : 2 * i + 2] for i in range(8)]  # two batches per session

@@ -7,16 +7,17 @@ import json
 import socket
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 import torch
 
 from twinfer.protocols.backends.crypten.patches import load_crypten
-from twinfer.parties.dealer import DealerServicer, add_dealer_servicer
+from twinfer.parties.dealer.service import DealerServicer, add_dealer_servicer
 from twinfer.protocols.backends.crypten.correlations import decode_request as _decode_args
-from twinfer.parties.dealer_client import DealerClient
+from twinfer.parties.dealer.client import DealerClient
 from twinfer.parties.errors import InputError, PeerError, ProtocolError
 from twinfer.parties.metrics import Metrics
-from twinfer.parties.transport import TransportOptions, start_server
+from twinfer.parties.wire.transport import TransportOptions, start_server
 
 crypten = load_crypten()
 from crypten.common.rng import generate_kbit_random_tensor, generate_random_ring_element  # noqa: E402
@@ -386,3 +387,48 @@ def test_prefetch_off_fetches_everything_on_demand(dealer):
         assert p.server.prefetched_used == 0 and p.server.fetched_on_demand == 2
     finally:
         p.close()
+
+
+# -- the correlation registry: structured payloads, who may ask ---------------------------------
+
+
+def test_correlation_frames_round_trip_named_arrays_across_chunks():
+    from twinfer.parties.proto import twinfer_pb2 as pb
+    from twinfer.parties.wire.framing import correlation_from_frames, correlation_to_frames, framed_decoder
+
+    arrays = {
+        "share": np.arange(37, dtype=np.int64).reshape(37, 1) - 5,
+        "key": np.frombuffer(bytes(range(256)) * 3, dtype=np.uint8),
+        "empty": np.zeros((0, 4), dtype=np.uint64),
+        "bits": np.array([[1, 0], [0, 1]], dtype=np.uint8),
+    }
+    decode = framed_decoder(pb.TupleReply)
+    frames = [decode(f) for f in correlation_to_frames(9, arrays, chunk_bytes=100)]
+    assert len(frames) == -(-sum(a.nbytes for a in arrays.values()) // 100) and all(f.index == 9 for f in frames)
+    back = correlation_from_frames(frames)
+    assert list(back) == list(arrays)
+    for name, array in arrays.items():
+        assert back[name].dtype == array.dtype and back[name].shape == array.shape
+        np.testing.assert_array_equal(back[name], array)
+    with pytest.raises(PeerError, match="dealer sent .* bytes for arrays"):
+        correlation_from_frames(frames[:-1])  # a chunk lost: refused, never a short array
+
+
+def test_a_party_may_ask_only_for_the_kinds_it_is_allowed(parties):
+    """CrypTen's tuples are made for the server; the client derives its part from its seed."""
+    from twinfer.parties.errors import AuthError
+
+    with pytest.raises(AuthError, match="the client may not ask for 'square'"):
+        parties.client.request("square", _payload([2]), parties.client.next_index())
+    assert parties.server.request("square", _payload([2]), parties.server.next_index())["share"].shape == (2,)
+
+
+def test_a_seed_for_an_unknown_protocol_is_refused(dealer, parties):
+    _, address = dealer
+    with pytest.raises(PeerError, match="unknown protocol 'nope'"):
+        DealerClient(address, session_id=parties.session_id, role="server", options=OPTS, metrics=Metrics(), protocol="nope")
+
+
+def test_crypten_seeds_carry_no_aes_key(parties):
+    """Only backends that key AES-CTR streams get the 128-bit seed; the offline bytes say what was sent."""
+    assert parties.server.key == b"" and parties.server.metrics.total().bytes_offline == 8

@@ -15,7 +15,7 @@ from twinfer.optimizer.data.dp_data import load_dataset
 from twinfer.optimizer.dp.embedding_model import predict
 from twinfer.optimizer.dp.sparse_training import DPTrainConfig, encode_for_artifact, train_dp, write_dp_artifact
 from twinfer.parties.errors import InputError
-from twinfer.parties.model_file import check_input_fits, load_model
+from twinfer.parties.runtime.model_file import check_input_fits, load_model
 from twinfer.protocols.ops.embedding import LookupCost, encode_input
 from twinfer.protocols.ir.graph import GraphError
 from twinfer.protocols.ir.onnx_import import graph_from_onnx

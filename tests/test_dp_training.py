@@ -257,7 +257,7 @@ def test_generated_data_says_so_and_unknown_names_fail():
 
 def test_train_dp_command_writes_a_loadable_artifact(tmp_path, capsys):
     from twinfer.deploy.cli.cli import main
-    from twinfer.parties.model_file import check_input_fits, load_model
+    from twinfer.parties.runtime.model_file import check_input_fits, load_model
 
     out = tmp_path / "ml-dp"
     code = main(["train-dp", "--data", "movielens-100k", "--epsilon", "3", "--epochs", "1", "--selection", "fest", "--out", str(out), "--json"])

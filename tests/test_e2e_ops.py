@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from twinfer.deploy.launch.local import run_local_session
-from twinfer.parties.transport import TransportOptions
+from twinfer.parties.wire.transport import TransportOptions
 from twinfer.protocols.cost_model import graph_cost, total_cost
 from twinfer.protocols.ir.onnx_export import export_onnx
 from twinfer.protocols.ir.onnx_import import graph_from_onnx

@@ -46,7 +46,7 @@ def test_cli_infer_json_matches_pytorch(tmp_path, onnx_files, fashion_cnn, fashi
     # its bytes are the cost model's (checked against the measured counters), each opening sending
     # one share each way and the output going server -> client only, so the client's inbound
     # direction is the busier one, at 1 Gbit/s.
-    from twinfer.parties.model_file import load_model
+    from twinfer.parties.runtime.model_file import load_model
     from twinfer.protocols.cost_model import graph_cost, total_cost
 
     batch, batches, rtt_s, bandwidth_bps = 8, 2, 0.010, 1e9

@@ -63,7 +63,7 @@ def test_resnet_with_batchnorm_roles_and_accuracy(parties, tmp_path, onnx_files,
     # Roles: the server never holds the output; the client never opens or holds the weights.
     server_seen, client_seen = json.loads(server_audit.read_text()), json.loads(client_audit.read_text())
     assert server_seen["revealed"] == []
-    from twinfer.parties.model_file import load_model
+    from twinfer.parties.runtime.model_file import load_model
 
     _, weights = load_model(onnx_files["tiny_resnet"])
     # No plaintext the client holds carries a weight tensor, whole or in part (checked before the
@@ -100,7 +100,7 @@ def _weights_in(revealed: list, weights: dict[str, np.ndarray], atol: float = 1e
 
 
 def client_relu_per_sample(model_path) -> int:
-    from twinfer.parties.model_file import load_model
+    from twinfer.parties.runtime.model_file import load_model
 
     return load_model(model_path)[0].relu_count()
 

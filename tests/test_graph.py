@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from twinfer.parties.errors import InputError, ModelError
-from twinfer.parties.model_file import check_input_fits, load_input, load_model, parse_model
+from twinfer.parties.runtime.model_file import check_input_fits, load_input, load_model, parse_model
 from twinfer.protocols.ir.graph import Graph, GraphError, UnsupportedOpError
 from twinfer.protocols.ir.validation import graph_from_json
 from twinfer.protocols.ir.onnx_import import graph_from_onnx

@@ -20,7 +20,7 @@ import torch
 
 from twinfer.deploy.netem.kernel_shaping import KernelLink, check_kernel_shaping_available, list_namespaces, tbf_args
 from twinfer.deploy.netem.tcp_delay_relay import bound_address, split_address, start_relay
-from twinfer.parties.network_profile import parse_profile
+from twinfer.parties.wire.network_profile import parse_profile
 
 PROFILE = "rtt=40ms,bw=100mbit"
 RTT_S, BANDWIDTH_BPS = 0.040, 100e6

@@ -232,8 +232,8 @@ def test_cost_model_matches_a_measured_private_run(tmp_path):
     sites, a full ReLU, average and max pooling, the output opening.
     """
     from twinfer.deploy.launch.local import run_local_session
-    from twinfer.parties.model_file import read_model_bytes
-    from twinfer.parties.transport import TransportOptions
+    from twinfer.parties.runtime.model_file import read_model_bytes
+    from twinfer.parties.wire.transport import TransportOptions
 
     torch.manual_seed(0)
     model = nn.Sequential(
@@ -283,7 +283,7 @@ def one_thread():
 def test_twinfer_optimize_converts_prunes_and_writes_a_smaller_dense_artifact(tmp_path, capsys, one_thread):
     from twinfer.deploy.cli.cli import main
     from twinfer.optimizer.mofhei.mofhei import lenet5
-    from twinfer.parties.model_file import load_model
+    from twinfer.parties.runtime.model_file import load_model
 
     torch.manual_seed(0)
     (tmp_path / "lenet.onnx").write_bytes(export_onnx(lenet5().eval(), torch.zeros(1, 1, 28, 28)))

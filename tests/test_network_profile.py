@@ -8,8 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from twinfer.parties.network_profile import PROFILES, LinkShaper, NetworkProfile, ProfileError, parse_profile
-from twinfer.parties.transport import GrpcTransport, PeerServicer, TransportOptions, add_peer_servicer, start_server
+from twinfer.parties.wire.network_profile import PROFILES, LinkShaper, NetworkProfile, ProfileError, parse_profile
+from twinfer.parties.wire.transport import GrpcTransport, PeerServicer, TransportOptions, add_peer_servicer, start_server
 
 
 def test_named_profiles():

@@ -60,10 +60,10 @@ def test_each_thread_draws_from_its_own_generators():
 
 def test_one_process_pair_runs_rounds_of_concurrent_sessions(onnx_files, fashion_cnn, fashion_test):
     """Server, client and dealer hosts reused over rounds of 1 and 3 sessions, two batches each (prefetch on)."""
-    from twinfer.parties.host import ClientHost, DealerHost, ServerHost
-    from twinfer.parties.model_file import load_model
-    from twinfer.parties.session import PartyConfig
-    from twinfer.parties.transport import TransportOptions
+    from twinfer.parties.runtime.host import ClientHost, DealerHost, ServerHost
+    from twinfer.parties.runtime.model_file import load_model
+    from twinfer.parties.runtime.session import PartyConfig
+    from twinfer.parties.wire.transport import TransportOptions
 
     graph, weights = load_model(onnx_files["fashion_cnn"])
     opts = TransportOptions(recv_timeout_s=60)

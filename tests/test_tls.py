@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from twinfer.parties.errors import AuthError
-from twinfer.parties.host import ClientHost, DealerHost, ServerHost
+from twinfer.parties.runtime.host import ClientHost, DealerHost, ServerHost
 from twinfer.parties.metrics import Metrics
-from twinfer.parties.session import PartyConfig, PartyListener
-from twinfer.parties.tls import TlsIdentity
-from twinfer.parties.transport import GrpcTransport, TransportOptions, open_channel
+from twinfer.parties.runtime.session import PartyConfig, PartyListener
+from twinfer.parties.wire.tls import TlsIdentity
+from twinfer.parties.wire.transport import GrpcTransport, TransportOptions, open_channel
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -87,7 +87,7 @@ def _hosts(certs, model):
 
 @pytest.fixture(scope="module")
 def model(onnx_files):
-    from twinfer.parties.model_file import load_model
+    from twinfer.parties.runtime.model_file import load_model
 
     return load_model(onnx_files["fashion_cnn"])
 
@@ -157,7 +157,7 @@ def test_listener_with_another_role_is_refused_by_the_dialer(certs):
 
 
 def test_dealer_refuses_a_role_that_is_not_the_callers(certs):
-    from twinfer.parties.dealer_client import DealerClient
+    from twinfer.parties.dealer.client import DealerClient
 
     listener = PartyListener("dealer", "127.0.0.1:0", FAST, _identity(certs, "dealer"))
     listener.dealer.open_session("s")
@@ -167,8 +167,8 @@ def test_dealer_refuses_a_role_that_is_not_the_callers(certs):
             DealerClient(listener.address, session_id="s", role="server", options=FAST, metrics=Metrics(), tls=_identity(certs, "client"))
         assert listener.dealer.stats("s")["bytes_sent"] == 0
         client = DealerClient(listener.address, session_id="s", role="client", options=FAST, metrics=Metrics(), tls=_identity(certs, "client"))
-        # ... and the client may not ask for tuples, which only the server draws.
-        with pytest.raises(AuthError, match="expected server"):
+        # ... and the client may not ask for CrypTen's tuples, which only the server draws.
+        with pytest.raises(AuthError, match=r"the client may not ask for 'square' \(only \['server'\]\)"):
             client.ttp_request("square", None, torch.Size([2]))
         client.close()
         assert listener.dealer.stats("s")["bytes_sent"] == 8  # the client's own seed only

@@ -20,7 +20,7 @@ from twinfer.parties.errors import (
     ProtocolError,
     TwinferError,
 )
-from twinfer.parties.transport import (
+from twinfer.parties.wire.transport import (
     MiB,
     GrpcTransport,
     PeerServicer,

@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from twinfer.parties.network_profile import NetworkProfile, parse_profile
-from twinfer.parties.session import PartyReport
-from twinfer.parties.transport import TransportOptions
+from twinfer.parties.wire.network_profile import NetworkProfile, parse_profile
+from twinfer.parties.runtime.session import PartyReport
+from twinfer.parties.wire.transport import TransportOptions
 
 RTT_SWEEP_MS = (0.5, 10, 40, 80)  # at 100 Mbit/s
 BW_SWEEP_MBIT = (20, 100, 1000)  # at 40 ms

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from twinfer.parties.network_profile import NetworkProfile, parse_profile
+from twinfer.parties.wire.network_profile import NetworkProfile, parse_profile
 
 KEYS = {
     "models": "ONNX files or artifact folders",
@@ -114,7 +114,7 @@ def run_sweep(config: SweepConfig, out: Path, *, ray_address: str | None = None,
     from tqdm import tqdm
 
     from twinfer.deploy.launch.ray_launcher import RayOptions, init_ray
-    from twinfer.parties.model_file import parse_model, read_model_bytes
+    from twinfer.parties.runtime.model_file import parse_model, read_model_bytes
 
     models = {}
     for name, path in config.models.items():  # parsed here: a bad model fails before any task starts

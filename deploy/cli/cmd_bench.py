@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from twinfer.parties.model_file import parse_model, read_model_bytes
-from twinfer.parties.network_profile import parse_profile
+from twinfer.parties.runtime.model_file import parse_model, read_model_bytes
+from twinfer.parties.wire.network_profile import parse_profile
 
 from ..bench.latency import latency_study
 from ..bench.sweep import SweepConfig

@@ -7,7 +7,7 @@ import json
 
 from rich.console import Console
 
-from twinfer.parties.model_file import load_input
+from twinfer.parties.runtime.model_file import load_input
 
 from .options import add_transport_args, run_private_inference
 from .report import print_table, summary_rows

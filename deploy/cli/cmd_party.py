@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from twinfer.parties.session import CLIENT, DEALER, SERVER, PartyConfig, PartyReport
+from twinfer.parties.runtime.session import CLIENT, DEALER, SERVER, PartyConfig, PartyReport
 
 from ..config.party_config import load_party_config
 from ..launch.wiring import report_json
@@ -66,7 +66,7 @@ def _apply_config(args: argparse.Namespace) -> None:
 
 
 def _tls(args: argparse.Namespace):
-    from twinfer.parties.tls import TlsIdentity
+    from twinfer.parties.wire.tls import TlsIdentity
 
     if args.tls is None:
         return None
@@ -97,9 +97,9 @@ def _announce(args: argparse.Namespace, address: str) -> None:
 
 def _run_party(args: argparse.Namespace) -> dict:
     """This party's report for each of its sessions."""
-    from twinfer.parties.host import DealerHost, ServerHost
-    from twinfer.parties.model_file import load_input, load_model
-    from twinfer.parties.session import ClientParty
+    from twinfer.parties.runtime.host import DealerHost, ServerHost
+    from twinfer.parties.runtime.model_file import load_input, load_model
+    from twinfer.parties.runtime.session import ClientParty
 
     options = transport_options(args)
     tfp = args.insecure_trusted_first_party

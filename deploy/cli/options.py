@@ -6,9 +6,9 @@ import argparse
 
 import numpy as np
 
-from twinfer.parties.network_profile import parse_profile
-from twinfer.parties.session import CLIENT, DEALER, SERVER
-from twinfer.parties.transport import TransportOptions
+from twinfer.parties.wire.network_profile import parse_profile
+from twinfer.parties.runtime.session import CLIENT, DEALER, SERVER
+from twinfer.parties.wire.transport import TransportOptions
 
 from ..launch.inference import InferenceResult, ModelLike, private_inference
 from ..launch.ray_launcher import RayOptions

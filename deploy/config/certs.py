@@ -6,7 +6,7 @@ import datetime as dt
 import os
 from pathlib import Path
 
-from twinfer.parties.tls import ROLES, role_name
+from twinfer.parties.wire.tls import ROLES, role_name
 
 
 def _cryptography():

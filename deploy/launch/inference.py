@@ -9,11 +9,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from twinfer.parties.network_profile import NetworkProfile
-from twinfer.parties.model_file import check_input_fits, parse_model, read_model_bytes
-from twinfer.parties.session import CLIENT, DEALER, SERVER, PartyReport
-from twinfer.parties.tls import TlsIdentity
-from twinfer.parties.transport import TransportOptions
+from twinfer.parties.wire.network_profile import NetworkProfile
+from twinfer.parties.runtime.model_file import check_input_fits, parse_model, read_model_bytes
+from twinfer.parties.runtime.session import CLIENT, DEALER, SERVER, PartyReport
+from twinfer.parties.wire.tls import TlsIdentity
+from twinfer.parties.wire.transport import TransportOptions
 from twinfer.protocols.ir.onnx_export import export_onnx
 
 from .ray_launcher import RayOptions, run_parties

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from twinfer.parties.errors import PeerError, PeerTimeoutError, TwinferError
-from twinfer.parties.session import CLIENT, DEALER, SERVER, PartyConfig, PartyReport
-from twinfer.parties.transport import TransportOptions
+from twinfer.parties.runtime.session import CLIENT, DEALER, SERVER, PartyConfig, PartyReport
+from twinfer.parties.wire.transport import TransportOptions
 
 from .wiring import (
     PartyExitError,
@@ -44,7 +44,7 @@ def _party_main(role: str, config: PartyConfig, payload: Any, out: mp.Queue) -> 
     """A spawned party: its address once it listens (server, dealer), then its report or failure."""
     torch.set_num_threads(1)
     try:
-        from twinfer.parties.session import ClientParty, DealerParty, ServerParty
+        from twinfer.parties.runtime.session import ClientParty, DealerParty, ServerParty
 
         if role == CLIENT:
             inputs, batch = payload
@@ -52,7 +52,7 @@ def _party_main(role: str, config: PartyConfig, payload: Any, out: mp.Queue) -> 
         elif role == DEALER:
             party = DealerParty(config)
         else:
-            from twinfer.parties.model_file import parse_model
+            from twinfer.parties.runtime.model_file import parse_model
 
             graph, weights = parse_model(payload)
             party = ServerParty(graph, weights, config)

@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 
 from twinfer.parties.errors import PeerError, PeerTimeoutError, TwinferError
-from twinfer.parties.session import CLIENT, DEALER, SERVER, PartyConfig, PartyReport
-from twinfer.parties.tls import TlsIdentity
-from twinfer.parties.transport import TransportOptions
+from twinfer.parties.runtime.session import CLIENT, DEALER, SERVER, PartyConfig, PartyReport
+from twinfer.parties.wire.tls import TlsIdentity
+from twinfer.parties.wire.transport import TransportOptions
 
 from ..config.paths import cache_dir
 from .wiring import ROLES, party_config, root_cause, start_parties
@@ -53,8 +53,8 @@ class PartyActor:
         """Build this party's host on its node's address; the address peers dial (None for the client)."""
         import ray
 
-        from twinfer.parties.host import ClientHost, DealerHost, ServerHost
-        from twinfer.parties.model_file import parse_model
+        from twinfer.parties.runtime.host import ClientHost, DealerHost, ServerHost
+        from twinfer.parties.runtime.model_file import parse_model
 
         os.environ["TWINFER_NODE"] = ray.get_runtime_context().get_node_id()
         template = dataclasses.replace(template, listen=f"{ray.util.get_node_ip_address()}:0")

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from twinfer.parties.errors import PeerError, TwinferError
-from twinfer.parties.session import CLIENT, DEALER, SERVER, PartyConfig, PartyReport
-from twinfer.parties.tls import TlsIdentity
-from twinfer.parties.transport import TransportOptions
+from twinfer.parties.runtime.session import CLIENT, DEALER, SERVER, PartyConfig, PartyReport
+from twinfer.parties.wire.tls import TlsIdentity
+from twinfer.parties.wire.transport import TransportOptions
 
 ROLES = (DEALER, SERVER, CLIENT)  # the order the parties start in
 

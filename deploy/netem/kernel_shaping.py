@@ -32,8 +32,8 @@ from types import TracebackType
 
 import numpy as np
 
-from twinfer.parties.network_profile import NetworkProfile, parse_profile
-from twinfer.parties.session import CLIENT, DEALER, SERVER, PartyReport
+from twinfer.parties.wire.network_profile import NetworkProfile, parse_profile
+from twinfer.parties.runtime.session import CLIENT, DEALER, SERVER, PartyReport
 
 from ..launch.local import PartyCommand, launch_local
 from ..launch.wiring import PartyExitError, new_session_id, party_command, wait_for_address

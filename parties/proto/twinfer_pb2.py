@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rtwinfer.proto\x12\x07twinfer\"\xbf\x01\n\x05\x46rame\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0b\n\x03tag\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\r\n\x05shape\x18\x05 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\x12\x13\n\x0b\x63hunk_index\x18\x07 \x01(\r\x12\x13\n\x0b\x63hunk_count\x18\x08 \x01(\r\x12\x13\n\x0btotal_bytes\x18\t \x01(\x04\x12\x1d\n\x05\x65rror\x18\n \x01(\x0b\x32\x0e.twinfer.Error\"H\n\x05\x45rror\x12\x10\n\x08\x65rror_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x0e\n\x06origin\x18\x04 \x01(\t\"/\n\x0bSeedRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\"\x19\n\tSeedReply\x12\x0c\n\x04seed\x18\x01 \x01(\x03\"V\n\x0cTupleRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08\x66unction\x18\x02 \x01(\t\x12\x11\n\targs_json\x18\x03 \x01(\t\x12\r\n\x05index\x18\x04 \x01(\x04\"b\n\nTupleReply\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x13\n\x0b\x63hunk_index\x18\x03 \x01(\r\x12\x13\n\x0b\x63hunk_count\x18\x04 \x01(\r\x12\r\n\x05index\x18\x05 \x01(\x04\"L\n\x0fPrefetchRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12%\n\x06tuples\x18\x02 \x03(\x0b\x32\x15.twinfer.TupleRequest\"O\n\x0c\x43loseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x1d\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x0e.twinfer.Error\"\x0c\n\nCloseReply26\n\x04Peer\x12.\n\x08\x45xchange\x12\x0e.twinfer.Frame\x1a\x0e.twinfer.Frame(\x01\x30\x01\x32\xe3\x01\n\x06\x44\x65\x61ler\x12\x30\n\x04Seed\x12\x14.twinfer.SeedRequest\x1a\x12.twinfer.SeedReply\x12\x35\n\x05Tuple\x12\x15.twinfer.TupleRequest\x1a\x13.twinfer.TupleReply0\x01\x12;\n\x08Prefetch\x12\x18.twinfer.PrefetchRequest\x1a\x13.twinfer.TupleReply0\x01\x12\x33\n\x05\x43lose\x12\x15.twinfer.CloseRequest\x1a\x13.twinfer.CloseReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rtwinfer.proto\x12\x07twinfer\"\xbf\x01\n\x05\x46rame\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0b\n\x03tag\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\r\n\x05shape\x18\x05 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\x12\x13\n\x0b\x63hunk_index\x18\x07 \x01(\r\x12\x13\n\x0b\x63hunk_count\x18\x08 \x01(\r\x12\x13\n\x0btotal_bytes\x18\t \x01(\x04\x12\x1d\n\x05\x65rror\x18\n \x01(\x0b\x32\x0e.twinfer.Error\"H\n\x05\x45rror\x12\x10\n\x08\x65rror_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x0e\n\x06origin\x18\x04 \x01(\t\"A\n\x0bSeedRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x10\n\x08protocol\x18\x03 \x01(\t\"&\n\tSeedReply\x12\x0c\n\x04seed\x18\x01 \x01(\x03\x12\x0b\n\x03key\x18\x02 \x01(\x0c\"d\n\x0cTupleRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08\x66unction\x18\x02 \x01(\t\x12\x11\n\targs_json\x18\x03 \x01(\t\x12\r\n\x05index\x18\x04 \x01(\x04\x12\x0c\n\x04role\x18\x05 \x01(\t\"7\n\tArrayInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"}\n\nTupleReply\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x13\n\x0b\x63hunk_index\x18\x03 \x01(\r\x12\x13\n\x0b\x63hunk_count\x18\x04 \x01(\r\x12\r\n\x05index\x18\x05 \x01(\x04\x12\"\n\x06\x61rrays\x18\x06 \x03(\x0b\x32\x12.twinfer.ArrayInfoJ\x04\x08\x01\x10\x02\"Z\n\x0fPrefetchRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12%\n\x06tuples\x18\x02 \x03(\x0b\x32\x15.twinfer.TupleRequest\x12\x0c\n\x04role\x18\x03 \x01(\t\"O\n\x0c\x43loseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x1d\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x0e.twinfer.Error\"\x0c\n\nCloseReply26\n\x04Peer\x12.\n\x08\x45xchange\x12\x0e.twinfer.Frame\x1a\x0e.twinfer.Frame(\x01\x30\x01\x32\xe3\x01\n\x06\x44\x65\x61ler\x12\x30\n\x04Seed\x12\x14.twinfer.SeedRequest\x1a\x12.twinfer.SeedReply\x12\x35\n\x05Tuple\x12\x15.twinfer.TupleRequest\x1a\x13.twinfer.TupleReply0\x01\x12;\n\x08Prefetch\x12\x18.twinfer.PrefetchRequest\x1a\x13.twinfer.TupleReply0\x01\x12\x33\n\x05\x43lose\x12\x15.twinfer.CloseRequest\x1a\x13.twinfer.CloseReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,21 +36,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ERROR']._serialized_start=220
   _globals['_ERROR']._serialized_end=292
   _globals['_SEEDREQUEST']._serialized_start=294
-  _globals['_SEEDREQUEST']._serialized_end=341
-  _globals['_SEEDREPLY']._serialized_start=343
-  _globals['_SEEDREPLY']._serialized_end=368
-  _globals['_TUPLEREQUEST']._serialized_start=370
-  _globals['_TUPLEREQUEST']._serialized_end=456
-  _globals['_TUPLEREPLY']._serialized_start=458
-  _globals['_TUPLEREPLY']._serialized_end=556
-  _globals['_PREFETCHREQUEST']._serialized_start=558
-  _globals['_PREFETCHREQUEST']._serialized_end=634
-  _globals['_CLOSEREQUEST']._serialized_start=636
-  _globals['_CLOSEREQUEST']._serialized_end=715
-  _globals['_CLOSEREPLY']._serialized_start=717
-  _globals['_CLOSEREPLY']._serialized_end=729
-  _globals['_PEER']._serialized_start=731
-  _globals['_PEER']._serialized_end=785
-  _globals['_DEALER']._serialized_start=788
-  _globals['_DEALER']._serialized_end=1015
+  _globals['_SEEDREQUEST']._serialized_end=359
+  _globals['_SEEDREPLY']._serialized_start=361
+  _globals['_SEEDREPLY']._serialized_end=399
+  _globals['_TUPLEREQUEST']._serialized_start=401
+  _globals['_TUPLEREQUEST']._serialized_end=501
+  _globals['_ARRAYINFO']._serialized_start=503
+  _globals['_ARRAYINFO']._serialized_end=558
+  _globals['_TUPLEREPLY']._serialized_start=560
+  _globals['_TUPLEREPLY']._serialized_end=685
+  _globals['_PREFETCHREQUEST']._serialized_start=687
+  _globals['_PREFETCHREQUEST']._serialized_end=777
+  _globals['_CLOSEREQUEST']._serialized_start=779
+  _globals['_CLOSEREQUEST']._serialized_end=858
+  _globals['_CLOSEREPLY']._serialized_start=860
+  _globals['_CLOSEREPLY']._serialized_end=872
+  _globals['_PEER']._serialized_start=874
+  _globals['_PEER']._serialized_end=928
+  _globals['_DEALER']._serialized_start=931
+  _globals['_DEALER']._serialized_end=1158
 # @@protoc_insertion_point(module_scope)

@@ -43,52 +43,70 @@ class Error(_message.Message):
     def __init__(self, error_id: _Optional[str] = ..., kind: _Optional[str] = ..., message: _Optional[str] = ..., origin: _Optional[str] = ...) -> None: ...
 
 class SeedRequest(_message.Message):
-    __slots__ = ("session_id", "role")
+    __slots__ = ("session_id", "role", "protocol")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     role: str
-    def __init__(self, session_id: _Optional[str] = ..., role: _Optional[str] = ...) -> None: ...
+    protocol: str
+    def __init__(self, session_id: _Optional[str] = ..., role: _Optional[str] = ..., protocol: _Optional[str] = ...) -> None: ...
 
 class SeedReply(_message.Message):
-    __slots__ = ("seed",)
+    __slots__ = ("seed", "key")
     SEED_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
     seed: int
-    def __init__(self, seed: _Optional[int] = ...) -> None: ...
+    key: bytes
+    def __init__(self, seed: _Optional[int] = ..., key: _Optional[bytes] = ...) -> None: ...
 
 class TupleRequest(_message.Message):
-    __slots__ = ("session_id", "function", "args_json", "index")
+    __slots__ = ("session_id", "function", "args_json", "index", "role")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     FUNCTION_FIELD_NUMBER: _ClassVar[int]
     ARGS_JSON_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     function: str
     args_json: str
     index: int
-    def __init__(self, session_id: _Optional[str] = ..., function: _Optional[str] = ..., args_json: _Optional[str] = ..., index: _Optional[int] = ...) -> None: ...
+    role: str
+    def __init__(self, session_id: _Optional[str] = ..., function: _Optional[str] = ..., args_json: _Optional[str] = ..., index: _Optional[int] = ..., role: _Optional[str] = ...) -> None: ...
+
+class ArrayInfo(_message.Message):
+    __slots__ = ("name", "dtype", "shape")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class TupleReply(_message.Message):
-    __slots__ = ("shape", "data", "chunk_index", "chunk_count", "index")
-    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("data", "chunk_index", "chunk_count", "index", "arrays")
     DATA_FIELD_NUMBER: _ClassVar[int]
     CHUNK_INDEX_FIELD_NUMBER: _ClassVar[int]
     CHUNK_COUNT_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
-    shape: _containers.RepeatedScalarFieldContainer[int]
+    ARRAYS_FIELD_NUMBER: _ClassVar[int]
     data: bytes
     chunk_index: int
     chunk_count: int
     index: int
-    def __init__(self, shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., chunk_index: _Optional[int] = ..., chunk_count: _Optional[int] = ..., index: _Optional[int] = ...) -> None: ...
+    arrays: _containers.RepeatedCompositeFieldContainer[ArrayInfo]
+    def __init__(self, data: _Optional[bytes] = ..., chunk_index: _Optional[int] = ..., chunk_count: _Optional[int] = ..., index: _Optional[int] = ..., arrays: _Optional[_Iterable[_Union[ArrayInfo, _Mapping]]] = ...) -> None: ...
 
 class PrefetchRequest(_message.Message):
-    __slots__ = ("session_id", "tuples")
+    __slots__ = ("session_id", "tuples", "role")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TUPLES_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     tuples: _containers.RepeatedCompositeFieldContainer[TupleRequest]
-    def __init__(self, session_id: _Optional[str] = ..., tuples: _Optional[_Iterable[_Union[TupleRequest, _Mapping]]] = ...) -> None: ...
+    role: str
+    def __init__(self, session_id: _Optional[str] = ..., tuples: _Optional[_Iterable[_Union[TupleRequest, _Mapping]]] = ..., role: _Optional[str] = ...) -> None: ...
 
 class CloseRequest(_message.Message):
     __slots__ = ("session_id", "role", "error")

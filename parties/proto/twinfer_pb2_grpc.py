@@ -47,7 +47,7 @@ class PeerServicer:
     def Exchange(self, request_iterator, context):
         """One long-lived bidirectional stream per peer pair. On the wire each message is a 4-byte
         little-endian header length, a Frame without `data`, then the payload bytes (see
-        encode_frame in parties/transport.py): the payload never passes through protobuf.
+        encode_frame in parties/wire/framing.py): the payload never passes through protobuf.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 RING_BYTES = 8  # shares live in Z_2^64: one ring element is 8 bytes on the wire
@@ -33,18 +34,27 @@ class Cost:
 
 
 @dataclass(frozen=True)
+class DealerSeeds:
+    """A session's seeds as the dealer holds them, by rank: each party holds only its own."""
+
+    torch: dict[int, int]  # 64-bit, for CrypTen's (torch) generators
+    aes: dict[int, bytes]  # 128-bit, for the AES-CTR streams of twinfer's own backends
+
+
+@dataclass(frozen=True)
 class CorrelationKind:
     """One kind of correlated randomness the dealer makes for a backend.
 
     `decode` checks a request's public arguments (JSON) and returns them; `make` returns the
-    asking party's share of correlation `index` from the session's seeds (one per rank);
-    only `requesters` (roles) may ask for it, the others derive their shares from their seed.
+    asking party's part of correlation `index` (named arrays: shares, key bytes as uint8)
+    from the session's seeds; only `requesters` (roles) may ask for it, the others derive
+    their part from their own seed.
     """
 
     name: str
     requesters: tuple[str, ...]
     decode: Callable[[str], tuple[list, dict]]
-    make: Callable[[list[int], int, list, dict], torch.Tensor]
+    make: Callable[[DealerSeeds, int, str, list, dict], dict[str, np.ndarray]]
 
 
 class Pricing(abc.ABC):
@@ -78,6 +88,8 @@ class Backend(abc.ABC):
     pricing: ClassVar[Pricing]
     # Kinds of correlated randomness this backend asks the dealer for.
     correlations: ClassVar[tuple[CorrelationKind, ...]]
+    # Whether each party gets a 128-bit AES-CTR seed from the dealer besides the 64-bit one.
+    aes_seed: ClassVar[bool] = False
 
     rank: int
 

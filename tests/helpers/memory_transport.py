@@ -8,7 +8,7 @@ import numpy as np
 
 from twinfer.parties.errors import PeerError, PeerTimeoutError, ProtocolError, TwinferError
 from twinfer.parties.metrics import Metrics
-from twinfer.parties.transport import Transport
+from twinfer.parties.wire.transport import Transport
 
 
 class MemoryTransport(Transport):

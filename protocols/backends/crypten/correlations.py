@@ -17,10 +17,11 @@ import json
 import math
 from typing import Any
 
+import numpy as np
 import torch
 
 from ...roles import SERVER
-from ..base import CorrelationKind
+from ..base import CorrelationKind, DealerSeeds
 from . import patches
 
 # Kinds of tuple CrypTen's TTP provider requests (crypten.mpc.provider.ttp_provider.TTP_FUNCTIONS).
@@ -88,8 +89,12 @@ def _kind(name: str) -> CorrelationKind:
         name,
         REQUESTERS,
         decode=lambda args_json: decode_request(name, args_json),
-        make=lambda seeds, index, args, kwargs: make_share(seeds, index, name, args, kwargs),
+        make=lambda seeds, index, role, args, kwargs: {"share": _share(seeds, index, name, args, kwargs)},
     )
+
+
+def _share(seeds: DealerSeeds, index: int, kind: str, args: list, kwargs: dict) -> np.ndarray:
+    return make_share([seeds.torch[0], seeds.torch[1]], index, kind, args, kwargs).contiguous().numpy()
 
 
 CORRELATIONS = tuple(_kind(k) for k in KINDS)

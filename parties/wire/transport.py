@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from .errors import (
+from twinfer.parties.errors import (
     AuthError,
     FrameTooLargeError,
     PeerError,
@@ -29,11 +29,11 @@ from .errors import (
     TwinferError,
     error_from_wire,
 )
-from .metrics import Metrics
-from .network_profile import LinkShaper, NetworkProfile
-from .proto import twinfer_pb2 as pb
-from .tls import TlsIdentity, channel_options, check_peer_role, handshake_hint
-from .wire import Framed, encode_framed, framed_decoder, join_payloads
+from twinfer.parties.metrics import Metrics
+from twinfer.parties.wire.network_profile import LinkShaper, NetworkProfile
+from twinfer.parties.proto import twinfer_pb2 as pb
+from twinfer.parties.wire.tls import TlsIdentity, channel_options, check_peer_role, handshake_hint
+from twinfer.parties.wire.framing import Framed, encode_framed, framed_decoder, join_payloads
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from twinfer.protocols.ops.embedding import check_ids
 from twinfer.protocols.ir.graph import Graph, GraphError
 from twinfer.protocols.ir.onnx_import import graph_from_onnx
 
-from .errors import InputError, ModelError
+from twinfer.parties.errors import InputError, ModelError
 
 
 def parse_model(data: bytes, source: str = "model") -> tuple[Graph, dict[str, np.ndarray]]:

@@ -20,8 +20,8 @@ import numpy as np
 
 from twinfer.protocols.ir.graph import Graph
 
-from .errors import PeerError, PeerTimeoutError, TwinferError
-from .session import CLIENT, DEALER, SERVER, ClientParty, DealerParty, PartyConfig, PartyListener, PartyReport, ServerParty
+from twinfer.parties.errors import PeerError, PeerTimeoutError, TwinferError
+from twinfer.parties.runtime.session import CLIENT, DEALER, SERVER, ClientParty, DealerParty, PartyConfig, PartyListener, PartyReport, ServerParty
 
 log = logging.getLogger(__name__)
 

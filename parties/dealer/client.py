@@ -12,29 +12,21 @@ import numpy as np
 import torch
 
 from twinfer.protocols.backends.crypten.correlations import tuple_generator
-from twinfer.protocols.roles import SERVER
+from twinfer.protocols.backends import DEFAULT_PROTOCOL
 
-from .errors import AuthError, PeerError, PeerTimeoutError, ProtocolError, TwinferError
-from .metrics import Metrics
-from .network_profile import LinkShaper
-from .proto import twinfer_pb2 as pb
-from .proto import twinfer_pb2_grpc as pb_grpc
-from .tls import TlsIdentity
-from .transport import TransportOptions, open_channel
-from .wire import framed_decoder, join_payloads
+from twinfer.parties.errors import AuthError, PeerError, PeerTimeoutError, ProtocolError, TwinferError
+from twinfer.parties.metrics import Metrics
+from twinfer.parties.wire.network_profile import LinkShaper
+from twinfer.parties.proto import twinfer_pb2 as pb
+from twinfer.parties.proto import twinfer_pb2_grpc as pb_grpc
+from twinfer.parties.wire.tls import TlsIdentity
+from twinfer.parties.wire.transport import TransportOptions, open_channel
+from twinfer.parties.wire.framing import correlation_from_frames, framed_decoder
 
 
 
-def _assemble(replies: list) -> torch.Tensor:
-    """One tuple from its framed chunks (one copy of the payload)."""
-    if not replies:
-        raise PeerError("dealer sent an empty tuple reply", origin="dealer")
-    shape = tuple(replies[0].shape)
-    array = join_payloads(replies, np.dtype(np.int64), shape)
-    if array is None:
-        got = sum(len(r.data) for r in replies)
-        raise PeerError(f"dealer sent {got} bytes for a tuple of shape {list(shape)}", origin="dealer")
-    return torch.from_numpy(array)
+def _nbytes(arrays: dict[str, np.ndarray]) -> int:
+    return sum(a.nbytes for a in arrays.values())
 
 
 def _jsonable(value):
@@ -46,13 +38,14 @@ def _jsonable(value):
 
 
 class DealerClient:
-    """Talks to the dealer for one session; party 0 also asks it for tuples.
+    """Talks to the dealer for one session: this party's seeds, and its part of correlations.
 
-    Tuple k of the session draws from a generator derived from (seed, k), so party 0 can have
-    the dealer make tuples ahead of use: the request sequence of a batch depends only on the
-    public graph and batch size, so it is recorded on the first batch of each size and
-    prefetched for the next ones. A prefetched tuple is used only if its request matches the
-    one CrypTen actually makes; otherwise it is fetched on demand.
+    Correlation k of the session derives from (seeds, k), so a party can have the dealer make
+    its parts ahead of use: the request sequence of a batch depends only on the public graph
+    and batch size, so each party records its own on the first batch of each size and has
+    them prefetched for the next ones (a party that asks for nothing, such as CrypTen's party
+    1, prefetches nothing). A prefetched part is used only if its request matches the one the
+    backend actually makes; otherwise it is fetched on demand.
     """
 
     def __init__(
@@ -65,6 +58,7 @@ class DealerClient:
         metrics: Metrics,
         prefetch: bool = True,
         tls: TlsIdentity | None = None,
+        protocol: str = DEFAULT_PROTOCOL,
     ) -> None:
         self.session_id = session_id
         self.role = role
@@ -84,16 +78,18 @@ class DealerClient:
         )
         self._closed = False
         try:
-            self._seed = self._call(self._stub.Seed, pb.SeedRequest(session_id=session_id, role=role)).seed
+            reply = self._call(self._stub.Seed, pb.SeedRequest(session_id=session_id, role=role, protocol=protocol))
         except BaseException:
             self._channel.close()  # an open channel left to the garbage collector can hang interpreter exit
             raise
-        metrics.count_offline(8)
+        self._seed = reply.seed
+        self.key = reply.key  # 128-bit AES-CTR seed, for backends that ask for one (else empty)
+        metrics.count_offline(8 + len(reply.key))
         self._index = 0  # tuples drawn so far in this session
         self._current: int | None = None  # the tuple get_generator() opened, until its request
         self._plans: dict[int, list[tuple[str, str]]] = {}  # batch size -> requests of one batch
         self._recording: list[tuple[str, str]] | None = None
-        self._ready: dict[int, tuple[tuple[str, str], torch.Tensor]] = {}
+        self._ready: dict[int, tuple[tuple[str, str], dict[str, np.ndarray]]] = {}
         self._expected: set[int] = set()
         self._arrived = threading.Condition()
         self._prefetch_error: TwinferError | None = None
@@ -129,15 +125,17 @@ class DealerClient:
 
     def begin_batch(self, batch_size: int) -> None:
         """Prefetch this batch's tuples if a batch of this size ran before; else record them."""
-        if self.role != SERVER or not self.prefetch_enabled:
+        if not self.prefetch_enabled:
             return
         plan = self._plans.get(batch_size)
         if plan is None:
             self._recording = []
             return
         self._recording = None
+        if not plan:  # this party asks the dealer for nothing (it derives its part from its seed)
+            return
         requests = [
-            pb.TupleRequest(session_id=self.session_id, function=f, args_json=a, index=self._index + i)
+            pb.TupleRequest(session_id=self.session_id, function=f, args_json=a, index=self._index + i, role=self.role)
             for i, (f, a) in enumerate(plan)
         ]
         with self._arrived:
@@ -161,7 +159,7 @@ class DealerClient:
         sent = time.monotonic()
         try:
             stream = self._prefetch(
-                pb.PrefetchRequest(session_id=self.session_id, tuples=requests),
+                pb.PrefetchRequest(session_id=self.session_id, tuples=requests, role=self.role),
                 timeout=self.options.recv_timeout_s * max(1, len(requests)),
             )
             for reply in stream:
@@ -170,8 +168,8 @@ class DealerClient:
                 # On a shaped dealer link the stream arrives at the link's pace.
                 LinkShaper.hold_until(self._downlink.arrival_time(len(reply.data), now=sent + self._half_rtt))
                 if len(chunks) == reply.chunk_count:
-                    tensor = _assemble(parts.pop(reply.index))
-                    self.metrics.count_offline(tensor.numel() * 8)
+                    tensor = correlation_from_frames(parts.pop(reply.index))
+                    self.metrics.count_offline(_nbytes(tensor))
                     with self._arrived:
                         if reply.index in self._expected:
                             self._ready[reply.index] = (keys[reply.index], tensor)
@@ -188,7 +186,7 @@ class DealerClient:
                 self._expected.difference_update(keys)
                 self._arrived.notify_all()
 
-    def _take_prefetched(self, index: int, key: tuple[str, str]) -> torch.Tensor | None:
+    def _take_prefetched(self, index: int, key: tuple[str, str]) -> dict[str, np.ndarray] | None:
         deadline = time.monotonic() + self.options.recv_timeout_s
         with self._arrived:
             while index in self._expected and index not in self._ready:
@@ -216,28 +214,39 @@ class DealerClient:
     def ttp_request(self, func_name: str, device, *args, **kwargs) -> torch.Tensor:
         """Party 0's share of the current tuple: prefetched if it matches, else fetched now."""
         args_json = json.dumps({"args": _jsonable(args), "kwargs": {k: _jsonable(v) for k, v in kwargs.items()}})
-        key = (func_name, args_json)
         if self._current is None:  # a request without local draws still takes its own index
             self._current, self._index = self._index, self._index + 1
         index, self._current = self._current, None
+        return torch.from_numpy(self.request(func_name, args_json, index)["share"])
+
+    # -- any backend ----------------------------------------------------------------------------
+
+    def next_index(self) -> int:
+        """The session index of the next correlation this party draws (in program order)."""
+        index, self._index = self._index, self._index + 1
+        return index
+
+    def request(self, kind: str, args_json: str, index: int) -> dict[str, np.ndarray]:
+        """This party's part of correlation `index`: prefetched if it matches, else fetched now."""
+        key = (kind, args_json)
         if self._recording is not None:
             self._recording.append(key)
         start = time.perf_counter()
-        tensor = self._take_prefetched(index, key)
-        if tensor is not None:
+        arrays = self._take_prefetched(index, key)
+        if arrays is not None:
             self.prefetched_used += 1
         else:
             self.fetched_on_demand += 1
-            request = pb.TupleRequest(session_id=self.session_id, function=func_name, args_json=args_json, index=index)
+            request = pb.TupleRequest(session_id=self.session_id, function=kind, args_json=args_json, index=index, role=self.role)
             sent = time.monotonic()
             try:
-                tensor = _assemble(list(self._tuple(request, timeout=self.options.recv_timeout_s)))
+                arrays = correlation_from_frames(list(self._tuple(request, timeout=self.options.recv_timeout_s)))
             except grpc.RpcError as err:
                 raise self._error(err) from None
-            LinkShaper.hold_until(self._downlink.arrival_time(tensor.numel() * 8, now=sent + self._half_rtt))
-            self.metrics.count_offline(tensor.numel() * 8)
+            LinkShaper.hold_until(self._downlink.arrival_time(_nbytes(arrays), now=sent + self._half_rtt))
+            self.metrics.count_offline(_nbytes(arrays))
         self.metrics.count_receive(0, time.perf_counter() - start)
-        return tensor
+        return arrays
 
     def close(self, error: TwinferError | None = None) -> None:
         """Tell the dealer this party is done (or failed, with the shared error id)."""

@@ -14,7 +14,8 @@ from typing import Generic, TypeVar
 import numpy as np
 from google.protobuf.message import DecodeError, Message
 
-from .errors import ProtocolError
+from twinfer.parties.errors import PeerError, ProtocolError
+from twinfer.parties.proto import twinfer_pb2 as pb
 
 _HEADER_LEN = struct.Struct("<I")
 H = TypeVar("H", bound=Message)
@@ -71,3 +72,38 @@ def framed_decoder(header_type: type[H]) -> Callable[[bytes], Framed[H]]:
         return Framed(header, memoryview(raw)[_HEADER_LEN.size + n :])
 
     return decode
+
+
+def correlation_to_frames(index: int, arrays: dict[str, np.ndarray], chunk_bytes: int) -> list[bytes]:
+    """A correlation's named arrays as framed TupleReply chunks of at most `chunk_bytes` each."""
+    infos = [pb.ArrayInfo(name=k, dtype=v.dtype.name, shape=list(v.shape)) for k, v in arrays.items()]
+    payload = memoryview(b"".join(np.ascontiguousarray(v).tobytes() for v in arrays.values()))
+    count = max(1, -(-len(payload) // chunk_bytes))
+    return [
+        encode_framed(
+            pb.TupleReply(chunk_index=i, chunk_count=count, index=index, arrays=infos),
+            payload[i * chunk_bytes : (i + 1) * chunk_bytes],
+        )
+        for i in range(count)
+    ]
+
+
+def correlation_from_frames(frames: list[Framed]) -> dict[str, np.ndarray]:
+    """The inverse of correlation_to_frames: the named arrays, copied once into owned memory."""
+    if not frames:
+        raise PeerError("dealer sent an empty tuple reply", origin="dealer")
+    try:
+        layout = [(info.name, np.dtype(info.dtype), tuple(info.shape)) for info in frames[0].arrays]
+    except TypeError as err:
+        raise PeerError(f"dealer sent an array of unknown dtype: {err}", origin="dealer") from None
+    sizes = [int(np.prod(shape, dtype=np.int64)) * dtype.itemsize for _, dtype, shape in layout]
+    raw = join_payloads(frames, np.dtype(np.uint8), (sum(sizes),))
+    if raw is None:
+        got = sum(len(f.data) for f in frames)
+        described = [(name, dtype.name, list(shape)) for name, dtype, shape in layout]
+        raise PeerError(f"dealer sent {got} bytes for arrays {described}", origin="dealer")
+    out, offset = {}, 0
+    for (name, dtype, shape), size in zip(layout, sizes):
+        out[name] = raw[offset : offset + size].view(dtype).reshape(shape)
+        offset += size
+    return out

@@ -26,12 +26,12 @@ from twinfer.protocols.ops.embedding import check_ids, encode_input
 from twinfer.protocols.roles import CLIENT, DEALER, RANKS, SERVER
 from twinfer.protocols.secure_graph import run_secure
 
-from .dealer import DealerServicer, add_dealer_servicer
-from .dealer_client import DealerClient
-from .errors import InputError, PeerError, ProtocolError, TwinferError
-from .metrics import Metrics
-from .tls import TlsIdentity
-from .transport import GrpcTransport, PeerServicer, TransportOptions, add_peer_servicer, start_server
+from twinfer.parties.dealer.service import DealerServicer, add_dealer_servicer
+from twinfer.parties.dealer.client import DealerClient
+from twinfer.parties.errors import InputError, PeerError, ProtocolError, TwinferError
+from twinfer.parties.metrics import Metrics
+from twinfer.parties.wire.tls import TlsIdentity
+from twinfer.parties.wire.transport import GrpcTransport, PeerServicer, TransportOptions, add_peer_servicer, start_server
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +157,7 @@ class _TwoPartySession:
             metrics=self.metrics,
             prefetch=self.config.dealer_prefetch,
             tls=self.config.tls,
+            protocol=self.config.protocol,
         )
 
     def _agree_protocol(self, theirs: np.ndarray, peer: str) -> None:

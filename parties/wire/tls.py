@@ -15,7 +15,7 @@ from pathlib import Path
 
 import grpc
 
-from .errors import AuthError
+from twinfer.parties.errors import AuthError
 
 __all__ = ["AuthError", "TlsIdentity", "channel_options", "check_peer_role", "role_name"]
 

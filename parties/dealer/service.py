@@ -12,7 +12,6 @@ for it before it needs it (Prefetch: the offline phase), in any order.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import threading
 import time
@@ -20,13 +19,14 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from twinfer.protocols.backends import correlation_kind
+from twinfer.protocols.backends import backend_class, correlation_kind
+from twinfer.protocols.backends.base import DealerSeeds
 from twinfer.protocols.roles import RANKS
 
-from .errors import new_error_id
-from .tls import check_peer_role
-from .proto import twinfer_pb2 as pb
-from .wire import encode_framed
+from twinfer.parties.errors import new_error_id
+from twinfer.parties.wire.tls import check_peer_role
+from twinfer.parties.proto import twinfer_pb2 as pb
+from twinfer.parties.wire.framing import correlation_to_frames
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,12 @@ def _seed() -> int:
 @dataclass
 class DealerSession:
     session_id: str
-    seeds: dict[int, int] = field(default_factory=lambda: {r: _seed() for r in RANKS.values()})
+    seeds: DealerSeeds = field(
+        default_factory=lambda: DealerSeeds(
+            torch={r: _seed() for r in RANKS.values()}, aes={r: os.urandom(16) for r in RANKS.values()}
+        )
+    )
+    protocol: str | None = None  # named by the first party to ask for its seed
     seeded: set[int] = field(default_factory=set)
     closed: set[int] = field(default_factory=set)
     error: pb.Error | None = None
@@ -99,16 +104,28 @@ class DealerServicer:
         rank = RANKS.get(request.role)
         if rank is None:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"dealer: unknown role '{request.role}'")
+        try:
+            backend = backend_class(request.protocol)
+        except ValueError as err:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"dealer: {err}")
         with session.lock:
             if rank in session.seeded:
                 context.abort(grpc.StatusCode.ALREADY_EXISTS, f"dealer: {request.role} already has its seed")
+            if session.protocol is not None and session.protocol != request.protocol:
+                context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"dealer: the {request.role} runs protocol '{request.protocol}' but its peer asked for "
+                    f"'{session.protocol}': every party of a session must use the same --protocol",
+                )
+            session.protocol = request.protocol
             session.seeded.add(rank)
-            session.bytes_sent += 8
+            reply = pb.SeedReply(seed=session.seeds.torch[rank], key=session.seeds.aes[rank] if backend.aes_seed else b"")
+            session.bytes_sent += 8 + len(reply.key)
         log.info("session %s: seed sent to %s", session.session_id, request.role)
-        return pb.SeedReply(seed=session.seeds[rank])
+        return reply
 
     def _make(self, session: DealerSession, request: pb.TupleRequest, role: str, context) -> list[bytes]:
-        """The asking party's share of one correlation, as framed chunks."""
+        """The asking party's part of one correlation (named arrays), as framed chunks."""
         try:
             kind = correlation_kind(request.function)
             if role not in kind.requesters:
@@ -119,36 +136,28 @@ class DealerServicer:
         except ValueError as err:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"dealer: {err}")
         try:
-            share = kind.make([session.seeds[0], session.seeds[1]], request.index, args, kwargs)
+            arrays = kind.make(session.seeds, request.index, role, args, kwargs)
         except (RuntimeError, TypeError, ValueError) as err:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"dealer: cannot make '{request.function}': {err}")
-        array = share.contiguous().numpy()
-        view = memoryview(array).cast("B") if array.size else memoryview(b"")
+        frames = correlation_to_frames(request.index, arrays, CHUNK_BYTES)
         with session.lock:
             session.tuples += 1
-            session.bytes_sent += view.nbytes
-        count = max(1, math.ceil(view.nbytes / CHUNK_BYTES))
-        return [
-            encode_framed(
-                pb.TupleReply(shape=list(share.shape), chunk_index=i, chunk_count=count, index=request.index),
-                view[i * CHUNK_BYTES : (i + 1) * CHUNK_BYTES],
-            )
-            for i in range(count)
-        ]
+            session.bytes_sent += sum(a.nbytes for a in arrays.values())
+        return frames
 
     def Tuple(self, request, context):  # noqa: N802
-        self._authorize(context, "server")
+        self._authorize(context, request.role)
         session = self._session(request.session_id, context)
-        yield from self._make(session, request, "server", context)
+        yield from self._make(session, request, request.role, context)
 
     def Prefetch(self, request, context):  # noqa: N802
-        self._authorize(context, "server")
+        self._authorize(context, request.role)
         session = self._session(request.session_id, context)
         for tuple_request in request.tuples:
             if not context.is_active() or session.error is not None:
                 return  # the party went away or the session failed: stop making tuples
             session.last_active = time.monotonic()
-            yield from self._make(session, tuple_request, "server", context)
+            yield from self._make(session, tuple_request, request.role, context)
 
     def Close(self, request, context):  # noqa: N802
         self._authorize(context, request.role)
@@ -195,7 +204,7 @@ class DealerServicer:
 
 
 def add_dealer_servicer(servicer: DealerServicer, server: grpc.Server) -> None:
-    """Register the Dealer service; tuple replies use twinfer's framing (parties/wire.py)."""
+    """Register the Dealer service; tuple replies use twinfer's framing (parties/wire/framing.py)."""
     handlers = {
         "Seed": grpc.unary_unary_rpc_method_handler(
             servicer.Seed, request_deserializer=pb.SeedRequest.FromString, response_serializer=pb.SeedReply.SerializeToString

@@ -1,0 +1,1 @@
+"""The dealer: its gRPC service, and each party's client of it."""

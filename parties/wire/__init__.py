@@ -1,0 +1,1 @@
+"""The wire: the gRPC transport and its framing, mutual TLS, network shaping."""

@@ -1,0 +1,405 @@
+"""Distributed comparison function f(x) = beta if x < alpha else 0, vectorised (BCG+21, section 3).
+
+Boyle, Chandran, Gilboa, Gupta, Ishai, Kumar, Rathee, "Function Secret Sharing for Mixed-Mode
+and Fixed-Point Secure Computation", Eurocrypt 2021 ("BCG+21"), the DCF construction; x and
+alpha in [0, 2^n), beta a vector of k elements of Z_2^64.
+
+1. Gen: party b's root block is a random seed whose low bit, its control bit t_b, is b. At each
+   level i the dealer expands both parties' seeds with H(s, j) (j = 0, 1: left and right child
+   blocks, whose low bits are the children's control bits; j = 2, 3: left and right value
+   words), keeps the side alpha's bit i takes and publishes one seed correction word s_CW, the
+   xor of the two parties' seeds on the side it loses, with the two control-bit corrections
+   t_CW^L = t_0^L xor t_1^L xor alpha_i xor 1 and t_CW^R = t_0^R xor t_1^R xor alpha_i in its
+   two low bits; and one value correction word V_CW = (-1)^t_1 (v_1^lose - v_0^lose - V_alpha
+   + alpha_i beta), so that the two shares leaving the path there sum to beta when x goes left
+   where alpha goes right (x < alpha) and to 0 otherwise. V_alpha tracks the sum along the path;
+   the final word cancels it at the leaf (f(alpha) = 0), with the leaf's value words H(s, 2).
+2. Eval: party b walks x's bits from the top: expands its seed (the path's child block and the
+   path's value block: two blocks per level), xors the seed correction into the child when its
+   control bit is set and adds V_CW then, adds the value words; at the leaf adds H(s, 2) and
+   the final word (times its control bit); party 1 negates its sum.
+3. The two outputs are additive shares mod 2^64 of f(x). Each key alone is pseudo-random
+   whatever alpha: the other party's seeds mask every correction word.
+
+Vectorised over elements: one level is one fixed-key AES call over all of a chunk's blocks and
+a few numpy operations; the loop runs over levels and over cache-sized chunks only. Payloads of
+more than two words take their further value blocks from further fixed keys. The fixed AES
+keys are public constants; the seeds and masks come from the caller's AES-CTR PRG.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+from .prg import AesCtrPrg, FixedKeyAes
+
+if sys.byteorder != "little":  # blocks are uint64 pairs viewed as AES bytes: the host order matters
+    raise ImportError("the fss DCF supports little-endian hosts only")
+
+MAX_BITS = 64
+U64 = np.uint64
+_ONE = U64(1)
+_CLEAR2 = U64(0xFFFF_FFFF_FFFF_FFFC)  # clears a block's two low bits (control bit and tweak room)
+_CLEAR = np.array([_CLEAR2, U64(0xFFFF_FFFF_FFFF_FFFF)], dtype=U64)
+_CHUNK = 1 << 14  # elements per pass: every working buffer of a chunk stays in cache
+
+MAGIC = b"TWFSDCF\x00"
+VERSION = 1
+# magic, version, party, bits, payload words, (padding), elements
+_HEADER = struct.Struct("<8sHBBH2xQ")
+
+
+def _fixed_key(index: int) -> bytes:
+    """The public fixed AES key for value block `index` (0 also expands the seeds)."""
+    return hashlib.sha256(b"twinfer fss dcf fixed key %d" % index).digest()[:16]
+
+
+def _hashes(k: int) -> list[FixedKeyAes]:
+    return [FixedKeyAes(_fixed_key(m)) for m in range((k + 1) // 2)]
+
+
+@dataclass(frozen=True)
+class DcfKey:
+    """One party's DCF keys for N elements of n bits and a payload of k words.
+
+    seed: (N, 2) uint64, the root block (control bit = party in its low bit); seed_cw: (n, N, 2)
+    the seed correction words, control-bit corrections t_CW^L, t_CW^R in bits 0 and 1; value_cw:
+    (n, N, k); final_cw: (N, k). The correction words are the same in both parties' keys.
+    Arrays may be read-only views of a blob (`from_bytes`).
+    """
+
+    party: int
+    bits: int
+    seed: np.ndarray
+    seed_cw: np.ndarray
+    value_cw: np.ndarray
+    final_cw: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.party not in (0, 1):
+            raise ValueError(f"DCF key party must be 0 or 1, got {self.party}")
+        if not 1 <= self.bits <= MAX_BITS:
+            raise ValueError(f"DCF bit width must be in 1..{MAX_BITS}, got {self.bits}")
+        n, N, k = self.bits, self.seed.shape[0] if self.seed.ndim == 2 else -1, self.final_cw.shape[-1]
+        expected = {"seed": (N, 2), "seed_cw": (n, N, 2), "value_cw": (n, N, k), "final_cw": (N, k)}
+        for name, shape in expected.items():
+            a = getattr(self, name)
+            if a.dtype != U64 or a.shape != shape:
+                raise ValueError(f"DCF key {name} must be uint64 of shape {shape}, got {a.dtype} {a.shape}")
+        if k < 1:
+            raise ValueError("DCF payload must have at least one word")
+
+    @property
+    def n_elements(self) -> int:
+        return self.seed.shape[0]
+
+    @property
+    def payload_words(self) -> int:
+        return self.final_cw.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        """Size of `to_bytes()`."""
+        return _HEADER.size + 8 * _body_words(self.n_elements, self.bits, self.payload_words)
+
+    def to_bytes(self) -> bytes:
+        """Header (magic, version, party, bits, k, N) then the four arrays, little-endian uint64."""
+        head = _HEADER.pack(MAGIC, VERSION, self.party, self.bits, self.payload_words, self.n_elements)
+        parts = [head] + [np.ascontiguousarray(a, "<u8").tobytes() for a in (self.seed, self.seed_cw, self.value_cw, self.final_cw)]
+        return b"".join(parts)
+
+    @classmethod
+    def from_bytes(cls, blob: bytes | bytearray | memoryview) -> "DcfKey":
+        """The key `to_bytes` wrote; a blob cut short, too long or garbled raises ValueError."""
+        blob = memoryview(blob).cast("B")
+        if len(blob) < _HEADER.size:
+            raise ValueError(f"DCF key blob truncated: {len(blob)} bytes, shorter than its {_HEADER.size}-byte header")
+        magic, version, party, bits, k, N = _HEADER.unpack_from(blob)
+        if magic != MAGIC:
+            raise ValueError(f"not a DCF key blob: magic {magic!r}, expected {MAGIC!r}")
+        if version != VERSION:
+            raise ValueError(f"DCF key blob version {version} is not supported (this code reads {VERSION})")
+        if party not in (0, 1) or not 1 <= bits <= MAX_BITS or k < 1:
+            raise ValueError(f"DCF key blob header garbled: party {party}, bits {bits}, payload words {k}")
+        sections = (("seed", (N, 2)), ("seed_cw", (bits, N, 2)), ("value_cw", (bits, N, k)), ("final_cw", (N, k)))
+        want = _HEADER.size + 8 * _body_words(N, bits, k)
+        if len(blob) != want:
+            where, off = "after its last array", _HEADER.size
+            for name, shape in sections:
+                off += 8 * int(np.prod(shape))
+                if len(blob) < off:
+                    where = f"in {name}"
+                    break
+            kind = "truncated" if len(blob) < want else "too long"
+            raise ValueError(f"DCF key blob {kind}: {len(blob)} bytes, expected {want} for {N} elements of {bits} bits and {k} payload words (cut {where})")
+        arrays, off = {}, _HEADER.size
+        for name, shape in sections:
+            count = int(np.prod(shape))
+            arrays[name] = np.frombuffer(blob, "<u8", count, off).astype(U64, copy=False).reshape(shape)
+            off += 8 * count
+        return cls(party, bits, **arrays)
+
+
+def _body_words(N: int, bits: int, k: int) -> int:
+    return N * (2 + bits * (2 + k) + k)
+
+
+def key_bytes_per_element(bits: int, k: int) -> int:
+    """One party's key bytes per element (the header aside): seed, n (s_CW, V_CW), final word."""
+    return 8 * (2 + bits * (2 + k) + k)
+
+
+def _as_u64(a, what: str) -> np.ndarray:
+    a = np.asarray(a)
+    if a.dtype == np.int64:
+        return a.view(U64)
+    if a.dtype != U64:
+        if a.dtype.kind not in "iu":
+            raise ValueError(f"{what} must be integers (uint64 or int64), got {a.dtype}")
+        if a.size and a.min() < 0:
+            raise ValueError(f"{what} must be uint64 or int64; got negative {a.dtype} values")
+        a = a.astype(U64)
+    return a
+
+
+def _check_range(a: np.ndarray, bits: int, what: str) -> None:
+    if bits < MAX_BITS and a.size and int(a.max()) >> bits:
+        raise ValueError(f"{what} must lie in [0, 2^{bits}); got {int(a.max())}")
+
+
+def _shift(bits: int, level: int) -> np.uint64:
+    return U64(bits - 1 - level)
+
+
+def _value_words(hashes: list[FixedKeyAes], blocks_in: np.ndarray, first: np.ndarray, k: int) -> np.ndarray:
+    """The k value words of blocks whose first hashed block (key 0) is `first`: (..., C, k)."""
+    if len(hashes) == 1:
+        return first[..., :k]
+    more = [first] + [h.hash_into(blocks_in, np.empty_like(blocks_in)) for h in hashes[1:]]
+    return np.concatenate(more, axis=-1)[..., :k]
+
+
+def dcf_keygen(alpha, beta, bits: int, rng: AesCtrPrg | None = None) -> tuple[DcfKey, DcfKey]:
+    """Keys of f_i(x) = beta_i if x < alpha_i else 0 for N elements at once.
+
+    alpha: (N,) in [0, 2^bits); beta: (N, k) or (k,) ring elements (uint64 or int64); rng: the
+    dealer's AES-CTR PRG (a fresh OS seed if None).
+    """
+    if not 1 <= bits <= MAX_BITS:
+        raise ValueError(f"DCF bit width must be in 1..{MAX_BITS}, got {bits}")
+    alpha = _as_u64(alpha, "alpha").reshape(-1)
+    _check_range(alpha, bits, "alpha")
+    N = alpha.size
+    beta = _as_u64(beta, "beta")
+    if beta.ndim == 1:
+        beta = np.broadcast_to(beta, (N, beta.size))
+    if beta.ndim != 2 or beta.shape[0] != N or beta.shape[1] < 1:
+        raise ValueError(f"beta must have shape (N, k) or (k,) with N = {N}, got {beta.shape}")
+    k = beta.shape[1]
+    rng = AesCtrPrg() if rng is None else rng
+
+    roots = rng.blocks((2, N))
+    roots[:, :, 0] &= ~_ONE
+    roots[1, :, 0] |= _ONE  # t_0 = 0, t_1 = 1
+    seed_cw = np.empty((bits, N, 2), U64)
+    value_cw = np.empty((bits, N, k), U64)
+    final_cw = np.empty((N, k), U64)
+    hashes = _hashes(k)
+    work: dict[int, _GenWork] = {}
+    for c0 in range(0, N, _CHUNK):
+        c1 = min(N, c0 + _CHUNK)
+        w = work.get(c1 - c0) or work.setdefault(c1 - c0, _GenWork(c1 - c0, k))
+        _gen_chunk(w, hashes, bits, alpha[c0:c1], beta[c0:c1], roots[:, c0:c1], seed_cw[:, c0:c1], value_cw[:, c0:c1], final_cw[c0:c1])
+    return (DcfKey(0, bits, roots[0], seed_cw, value_cw, final_cw), DcfKey(1, bits, roots[1], seed_cw, value_cw, final_cw))
+
+
+class _GenWork:
+    """Preallocated buffers of one generation chunk of C elements (both parties)."""
+
+    def __init__(self, C: int, k: int) -> None:
+        self.S = np.empty((2, C, 2), U64)  # both parties' current blocks
+        self.base = np.empty((2, 1, C, 2), U64)
+        self.inp = np.empty((2, 4, C, 2), U64)  # party, tweak j, element, block
+        self.out = np.empty((2, 4, C, 2), U64)
+        self.d = np.empty((2, C, 2), U64)
+        self.keep = np.empty((2, C, 2), U64)
+        self.lose = np.empty((2, C, 2), U64)
+        self.dv = np.empty((2, C, k), U64)
+        self.vkeep = np.empty((2, C, k), U64)
+        self.vlose = np.empty((2, C, k), U64)
+        self.valpha = np.empty((C, k), U64)
+        self.tmp = np.empty((C, k), U64)
+        self.a = np.empty(C, U64)
+        self.amask = np.empty(C, U64)
+        self.sign1 = np.empty(C, U64)
+        self.low = np.empty(C, U64)
+        self.u = np.empty(C, U64)
+        self.corr = np.empty((C, 2), U64)
+        self.tmask = np.empty((2, C), U64)
+        # tweaks: j in the low word of the block
+        self.tweak = np.zeros((1, 4, 1, 2), U64)
+        self.tweak[0, :, 0, 0] = np.arange(4, dtype=U64)
+
+
+def _gen_chunk(w: _GenWork, hashes: list[FixedKeyAes], bits: int, alpha, beta, roots, seed_cw, value_cw, final_cw) -> None:
+    S, inp, out, k = w.S, w.inp, w.out, beta.shape[1]
+    C = alpha.size
+    a, amask, sign1, low, u = w.a, w.amask, w.sign1, w.low, w.u
+    np.copyto(S, roots)
+    w.valpha.fill(0)
+    for i in range(bits):
+        np.right_shift(alpha, _shift(bits, i), out=a)
+        np.bitwise_and(a, _ONE, out=a)
+        np.negative(a, out=amask)  # all ones where alpha goes right
+        # (-1)^t_1 from party 1's control bit before this level
+        np.bitwise_and(S[1, :, 0], _ONE, out=u)
+        np.left_shift(u, _ONE, out=sign1)
+        np.subtract(_ONE, sign1, out=sign1)
+        np.negative(S[:, :, 0] & _ONE, out=w.tmask)
+        # expand: one AES call over both parties' four blocks
+        np.bitwise_and(S, _CLEAR, out=w.base[:, 0])
+        np.bitwise_xor(w.base, w.tweak, out=inp)
+        hashes[0].hash_into(inp, out)
+        sl, sr = out[:, 0], out[:, 1]
+        np.bitwise_xor(sl, sr, out=w.d)
+        np.bitwise_and(w.d, amask[None, :, None], out=w.keep)
+        np.bitwise_xor(w.keep, sl, out=w.keep)
+        np.bitwise_xor(w.keep, w.d, out=w.lose)
+        cw = seed_cw[i]
+        np.bitwise_xor(w.lose[0], w.lose[1], out=cw)
+        # control-bit corrections: bit 0 = t0L ^ t1L ^ a ^ 1, bit 1 = t0R ^ t1R ^ a
+        np.bitwise_xor(sl[0, :, 0], sl[1, :, 0], out=low)
+        np.bitwise_and(low, _ONE, out=low)
+        np.bitwise_xor(sr[0, :, 0], sr[1, :, 0], out=u)
+        np.bitwise_and(u, _ONE, out=u)
+        np.left_shift(u, _ONE, out=u)
+        np.bitwise_or(low, u, out=low)
+        np.add(a, _ONE, out=u)
+        np.bitwise_xor(low, u, out=low)
+        cw_lo = cw[:, 0]
+        np.bitwise_and(cw_lo, _CLEAR2, out=cw_lo)
+        np.bitwise_or(cw_lo, low, out=cw_lo)
+        # value words of both sides; keep/lose chosen by alpha's bit
+        vals = _value_words(hashes, inp[:, 2:4], out[:, 2:4], k)
+        vl, vr = vals[:, 0], vals[:, 1]
+        np.bitwise_xor(vl, vr, out=w.dv)
+        np.bitwise_and(w.dv, amask[None, :, None], out=w.vkeep)
+        np.bitwise_xor(w.vkeep, vl, out=w.vkeep)
+        np.bitwise_xor(w.vkeep, w.dv, out=w.vlose)
+        vcw, tmp = value_cw[i], w.tmp
+        np.subtract(w.vlose[1], w.vlose[0], out=vcw)
+        np.subtract(vcw, w.valpha, out=vcw)
+        np.bitwise_and(beta, amask[:, None], out=tmp)
+        np.add(vcw, tmp, out=vcw)
+        # V_alpha' = V_alpha - v1keep + v0keep + (-1)^t1 V_CW = (v1lose - v1keep) - (v0lose - v0keep) + a beta
+        np.subtract(w.vlose[1], w.vkeep[1], out=w.valpha)
+        np.subtract(w.valpha, w.vlose[0], out=w.valpha)
+        np.add(w.valpha, w.vkeep[0], out=w.valpha)
+        np.add(w.valpha, tmp, out=w.valpha)
+        np.multiply(vcw, sign1[:, None], out=vcw)
+        # next blocks: keep side, corrected where the party's control bit is set
+        np.right_shift(cw_lo, a, out=u)
+        np.bitwise_and(u, _ONE, out=u)
+        np.bitwise_and(cw_lo, _CLEAR2, out=w.corr[:, 0])
+        np.bitwise_or(w.corr[:, 0], u, out=w.corr[:, 0])
+        w.corr[:, 1] = cw[:, 1]
+        np.bitwise_and(w.corr[None], w.tmask[:, :, None], out=S)
+        np.bitwise_xor(S, w.keep, out=S)
+    # leaf: value words H(s, 2) of both parties; the final word cancels the path's sum
+    np.bitwise_and(S[1, :, 0], _ONE, out=u)
+    np.left_shift(u, _ONE, out=sign1)
+    np.subtract(_ONE, sign1, out=sign1)
+    leaf_in = inp[:, 2]
+    np.bitwise_and(S, _CLEAR, out=leaf_in)
+    leaf_in[:, :, 0] ^= U64(2)
+    leaf_in = np.ascontiguousarray(leaf_in)
+    conv = _value_words(hashes, leaf_in, hashes[0].hash_into(leaf_in, np.empty_like(leaf_in)), k)
+    np.subtract(conv[1], conv[0], out=final_cw)
+    np.subtract(final_cw, w.valpha, out=final_cw)
+    np.multiply(final_cw, sign1[:, None], out=final_cw)
+    del C
+
+
+class _EvalWork:
+    """Preallocated buffers of one evaluation chunk of C elements."""
+
+    def __init__(self, C: int, k: int) -> None:
+        self.S = np.empty((C, 2), U64)
+        self.inp = np.empty((2, C, 2), U64)  # path child block, path value block
+        self.out = np.empty((2, C, 2), U64)
+        self.v = np.empty((C, k), U64)
+        self.tmp = np.empty((C, k), U64)
+        self.xi = np.empty(C, U64)
+        self.tmask = np.empty(C, U64)
+        self.u = np.empty(C, U64)
+        self.corr = np.empty(C, U64)
+        self.value_tweak = np.array([[0], [2]], U64)
+
+
+def dcf_eval(party: int, key: DcfKey, x) -> np.ndarray:
+    """Party `party`'s additive shares mod 2^64 of f(x), shape (N, k) uint64; x: (N,) in [0, 2^n)."""
+    if party != key.party:
+        raise ValueError(f"party {party} was given party {key.party}'s DCF key")
+    x = _as_u64(x, "x").reshape(-1)
+    N, bits, k = key.n_elements, key.bits, key.payload_words
+    if x.size != N:
+        raise ValueError(f"DCF key holds {N} elements, x has {x.size}")
+    _check_range(x, bits, "x")
+    hashes = _hashes(k)
+    result = np.empty((N, k), U64)
+    work: dict[int, _EvalWork] = {}
+    for c0 in range(0, N, _CHUNK):
+        c1 = min(N, c0 + _CHUNK)
+        w = work.get(c1 - c0) or work.setdefault(c1 - c0, _EvalWork(c1 - c0, k))
+        _eval_chunk(w, hashes, key, c0, c1, x[c0:c1], result[c0:c1])
+    if party == 1:
+        np.negative(result, out=result)
+    return result
+
+
+def _eval_chunk(w: _EvalWork, hashes: list[FixedKeyAes], key: DcfKey, c0: int, c1: int, x, result) -> None:
+    bits, k = key.bits, key.payload_words
+    S, inp, out, v, tmp, xi, tmask, u, corr = w.S, w.inp, w.out, w.v, w.tmp, w.xi, w.tmask, w.u, w.corr
+    np.copyto(S, key.seed[c0:c1])
+    v.fill(0)
+    for i in range(bits):
+        np.right_shift(x, _shift(bits, i), out=xi)
+        np.bitwise_and(xi, _ONE, out=xi)
+        np.bitwise_and(S[:, 0], _ONE, out=tmask)
+        np.negative(tmask, out=tmask)
+        # the path's child block (tweak x_i) and value block (tweak 2 + x_i): one AES call
+        np.bitwise_and(S[:, 0], _CLEAR2, out=u)
+        np.bitwise_xor(u, xi, out=u)
+        np.bitwise_or(u[None, :], w.value_tweak, out=inp[:, :, 0])
+        np.copyto(inp[:, :, 1], S[None, :, 1])
+        hashes[0].hash_into(inp, out)
+        # seed correction where t = 1, with the control-bit correction of the path's side
+        cw = key.seed_cw[i, c0:c1]
+        np.right_shift(cw[:, 0], xi, out=u)
+        np.bitwise_and(u, _ONE, out=u)
+        np.bitwise_and(cw[:, 0], _CLEAR2, out=corr)
+        np.bitwise_or(corr, u, out=corr)
+        np.bitwise_and(corr, tmask, out=corr)
+        np.bitwise_xor(out[0, :, 0], corr, out=S[:, 0])
+        np.bitwise_and(cw[:, 1], tmask, out=corr)
+        np.bitwise_xor(out[0, :, 1], corr, out=S[:, 1])
+        # value: v += H(s, 2 + x_i) + t V_CW
+        vals = _value_words(hashes, inp[1], out[1], k)
+        np.add(v, vals, out=v)
+        np.bitwise_and(key.value_cw[i, c0:c1], tmask[:, None], out=tmp)
+        np.add(v, tmp, out=v)
+    # leaf: v += H(s, 2) + t CW_{n+1}
+    np.bitwise_and(S[:, 0], _ONE, out=tmask)
+    np.negative(tmask, out=tmask)
+    leaf_in = inp[1]
+    np.bitwise_and(S, _CLEAR, out=leaf_in)
+    leaf_in[:, 0] ^= U64(2)
+    vals = _value_words(hashes, leaf_in, hashes[0].hash_into(leaf_in, out[1]), k)
+    np.add(v, vals, out=v)
+    np.bitwise_and(key.final_cw[c0:c1], tmask[:, None], out=tmp)
+    np.add(v, tmp, out=result)
