@@ -42,7 +42,8 @@ from twinfer.optimizer.mofhei.block_pruning import (
     train_pruned,
 )
 from twinfer.optimizer.mofhei.he_friendly import FitConfig, Split, fit
-from twinfer.optimizer.mofhei.mofhei import artifact_graph, cost_report, format_report, lenet5, optimize_mofhei
+from twinfer.optimizer.mofhei.mofhei import artifact_graph, cost_report, format_report, optimize_mofhei
+from twinfer.optimizer.zoo.demo_models import lenet5
 from twinfer.parties.runtime.model_file import read_model_bytes
 from twinfer.parties.wire.network_profile import parse_profile
 from twinfer.parties.wire.transport import TransportOptions

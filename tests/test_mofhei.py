@@ -282,7 +282,7 @@ def one_thread():
 
 def test_twinfer_optimize_converts_prunes_and_writes_a_smaller_dense_artifact(tmp_path, capsys, one_thread):
     from twinfer.deploy.cli.cli import main
-    from twinfer.optimizer.mofhei.mofhei import lenet5
+    from twinfer.optimizer.zoo.demo_models import lenet5
     from twinfer.parties.runtime.model_file import load_model
 
     torch.manual_seed(0)

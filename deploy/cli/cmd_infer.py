@@ -7,6 +7,7 @@ import json
 
 from rich.console import Console
 
+from twinfer.protocols.roles import CLIENT, DEALER, SERVER
 from twinfer.parties.runtime.model_file import load_input
 
 from .options import add_transport_args, run_private_inference
@@ -31,7 +32,7 @@ def add_placement_args(p: argparse.ArgumentParser) -> None:
         "--placement", default="auto", choices=["auto", "spread", "pack"],
         help="auto: one party per node when the Ray cluster has three or more (default); spread: require that; pack: share",
     )  # fmt: skip
-    for role in ("server", "client", "dealer"):
+    for role in (SERVER, CLIENT, DEALER):
         p.add_argument(f"--{role}-node", default=None, help=f"run the {role} on this Ray node id, or where this custom resource is")
 
 

@@ -204,3 +204,20 @@ def save_state_dict(model: nn.Module, path: Path, metadata: dict[str, str] | Non
     save_file(tensors, str(tmp), metadata=metadata)
     tmp.replace(path)
 
+
+def lenet5(num_classes: int = 10) -> nn.Sequential:
+    """LeNet-5 for 1x28x28 inputs: conv(6, 5x5, pad 2)-pool-conv(16, 5x5)-pool-120-84-classes."""
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * 5 * 5, 120),
+        nn.ReLU(),
+        nn.Linear(120, 84),
+        nn.ReLU(),
+        nn.Linear(84, num_classes),
+    )

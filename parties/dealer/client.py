@@ -11,6 +11,7 @@ import grpc
 import numpy as np
 import torch
 
+from twinfer.protocols.roles import DEALER
 from twinfer.protocols.backends.crypten.correlations import tuple_generator
 from twinfer.protocols.backends import DEFAULT_PROTOCOL
 
@@ -67,7 +68,7 @@ class DealerClient:
         self.prefetch_enabled = prefetch
         self._downlink = LinkShaper(options.dealer_network)  # dealer -> this party
         self._half_rtt = options.dealer_network.rtt_s / 2 if options.dealer_network else 0.0
-        self._channel = open_channel(address, role=role, peer_role="dealer", options=options, tls=tls)
+        self._channel = open_channel(address, role=role, peer_role=DEALER, options=options, tls=tls)
         self._stub = pb_grpc.DealerStub(self._channel)
         decode = framed_decoder(pb.TupleReply)
         self._tuple = self._channel.unary_stream(
@@ -105,12 +106,12 @@ class DealerClient:
             )
         detail = err.details() or f"dealer call failed: {code.name}"
         if code == grpc.StatusCode.PERMISSION_DENIED:  # mutual TLS: this party's certificate was refused
-            return AuthError(detail, origin="dealer")
+            return AuthError(detail, origin=DEALER)
         if code == grpc.StatusCode.NOT_FOUND:  # a session the dealer does not know: wrong session id
-            return ProtocolError(detail, origin="dealer")
+            return ProtocolError(detail, origin=DEALER)
         # A session ended by a party's failure keeps that failure's id ("[error <id>]").
         shared = re.search(r"\[error ([^\]\s]+)\]", detail)
-        return PeerError(detail, error_id=shared.group(1) if shared else None, origin="dealer")
+        return PeerError(detail, error_id=shared.group(1) if shared else None, origin=DEALER)
 
     def _call(self, method, request):
         sent = time.monotonic()

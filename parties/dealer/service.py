@@ -21,7 +21,7 @@ import grpc
 
 from twinfer.protocols.backends import backend_class, correlation_kind
 from twinfer.protocols.backends.base import DealerSeeds
-from twinfer.protocols.roles import RANKS
+from twinfer.protocols.roles import DEALER, RANKS
 
 from twinfer.parties.errors import new_error_id
 from twinfer.parties.wire.tls import check_peer_role
@@ -78,7 +78,7 @@ class DealerServicer:
     def _authorize(self, context: grpc.ServicerContext, role: str) -> None:
         if not self.check_role_certs:
             return
-        refused = check_peer_role(context, (role,), "dealer")
+        refused = check_peer_role(context, (role,), DEALER)
         if refused is not None:
             log.warning("%s", refused)
             context.abort(grpc.StatusCode.PERMISSION_DENIED, f"dealer: {refused}")
@@ -197,7 +197,7 @@ class DealerServicer:
                         error_id=new_error_id(),
                         kind="timeout",
                         message=f"no request for {idle:.0f} s; the dealer ends the session",
-                        origin="dealer",
+                        origin=DEALER,
                     )
                     return session
                 self._changed.wait(timeout=1.0)

@@ -14,6 +14,7 @@ from typing import Generic, TypeVar
 import numpy as np
 from google.protobuf.message import DecodeError, Message
 
+from twinfer.protocols.roles import DEALER
 from twinfer.parties.errors import PeerError, ProtocolError
 from twinfer.parties.proto import twinfer_pb2 as pb
 
@@ -91,17 +92,17 @@ def correlation_to_frames(index: int, arrays: dict[str, np.ndarray], chunk_bytes
 def correlation_from_frames(frames: list[Framed]) -> dict[str, np.ndarray]:
     """The inverse of correlation_to_frames: the named arrays, copied once into owned memory."""
     if not frames:
-        raise PeerError("dealer sent an empty tuple reply", origin="dealer")
+        raise PeerError("dealer sent an empty tuple reply", origin=DEALER)
     try:
         layout = [(info.name, np.dtype(info.dtype), tuple(info.shape)) for info in frames[0].arrays]
     except TypeError as err:
-        raise PeerError(f"dealer sent an array of unknown dtype: {err}", origin="dealer") from None
+        raise PeerError(f"dealer sent an array of unknown dtype: {err}", origin=DEALER) from None
     sizes = [int(np.prod(shape, dtype=np.int64)) * dtype.itemsize for _, dtype, shape in layout]
     raw = join_payloads(frames, np.dtype(np.uint8), (sum(sizes),))
     if raw is None:
         got = sum(len(f.data) for f in frames)
         described = [(name, dtype.name, list(shape)) for name, dtype, shape in layout]
-        raise PeerError(f"dealer sent {got} bytes for arrays {described}", origin="dealer")
+        raise PeerError(f"dealer sent {got} bytes for arrays {described}", origin=DEALER)
     out, offset = {}, 0
     for (name, dtype, shape), size in zip(layout, sizes):
         out[name] = raw[offset : offset + size].view(dtype).reshape(shape)

@@ -16,10 +16,10 @@ from pathlib import Path
 import grpc
 
 from twinfer.parties.errors import AuthError
+from twinfer.protocols.roles import ROLES
 
 __all__ = ["AuthError", "TlsIdentity", "channel_options", "check_peer_role", "role_name"]
 
-ROLES = ("server", "client", "dealer")
 NAME_PREFIX = "twinfer-"
 
 

@@ -63,7 +63,7 @@ def _hashes(k: int) -> list[FixedKeyAes]:
     return [FixedKeyAes(_fixed_key(m)) for m in range((k + 1) // 2)]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class DcfKey:
     """One party's DCF keys for N elements of n bits and a payload of k words.
 
@@ -180,7 +180,8 @@ def _value_words(hashes: list[FixedKeyAes], blocks_in: np.ndarray, first: np.nda
     """The k value words of blocks whose first hashed block (key 0) is `first`: (..., C, k)."""
     if len(hashes) == 1:
         return first[..., :k]
-    more = [first] + [h.hash_into(blocks_in, np.empty_like(blocks_in)) for h in hashes[1:]]
+    src = np.ascontiguousarray(blocks_in)
+    more = [first] + [h.hash_into(src, np.empty_like(src)) for h in hashes[1:]]
     return np.concatenate(more, axis=-1)[..., :k]
 
 
@@ -248,7 +249,6 @@ class _GenWork:
 
 def _gen_chunk(w: _GenWork, hashes: list[FixedKeyAes], bits: int, alpha, beta, roots, seed_cw, value_cw, final_cw) -> None:
     S, inp, out, k = w.S, w.inp, w.out, beta.shape[1]
-    C = alpha.size
     a, amask, sign1, low, u = w.a, w.amask, w.sign1, w.low, w.u
     np.copyto(S, roots)
     w.valpha.fill(0)
@@ -322,7 +322,6 @@ def _gen_chunk(w: _GenWork, hashes: list[FixedKeyAes], bits: int, alpha, beta, r
     np.subtract(conv[1], conv[0], out=final_cw)
     np.subtract(final_cw, w.valpha, out=final_cw)
     np.multiply(final_cw, sign1[:, None], out=final_cw)
-    del C
 
 
 class _EvalWork:
