@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers.local_dealer import LocalDealer
 from tests.helpers.memory_transport import MemoryTransport
 from twinfer.protocols.backends import backend_class, protocols
 from twinfer.protocols.cost_model import graph_cost
@@ -36,14 +37,16 @@ def _graph(input_shape, nodes, weights) -> Graph:
 def run_two_party(protocol: str, graph: Graph, weights: dict[str, np.ndarray], x: torch.Tensor):
     """Share weights (server) and input (client), evaluate, open to the client; returns (y, counts, bytes)."""
     transports = MemoryTransport.pair(f"backend-{protocol}", timeout_s=30.0)
+    cls = backend_class(protocol)
+    dealer = LocalDealer() if cls.aes_seed else None  # crypten without one: its trusted first party
 
     def party(role: str):
         rank = RANKS[role]
-        backend = backend_class(protocol).create(rank, transports[rank], None)  # TFP: tests only
+        backend = cls.create(rank, transports[rank], dealer.party(rank) if dealer else None)
         backend.start()
         try:
             shared = {
-                k: backend.share(torch.from_numpy(v) if role == SERVER else torch.zeros(v.shape), src=RANKS[SERVER])
+                k: backend.share(torch.from_numpy(v) if role == SERVER else torch.zeros(v.shape), src=RANKS[SERVER], constant=k)
                 for k, v in sorted(weights.items())
             }
             xs = backend.share(x if role == CLIENT else torch.zeros(x.shape), src=RANKS[CLIENT])

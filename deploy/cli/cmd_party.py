@@ -110,7 +110,8 @@ def _run_party(args: argparse.Namespace) -> dict:
 
     def config(**kw) -> PartyConfig:
         return PartyConfig(
-            role=args.role, session_id=sessions[0], options=options, insecure_trusted_first_party=tfp, tls=tls, **kw
+            role=args.role, session_id=sessions[0], options=options, insecure_trusted_first_party=tfp, tls=tls,
+            protocol=args.protocol, **kw
         )
 
     if args.role == DEALER:

@@ -6,6 +6,7 @@ import argparse
 
 import numpy as np
 
+from twinfer.protocols.backends import DEFAULT_PROTOCOL, protocols
 from twinfer.parties.wire.network_profile import parse_profile
 from twinfer.parties.runtime.session import CLIENT, DEALER, SERVER
 from twinfer.parties.wire.transport import TransportOptions
@@ -29,6 +30,13 @@ def add_transport_args(parser: argparse.ArgumentParser) -> None:
         help="shape the client<->server link, per direction: loopback, lan, wan, mobile, or 'rtt=40ms,bw=100mbit'",
     )
     parser.add_argument("--dealer-network", default=None, help="shape the dealer's link to each party (same forms)")
+    parser.add_argument(
+        "--protocol",
+        default=DEFAULT_PROTOCOL,
+        choices=protocols(),
+        help="the secure backend: crypten (CrypTen's protocols, the default) or fss (one-round ReLU from "
+        "the dealer's DCF keys, weights opened once); every party of a session must use the same",
+    )
     parser.add_argument(
         "--insecure-trusted-first-party",
         action="store_true",
@@ -65,6 +73,7 @@ def run_private_inference(args, model: ModelLike, inputs: np.ndarray) -> Inferen
         batch_size=args.batch,
         options=transport_options(args),
         insecure_trusted_first_party=args.insecure_trusted_first_party,
+        protocol=args.protocol,
         ray_options=ray_options_from_args(args),
         tls_dir=getattr(args, "tls", None),
         progress=not args.json,

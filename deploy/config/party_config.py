@@ -50,6 +50,7 @@ FIELDS: dict[str, Field] = {
     "network": Field(str, "shape the client<->server link (a profile name or 'rtt=..,bw=..')"),
     "dealer_network": Field(str, "shape the dealer's links"),
     "insecure_trusted_first_party": Field(bool, "INSECURE: no dealer; the server makes the randomness"),
+    "protocol": Field(str, "the secure backend (crypten or fss); every party of a session the same"),
 }
 TLS_KEYS = ("ca", "cert", "key")
 

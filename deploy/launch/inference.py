@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from twinfer.protocols.backends import DEFAULT_PROTOCOL
 from twinfer.parties.wire.network_profile import NetworkProfile
 from twinfer.parties.runtime.model_file import check_input_fits, parse_model, read_model_bytes
 from twinfer.parties.runtime.session import CLIENT, DEALER, SERVER, PartyReport
@@ -98,6 +99,7 @@ def private_inference(
     ray_options: RayOptions | None = None,
     tls_dir: str | Path | None = None,
     progress: bool = False,
+    protocol: str = DEFAULT_PROTOCOL,
 ) -> InferenceResult:
     """Run the model privately on `inputs`: the server holds the model, the client the inputs.
 
@@ -119,6 +121,7 @@ def private_inference(
         ray_options=ray_options,
         tls=tls,
         progress=progress,
+        protocol=protocol,
     )
     return InferenceResult(
         logits=reports[CLIENT].logits,

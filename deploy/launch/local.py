@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from twinfer.protocols.backends import DEFAULT_PROTOCOL
 from twinfer.parties.errors import PeerError, PeerTimeoutError, TwinferError
 from twinfer.parties.runtime.session import CLIENT, DEALER, SERVER, PartyConfig, PartyReport
 from twinfer.parties.wire.transport import TransportOptions
@@ -252,6 +253,7 @@ def run_local_session(
     options: TransportOptions | None = None,
     prefetch: bool = True,
     timeout_s: float = 900.0,
+    protocol: str = DEFAULT_PROTOCOL,
 ) -> dict[str, PartyReport]:
     """Dealer, server and client in three spawned processes on loopback; reports by role."""
     options = options or TransportOptions()
@@ -260,6 +262,6 @@ def run_local_session(
     payloads = {DEALER: None, SERVER: onnx_bytes, CLIENT: (inputs, batch)}
 
     def spawn(role: str, **addresses: str | None) -> SpawnedParty:
-        return SpawnedParty(ctx, role, party_config(role, session, options, prefetch=prefetch, **addresses), payloads[role])
+        return SpawnedParty(ctx, role, party_config(role, session, options, prefetch=prefetch, protocol=protocol, **addresses), payloads[role])
 
     return launch_local(spawn, timeout_s=timeout_s)

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from twinfer.protocols.backends import DEFAULT_PROTOCOL
 from twinfer.parties.errors import PeerError, PeerTimeoutError, TwinferError
 from twinfer.parties.runtime.session import CLIENT, DEALER, SERVER, PartyConfig, PartyReport
 from twinfer.parties.wire.tls import TlsIdentity
@@ -225,11 +226,13 @@ def run_parties(
     ray_options: RayOptions | None = None,
     tls: dict[str, TlsIdentity] | None = None,
     progress: bool = False,
+    protocol: str = DEFAULT_PROTOCOL,
 ) -> dict[str, PartyReport]:
     """Launch server, client and dealer actors, wire them, run one session; reports by role."""
     return run_sessions(
         onnx_bytes, [inputs], batch_size=batch_size, options=options,
         insecure_trusted_first_party=insecure_trusted_first_party, ray_options=ray_options, tls=tls, progress=progress,
+        protocol=protocol,
     )[0]  # fmt: skip
 
 
@@ -244,6 +247,7 @@ def run_sessions(
     tls: dict[str, TlsIdentity] | None = None,
     progress: bool = False,
     timeout_s: float = 3600.0,
+    protocol: str = DEFAULT_PROTOCOL,
 ) -> list[dict[str, PartyReport]]:
     """One server, client and dealer actor running one session per input array, all at once.
 
@@ -252,7 +256,7 @@ def run_sessions(
     """
     with party_pool(
         onnx_bytes, options=options, insecure_trusted_first_party=insecure_trusted_first_party,
-        ray_options=ray_options, tls=tls, max_sessions=len(inputs),
+        ray_options=ray_options, tls=tls, max_sessions=len(inputs), protocol=protocol,
     ) as pool:  # fmt: skip
         return pool.run(inputs, batch_size=batch_size, progress=progress, timeout_s=timeout_s)
 
@@ -266,6 +270,7 @@ def party_pool(
     ray_options: RayOptions | None = None,
     tls: dict[str, TlsIdentity] | None = None,
     max_sessions: int = 16,
+    protocol: str = DEFAULT_PROTOCOL,
 ) -> Iterator[PartyPool]:
     """Three placed, wired party actors that serve run() calls until the block ends."""
     import ray
@@ -283,7 +288,7 @@ def party_pool(
         remote = ray.remote(num_cpus=ray_options.num_cpus_per_party, max_concurrency=2, max_restarts=0)(PartyActor)
         roles = [SERVER, CLIENT] + ([] if insecure_trusted_first_party else [DEALER])
         actors = {role: remote.options(**per_role.get(role, {})).remote(role) for role in roles}
-        pool = PartyPool(actors, options, insecure_trusted_first_party, tls, max_sessions, placed)
+        pool = PartyPool(actors, options, insecure_trusted_first_party, tls, max_sessions, placed, protocol)
         pool.start(onnx_bytes)
         yield pool
     finally:
@@ -318,6 +323,7 @@ class PartyPool:
     tls: dict[str, TlsIdentity] | None
     max_sessions: int
     placement: str = ""
+    protocol: str = DEFAULT_PROTOCOL
 
     def run(
         self, inputs: list[np.ndarray], *, batch_size: int, progress: bool = False, timeout_s: float = 3600.0
@@ -331,7 +337,9 @@ class PartyPool:
         return [_session_reports(session_id, results) for session_id in session_ids]
 
     def _template(self, role: str, **addresses: str | None) -> PartyConfig:
-        return party_config(role, "-", self.options, insecure_trusted_first_party=self.insecure_tfp, tls=self.tls, **addresses)
+        return party_config(
+            role, "-", self.options, insecure_trusted_first_party=self.insecure_tfp, tls=self.tls, protocol=self.protocol, **addresses
+        )
 
     def start(self, onnx_bytes: bytes) -> None:
         timeout = self.options.connect_timeout_s + 120.0  # actor start-up includes importing torch

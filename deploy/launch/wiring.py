@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from twinfer.parties.errors import PeerError, TwinferError
+from twinfer.protocols.backends import DEFAULT_PROTOCOL
 from twinfer.parties.runtime.session import CLIENT, DEALER, SERVER, PartyConfig, PartyReport
 from twinfer.parties.wire.tls import TlsIdentity
 from twinfer.parties.wire.transport import TransportOptions
@@ -46,11 +47,13 @@ def party_config(
     prefetch: bool = True,
     dealer_address: str | None = None,
     server_address: str | None = None,
+    protocol: str = DEFAULT_PROTOCOL,
 ) -> PartyConfig:
     """One role's PartyConfig; `tls` holds every role's identity (or is None: no TLS)."""
     return PartyConfig(
         role=role, session_id=session_id, options=options, insecure_trusted_first_party=insecure_trusted_first_party,
         dealer_prefetch=prefetch, tls=tls[role] if tls else None, dealer_address=dealer_address, server_address=server_address,
+        protocol=protocol,
     )  # fmt: skip
 
 

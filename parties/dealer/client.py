@@ -88,8 +88,10 @@ class DealerClient:
         metrics.count_offline(8 + len(reply.key))
         self._index = 0  # tuples drawn so far in this session
         self._current: int | None = None  # the tuple get_generator() opened, until its request
-        self._plans: dict[int, list[tuple[str, str]]] = {}  # batch size -> requests of one batch
-        self._recording: list[tuple[str, str]] | None = None
+        # batch size -> the requests of one batch: (index offset in the batch, kind, arguments)
+        self._plans: dict[int, list[tuple[int, str, str]]] = {}
+        self._recording: list[tuple[int, str, str]] | None = None
+        self._batch_start = 0
         self._ready: dict[int, tuple[tuple[str, str], dict[str, np.ndarray]]] = {}
         self._expected: set[int] = set()
         self._arrived = threading.Condition()
@@ -128,6 +130,7 @@ class DealerClient:
         """Prefetch this batch's tuples if a batch of this size ran before; else record them."""
         if not self.prefetch_enabled:
             return
+        self._batch_start = self._index
         plan = self._plans.get(batch_size)
         if plan is None:
             self._recording = []
@@ -136,8 +139,8 @@ class DealerClient:
         if not plan:  # this party asks the dealer for nothing (it derives its part from its seed)
             return
         requests = [
-            pb.TupleRequest(session_id=self.session_id, function=f, args_json=a, index=self._index + i, role=self.role)
-            for i, (f, a) in enumerate(plan)
+            pb.TupleRequest(session_id=self.session_id, function=f, args_json=a, index=self._index + offset, role=self.role)
+            for offset, f, a in plan
         ]
         with self._arrived:
             self._expected.update(r.index for r in requests)
@@ -231,7 +234,7 @@ class DealerClient:
         """This party's part of correlation `index`: prefetched if it matches, else fetched now."""
         key = (kind, args_json)
         if self._recording is not None:
-            self._recording.append(key)
+            self._recording.append((index - self._batch_start, kind, args_json))
         start = time.perf_counter()
         arrays = self._take_prefetched(index, key)
         if arrays is not None:

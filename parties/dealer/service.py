@@ -42,7 +42,7 @@ class DealerSession:
     session_id: str
     seeds: DealerSeeds = field(
         default_factory=lambda: DealerSeeds(
-            torch={r: _seed() for r in RANKS.values()}, aes={r: os.urandom(16) for r in RANKS.values()}
+            torch={r: _seed() for r in RANKS.values()}, aes={r: os.urandom(16) for r in RANKS.values()}, dealer=os.urandom(16)
         )
     )
     protocol: str | None = None  # named by the first party to ask for its seed

@@ -184,7 +184,7 @@ class _TwoPartySession:
         with self.metrics.layer("share_weights"):
             for name in sorted(graph.weight_shapes):
                 value = torch.from_numpy(weights[name]) if weights is not None else torch.zeros(graph.weight_shapes[name])
-                shared[name] = self.backend.share(value, src=RANKS[SERVER])
+                shared[name] = self.backend.share(value, src=RANKS[SERVER], constant=name)
         return shared
 
     def _infer_batch(self, graph: Graph, shared_weights: dict[str, Any], x: torch.Tensor) -> Any:

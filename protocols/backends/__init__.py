@@ -5,9 +5,10 @@ from __future__ import annotations
 from .base import Backend, CorrelationKind, Cost, Pricing
 from .crypten.backend import CryptenBackend
 from .crypten.pricing import CryptenPricing
+from .fss.backend import FssBackend
 
 DEFAULT_PROTOCOL = "crypten"
-_BACKENDS: dict[str, type[Backend]] = {CryptenBackend.name: CryptenBackend}
+_BACKENDS: dict[str, type[Backend]] = {CryptenBackend.name: CryptenBackend, FssBackend.name: FssBackend}
 
 
 def protocols() -> tuple[str, ...]:

@@ -39,6 +39,7 @@ class DealerSeeds:
 
     torch: dict[int, int]  # 64-bit, for CrypTen's (torch) generators
     aes: dict[int, bytes]  # 128-bit, for the AES-CTR streams of twinfer's own backends
+    dealer: bytes = b""  # 128-bit, the dealer's own (keys DCFs); never leaves the dealer
 
 
 @dataclass(frozen=True)
@@ -60,9 +61,9 @@ class CorrelationKind:
 class Pricing(abc.ABC):
     """A backend's online cost per primitive, read off the protocols it runs."""
 
-    def product(self, opened: int) -> Cost:
-        """A Beaver product that opens `opened` masked elements (x - a and y - b together)."""
-        return Cost(OPEN_BYTES * opened, 1)
+    def product(self, activations: int, weights: int) -> Cost:
+        """A Beaver product of an activation and a weight: x - a and W - b opened together."""
+        return Cost(OPEN_BYTES * (activations + weights), 1)
 
     def square(self, n: int) -> Cost:
         """A Beaver square of n elements: open x - r."""
@@ -121,8 +122,11 @@ class Backend(abc.ABC):
     # -- sharing -----------------------------------------------------------------------------------
 
     @abc.abstractmethod
-    def share(self, value: torch.Tensor, src: int) -> Any:
-        """Secret-share `value`, owned by rank `src`; other ranks pass a zero tensor of its shape."""
+    def share(self, value: torch.Tensor, src: int, *, constant: str | None = None) -> Any:
+        """Secret-share `value`, owned by rank `src`; other ranks pass a zero tensor of its shape.
+
+        `constant` names a value fixed for the whole session (a weight): a backend may then
+        open its Beaver mask once, at sharing, instead of in every product."""
 
     @abc.abstractmethod
     def reveal(self, x: Any, dst: int) -> torch.Tensor | None:

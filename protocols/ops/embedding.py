@@ -30,9 +30,9 @@ from .registry import LayerCost, Op, register, size
 EMBEDDING_OP = "Embedding"
 
 
-def lookup_opened(batch: int, fields: int, rows: int, dim: int) -> int:
-    """Elements one lookup opens: X - A (N x F x R) and T - B (R x d)."""
-    return batch * fields * rows + rows * dim
+def lookup_opened(batch: int, fields: int, rows: int, dim: int) -> tuple[int, int]:
+    """Elements one lookup opens: X - A (N x F x R), and T - B (R x d)."""
+    return batch * fields * rows, rows * dim
 
 
 class Embedding(Op):
@@ -62,7 +62,7 @@ class Embedding(Op):
 
     def cost(self, node, io, pricing):
         rows, dim = int(node.attrs["rows"]), int(node.attrs["dim"])
-        step = pricing.product(lookup_opened(io.batch, io.x, rows, dim))
+        step = pricing.product(*lookup_opened(io.batch, io.x, rows, dim))
         params = sum(size(io.weight(k)) for k in node.weights)
         mults = io.batch * io.out(node) * rows
         return LayerCost(node.name, node.op, params=params, secure_mults=mults, bytes_online=step.bytes_online, rounds=step.rounds)
@@ -118,7 +118,7 @@ class LookupCost:
 
     @classmethod
     def predict(cls, batch: int, fields: int, rows: int, dim: int) -> "LookupCost":
-        return cls(rounds=1, bytes_online=OPEN_BYTES * lookup_opened(batch, fields, rows, dim))
+        return cls(rounds=1, bytes_online=OPEN_BYTES * sum(lookup_opened(batch, fields, rows, dim)))
 
 
 def _import_gather(imp, node, a):

@@ -31,9 +31,9 @@ class Affine(nn.Module):
         return x * self.scale + self.shift
 
 
-def _product_cost(node: Node, io: CostInputs, pricing, opened: int, mults: int) -> LayerCost:
+def _product_cost(node: Node, io: CostInputs, pricing, activations: int, weights: int, mults: int) -> LayerCost:
     params = sum(size(io.weight(w)) for w in node.weights)
-    step = pricing.product(opened)
+    step = pricing.product(activations, weights)
     return LayerCost(node.name, node.op, params=params, secure_mults=mults, bytes_online=step.bytes_online, rounds=step.rounds)
 
 
@@ -63,7 +63,7 @@ class Conv(Op):
     def cost(self, node, io, pricing):
         w_shape = io.weight(node.weights[0])
         w = size(w_shape)
-        return _product_cost(node, io, pricing, io.batch * io.x + w, io.batch * io.out(node) * (w // w_shape[0]))
+        return _product_cost(node, io, pricing, io.batch * io.x, w, io.batch * io.out(node) * (w // w_shape[0]))
 
     def module(self, node, w):
         a = node.attrs
@@ -106,7 +106,7 @@ class AffineOp(Op):
 
     def cost(self, node, io, pricing):
         scale = size(io.weight(node.weights[0]))
-        return _product_cost(node, io, pricing, io.batch * io.x + scale, io.batch * io.out(node))
+        return _product_cost(node, io, pricing, io.batch * io.x, scale, io.batch * io.out(node))
 
     def module(self, node, w):
         return Affine(w[0], w[1])

@@ -67,7 +67,7 @@ class CryptenBackend(Backend):
     def stats(self) -> dict[str, float]:
         return dict(self._communicator.get_communication_stats())
 
-    def share(self, value: torch.Tensor, src: int) -> Any:
+    def share(self, value: torch.Tensor, src: int, *, constant: str | None = None) -> Any:
         return self._crypten.cryptensor(value, src=src)
 
     def reveal(self, x: Any, dst: int) -> torch.Tensor | None:

@@ -45,8 +45,9 @@ MAX_BITS = 64
 U64 = np.uint64
 _ONE = U64(1)
 _CLEAR2 = U64(0xFFFF_FFFF_FFFF_FFFC)  # clears a block's two low bits (control bit and tweak room)
-_CLEAR = np.array([_CLEAR2, U64(0xFFFF_FFFF_FFFF_FFFF)], dtype=U64)
-_CHUNK = 1 << 14  # elements per pass: every working buffer of a chunk stays in cache
+# elements per pass, so that a chunk's working buffers stay in cache (measured best on this machine)
+_GEN_CHUNK = 1 << 13
+_EVAL_CHUNK = 1 << 15
 
 MAGIC = b"TWFSDCF\x00"
 VERSION = 1
@@ -185,6 +186,12 @@ def _value_words(hashes: list[FixedKeyAes], blocks_in: np.ndarray, first: np.nda
     return np.concatenate(more, axis=-1)[..., :k]
 
 
+def _widen(src: np.ndarray, dst: np.ndarray) -> None:
+    """dst[..., j] = src for every j: one long strided copy per word."""
+    for j in range(dst.shape[-1]):
+        np.copyto(dst[..., j], src)
+
+
 def dcf_keygen(alpha, beta, bits: int, rng: AesCtrPrg | None = None) -> tuple[DcfKey, DcfKey]:
     """Keys of f_i(x) = beta_i if x < alpha_i else 0 for N elements at once.
 
@@ -212,8 +219,8 @@ def dcf_keygen(alpha, beta, bits: int, rng: AesCtrPrg | None = None) -> tuple[Dc
     final_cw = np.empty((N, k), U64)
     hashes = _hashes(k)
     work: dict[int, _GenWork] = {}
-    for c0 in range(0, N, _CHUNK):
-        c1 = min(N, c0 + _CHUNK)
+    for c0 in range(0, N, _GEN_CHUNK):
+        c1 = min(N, c0 + _GEN_CHUNK)
         w = work.get(c1 - c0) or work.setdefault(c1 - c0, _GenWork(c1 - c0, k))
         _gen_chunk(w, hashes, bits, alpha[c0:c1], beta[c0:c1], roots[:, c0:c1], seed_cw[:, c0:c1], value_cw[:, c0:c1], final_cw[c0:c1])
     return (DcfKey(0, bits, roots[0], seed_cw, value_cw, final_cw), DcfKey(1, bits, roots[1], seed_cw, value_cw, final_cw))
@@ -224,104 +231,113 @@ class _GenWork:
 
     def __init__(self, C: int, k: int) -> None:
         self.S = np.empty((2, C, 2), U64)  # both parties' current blocks
-        self.base = np.empty((2, 1, C, 2), U64)
         self.inp = np.empty((2, 4, C, 2), U64)  # party, tweak j, element, block
         self.out = np.empty((2, 4, C, 2), U64)
         self.d = np.empty((2, C, 2), U64)
         self.keep = np.empty((2, C, 2), U64)
         self.lose = np.empty((2, C, 2), U64)
-        self.dv = np.empty((2, C, k), U64)
-        self.vkeep = np.empty((2, C, k), U64)
-        self.vlose = np.empty((2, C, k), U64)
+        self.dv = np.empty((2, C, k), U64)  # party 1's value words less party 0's, per side
+        self.x = np.empty((C, k), U64)
+        self.y = np.empty((C, k), U64)
+        self.ab = np.empty((C, k), U64)
         self.valpha = np.empty((C, k), U64)
-        self.tmp = np.empty((C, k), U64)
         self.a = np.empty(C, U64)
         self.amask = np.empty(C, U64)
         self.sign1 = np.empty(C, U64)
         self.low = np.empty(C, U64)
         self.u = np.empty(C, U64)
+        self.tx = np.empty((2, C), U64)
         self.corr = np.empty((C, 2), U64)
         self.tmask = np.empty((2, C), U64)
-        # tweaks: j in the low word of the block
-        self.tweak = np.zeros((1, 4, 1, 2), U64)
-        self.tweak[0, :, 0, 0] = np.arange(4, dtype=U64)
+        # per-element masks widened to the words of a block or a payload: numpy is slow when a
+        # broadcast runs along a short last axis, fast along a long one
+        self.amask2 = np.empty((C, 2), U64)
+        self.amaskk = self.amask2 if k == 2 else np.empty((C, k), U64)
+        self.tmask2 = np.empty((2, C, 2), U64)
+        self.sign1k = np.empty((C, k), U64)
+        self.tweak = np.arange(4, dtype=U64)[None, :, None]  # j, in the low word of the block
 
 
 def _gen_chunk(w: _GenWork, hashes: list[FixedKeyAes], bits: int, alpha, beta, roots, seed_cw, value_cw, final_cw) -> None:
     S, inp, out, k = w.S, w.inp, w.out, beta.shape[1]
-    a, amask, sign1, low, u = w.a, w.amask, w.sign1, w.low, w.u
+    a, amask, sign1, low, u, tmask, tx = w.a, w.amask, w.sign1, w.low, w.u, w.tmask, w.tx
+    dv, x, y, ab, valpha = w.dv, w.x, w.y, w.ab, w.valpha
+    amask2, amaskk, tmask2, sign1k = w.amask2, w.amaskk, w.tmask2, w.sign1k
     np.copyto(S, roots)
-    w.valpha.fill(0)
+    valpha.fill(0)
     for i in range(bits):
         np.right_shift(alpha, _shift(bits, i), out=a)
         np.bitwise_and(a, _ONE, out=a)
         np.negative(a, out=amask)  # all ones where alpha goes right
-        # (-1)^t_1 from party 1's control bit before this level
-        np.bitwise_and(S[1, :, 0], _ONE, out=u)
-        np.left_shift(u, _ONE, out=sign1)
+        _widen(amask, amask2)
+        if amaskk is not amask2:
+            _widen(amask, amaskk)
+        # control bits before this level: masks t_b, and (-1)^t_1 = 1 - 2 t_1
+        np.bitwise_and(S[:, :, 0], _ONE, out=tmask)
+        np.left_shift(tmask[1], _ONE, out=sign1)
         np.subtract(_ONE, sign1, out=sign1)
-        np.negative(S[:, :, 0] & _ONE, out=w.tmask)
-        # expand: one AES call over both parties' four blocks
-        np.bitwise_and(S, _CLEAR, out=w.base[:, 0])
-        np.bitwise_xor(w.base, w.tweak, out=inp)
+        _widen(sign1, sign1k)
+        np.negative(tmask, out=tmask)
+        _widen(tmask, tmask2)
+        # expand: one AES call over both parties' four blocks, j in the cleared low bits
+        # (S is rebuilt below from the children: clear its low bits in place)
+        np.bitwise_and(S[:, :, 0], _CLEAR2, out=S[:, :, 0])
+        np.copyto(inp, S[:, None])
+        np.bitwise_or(inp[:, 1:, :, 0], w.tweak[:, 1:], out=inp[:, 1:, :, 0])
         hashes[0].hash_into(inp, out)
         sl, sr = out[:, 0], out[:, 1]
         np.bitwise_xor(sl, sr, out=w.d)
-        np.bitwise_and(w.d, amask[None, :, None], out=w.keep)
+        np.bitwise_and(w.d, amask2[None], out=w.keep)
         np.bitwise_xor(w.keep, sl, out=w.keep)
         np.bitwise_xor(w.keep, w.d, out=w.lose)
         cw = seed_cw[i]
         np.bitwise_xor(w.lose[0], w.lose[1], out=cw)
         # control-bit corrections: bit 0 = t0L ^ t1L ^ a ^ 1, bit 1 = t0R ^ t1R ^ a
-        np.bitwise_xor(sl[0, :, 0], sl[1, :, 0], out=low)
-        np.bitwise_and(low, _ONE, out=low)
-        np.bitwise_xor(sr[0, :, 0], sr[1, :, 0], out=u)
-        np.bitwise_and(u, _ONE, out=u)
-        np.left_shift(u, _ONE, out=u)
-        np.bitwise_or(low, u, out=low)
+        np.bitwise_xor(out[0, 0:2, :, 0], out[1, 0:2, :, 0], out=tx)
+        np.bitwise_and(tx, _ONE, out=tx)
+        np.left_shift(tx[1], _ONE, out=u)
+        np.bitwise_or(tx[0], u, out=low)
         np.add(a, _ONE, out=u)
         np.bitwise_xor(low, u, out=low)
         cw_lo = cw[:, 0]
         np.bitwise_and(cw_lo, _CLEAR2, out=cw_lo)
         np.bitwise_or(cw_lo, low, out=cw_lo)
-        # value words of both sides; keep/lose chosen by alpha's bit
+        # values: only party 1's less party 0's words matter, on the lose and keep sides
         vals = _value_words(hashes, inp[:, 2:4], out[:, 2:4], k)
-        vl, vr = vals[:, 0], vals[:, 1]
-        np.bitwise_xor(vl, vr, out=w.dv)
-        np.bitwise_and(w.dv, amask[None, :, None], out=w.vkeep)
-        np.bitwise_xor(w.vkeep, vl, out=w.vkeep)
-        np.bitwise_xor(w.vkeep, w.dv, out=w.vlose)
-        vcw, tmp = value_cw[i], w.tmp
-        np.subtract(w.vlose[1], w.vlose[0], out=vcw)
-        np.subtract(vcw, w.valpha, out=vcw)
-        np.bitwise_and(beta, amask[:, None], out=tmp)
-        np.add(vcw, tmp, out=vcw)
-        # V_alpha' = V_alpha - v1keep + v0keep + (-1)^t1 V_CW = (v1lose - v1keep) - (v0lose - v0keep) + a beta
-        np.subtract(w.vlose[1], w.vkeep[1], out=w.valpha)
-        np.subtract(w.valpha, w.vlose[0], out=w.valpha)
-        np.add(w.valpha, w.vkeep[0], out=w.valpha)
-        np.add(w.valpha, tmp, out=w.valpha)
-        np.multiply(vcw, sign1[:, None], out=vcw)
+        np.subtract(vals[1], vals[0], out=dv)
+        np.bitwise_xor(dv[0], dv[1], out=x)
+        np.bitwise_and(x, amaskk, out=y)
+        np.bitwise_xor(y, dv[1], out=y)  # lose side: v1lose - v0lose
+        np.bitwise_xor(x, y, out=x)  # keep side: v1keep - v0keep
+        np.bitwise_and(beta, amaskk, out=ab)
+        np.add(y, ab, out=y)
+        vcw = value_cw[i]
+        # V_CW = (-1)^t1 (v1lose - v0lose - V_alpha + a beta)
+        np.subtract(y, valpha, out=vcw)
+        np.multiply(vcw, sign1k, out=vcw)
+        # V_alpha' = V_alpha - (v1keep - v0keep) + (-1)^t1 V_CW = (v1lose - v0lose + a beta) - (v1keep - v0keep)
+        np.subtract(y, x, out=valpha)
         # next blocks: keep side, corrected where the party's control bit is set
         np.right_shift(cw_lo, a, out=u)
         np.bitwise_and(u, _ONE, out=u)
         np.bitwise_and(cw_lo, _CLEAR2, out=w.corr[:, 0])
         np.bitwise_or(w.corr[:, 0], u, out=w.corr[:, 0])
         w.corr[:, 1] = cw[:, 1]
-        np.bitwise_and(w.corr[None], w.tmask[:, :, None], out=S)
+        np.bitwise_and(w.corr[None], tmask2, out=S)
         np.bitwise_xor(S, w.keep, out=S)
     # leaf: value words H(s, 2) of both parties; the final word cancels the path's sum
     np.bitwise_and(S[1, :, 0], _ONE, out=u)
     np.left_shift(u, _ONE, out=sign1)
     np.subtract(_ONE, sign1, out=sign1)
-    leaf_in = inp[:, 2]
-    np.bitwise_and(S, _CLEAR, out=leaf_in)
-    leaf_in[:, :, 0] ^= U64(2)
-    leaf_in = np.ascontiguousarray(leaf_in)
-    conv = _value_words(hashes, leaf_in, hashes[0].hash_into(leaf_in, np.empty_like(leaf_in)), k)
+    _widen(sign1, sign1k)
+    leaf_in = w.lose
+    np.copyto(leaf_in, S)
+    np.bitwise_and(leaf_in[..., 0], _CLEAR2, out=leaf_in[..., 0])
+    np.bitwise_or(leaf_in[..., 0], U64(2), out=leaf_in[..., 0])
+    conv = _value_words(hashes, leaf_in, hashes[0].hash_into(leaf_in, w.d), k)
     np.subtract(conv[1], conv[0], out=final_cw)
-    np.subtract(final_cw, w.valpha, out=final_cw)
-    np.multiply(final_cw, sign1[:, None], out=final_cw)
+    np.subtract(final_cw, valpha, out=final_cw)
+    np.multiply(final_cw, sign1k, out=final_cw)
 
 
 class _EvalWork:
@@ -335,8 +351,10 @@ class _EvalWork:
         self.tmp = np.empty((C, k), U64)
         self.xi = np.empty(C, U64)
         self.tmask = np.empty(C, U64)
+        self.tmask2 = np.empty((C, 2), U64)
+        self.tmaskk = self.tmask2 if k == 2 else np.empty((C, k), U64)
         self.u = np.empty(C, U64)
-        self.corr = np.empty(C, U64)
+        self.corr = np.empty((C, 2), U64)
         self.value_tweak = np.array([[0], [2]], U64)
 
 
@@ -352,8 +370,8 @@ def dcf_eval(party: int, key: DcfKey, x) -> np.ndarray:
     hashes = _hashes(k)
     result = np.empty((N, k), U64)
     work: dict[int, _EvalWork] = {}
-    for c0 in range(0, N, _CHUNK):
-        c1 = min(N, c0 + _CHUNK)
+    for c0 in range(0, N, _EVAL_CHUNK):
+        c1 = min(N, c0 + _EVAL_CHUNK)
         w = work.get(c1 - c0) or work.setdefault(c1 - c0, _EvalWork(c1 - c0, k))
         _eval_chunk(w, hashes, key, c0, c1, x[c0:c1], result[c0:c1])
     if party == 1:
@@ -363,7 +381,8 @@ def dcf_eval(party: int, key: DcfKey, x) -> np.ndarray:
 
 def _eval_chunk(w: _EvalWork, hashes: list[FixedKeyAes], key: DcfKey, c0: int, c1: int, x, result) -> None:
     bits, k = key.bits, key.payload_words
-    S, inp, out, v, tmp, xi, tmask, u, corr = w.S, w.inp, w.out, w.v, w.tmp, w.xi, w.tmask, w.u, w.corr
+    S, inp, out, v, tmp, xi, u, corr = w.S, w.inp, w.out, w.v, w.tmp, w.xi, w.u, w.corr
+    tmask, tmask2, tmaskk = w.tmask, w.tmask2, w.tmaskk
     np.copyto(S, key.seed[c0:c1])
     v.fill(0)
     for i in range(bits):
@@ -371,34 +390,38 @@ def _eval_chunk(w: _EvalWork, hashes: list[FixedKeyAes], key: DcfKey, c0: int, c
         np.bitwise_and(xi, _ONE, out=xi)
         np.bitwise_and(S[:, 0], _ONE, out=tmask)
         np.negative(tmask, out=tmask)
+        _widen(tmask, tmask2)
+        if tmaskk is not tmask2:
+            _widen(tmask, tmaskk)
         # the path's child block (tweak x_i) and value block (tweak 2 + x_i): one AES call
         np.bitwise_and(S[:, 0], _CLEAR2, out=u)
         np.bitwise_xor(u, xi, out=u)
         np.bitwise_or(u[None, :], w.value_tweak, out=inp[:, :, 0])
         np.copyto(inp[:, :, 1], S[None, :, 1])
         hashes[0].hash_into(inp, out)
-        # seed correction where t = 1, with the control-bit correction of the path's side
-        cw = key.seed_cw[i, c0:c1]
-        np.right_shift(cw[:, 0], xi, out=u)
-        np.bitwise_and(u, _ONE, out=u)
-        np.bitwise_and(cw[:, 0], _CLEAR2, out=corr)
-        np.bitwise_or(corr, u, out=corr)
-        np.bitwise_and(corr, tmask, out=corr)
-        np.bitwise_xor(out[0, :, 0], corr, out=S[:, 0])
-        np.bitwise_and(cw[:, 1], tmask, out=corr)
-        np.bitwise_xor(out[0, :, 1], corr, out=S[:, 1])
+        # child ^= t s_CW; its control bit then takes t t_CW^L, which is corrected to t t_CW^R
+        # where x_i = 1 (bit 1 of a block is never read: each expansion clears it)
+        np.bitwise_and(key.seed_cw[i, c0:c1], tmask2, out=corr)
+        np.bitwise_xor(out[0], corr, out=S)
+        lo = corr[:, 0]
+        np.right_shift(lo, _ONE, out=u)
+        np.bitwise_xor(u, lo, out=u)
+        np.bitwise_and(u, xi, out=u)
+        np.bitwise_xor(S[:, 0], u, out=S[:, 0])
         # value: v += H(s, 2 + x_i) + t V_CW
         vals = _value_words(hashes, inp[1], out[1], k)
         np.add(v, vals, out=v)
-        np.bitwise_and(key.value_cw[i, c0:c1], tmask[:, None], out=tmp)
+        np.bitwise_and(key.value_cw[i, c0:c1], tmaskk, out=tmp)
         np.add(v, tmp, out=v)
     # leaf: v += H(s, 2) + t CW_{n+1}
     np.bitwise_and(S[:, 0], _ONE, out=tmask)
     np.negative(tmask, out=tmask)
+    _widen(tmask, tmaskk)
     leaf_in = inp[1]
-    np.bitwise_and(S, _CLEAR, out=leaf_in)
-    leaf_in[:, 0] ^= U64(2)
+    np.copyto(leaf_in, S)
+    np.bitwise_and(leaf_in[:, 0], _CLEAR2, out=leaf_in[:, 0])
+    np.bitwise_or(leaf_in[:, 0], U64(2), out=leaf_in[:, 0])
     vals = _value_words(hashes, leaf_in, hashes[0].hash_into(leaf_in, out[1]), k)
     np.add(v, vals, out=v)
-    np.bitwise_and(key.final_cw[c0:c1], tmask[:, None], out=tmp)
+    np.bitwise_and(key.final_cw[c0:c1], tmaskk, out=tmp)
     np.add(v, tmp, out=result)

@@ -1,0 +1,274 @@
+"""The `fss` backend: additive shares in Z_2^64, Beaver products with weights opened once, and
+ReLU in one online round from the dealer's DCF keys (BCG+21; research note fss.md).
+
+Values are fixed point with 16 fractional bits (`ring.py`), shared between rank 0 (the
+server) and rank 1 (the client). Per op:
+
+1. Sharing: at session start the parties exchange 16-byte seeds; their XOR keys a common
+   AES-CTR stream. The non-owner's share of a value is the next draw from that stream (the
+   owner knows it, which is harmless: the value is its own), the owner's is value - draw: no
+   bytes online. A session constant (a weight) also gets its Beaver mask B here, and W - B is
+   opened once, so products never open a weight again.
+2. Product of an activation x with a constant W (conv, linear, embedding, per-channel scale):
+   open E = X - A (one round), then party i holds [i = 0] E.F + E.B_i + A_i.F + C_i with F =
+   W - B, then the local two-party truncation. Party 1 derives A_1 and C_1 from its seed;
+   party 0 gets C_0 from the dealer.
+3. Square: open e = x - r; x^2 = e^2 + 2 e r + r^2, truncated.
+4. ReLU: open x_hat = x + r (one round, one ring element each way), then evaluate this
+   party's DCF key locally (`relu.py`); exact for every 64-bit value at the default width.
+5. Max-pool: a tree of max(a, b) = b + ReLU(a - b), one ReLU call per level (2 rounds for a
+   2x2 window). Average pooling: a local window sum times the public 1/k.
+6. Reveal: the other party sends its share.
+
+The backend holds its transport (send/recv/metrics) and its dealer client (the party's seed
+and its requests); it never reaches for a global.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..base import Backend, SERVER_RANK
+from . import ring
+from .correlations import BEAVER, CORRELATIONS, RELU, SQUARE, product, stream
+from .pricing import FssPricing
+from .prg import AesCtrPrg
+from .relu import ReluKey, masked_share, relu_eval
+
+_A, _C = 0, 1
+_POOL_PAD = -(1 << 46)  # a public value below any activation the encoding holds (2^30 in real units)
+
+
+class FssShare:
+    """One party's additive share (int64, fixed point) of a tensor, with the local operations."""
+
+    __slots__ = ("data", "party", "constant")
+
+    def __init__(self, data: torch.Tensor, party: int, constant: "_Constant | None" = None) -> None:
+        self.data, self.party, self.constant = data, party, constant
+
+    def _new(self, data: torch.Tensor) -> "FssShare":
+        return FssShare(data, self.party)
+
+    def _public(self, value: Any) -> torch.Tensor:
+        """A public value as this party's share of it: party 0 holds it all."""
+        enc = ring.encode(torch.as_tensor(value))
+        return enc if self.party == SERVER_RANK else torch.zeros_like(enc)
+
+    def __add__(self, other: Any) -> "FssShare":
+        if isinstance(other, FssShare):
+            return self._new(self.data + other.data)
+        return self._new(self.data + self._public(other))
+
+    __radd__ = __add__
+
+    def __sub__(self, other: Any) -> "FssShare":
+        if isinstance(other, FssShare):
+            return self._new(self.data - other.data)
+        return self._new(self.data - self._public(other))
+
+    def __neg__(self) -> "FssShare":
+        return self._new(-self.data)
+
+    def __mul__(self, public: Any) -> "FssShare":
+        """Times a public value (a product of shares goes through the backend)."""
+        if isinstance(public, FssShare):
+            raise TypeError("a product of two shared values needs the backend (Backend.mul)")
+        return self._new(ring.truncate(self.data * ring.encode(torch.as_tensor(public)), self.party))
+
+    __rmul__ = __mul__
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape
+
+    def nelement(self) -> int:
+        return self.data.nelement()
+
+    def reshape(self, *shape) -> "FssShare":
+        return self._new(self.data.reshape(*shape))
+
+    def flatten(self, start_dim: int = 0) -> "FssShare":
+        return self._new(self.data.flatten(start_dim=start_dim))
+
+    def index_select(self, dim: int, index: torch.Tensor) -> "FssShare":
+        return self._new(self.data.index_select(dim, index))
+
+    def t(self) -> "FssShare":
+        share = self._new(self.data.t())
+        if self.constant is not None:
+            share.constant = self.constant.transposed()
+        return share
+
+
+class _Constant:
+    """What a session constant's products need: F = W - B (public) and this party's B_i."""
+
+    __slots__ = ("b_index", "f", "b", "is_transposed")
+
+    def __init__(self, b_index: int, f: torch.Tensor, b: torch.Tensor, is_transposed: bool = False) -> None:
+        self.b_index, self.f, self.b, self.is_transposed = b_index, f, b, is_transposed
+
+    def transposed(self) -> "_Constant":
+        return _Constant(self.b_index, self.f, self.b, not self.is_transposed)
+
+
+class FssBackend(Backend):
+    name = "fss"
+    pricing = FssPricing()
+    correlations = CORRELATIONS
+    aes_seed = True
+
+    def __init__(self, rank: int, transport: Any, dealer: Any, bits: int = 64) -> None:
+        if dealer is None:
+            raise ValueError("the fss backend needs a dealer: it has no trusted-first-party mode")
+        if not dealer.key:
+            raise ValueError("the dealer sent no AES seed; is it serving the fss protocol for this session?")
+        self.rank = rank
+        self.transport = transport
+        self.dealer = dealer
+        self.bits = bits
+        self._pair: AesCtrPrg | None = None
+
+    @classmethod
+    def create(cls, rank: int, transport: Any, dealer: Any | None) -> "FssBackend":
+        return cls(rank, transport, dealer)
+
+    # -- the wire ---------------------------------------------------------------------------------
+
+    def _exchange(self, tag: str, mine: torch.Tensor) -> torch.Tensor:
+        """Send my int64 array, receive the peer's: one round (both send at once)."""
+        self.transport.metrics.count_round()
+        self.transport.send(tag, mine.contiguous().numpy())
+        theirs = torch.from_numpy(self.transport.recv(tag).copy())
+        if theirs.shape != mine.shape:
+            raise ValueError(f"the peer sent '{tag}' of shape {tuple(theirs.shape)}, expected {tuple(mine.shape)}")
+        return theirs
+
+    def _open(self, tag: str, mine: torch.Tensor) -> torch.Tensor:
+        return mine + self._exchange(tag, mine)
+
+    # -- lifecycle and sharing ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        seed = os.urandom(16)
+        theirs = self._exchange("fss.seed", torch.from_numpy(np.frombuffer(seed, dtype=np.int64).copy()))
+        common = bytes(a ^ b for a, b in zip(seed, theirs.numpy().tobytes()))
+        self._pair = AesCtrPrg(common)
+
+    def share(self, value: torch.Tensor, src: int, *, constant: str | None = None) -> FssShare:
+        draw = ring.from_numpy_u64(self._pair.uint64(tuple(value.shape))).reshape(value.shape)
+        data = ring.encode(value) - draw if self.rank == src else draw
+        share = FssShare(data, self.rank)
+        if constant is not None:
+            share.constant = self._mask_constant(share)
+        return share
+
+    def _mask_constant(self, w: FssShare) -> _Constant:
+        """Open W - B once for the session (B_i from this party's own stream)."""
+        b_index = self.dealer.next_index()
+        b = stream(self.dealer.key, b_index, _A, tuple(w.shape))
+        return _Constant(b_index, self._open("fss.open_constant", w.data - b), b)
+
+    def reveal(self, x: FssShare, dst: int) -> torch.Tensor | None:
+        self.transport.metrics.count_round()
+        if self.rank != dst:
+            self.transport.send("fss.reveal", x.data.contiguous().numpy())
+            return None
+        theirs = torch.from_numpy(self.transport.recv("fss.reveal").copy()).reshape(x.shape)
+        return ring.decode(x.data + theirs)
+
+    def cat(self, parts: list[FssShare], dim: int) -> FssShare:
+        return FssShare(torch.cat([p.data for p in parts], dim=dim), self.rank)
+
+    # -- products -----------------------------------------------------------------------------------
+
+    def _beaver(self, op: str, x: FssShare, w: FssShare, attrs: dict[str, Any]) -> FssShare:
+        const = w.constant
+        if const is None:
+            raise ValueError(f"the fss backend multiplies an activation by a session constant (a weight); {op} got two activations")
+        if op == "matmul" and const.is_transposed:
+            op = "linear"  # x W^T with W's own mask
+        elif const.is_transposed:
+            raise ValueError(f"{op} of a transposed constant is not supported")
+        index = self.dealer.next_index()
+        a = stream(self.dealer.key, index, _A, tuple(x.shape))
+        e = self._open("fss.beaver", x.data - a)
+        f, b = const.f, const.b
+        request = json.dumps({"op": op, "x_shape": list(x.shape), "w_shape": list(f.shape), "b_index": const.b_index, "attrs": attrs})
+        if self.rank == SERVER_RANK:
+            c = ring.from_numpy_u64(self.dealer.request(BEAVER, request, index)["c"])
+            z = product(op, e, f + b, attrs) + product(op, a, f, attrs) + c
+        else:
+            out = product(op, e, b, attrs) + product(op, a, f, attrs)
+            z = out + stream(self.dealer.key, index, _C, tuple(out.shape))
+        return FssShare(ring.truncate(z, self.rank), self.rank)
+
+    def conv2d(self, x, w, *, stride, padding, dilation, groups):
+        attrs = {"stride": list(stride), "padding": list(padding), "dilation": list(dilation), "groups": int(groups)}
+        return self._beaver("conv2d", x, w, attrs)
+
+    def matmul(self, x, w):
+        return self._beaver("matmul", x, w, {})
+
+    def mul(self, x, y):
+        return self._beaver("mul", x, y, {})
+
+    def square(self, x: FssShare) -> FssShare:
+        index = self.dealer.next_index()
+        shape = tuple(x.shape)
+        r = stream(self.dealer.key, index, _A, shape)
+        e = self._open("fss.square", x.data - r)
+        if self.rank == SERVER_RANK:
+            s = ring.from_numpy_u64(self.dealer.request(SQUARE, json.dumps({"shape": list(shape)}), index)["s"]).reshape(shape)
+            z = e * e + 2 * e * r + s
+        else:
+            z = 2 * e * r + stream(self.dealer.key, index, _C, shape)
+        return FssShare(ring.truncate(z, self.rank), self.rank)
+
+    # -- comparisons ------------------------------------------------------------------------------
+
+    def relu(self, x: FssShare) -> FssShare:
+        n = x.nelement()
+        if n == 0:
+            return x
+        index = self.dealer.next_index()
+        blob = self.dealer.request(RELU, json.dumps({"n": n, "bits": self.bits}), index)["key"]
+        key = ReluKey.from_bytes(blob.tobytes())
+        if key.party != self.rank or key.n_elements != n:
+            raise ValueError(f"the dealer sent a ReLU key for party {key.party} of {key.n_elements} elements; expected party {self.rank}, {n}")
+        mine = masked_share(key, ring.to_numpy_u64(x.data.reshape(-1)))
+        x_hat = self._open("fss.relu", ring.from_numpy_u64(mine)).numpy().view(np.uint64)
+        return FssShare(ring.from_numpy_u64(relu_eval(self.rank, key, x_hat)).reshape(x.shape), self.rank)
+
+    def max_pool2d(self, x: FssShare, *, kernel, stride, padding) -> FssShare:
+        windows = self._windows(x, kernel, stride, padding, _POOL_PAD)  # (N, C, OH, OW, k)
+        values = [windows[..., i] for i in range(windows.shape[-1])]
+        while len(values) > 1:  # one ReLU call per level of the tree
+            pairs = len(values) // 2
+            a = torch.stack(values[0 : 2 * pairs : 2])
+            b = torch.stack(values[1 : 2 * pairs : 2])
+            r = self.relu(FssShare(a - b, self.rank)).data
+            values = list(b + r) + values[2 * pairs :]
+        return FssShare(values[0].contiguous(), self.rank)
+
+    def avg_pool2d(self, x: FssShare, *, kernel, stride, padding) -> FssShare:
+        windows = self._windows(x, kernel, stride, padding, 0)
+        total = FssShare(windows.sum(dim=-1), self.rank)
+        return total * (1.0 / float(np.prod(kernel)))
+
+    def _windows(self, x: FssShare, kernel, stride, padding, pad_value: int) -> torch.Tensor:
+        data = x.data
+        ph, pw = padding
+        if ph or pw:
+            fill = pad_value if self.rank == SERVER_RANK else 0  # a public constant: party 0 holds it
+            data = torch.nn.functional.pad(data, (pw, pw, ph, ph), value=fill)
+        kh, kw = kernel
+        sh, sw = stride
+        w = data.unfold(2, kh, sh).unfold(3, kw, sw)  # (N, C, OH, OW, kh, kw)
+        return w.reshape(*w.shape[:4], kh * kw)

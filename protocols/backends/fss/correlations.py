@@ -1,0 +1,125 @@
+"""The correlated randomness of the fss backend, as the dealer makes it and the parties derive it.
+
+Every mask comes from AES-128-CTR streams (`prg.py`) keyed with 128-bit seeds from the OS
+(DESIGN.md invariants): each party's seed is known to that party and the dealer only; the
+dealer's own seed, which keys the DCFs, never leaves it. Correlation k of a session uses
+streams numbered from k, so a party derives its own masks locally and asks the dealer only
+for what depends on both parties' masks:
+
+1. Beaver product of an activation x and a session constant w (a weight; Beaver 1991) under
+   op (conv2d, linear, matmul, mul): B_i is party i's stream of the constant (fixed for the
+   session, so W - B is opened once), A_i and, for party 1, C_i are its streams of index k;
+   the dealer sends party 0 C_0 = op(A, B) - C_1.
+2. Beaver square: r_i, and for party 1 s_1, are its streams of index k; party 0 gets
+   s_0 = r^2 - s_1 (fixed point: r^2 carries 32 fractional bits until truncated).
+3. ReLU keys (BCG+21; `relu.py`): the dealer keys n DCFs from its own stream of index k and
+   sends each party its own key (the correction words go to both).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import torch
+
+from ...roles import CLIENT, SERVER
+from ..base import CorrelationKind, DealerSeeds
+from . import ring
+from .prg import AesCtrPrg, ctr_uint64
+from .relu import relu_keys
+
+BEAVER, SQUARE, RELU = "fss.beaver", "fss.square", "fss.relu"
+PRODUCT_OPS = ("conv2d", "linear", "matmul", "mul")
+MAX_ELEMENTS = 2**27  # as for CrypTen's tuples: 1 GiB of int64 per array
+_STREAMS = 4  # streams per correlation index: A (or r), C (or s), spare, spare
+_A, _C = 0, 1
+
+
+def stream(seed: bytes, index: int, which: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Ring elements (int64) of stream `which` of correlation `index` under `seed`."""
+    return ring.from_numpy_u64(ctr_uint64(seed, tuple(shape), stream=index * _STREAMS + which)).reshape(shape)
+
+
+def product(op: str, a: torch.Tensor, b: torch.Tensor, attrs: dict[str, Any]) -> torch.Tensor:
+    """op(a, b) in Z_2^64: the bilinear maps a Beaver product may be asked for."""
+    if op == "conv2d":
+        return ring.conv2d(a, b, stride=tuple(attrs["stride"]), padding=tuple(attrs["padding"]),
+                           dilation=tuple(attrs["dilation"]), groups=int(attrs["groups"]))  # fmt: skip
+    if op == "linear":  # x W^T, W as the layer stores it
+        return ring.matmul(a, b.t())
+    if op == "matmul":
+        return ring.matmul(a, b)
+    if op == "mul":
+        return a * b
+    raise ValueError(f"unknown product op '{op}' (known: {', '.join(PRODUCT_OPS)})")
+
+
+def _shape(value: Any, what: str) -> tuple[int, ...]:
+    if not (isinstance(value, list) and all(isinstance(d, int) and 0 <= d < 2**31 for d in value)):
+        raise ValueError(f"{what} must be a list of non-negative ints, got {value!r}")
+    if int(np.prod(value)) > MAX_ELEMENTS:
+        raise ValueError(f"{what} {value} exceeds the dealer's limit of {MAX_ELEMENTS} elements")
+    return tuple(value)
+
+
+def _decode_beaver(args_json: str) -> tuple[list, dict]:
+    try:
+        a = json.loads(args_json)
+        op, attrs, b_index = a["op"], dict(a.get("attrs", {})), int(a["b_index"])
+        x_shape, w_shape = _shape(a["x_shape"], "x_shape"), _shape(a["w_shape"], "w_shape")
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"malformed {BEAVER} request: {err}") from None
+    if op not in PRODUCT_OPS:
+        raise ValueError(f"unknown product op '{op}' (known: {', '.join(PRODUCT_OPS)})")
+    return [op, x_shape, w_shape, b_index, attrs], {}
+
+
+def _make_beaver(seeds: DealerSeeds, index: int, role: str, args: list, kwargs: dict) -> dict[str, np.ndarray]:
+    op, x_shape, w_shape, b_index, attrs = args
+    a = stream(seeds.aes[0], index, _A, x_shape) + stream(seeds.aes[1], index, _A, x_shape)
+    b = stream(seeds.aes[0], b_index, _A, w_shape) + stream(seeds.aes[1], b_index, _A, w_shape)
+    c = product(op, a, b, attrs)
+    c0 = c - stream(seeds.aes[1], index, _C, tuple(c.shape))
+    return {"c": ring.to_numpy_u64(c0)}
+
+
+def _decode_square(args_json: str) -> tuple[list, dict]:
+    try:
+        return [_shape(json.loads(args_json)["shape"], "shape")], {}
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"malformed {SQUARE} request: {err}") from None
+
+
+def _make_square(seeds: DealerSeeds, index: int, role: str, args: list, kwargs: dict) -> dict[str, np.ndarray]:
+    (shape,) = args
+    r = stream(seeds.aes[0], index, _A, shape) + stream(seeds.aes[1], index, _A, shape)
+    return {"s": ring.to_numpy_u64(r * r - stream(seeds.aes[1], index, _C, shape))}
+
+
+def _decode_relu(args_json: str) -> tuple[list, dict]:
+    try:
+        a = json.loads(args_json)
+        n, bits = int(a["n"]), int(a["bits"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"malformed {RELU} request: {err}") from None
+    if not 0 <= n <= MAX_ELEMENTS or not 2 <= bits <= 64:
+        raise ValueError(f"{RELU}: n must be in [0, {MAX_ELEMENTS}] and bits in [2, 64], got n={n} bits={bits}")
+    return [n, bits], {}
+
+
+def _make_relu(seeds: DealerSeeds, index: int, role: str, args: list, kwargs: dict) -> dict[str, np.ndarray]:
+    n, bits = args
+    # Regenerated from the dealer's own stream of this index for each party's request, so the
+    # two halves always belong together and the dealer keeps no keys between requests.
+    keys = relu_keys(n, bits, AesCtrPrg(seeds.dealer, stream=index))
+    blob = keys[0 if role == SERVER else 1].to_bytes()
+    return {"key": np.frombuffer(blob, dtype=np.uint8)}
+
+
+CORRELATIONS = (
+    CorrelationKind(BEAVER, (SERVER,), _decode_beaver, _make_beaver),
+    CorrelationKind(SQUARE, (SERVER,), _decode_square, _make_square),
+    CorrelationKind(RELU, (SERVER, CLIENT), _decode_relu, _make_relu),
+)

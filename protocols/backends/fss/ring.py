@@ -1,0 +1,82 @@
+"""Arithmetic in Z_2^64 on int64 torch tensors, and the fixed-point encoding of the fss backend.
+
+int64 addition and multiplication wrap around, which is the ring arithmetic. torch has no
+int64 convolution, so ring products that sum many terms (conv2d, matmul) split each operand
+into four 16-bit limbs and run the limb products in float64, where every partial sum is an
+exact integer (2^32 per term, fewer than 2^21 terms), then recombine mod 2^64; limb pairs
+whose weight is 2^64 or more vanish, so 10 of the 16 products are needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+FRACTION_BITS = 16  # the same precision as CrypTen's encoder
+SCALE = 1 << FRACTION_BITS
+_LIMB_BITS = 16
+_LIMBS = 4
+_MAX_TERMS = 1 << 20  # terms one output sums, below which float64 partial sums are exact
+
+
+def encode(x: torch.Tensor) -> torch.Tensor:
+    """Fixed point: round(x * 2^16) as int64 (values beyond +-2^47 are refused by the caller's range check)."""
+    return torch.round(x.to(torch.float64) * SCALE).to(torch.int64)
+
+
+def decode(x: torch.Tensor) -> torch.Tensor:
+    return (x.to(torch.float64) / SCALE).to(torch.float32)
+
+
+def truncate(share: torch.Tensor, party: int, bits: int = FRACTION_BITS) -> torch.Tensor:
+    """Two-party local truncation (SecureML, Mohassel and Zhang 2017): party 0 shifts its share,
+    party 1 shifts the negation of its share and negates back. The result is off by at most
+    one unit in the last place, and wrong with probability about |x| / 2^63."""
+    if party == 0:
+        return share >> bits
+    return -((-share) >> bits)
+
+
+def _limbs(x: torch.Tensor) -> list[torch.Tensor]:
+    """x = sum_i limb_i 2^(16 i) mod 2^64, each limb in [0, 2^16) as float64."""
+    mask = (1 << _LIMB_BITS) - 1
+    return [((x >> (_LIMB_BITS * i)) & mask).to(torch.float64) for i in range(_LIMBS)]
+
+
+def ring_product(op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], a: torch.Tensor, b: torch.Tensor, terms: int) -> torch.Tensor:
+    """op(a, b) mod 2^64 for a bilinear op (conv2d, matmul) whose outputs each sum `terms` products.
+
+    Each limb product is below 2^32 * terms < 2^53, so float64 holds it exactly and its int64
+    cast is exact; the shifted sum then wraps in int64 as the ring does.
+    """
+    if terms >= _MAX_TERMS:
+        raise ValueError(f"a ring product summing {terms} terms per output exceeds float64's exact range (2^21)")
+    la, lb = _limbs(a), _limbs(b)
+    out = None
+    for i in range(_LIMBS):
+        for j in range(_LIMBS - i):
+            term = op(la[i], lb[j]).to(torch.int64) << (_LIMB_BITS * (i + j))
+            out = term if out is None else out.add_(term)
+    return out
+
+
+def conv2d(x: torch.Tensor, w: torch.Tensor, *, stride, padding, dilation, groups: int) -> torch.Tensor:
+    """Ring conv2d of int64 tensors."""
+    terms = int(w.shape[1] * w.shape[2] * w.shape[3])
+    return ring_product(lambda a, b: F.conv2d(a, b, None, stride, padding, dilation, groups), x, w, terms)
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Ring matmul of int64 tensors (broadcasting as torch.matmul)."""
+    return ring_product(torch.matmul, a, b, int(a.shape[-1]))
+
+
+def to_numpy_u64(x: torch.Tensor) -> np.ndarray:
+    return x.contiguous().numpy().view(np.uint64)
+
+
+def from_numpy_u64(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a).view(np.int64))
