@@ -1,5 +1,8 @@
-"""Clip (ReLU6) and Concat end to end: real dealer, server and client processes over gRPC,
-the private logits against PyTorch's, and the measured counters against the cost model."""
+"""End to end on every backend: real dealer, server and client processes over gRPC, the
+private logits against PyTorch's, and the measured counters against the cost model.
+
+Clip (ReLU6) and Concat on a two-branch model; the demo CNN and the small ResNet on the fss
+backend (the crypten backend runs them in test_e2e_ray.py and test_e2e_standalone.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from torch import nn
 
 from twinfer.deploy.launch.local import run_local_session
 from twinfer.parties.wire.transport import TransportOptions
+from twinfer.protocols.backends import protocols
 from twinfer.protocols.cost_model import graph_cost, total_cost
 from twinfer.protocols.ir.onnx_export import export_onnx
 from twinfer.protocols.ir.onnx_import import graph_from_onnx
@@ -32,7 +36,8 @@ class Branches(nn.Module):
         return self.head(nn.functional.avg_pool2d(nn.functional.relu6(joined * 1.0), 2).flatten(1))
 
 
-def test_clip_and_concat_private_equals_pytorch():
+@pytest.mark.parametrize("protocol", protocols())
+def test_clip_and_concat_private_equals_pytorch(protocol):
     torch.manual_seed(3)
     model = Branches().eval()
     x = torch.randn(3, 1, 8, 8) * 4  # wide enough that both bounds of ReLU6 are crossed
@@ -44,12 +49,35 @@ def test_clip_and_concat_private_equals_pytorch():
         expected = model(x).numpy()
         left = model.left(x)
     assert (left > 6).any() and (left < 0).any()
-    reports = run_local_session(onnx_bytes, x.numpy(), batch=3, options=TransportOptions(connect_timeout_s=60.0), timeout_s=240)
+    reports = run_local_session(
+        onnx_bytes, x.numpy(), batch=3, options=TransportOptions(connect_timeout_s=60.0), timeout_s=240, protocol=protocol
+    )
     client = reports["client"]
+    assert client.protocol == reports["server"].protocol == protocol
     np.testing.assert_allclose(client.logits, expected, atol=2e-2)
-    predicted = total_cost(graph_cost(graph, batch=3))
+    predicted = total_cost(graph_cost(graph, batch=3, protocol=protocol))
     for role in ("client", "server"):
         assert reports[role].comparisons == predicted.comparisons  # 2 per ReLU6 element, 1 per ReLU
         assert reports[role].relu_count == predicted.relu_count == 3 * 2 * 8 * 8
         assert reports[role].batch_bytes_online[0] == predicted.bytes_online
     assert predicted.comparisons == 3 * (2 * 3 * 8 * 8 + 2 * 8 * 8 + 2 * 5 * 8 * 8)
+
+
+@pytest.mark.parametrize("name", ["fashion_cnn", "tiny_resnet"])
+def test_demo_models_on_fss_equal_pytorch_within_0_01(name, request, fashion_test):
+    """Two batches of 2: the second runs on prefetched keys; the cost model prices both exactly."""
+    model = request.getfixturevalue(name).eval()
+    x = torch.tensor(fashion_test[0][:4])
+    onnx_bytes = export_onnx(model, x[:1])
+    graph, _ = graph_from_onnx(onnx.load_from_string(onnx_bytes))
+    reports = run_local_session(
+        onnx_bytes, x.numpy(), batch=2, options=TransportOptions(connect_timeout_s=60.0), timeout_s=240, protocol="fss"
+    )
+    client = reports["client"]
+    with torch.no_grad():
+        expected = model(x).numpy()
+    assert np.abs(client.logits - expected).max() < 0.01
+    assert (client.logits.argmax(1) == expected.argmax(1)).all()
+    predicted = total_cost(graph_cost(graph, batch=2, protocol="fss"))
+    assert client.batch_rounds == [predicted.rounds] * 2 and predicted.rounds < 20
+    assert client.batch_bytes_online == [predicted.bytes_online] * 2

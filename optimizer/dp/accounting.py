@@ -63,7 +63,7 @@ def split_noise_multiplier(effective: float, selection_share: float) -> tuple[fl
     return effective / math.sqrt(selection_share), effective / math.sqrt(1.0 - selection_share)
 
 
-def _accountant(name: str) -> dp_accounting.PrivacyAccountant:
+def make_accountant(name: str) -> dp_accounting.PrivacyAccountant:
     if name == "rdp":
         return rdp.RdpAccountant()
     if name == "pld":  # a 1e-3 grid moves epsilon by about 1e-4 here and is 6x faster than the default
@@ -81,7 +81,7 @@ def _check_common(delta: float, sampling_rate: float, steps: int) -> None:
 
 
 @contextlib.contextmanager
-def _quiet_absl() -> Iterator[None]:
+def quiet_absl() -> Iterator[None]:
     """dp-accounting logs a warning for each RDP order it skips (harmless: that order is not used)."""
     logger = logging.getLogger("absl")
     level = logger.level
@@ -95,8 +95,8 @@ def _quiet_absl() -> Iterator[None]:
 def compute_epsilon(privacy: TrainingPrivacy, delta: float, accountant: str = "rdp") -> float:
     """Epsilon spent by the run at `delta`, from dp-accounting's RDP or PLD accountant."""
     _check_common(delta, privacy.sampling_rate, privacy.steps)
-    acc = _accountant(accountant)
-    with _quiet_absl():
+    acc = make_accountant(accountant)
+    with quiet_absl():
         acc.compose(privacy.event())
         return float(acc.get_epsilon(delta))
 
@@ -124,8 +124,8 @@ def solve_noise_multiplier(
         return compute_epsilon(TrainingPrivacy(sampling_rate, steps, sigma, topk_noise_multiplier), delta, name)
 
     if topk_noise_multiplier is not None:
-        alone = _accountant(accountant)
-        with _quiet_absl():
+        alone = make_accountant(accountant)
+        with quiet_absl():
             alone.compose(dp_event.GaussianDpEvent(topk_noise_multiplier))
             spent = float(alone.get_epsilon(delta))
         if spent >= target_epsilon:
