@@ -16,7 +16,16 @@ NeurIPS 2023 (arXiv 2311.08357). Each step, for every method:
        which rows the batch touched. Noise N(0, (s2 C)^2) goes on the selected rows only.
   5. Update only the rows that got a gradient (SGD); the gradient is kept as (rows, values).
 Privacy: selection and gradient noise act on the same sampled batch, one Gaussian mechanism with
-s_eff = (s1^-2 + s2^-2)^(-1/2) per step (optimizer/dp/accounting.py).
+s_eff = (s1^-2 + s2^-2)^(-1/2) per step (optimizer/dp/accounting.py). The noise is planned for
+the configured epochs; what is spent is what the run's ledger recorded (optimizer/dp/ledger.py):
+every mechanism, each time it ran, so a run stopped early reports the smaller epsilon it spent.
+
+Working buffers: the released gradient is always (selected rows, values), but when the table is
+no larger than the row lookups of one batch (V <= expected batch x fields, a public fact) the
+sums are built in a V x d buffer, and AdaFEST's noisy counts are drawn for every row (the same
+distribution as sampling the zero-count rows): sorting the batch's rows would cost more than
+the table. On such tables sparsity saves little training time; it still shrinks the deployed
+table (rows never selected are dropped), which is what the private lookup pays for.
 """
 
 from __future__ import annotations
@@ -40,15 +49,25 @@ from twinfer.optimizer.dp.accounting import (
     split_noise_multiplier,
 )
 from twinfer.optimizer.dp.embedding_model import EmbeddingMLP, auc, clipped_gradients, predict
+from twinfer.optimizer.dp.ledger import PrivacyLedger
+from twinfer.optimizer.dp.validators import PrivacyConfigError, check_privacy_config, noise_problems
 
 METHODS = ("dense", "fest", "adafest")
 ID_MAP_PREFIX = "id_to_row/"  # artifact tensors: per field, raw id -> row of the deployed table
 FREQUENCY_SOURCES = ("dp", "public")
+BUFFERS = ("auto", "dense", "sparse")
+# delta=None means AUTO_DELTA / N; a delta of 1/N or more is refused (optimizer/dp/validators.py).
+AUTO_DELTA = 0.1
+# The ledger's names for the mechanisms a run can use, and the batch the per-step ones share.
+MECH_TOPK = "dp_topk_counts"
+MECH_SELECTION = "adafest_contribution_map"
+MECH_GRADIENT = "gradient_noise"
+STEP_BATCH = "step"
 
 
 @dataclass
 class DPTrainConfig:
-    """Everything a run needs; `delta=None` means 1/N."""
+    """Everything a run needs; `delta=None` means AUTO_DELTA / N."""
 
     method: str = "adafest"
     epsilon: float = 3.0
@@ -73,7 +92,11 @@ class DPTrainConfig:
     # public, data-independent choice; such tables are small, so dense noise there is cheap).
     dense_fields_max_vocab: int = 256
     seed: int = 0
-    max_steps: int | None = None  # stop early (timing runs); privacy is accounted for the steps planned
+    # Stop after this many steps; the noise stays planned for all the steps, and the ledger
+    # accounts only the steps that ran.
+    max_steps: int | None = None
+    # Working buffers for the row sums: "auto" (V x d when V <= expected batch x fields), or forced.
+    buffers: str = "auto"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -82,6 +105,10 @@ class DPTrainConfig:
             raise ValueError(f"fest_frequencies must be one of {FREQUENCY_SOURCES}, got {self.fest_frequencies!r}")
         if self.contribution_norm not in ("l1", "l2"):
             raise ValueError(f"contribution_norm must be 'l1' or 'l2', got {self.contribution_norm!r}")
+        if self.buffers not in BUFFERS:
+            raise ValueError(f"buffers must be one of {BUFFERS}, got {self.buffers!r}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be at least 1 (or None for every planned step), got {self.max_steps}")
         for name in ("epochs", "batch_size", "clip", "lr_embedding", "lr_mlp", "dim", "hidden", "fest_topk", "threshold_sigmas"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -89,6 +116,8 @@ class DPTrainConfig:
 
 @dataclass
 class PrivacyReport:
+    """The plan: noise solved so that `steps` steps spend `epsilon_target` (what ran is in the ledger)."""
+
     epsilon_target: float
     delta: float
     accountant: str
@@ -135,6 +164,9 @@ class DPTrainResult:
     updated: torch.Tensor  # (V,) bool: rows that ever received a gradient
     test_auc: float
     train_s: float
+    ledger: PrivacyLedger
+    spent: dict  # ledger.to_dict(delta): mechanisms, counts, epsilon by RDP and PLD
+    name: str | None = None  # how summaries label the run (default: the method)
 
     def rows_kept_per_field(self) -> dict[str, list[int]]:
         offsets = self.model.offsets.tolist()
@@ -144,10 +176,11 @@ class DPTrainResult:
     def summary(self) -> dict:
         vocab = int(self.model.table.shape[0])
         return {
-            "method": self.config.method,
+            "method": self.name or self.config.method,
             "test_auc": self.test_auc,
             "train_s": self.train_s,
             "privacy": asdict(self.privacy),
+            "privacy_spent": self.spent,
             "rows_ever_updated": int(self.updated.sum()),
             "vocab_total": vocab,
         } | self.stats.summary(vocab, self.model.dim)
@@ -249,41 +282,119 @@ class _Adam:
             p.sub_(self.lr * (m / (1 - 0.9**self.t)) / ((v / (1 - 0.999**self.t)).sqrt() + 1e-8))
 
 
-def _update_rows(
-    table: torch.Tensor,
-    touched: torch.Tensor,
-    summed: torch.Tensor,
-    selected: torch.Tensor | None,
-    sigma_c: float,
-    lr: float,
-    gen: torch.Generator,
-) -> int:
-    """Noise the clipped sum on the selected rows (all rows when `selected` is None) and step.
+@dataclass(frozen=True)
+class RowSelection:
+    """Which rows a step's embedding gradient covers, and how its sums are built (see the module docstring)."""
 
-    `touched` (sorted) and `summed` are the batch's rows and clipped gradient sums; a touched row
-    that was not selected contributes nothing. The sparse gradient is (selected, values) and never
-    becomes a V x d tensor; dense DP-SGD builds exactly that. Returns the gradient's row count.
+    method: str
+    dense_buffers: bool = False
+    fixed_rows: torch.Tensor | None = None  # FEST: sorted rows, the same every step
+    s1: float | None = None  # AdaFEST: noise on the contribution counts
+    tau: float | None = None  # AdaFEST: threshold on the noisy counts
+    norm: str = "l2"  # AdaFEST: each example's contribution map scaled to L2 norm 1 or total 1
+    sparse_cols: tuple[int, ...] = ()  # AdaFEST: the fields whose rows are selected per step
+    dense_rows: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))  # always selected
+
+
+@dataclass
+class PrivateGradient:
+    """One step's privatized gradient: noisy sums of clipped per-example gradients (not yet scaled)."""
+
+    mlp: list[torch.Tensor]  # same order as EmbeddingMLP.mlp_parameters
+    rows: torch.Tensor | None  # sorted rows that get a gradient; None: every row (dense DP-SGD)
+    table: torch.Tensor  # (len(rows), d), or (V, d) when rows is None
+    touched: int  # distinct rows the batch touched (statistics only, never released)
+    false_positive: int  # AdaFEST: selected rows of the sparse fields that the batch did not touch
+    loss: float  # summed loss of the batch (nan for an empty batch)
+
+    @property
+    def gradient_rows(self) -> int:
+        return int(self.table.shape[0])
+
+
+def private_gradient(
+    model: EmbeddingMLP,
+    ids: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    clip: float,
+    sigma_c: float,
+    selection: RowSelection,
+    gen: torch.Generator,
+) -> PrivateGradient:
+    """Clip every example's gradient to `clip`, sum, and add N(0, sigma_c^2) to the MLP and the selected rows.
+
+    AdaFEST's selection noise (N(0, s1^2) on the contribution counts) is drawn here too, so one
+    call is one run of each of the step's mechanisms. `sigma_c = 0` gives the noise-free sums.
     """
-    if selected is None:
-        grad = torch.randn(table.shape, generator=gen) * sigma_c  # dense DP-SGD: a V x d gradient
-        grad.index_add_(0, touched, summed)
-        table.sub_(grad, alpha=lr)
-        return int(table.shape[0])
-    values = torch.randn(len(selected), table.shape[1], generator=gen) * sigma_c
-    pos = torch.searchsorted(selected, touched).clamp(max=max(0, len(selected) - 1))
-    hit = (selected[pos] == touched) if len(selected) else torch.zeros(len(touched), dtype=torch.bool)
-    values.index_add_(0, pos[hit], summed[hit])
-    table.index_add_(0, selected, values, alpha=-lr)
-    return len(selected)
+    vocab, dim = model.table.shape
+    if len(ids):
+        clipped = clipped_gradients(model, ids, labels, clip)
+        mlp_sums, rows, row_grads, loss = clipped.mlp, clipped.rows, clipped.row_grads.reshape(-1, dim), clipped.loss
+    else:
+        mlp_sums = [torch.zeros_like(p) for p in model.mlp_parameters()]
+        rows, row_grads, loss = torch.empty(0, model.fields, dtype=torch.long), torch.zeros(0, dim), float("nan")
+    mlp = [s + torch.randn(s.shape, generator=gen) * sigma_c for s in mlp_sums]
+    method, fp = selection.method, 0
+    if method == "adafest":
+        large = rows[:, list(selection.sparse_cols)]
+        weight = 1.0 / (math.sqrt(large.shape[1]) if selection.norm == "l2" else large.shape[1])
+    if method == "dense" or selection.dense_buffers:
+        summed = torch.zeros(vocab, dim).index_add_(0, rows.flatten(), row_grads)
+        touched = int((torch.bincount(rows.flatten(), minlength=vocab) > 0).sum())
+        if method == "dense":  # a dense V x d gradient, noise on every row
+            return PrivateGradient(mlp, None, summed.add_(torch.randn(vocab, dim, generator=gen) * sigma_c), touched, 0, loss)
+        if method == "fest":
+            selected = selection.fixed_rows
+        else:  # a noisy count for every row: zero-count rows pass with P(N(0, s1^2) > tau), as sampled below
+            counts = torch.bincount(large.flatten(), minlength=vocab).to(torch.float32) * weight
+            passed = counts + torch.randn(vocab, generator=gen) * selection.s1 > selection.tau
+            passed[selection.dense_rows] = False
+            chosen = passed.nonzero().squeeze(1)
+            fp = int((counts[chosen] == 0).sum())
+            selected = torch.cat([selection.dense_rows, chosen]).sort().values
+        values = summed[selected].add_(torch.randn(len(selected), dim, generator=gen) * sigma_c)
+        return PrivateGradient(mlp, selected, values, touched, fp, loss)
+    touched_rows, inverse = torch.unique(rows, return_inverse=True)
+    summed = torch.zeros(len(touched_rows), dim).index_add_(0, inverse.flatten(), row_grads)
+    if method == "fest":
+        selected = selection.fixed_rows
+    else:
+        t_rows, passed, extra = adafest_select(
+            large, vocab, selection.s1, selection.tau, selection.norm, gen, exclude=selection.dense_rows, weight=weight
+        )
+        fp = len(extra)
+        selected = torch.cat([selection.dense_rows, t_rows[passed], extra]).sort().values  # disjoint parts
+    values = torch.randn(len(selected), dim, generator=gen) * sigma_c
+    if len(selected):
+        pos = torch.searchsorted(selected, touched_rows).clamp(max=len(selected) - 1)
+        hit = selected[pos] == touched_rows  # a touched row that was not selected contributes nothing
+        values.index_add_(0, pos[hit], summed[hit])
+    return PrivateGradient(mlp, selected, values, len(touched_rows), fp, loss)
+
+
+def auto_delta(n_train: int) -> float:
+    return AUTO_DELTA / n_train
 
 
 def plan_privacy(config: DPTrainConfig, n_train: int) -> PrivacyReport:
-    """Sampling rate and steps from the config, the noise solved from the target epsilon."""
+    """Sampling rate and steps from the config, the noise solved from the target epsilon.
+
+    Settings that would make the guarantee meaningless are refused first, all at once
+    (PrivacyConfigError, optimizer/dp/validators.py), and so is a solved noise multiplier under
+    validators.MIN_NOISE_MULTIPLIER.
+    """
+    check_privacy_config(config, n_train)
     q = min(1.0, config.batch_size / n_train)
     steps = max(1, int(math.ceil(config.epochs / q)))
-    delta = config.delta if config.delta is not None else 1.0 / n_train
+    delta = config.delta if config.delta is not None else auto_delta(n_train)
     topk = config.topk_noise_multiplier if config.method == "fest" and config.fest_frequencies == "dp" else None
     sigma = solve_noise_multiplier(config.epsilon, delta, q, steps, accountant=config.accountant, topk_noise_multiplier=topk)
+    problems = noise_problems(
+        sigma, epsilon=config.epsilon, delta=delta, sampling_rate=q, steps=steps, accountant=config.accountant, topk_noise_multiplier=topk
+    )
+    if problems:
+        raise PrivacyConfigError(problems)
     if config.method == "adafest":
         s1, s2 = split_noise_multiplier(sigma, config.selection_share)
     else:
@@ -305,17 +416,64 @@ def plan_privacy(config: DPTrainConfig, n_train: int) -> PrivacyReport:
     )
 
 
+def register_mechanisms(ledger: PrivacyLedger, privacy: PrivacyReport, clip: float, fields: int) -> list[str]:
+    """Declare the run's mechanisms in `ledger`; returns the names recorded once per step."""
+    if privacy.topk_noise_multiplier is not None:
+        ledger.register(
+            MECH_TOPK,
+            noise_multiplier=privacy.topk_noise_multiplier,
+            l2_sensitivity=math.sqrt(fields),
+            releases="noisy id counts of every field over all training examples (one per field per example)",
+        )
+    per_step = []
+    if privacy.noise_multiplier_selection is not None:
+        ledger.register(
+            MECH_SELECTION,
+            noise_multiplier=privacy.noise_multiplier_selection,
+            l2_sensitivity=1.0,
+            sampling_rate=privacy.sampling_rate,
+            batch=STEP_BATCH,
+            releases="the rows whose noisy contribution count (each example's map of L2 norm <= 1) passes tau",
+        )
+        per_step.append(MECH_SELECTION)
+    ledger.register(
+        MECH_GRADIENT,
+        noise_multiplier=privacy.noise_multiplier_gradient,
+        l2_sensitivity=clip,
+        sampling_rate=privacy.sampling_rate,
+        batch=STEP_BATCH,
+        releases="the noisy sum of clipped per-example gradients: every MLP weight and the selected rows",
+    )
+    return per_step + [MECH_GRADIENT]
+
+
+def uses_dense_buffers(config: DPTrainConfig, vocab: int, expected_batch: float, fields: int) -> bool:
+    """Whether a step builds its sums in a V x d buffer (the module docstring says when and why)."""
+    if config.buffers != "auto":
+        return config.buffers == "dense"
+    return vocab <= expected_batch * fields
+
+
 def train_dp(
     data: CategoricalData,
     config: DPTrainConfig,
     *,
     privacy: PrivacyReport | None = None,
     progress: Callable[[int, int, dict], None] | None = None,
+    ledger: PrivacyLedger | None = None,
 ) -> DPTrainResult:
-    """Train an EmbeddingMLP on `data` with the configured method; evaluates test AUC."""
+    """Train an EmbeddingMLP on `data` with the configured method; evaluates test AUC.
+
+    `privacy` defaults to plan_privacy(config) (validated); one given explicitly is used as is.
+    Every mechanism is recorded in `ledger` (a fresh one unless given: pass your own to keep
+    the record of a run that is interrupted) as soon as it has run; the result's `spent` is
+    computed from that record.
+    """
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed + 1)
     privacy = privacy or plan_privacy(config, len(data.train_ids))
+    ledger = ledger if ledger is not None else PrivacyLedger()
+    per_step = register_mechanisms(ledger, privacy, config.clip, len(data.vocab_sizes))
     model = EmbeddingMLP(data.vocab_sizes, config.dim, config.hidden, seed=config.seed)
     vocab, dim = model.table.shape
     offsets = model.offsets.tolist()
@@ -330,63 +488,61 @@ def train_dp(
     updated = torch.zeros(vocab, dtype=torch.bool)
     stats = StepStats()
     small = [f for f, v in enumerate(data.vocab_sizes) if v <= config.dense_fields_max_vocab]
-    sparse_cols = [f for f in range(len(data.vocab_sizes)) if f not in small]
+    sparse_cols = tuple(f for f in range(len(data.vocab_sizes)) if f not in small)
     dense_rows = torch.cat(
         [torch.arange(offsets[f], offsets[f] + data.vocab_sizes[f]) for f in small] or [torch.empty(0, dtype=torch.long)]
     )
-    fest_rows = None
-    if config.method == "fest":
-        noise = privacy.topk_noise_multiplier if config.fest_frequencies == "dp" else None
-        fest_rows = torch.unique(torch.cat([dp_topk_rows(data, offsets, config.fest_topk, noise, gen), dense_rows]))
-        updated[fest_rows] = True
     if config.method == "adafest" and not sparse_cols:
         raise ValueError(
             f"every field has at most {config.dense_fields_max_vocab} ids, so AdaFEST would select nothing; "
             "lower dense_fields_max_vocab or use dense DP-SGD"
         )
-    tau = config.threshold_sigmas * s1 if s1 is not None else None
+    fest_rows = None
+    if config.method == "fest":
+        noise = privacy.topk_noise_multiplier if config.fest_frequencies == "dp" else None
+        top = dp_topk_rows(data, offsets, config.fest_topk, noise, gen)
+        if noise is not None:
+            ledger.record(MECH_TOPK)
+        fest_rows = torch.unique(torch.cat([top, dense_rows]))
+    selection = RowSelection(
+        method=config.method,
+        dense_buffers=uses_dense_buffers(config, vocab, expected_batch, len(data.vocab_sizes)),
+        fixed_rows=fest_rows,
+        s1=s1,
+        tau=config.threshold_sigmas * s1 if s1 is not None else None,
+        norm=config.contribution_norm,
+        sparse_cols=sparse_cols,
+        dense_rows=dense_rows,
+    )
+    lr_rows = config.lr_embedding / expected_batch
     run_steps = min(steps, config.max_steps) if config.max_steps else steps
     start = time.perf_counter()
     for step in range(run_steps):
         t0 = time.perf_counter()
         batch = (torch.rand(n, generator=gen) < q).nonzero().squeeze(1)
-        if len(batch) == 0:
-            clipped = None
-        else:
-            clipped = clipped_gradients(model, ids_all[batch], labels_all[batch], config.clip)
-        mlp_grads = [
-            ((clipped.mlp[i] if clipped else torch.zeros_like(p)) + torch.randn(p.shape, generator=gen) * sigma_c) / expected_batch
-            for i, p in enumerate(model.mlp_parameters())
-        ]
-        adam.step(mlp_grads)
+        grad = private_gradient(
+            model, ids_all[batch], labels_all[batch], clip=config.clip, sigma_c=sigma_c, selection=selection, gen=gen
+        )
+        ledger.record(*per_step)
+        adam.step([g / expected_batch for g in grad.mlp])
         with torch.no_grad():
-            if clipped is not None:
-                touched, inverse = torch.unique(clipped.rows, return_inverse=True)
-                summed = torch.zeros(len(touched), dim).index_add_(0, inverse.flatten(), clipped.row_grads.reshape(-1, dim))
+            if grad.rows is None:
+                model.table.sub_(grad.table, alpha=lr_rows)
+                updated[:] = True
             else:
-                touched, summed = torch.empty(0, dtype=torch.long), torch.zeros(0, dim)
-            fp = 0
-            if config.method == "dense":
-                selected = None
-            elif config.method == "fest":
-                selected = fest_rows
-            else:
-                large = clipped.rows[:, sparse_cols] if clipped is not None else torch.empty(0, len(sparse_cols), dtype=torch.long)
-                t_rows, passed, extra = adafest_select(large, vocab, s1, tau, config.contribution_norm, gen, exclude=dense_rows)
-                fp = len(extra)
-                selected = torch.cat([dense_rows, t_rows[passed], extra]).sort().values  # disjoint parts
-            grad_rows = _update_rows(model.table, touched, summed, selected, sigma_c, config.lr_embedding / expected_batch, gen)
-            updated[selected if selected is not None else slice(None)] = True
+                model.table.index_add_(0, grad.rows, grad.table, alpha=-lr_rows)
+                updated[grad.rows] = True
         stats.seconds.append(time.perf_counter() - t0)
         stats.batch_sizes.append(len(batch))
-        stats.gradient_rows.append(int(grad_rows))
-        stats.true_rows.append(len(touched))
-        stats.false_positive_rows.append(fp)
+        stats.gradient_rows.append(grad.gradient_rows)
+        stats.true_rows.append(grad.touched)
+        stats.false_positive_rows.append(grad.false_positive)
         if progress is not None:
-            progress(step + 1, run_steps, {"loss": clipped.loss / max(1, len(batch)) if clipped else float("nan"), "rows": grad_rows})
+            progress(step + 1, run_steps, {"loss": grad.loss / max(1, len(batch)), "rows": grad.gradient_rows})
     train_s = time.perf_counter() - start
     test_auc = auc(predict(model, data.test_ids), data.test_labels)
-    return DPTrainResult(model, config, privacy, stats, updated, test_auc, train_s)
+    spent = ledger.to_dict(privacy.delta)
+    return DPTrainResult(model, config, privacy, stats, updated, test_auc, train_s, ledger, spent)
 
 
 def write_dp_artifact(out_dir, result: DPTrainResult, data: CategoricalData) -> Path:

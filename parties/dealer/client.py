@@ -244,9 +244,12 @@ class DealerClient:
             request = pb.TupleRequest(session_id=self.session_id, function=kind, args_json=args_json, index=index, role=self.role)
             sent = time.monotonic()
             try:
-                arrays = correlation_from_frames(list(self._tuple(request, timeout=self.options.recv_timeout_s)))
+                frames = list(self._tuple(request, timeout=self.options.recv_timeout_s))
             except grpc.RpcError as err:
                 raise self._error(err) from None
+            if any(f.index != index for f in frames):
+                raise ProtocolError(f"dealer answered a request for correlation {index} with {sorted({f.index for f in frames})}", origin=DEALER)
+            arrays = correlation_from_frames(frames)
             LinkShaper.hold_until(self._downlink.arrival_time(_nbytes(arrays), now=sent + self._half_rtt))
             self.metrics.count_offline(_nbytes(arrays))
         self.metrics.count_receive(0, time.perf_counter() - start)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from twinfer.protocols.backends import DEFAULT_PROTOCOL, Backend, backend_class, protocols
+from twinfer.protocols.backends.base import BackendError
 from twinfer.protocols.ir.graph import Graph, GraphError
 from twinfer.protocols.ir.validation import graph_from_json
 from twinfer.protocols.ops.embedding import check_ids, encode_input
@@ -117,6 +118,8 @@ def _wrap(err: BaseException, role: str) -> TwinferError:
         if not err.origin:
             err.origin = role
         return err
+    if isinstance(err, BackendError):
+        return ProtocolError(f"{role}'s {err}", origin=role)
     wrapped = TwinferError(f"{type(err).__name__}: {err}", origin=role)
     wrapped.kind = "internal"
     return wrapped

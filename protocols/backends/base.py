@@ -25,6 +25,11 @@ OPEN_BYTES = 2 * RING_BYTES  # one opened element: send my share, receive theirs
 SERVER_RANK, CLIENT_RANK = 0, 1
 
 
+class BackendError(ValueError):
+    """A backend refuses what it was handed: a missing collaborator, a malformed key, a peer's
+    array of the wrong shape. The party reports it as a protocol error on every party."""
+
+
 @dataclass(frozen=True)
 class Cost:
     """Online cost of one protocol step: one party's bytes (sent + received) and rounds."""

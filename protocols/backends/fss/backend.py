@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..base import Backend, SERVER_RANK
+from ..base import Backend, BackendError, SERVER_RANK
 from . import ring
 from .correlations import BEAVER, CORRELATIONS, RELU, SQUARE, product, stream
 from .pricing import FssPricing
@@ -126,9 +126,9 @@ class FssBackend(Backend):
 
     def __init__(self, rank: int, transport: Any, dealer: Any, bits: int = 64) -> None:
         if dealer is None:
-            raise ValueError("the fss backend needs a dealer: it has no trusted-first-party mode")
+            raise BackendError("fss backend needs a dealer: it has no trusted-first-party mode")
         if not dealer.key:
-            raise ValueError("the dealer sent no AES seed; is it serving the fss protocol for this session?")
+            raise BackendError("fss backend got no AES seed from the dealer; is it serving the fss protocol for this session?")
         self.rank = rank
         self.transport = transport
         self.dealer = dealer
@@ -147,7 +147,7 @@ class FssBackend(Backend):
         self.transport.send(tag, mine.contiguous().numpy())
         theirs = torch.from_numpy(self.transport.recv(tag).copy())
         if theirs.shape != mine.shape:
-            raise ValueError(f"the peer sent '{tag}' of shape {tuple(theirs.shape)}, expected {tuple(mine.shape)}")
+            raise BackendError(f"fss backend got '{tag}' of shape {tuple(theirs.shape)} from its peer, expected {tuple(mine.shape)}")
         return theirs
 
     def _open(self, tag: str, mine: torch.Tensor) -> torch.Tensor:
@@ -191,11 +191,11 @@ class FssBackend(Backend):
     def _beaver(self, op: str, x: FssShare, w: FssShare, attrs: dict[str, Any]) -> FssShare:
         const = w.constant
         if const is None:
-            raise ValueError(f"the fss backend multiplies an activation by a session constant (a weight); {op} got two activations")
+            raise BackendError(f"fss backend multiplies an activation by a session constant (a weight); {op} got two activations")
         if op == "matmul" and const.is_transposed:
             op = "linear"  # x W^T with W's own mask
         elif const.is_transposed:
-            raise ValueError(f"{op} of a transposed constant is not supported")
+            raise BackendError(f"fss backend: {op} of a transposed constant is not supported")
         index = self.dealer.next_index()
         a = stream(self.dealer.key, index, _A, tuple(x.shape))
         e = self._open("fss.beaver", x.data - a)
@@ -239,9 +239,15 @@ class FssBackend(Backend):
             return x
         index = self.dealer.next_index()
         blob = self.dealer.request(RELU, json.dumps({"n": n, "bits": self.bits}), index)["key"]
-        key = ReluKey.from_bytes(blob.tobytes())
-        if key.party != self.rank or key.n_elements != n:
-            raise ValueError(f"the dealer sent a ReLU key for party {key.party} of {key.n_elements} elements; expected party {self.rank}, {n}")
+        try:
+            key = ReluKey.from_bytes(blob.tobytes())
+        except ValueError as err:
+            raise BackendError(f"fss backend got a malformed ReLU key from the dealer: {err}") from None
+        if key.party != self.rank or key.n_elements != n or key.bits != self.bits:
+            raise BackendError(
+                f"fss backend got a ReLU key for party {key.party}, {key.n_elements} elements at {key.bits} bits from the "
+                f"dealer; it asked for party {self.rank}, {n} elements at {self.bits} bits"
+            )
         mine = masked_share(key, ring.to_numpy_u64(x.data.reshape(-1)))
         x_hat = self._open("fss.relu", ring.from_numpy_u64(mine)).numpy().view(np.uint64)
         return FssShare(ring.from_numpy_u64(relu_eval(self.rank, key, x_hat)).reshape(x.shape), self.rank)

@@ -35,6 +35,7 @@ import sys
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from .prg import AesCtrPrg, FixedKeyAes
 
@@ -155,7 +156,15 @@ def key_bytes_per_element(bits: int, k: int) -> int:
     return 8 * (2 + bits * (2 + k) + k)
 
 
-def _as_u64(a, what: str) -> np.ndarray:
+def _as_u64(a: ArrayLike, what: str) -> np.ndarray:
+    """Ring elements as uint64: uint64 as is, int64 reinterpreted (two's complement), Python
+    ints (of either sign, up to 2^64) reduced mod 2^64; anything else is refused."""
+    if not isinstance(a, np.ndarray):
+        obj = np.asarray(a, dtype=object)
+        if obj.size and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in obj.flat):
+            if all(-(1 << 63) <= int(v) < 1 << 64 for v in obj.flat):
+                return np.array([int(v) % (1 << 64) for v in obj.flat], U64).reshape(obj.shape)
+            raise ValueError(f"{what} holds integers outside [-2^63, 2^64)")
     a = np.asarray(a)
     if a.dtype == np.int64:
         return a.view(U64)
@@ -192,7 +201,7 @@ def _widen(src: np.ndarray, dst: np.ndarray) -> None:
         np.copyto(dst[..., j], src)
 
 
-def dcf_keygen(alpha, beta, bits: int, rng: AesCtrPrg | None = None) -> tuple[DcfKey, DcfKey]:
+def dcf_keygen(alpha: ArrayLike, beta: ArrayLike, bits: int, rng: AesCtrPrg | None = None) -> tuple[DcfKey, DcfKey]:
     """Keys of f_i(x) = beta_i if x < alpha_i else 0 for N elements at once.
 
     alpha: (N,) in [0, 2^bits); beta: (N, k) or (k,) ring elements (uint64 or int64); rng: the
@@ -358,7 +367,7 @@ class _EvalWork:
         self.value_tweak = np.array([[0], [2]], U64)
 
 
-def dcf_eval(party: int, key: DcfKey, x) -> np.ndarray:
+def dcf_eval(party: int, key: DcfKey, x: ArrayLike) -> np.ndarray:
     """Party `party`'s additive shares mod 2^64 of f(x), shape (N, k) uint64; x: (N,) in [0, 2^n)."""
     if party != key.party:
         raise ValueError(f"party {party} was given party {key.party}'s DCF key")

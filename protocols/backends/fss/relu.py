@@ -26,6 +26,7 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from .dcf import DcfKey, dcf_eval, dcf_keygen, key_bytes_per_element
 from .prg import AesCtrPrg
@@ -167,7 +168,7 @@ def drelu_keys(n_elements: int, bits: int = 64, rng: AesCtrPrg | None = None) ->
     return _keys(n_elements, bits, rng, relu=False)
 
 
-def _x_hat(key: ReluKey, x_hat) -> np.ndarray:
+def _x_hat(key: ReluKey, x_hat: ArrayLike) -> np.ndarray:
     x_hat = np.asarray(x_hat)
     if x_hat.dtype == np.int64:
         x_hat = x_hat.view(U64)
@@ -178,7 +179,7 @@ def _x_hat(key: ReluKey, x_hat) -> np.ndarray:
     return x_hat.reshape(-1)
 
 
-def masked_share(key: ReluKey, x_share) -> np.ndarray:
+def masked_share(key: ReluKey, x_share: ArrayLike) -> np.ndarray:
     """This party's share of x_hat = x + r: what it sends in the one online round."""
     x_share = np.asarray(x_share)
     x_share = x_share.view(U64) if x_share.dtype == np.int64 else x_share
@@ -198,7 +199,7 @@ def _q_and_m(party: int, key: ReluKey, x_hat: np.ndarray) -> tuple[np.ndarray, n
     return q, qr, m
 
 
-def drelu_eval(party: int, key: ReluKey, x_hat) -> np.ndarray:
+def drelu_eval(party: int, key: ReluKey, x_hat: ArrayLike) -> np.ndarray:
     """This party's additive share of DReLU(x) = [x >= 0] in Z_2^64, shaped like x_hat."""
     shape = np.shape(x_hat)
     xh = _x_hat(key, x_hat)
@@ -210,7 +211,7 @@ def drelu_eval(party: int, key: ReluKey, x_hat) -> np.ndarray:
     return d.reshape(shape)
 
 
-def relu_eval(party: int, key: ReluKey, x_hat) -> np.ndarray:
+def relu_eval(party: int, key: ReluKey, x_hat: ArrayLike) -> np.ndarray:
     """This party's additive share of ReLU(x) in Z_2^64 (uint64), shaped like x_hat = x + r."""
     if key.kind != "relu":
         raise ValueError("relu_eval needs a ReLU key (payload of 2 words), got a DReLU key")
