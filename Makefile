@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# The CPU build of torch first, from local disk: an unpinned torch pulls a CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
+	# '.[test]' brings opacus==1.6.0 (torch>=2.6): satisfied by the torch above, so no other torch is pulled.
 	$(BIN)/pip install -q -e '.[test]'
 	# crypten's declared dependencies (sklearn stub, torchvision) break beside torch 2.13.
 	$(BIN)/pip install -q --no-deps crypten==0.4.1

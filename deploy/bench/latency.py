@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from twinfer.parties.wire.network_profile import NetworkProfile, parse_profile
+from twinfer.protocols.backends import DEFAULT_PROTOCOL, backend_class
 from twinfer.parties.runtime.session import PartyReport
 from twinfer.parties.wire.transport import TransportOptions
 
@@ -38,6 +39,7 @@ def sweep_profiles() -> list[NetworkProfile]:
 
 
 def _row(model: str, profile: NetworkProfile, shaping: str, batch: int, client: PartyReport) -> dict[str, Any]:
+    """One measured point; `label` is the model and, beside it, the protocol that ran."""
     steady = slice(1, None) if len(client.batch_latency_s) > 1 else slice(None)
     rounds = client.batch_rounds[-1]
     online = client.batch_bytes_online[-1]
@@ -52,6 +54,8 @@ def _row(model: str, profile: NetworkProfile, shaping: str, batch: int, client: 
     }
     return {
         "model": model,
+        "protocol": client.protocol,
+        "label": f"{model} ({client.protocol})",
         "profile": profile.name,
         "shaping": shaping,
         "rtt_s": profile.rtt_s,
@@ -65,11 +69,16 @@ def _row(model: str, profile: NetworkProfile, shaping: str, batch: int, client: 
         "bytes_online": online,
         "bytes_one_way": one_way,
         "relu_count": client.relu_count // batches,
+        "comparisons": client.comparisons // batches,
+        "bytes_offline_per_batch": client.bytes_offline / batches,
         "layers_per_batch": layers,
     }
 
 
-def measure(model: str, onnx_bytes: bytes, sample_shape: tuple[int, ...], profile: NetworkProfile, *, batch: int, reps: int) -> dict:
+def measure(
+    model: str, onnx_bytes: bytes, sample_shape: tuple[int, ...], profile: NetworkProfile, *, batch: int, reps: int,
+    protocol: str = DEFAULT_PROTOCOL,
+) -> dict:
     """One session under `profile`, shaped in twinfer's transport.
 
     The dealer sits next to the server (its links unshaped), as in the kernel-shaped runs,
@@ -81,7 +90,7 @@ def measure(model: str, onnx_bytes: bytes, sample_shape: tuple[int, ...], profil
     # The server waits for the client while the client's process starts (imports torch and
     # crypten): on a loaded machine that takes far longer than the 10 s default.
     options = TransportOptions(recv_timeout_s=300, connect_timeout_s=120, network=profile)
-    reports = run_local_session(onnx_bytes, inputs, batch, options=options, prefetch=True)
+    reports = run_local_session(onnx_bytes, inputs, batch, options=options, prefetch=True, protocol=protocol)
     return _row(model, profile, "transport", batch, reports["client"])
 
 
@@ -96,13 +105,13 @@ def measure_kernel(model: str, onnx_path: Path, sample_shape: tuple[int, ...], p
 
 def print_table(rows: list[dict]) -> None:
     print(
-        f"{'model':<12} {'profile':<22} {'shaping':<9} {'batch':>5} {'measured s':>10} {'bound s':>8} "
+        f"{'model':<12} {'protocol':<8} {'profile':<22} {'shaping':<9} {'batch':>5} {'measured s':>10} {'bound s':>8} "
         f"{'ratio':>6} {'rounds':>6} {'MB one way':>10} {'1st batch s':>11}"
     )
     for r in rows:
         ratio = f"{r['latency_over_lower_bound']:.2f}" if r["latency_over_lower_bound"] else "-"
         print(
-            f"{r['model']:<12} {r['profile']:<22} {r['shaping']:<9} {r['batch']:>5} {r['latency_s']:>10.3f} "
+            f"{r['model']:<12} {r['protocol']:<8} {r['profile']:<22} {r['shaping']:<9} {r['batch']:>5} {r['latency_s']:>10.3f} "
             f"{r['lower_bound_s']:>8.3f} {ratio:>6} {r['rounds']:>6} {r['bytes_one_way'] / 1e6:>10.2f} "
             f"{r['first_batch_latency_s']:>11.3f}"
         )
@@ -126,8 +135,8 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
         if not sweep:
             continue
         fig, ax = plt.subplots(figsize=(6, 4))
-        for model in sorted({r["model"] for r in sweep}):
-            pts = sorted((r[key] * scale, r["latency_s"], r["lower_bound_s"]) for r in sweep if r["model"] == model)
+        for model in sorted({r["label"] for r in sweep}):
+            pts = sorted((r[key] * scale, r["latency_s"], r["lower_bound_s"]) for r in sweep if r["label"] == model)
             xs = [p[0] for p in pts]
             line = ax.plot(xs, [p[1] for p in pts], "o-", label=f"{model} measured")[0]
             ax.plot(xs, [p[2] for p in pts], "--", color=line.get_color(), label=f"{model} lower bound")
@@ -151,10 +160,10 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
         ax.barh(names, wait, left=compute, label="waiting on the network")
         ax.invert_yaxis()
         ax.set_xlabel("seconds per batch")
-        ax.set_title(f"{r['model']} under wan, batch {r['batch']}")
+        ax.set_title(f"{r['model']} on {r['protocol']} under wan, batch {r['batch']}")
         ax.legend(fontsize=8)
         fig.tight_layout()
-        path = out / f"layers_{r['model']}_wan.png"
+        path = out / f"layers_{r['model']}_{r['protocol']}_wan.png"
         fig.savefig(path, dpi=120)
         plt.close(fig)
         written.append(path)
@@ -171,21 +180,26 @@ def latency_study(
     kernel_profiles: list[NetworkProfile] = (),
     onnx_paths: dict[str, Path] | None = None,
     out: Path,
+    protocols: tuple[str, ...] = (DEFAULT_PROTOCOL,),
 ) -> list[dict]:
-    """Measure every model under every profile (and the sweeps); write JSON, table and plots."""
+    """Measure every model under every profile (and the sweeps) on every protocol, the protocols
+    side by side in the same run; write JSON, table and plots. Kernel shaping runs the default
+    protocol only."""
     from tqdm import tqdm
 
-    points: list[tuple[str, NetworkProfile, str]] = [(m, p, "transport") for m in models for p in profiles]
+    points: list[tuple[str, NetworkProfile, str, str]] = [
+        (m, p, "transport", proto) for m in models for p in profiles for proto in protocols
+    ]
     if sweep:
-        points += [(m, p, "transport") for m in models for p in sweep_profiles()]
-    points += [(m, p, "kernel") for m in models for p in kernel_profiles]
+        points += [(m, p, "transport", proto) for m in models for p in sweep_profiles() for proto in protocols]
+    points += [(m, p, "kernel", DEFAULT_PROTOCOL) for m in models for p in kernel_profiles]
     rows = []
-    for model, profile, shaping in tqdm(points, desc="latency study", unit="run"):
+    for model, profile, shaping, protocol in tqdm(points, desc="latency study", unit="run"):
         data, shape = models[model]
         if shaping == "kernel":
             rows.append(measure_kernel(model, onnx_paths[model], shape, profile, batch=batch, reps=reps))
         else:
-            rows.append(measure(model, data, shape, profile, batch=batch, reps=reps))
+            rows.append(measure(model, data, shape, profile, batch=batch, reps=reps, protocol=protocol))
     out.mkdir(parents=True, exist_ok=True)
     (out / "latency.json").write_text(json.dumps(rows, indent=2))
     print_table(rows)
@@ -218,7 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep", action="store_true", help="also sweep RTT and bandwidth for the plots")
     parser.add_argument("--kernel", nargs="*", default=None, help="profiles to also run with kernel shaping (default: wan)")
     parser.add_argument("--out", type=Path, default=Path("results/network"))
+    parser.add_argument("--protocols", default=DEFAULT_PROTOCOL, help="comma-separated backends, side by side (e.g. crypten,fss)")
     args = parser.parse_args(argv)
+    protocols_run = parse_protocols(args.protocols)
     models, paths = _demo_models()
     models = {m: models[m] for m in args.models}
     kernel = []
@@ -239,5 +255,16 @@ def main(argv: list[str] | None = None) -> int:
         kernel_profiles=kernel,
         onnx_paths=paths,
         out=args.out,
+        protocols=protocols_run,
     )
     return 0
+
+
+def parse_protocols(text: str) -> tuple[str, ...]:
+    """'crypten,fss' -> ('crypten', 'fss'); an unknown name fails before any party starts."""
+    names = tuple(p.strip() for p in text.split(",") if p.strip())
+    for name in names:
+        backend_class(name)
+    if not names:
+        raise ValueError("--protocols names no protocol")
+    return names

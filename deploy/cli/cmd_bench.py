@@ -8,7 +8,7 @@ from pathlib import Path
 from twinfer.parties.runtime.model_file import parse_model, read_model_bytes
 from twinfer.parties.wire.network_profile import parse_profile
 
-from ..bench.latency import latency_study
+from ..bench.latency import latency_study, parse_protocols
 from ..bench.sweep import SweepConfig
 from ..bench.sweep import run_sweep as sweep
 
@@ -25,6 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="skip the RTT and bandwidth sweeps behind the latency-vs-RTT and latency-vs-bandwidth plots",
     )  # fmt: skip
     p.add_argument("--out", type=Path, default=Path("results"))
+    p.add_argument("--protocols", default="crypten", help="comma-separated backends, run side by side (e.g. crypten,fss)")
     p.set_defaults(func=run)
     sweep = bench.add_parser("sweep", help="models x batch sizes x networks as Ray tasks: sweep.json, a table and plots")
     sweep.add_argument("--config", required=True, type=Path, help="sweep.yaml or .toml (models, batch_sizes, networks, reps, cpus_per_run)")
@@ -45,6 +46,7 @@ def run_sweep(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     # Profiles are parsed first: a typo fails before any party starts.
     profiles = [parse_profile(p) for p in args.profiles.split(",") if p.strip()]
+    protocols = parse_protocols(args.protocols)
     if args.batch < 1 or args.reps < 1:
         raise ValueError("--batch and --reps must be at least 1")
     data = read_model_bytes(args.model)
@@ -56,5 +58,6 @@ def run(args: argparse.Namespace) -> int:
         reps=args.reps,
         sweep=args.sweep,
         out=args.out,
+        protocols=protocols,
     )
     return 0

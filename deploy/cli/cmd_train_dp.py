@@ -17,12 +17,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from twinfer.optimizer.data.dp_data import DATASETS, load_dataset
 from twinfer.optimizer.dp.accounting import ACCOUNTANTS
+from twinfer.optimizer.dp.ledger import PrivacyLedger
 from twinfer.optimizer.dp.sparse_training import (
     FREQUENCY_SOURCES,
     METHODS,
     DPTrainConfig,
     encode_for_artifact,
     plan_privacy,
+    sparsity_note,
     train_dp,
     write_dp_artifact,
 )
@@ -39,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, choices=DATASETS, help="movielens-100k, or generated-zipf (synthetic, 1e6 rows)")
     p.add_argument("--model", default="embedding-mlp", choices=MODELS)
     p.add_argument("--epsilon", type=float, required=True, help="target epsilon; the noise multiplier is solved from it")
-    p.add_argument("--delta", default="auto", help="target delta, or 'auto' for 1/N (N training examples)")
+    p.add_argument("--delta", default="auto", help="target delta (below 1/N), or 'auto' for 0.1/N (N training examples)")
     p.add_argument("--selection", default=d.method, choices=METHODS, help="dense DP-SGD, DP-FEST or DP-AdaFEST")
     p.add_argument("--accountant", default=d.accountant, choices=ACCOUNTANTS)
     p.add_argument("--epochs", type=float, default=d.epochs)
@@ -59,6 +61,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--topk-noise", type=float, default=d.topk_noise_multiplier, help="FEST: DP top-k noise multiplier")
     p.add_argument("--dense-fields-max-vocab", type=int, default=d.dense_fields_max_vocab)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument(
+        "--max-steps", type=int, default=None, help="stop after this many steps; the epsilon reported is what those steps spent"
+    )
     p.add_argument("--zipf-vocab", type=int, default=1_000_000, help="generated-zipf: id rows")
     p.add_argument("--zipf-examples", type=int, default=200_000, help="generated-zipf: examples")
     p.add_argument("--out", default=None, help="write the artifact here (model.onnx, manifest.json, tensors.safetensors)")
@@ -96,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         topk_noise_multiplier=args.topk_noise,
         dense_fields_max_vocab=args.dense_fields_max_vocab,
         seed=args.seed,
+        max_steps=args.max_steps,
     )
     data = load_dataset(args.data, seed=args.seed, zipf_vocab=args.zipf_vocab, zipf_examples=args.zipf_examples)
     console = Console(stderr=args.json)
@@ -111,13 +117,25 @@ def run(args: argparse.Namespace) -> int:
         disable=args.json,
         transient=True,
     ) as bar:
-        task = bar.add_task("train", total=privacy.steps, info="")
+        task = bar.add_task("train", total=min(privacy.steps, args.max_steps or privacy.steps), info="")
 
         def progress(step: int, total: int, info: dict) -> None:
             bar.update(task, completed=step, info=f"loss {info['loss']:.4f}, gradient rows {info['rows']}")
 
-        result = train_dp(data, config, privacy=privacy, progress=progress)
+        ledger = PrivacyLedger()
+        try:
+            result = train_dp(data, config, privacy=privacy, progress=progress, ledger=ledger)
+        except KeyboardInterrupt:
+            spent = ledger.to_dict(privacy.delta)
+            console.print(
+                f"interrupted after {spent['steps_run']} of {privacy.steps} steps; nothing was written. Spent so far: "
+                f"epsilon {spent['epsilon_rdp']:.3f} (RDP), {spent['epsilon_pld']:.3f} (PLD) at delta {privacy.delta:.3g}"
+            )
+            raise
     summary = {"dataset": data.summary()} | result.summary() | {"rows": result.rows_kept_per_field()}
+    note = sparsity_note(config, data.vocab_total, len(data.train_ids), len(data.vocab_sizes))
+    if note:
+        summary["note"] = note
     if args.out:
         out = write_dp_artifact(args.out, result, data)
         queries = encode_for_artifact(out, data.test_ids[:QUERIES])
@@ -129,11 +147,16 @@ def run(args: argparse.Namespace) -> int:
         return 0
     p = result.privacy
     s = result.summary()
+    spent = result.spent
     rows = [
         ("dataset", label),
         ("selection", config.method),
         ("test AUC", f"{result.test_auc:.4f}"),
-        (f"epsilon ({p.accountant}, target {p.epsilon_target:g})", f"{p.epsilon_rdp:.3f} (RDP), {p.epsilon_pld:.3f} (PLD)"),
+        (
+            f"epsilon spent ({spent['steps_run']} steps run)",
+            f"{spent['epsilon_rdp']:.3f} (RDP), {spent['epsilon_pld']:.3f} (PLD); {p.accountant.upper()} is reported",
+        ),
+        (f"epsilon planned ({p.steps} steps, target {p.epsilon_target:g})", f"{p.epsilon_rdp:.3f} (RDP), {p.epsilon_pld:.3f} (PLD)"),
         ("delta", f"{p.delta:.3g}"),
         ("noise multiplier: effective", f"{p.noise_multiplier_effective:.4f}"),
         ("noise multiplier: gradient / selection", f"{p.noise_multiplier_gradient:.4f} / " + (f"{p.noise_multiplier_selection:.4f}" if p.noise_multiplier_selection else "-")),
@@ -143,7 +166,17 @@ def run(args: argparse.Namespace) -> int:
         ("median step time", f"{s['step_s_median'] * 1e3:.1f} ms"),
         ("rows kept / dropped", f"{sum(result.rows_kept_per_field()['kept'])} / {sum(result.rows_kept_per_field()['dropped'])}"),
     ]
+    rows += [
+        (
+            f"ledger: {m['name']}",
+            f"{m['count']} x Gaussian, noise multiplier {m['noise_multiplier']:.4g}, sensitivity {m['l2_sensitivity']:.3g}, "
+            + (f"Poisson rate {m['sampling_rate']:.4g}" if m["sampling"] == "poisson" else "all examples"),
+        )
+        for m in spent["mechanisms"]
+    ]
     if args.out:
         rows += [("artifact", str(out)), ("example queries", summary["queries"])]
     print_table("twinfer train-dp", rows, console)
+    if note:
+        console.print(f"note: {note}")
     return 0

@@ -226,18 +226,21 @@ def adafest_select(
     norm: str,
     gen: torch.Generator,
     exclude: torch.Tensor | None = None,
+    weight: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """DP-AdaFEST selection for one batch: (touched rows, which of them pass, zero-count rows sampled).
 
     `rows` is B x F (the rows each example touches, one per field). Returns the unique touched rows, a bool
     mask over them, and the sampled zero-count rows. Rows in `exclude` (sorted; rows selected
-    anyway, such as those of small dense fields) are never sampled as zero-count rows.
+    anyway, such as those of small dense fields) are never sampled as zero-count rows. `weight`
+    (each touched row's share of an example's map) defaults to what `norm` gives for F fields.
     """
     touched, inverse = torch.unique(rows, return_inverse=True)
     # Field ranges are disjoint, so an example touches exactly F distinct rows: each gets
     # 1/sqrt(F) (L2 norm 1) or 1/F (total 1).
-    fields = rows.shape[1]
-    weight = 1.0 / (math.sqrt(fields) if norm == "l2" else fields)
+    if weight is None:
+        fields = rows.shape[1]
+        weight = 1.0 / (math.sqrt(fields) if norm == "l2" else fields)
     counts = torch.zeros(len(touched)).index_add_(0, inverse.flatten(), torch.full((inverse.numel(),), weight))
     noisy = counts + torch.randn(len(touched), generator=gen) * s1
     passed = noisy > tau
@@ -454,6 +457,22 @@ def uses_dense_buffers(config: DPTrainConfig, vocab: int, expected_batch: float,
     return vocab <= expected_batch * fields
 
 
+def sparsity_note(config: DPTrainConfig, vocab: int, n_train: int, fields: int) -> str | None:
+    """A sentence for the user when FEST/AdaFEST cannot save training time on this table (public sizes only)."""
+    if config.method == "dense":
+        return None
+    lookups = min(1.0, config.batch_size / n_train) * n_train * fields
+    if vocab > lookups:
+        return None
+    return (
+        f"sparsity does not pay in training time here: the table has {vocab} rows, no more than the "
+        f"{lookups:.0f} row lookups of one expected batch ({config.batch_size} x {fields} fields), so a dense "
+        "noise step costs about as much as a sparse one. What it still buys is a smaller deployed table (rows "
+        "never selected are dropped, and the private lookup's bytes grow with the rows); for speed alone, "
+        "--selection dense is as fast"
+    )
+
+
 def train_dp(
     data: CategoricalData,
     config: DPTrainConfig,
@@ -555,7 +574,7 @@ def write_dp_artifact(out_dir, result: DPTrainResult, data: CategoricalData) -> 
     from twinfer.optimizer.dp.embedding_model import deploy_rows, export_onnx
 
     deployed = deploy_rows(result.model, result.updated)
-    p = result.privacy
+    p, spent = result.privacy, result.spent
     manifest = {
         "kind": "dp-embedding-mlp",
         "dataset": data.name,
@@ -563,11 +582,16 @@ def write_dp_artifact(out_dir, result: DPTrainResult, data: CategoricalData) -> 
         "fields": data.fields,
         "vocab_sizes": data.vocab_sizes,
         "selection": result.config.method,
-        "epsilon": p.epsilon_rdp if p.accountant == "rdp" else p.epsilon_pld,
+        # What the run spent, from its ledger (by the configured accountant, then both).
+        "epsilon": spent["epsilon_rdp"] if p.accountant == "rdp" else spent["epsilon_pld"],
+        "epsilon_rdp": spent["epsilon_rdp"],
+        "epsilon_pld": spent["epsilon_pld"],
         "delta": p.delta,
         "accountant": p.accountant,
+        "steps_run": spent["steps_run"],
         "noise_multiplier_effective": p.noise_multiplier_effective,
-        "privacy": asdict(p),
+        "privacy": asdict(p),  # the plan: noise solved for p.steps steps
+        "privacy_ledger": spent,
         "clip": result.config.clip,
         "rows_kept": dict(zip(data.fields, deployed.kept_per_field)),
         "rows_dropped": dict(zip(data.fields, deployed.dropped_per_field)),

@@ -88,15 +88,15 @@ class DealerClient:
         metrics.count_offline(8 + len(reply.key))
         self._index = 0  # tuples drawn so far in this session
         self._current: int | None = None  # the tuple get_generator() opened, until its request
-        # batch size -> the requests of one batch: (index offset in the batch, kind, arguments)
-        self._plans: dict[int, list[tuple[int, str, str]]] = {}
+        # batch size -> (indices one batch takes, its requests: (index offset in the batch, kind, arguments))
+        self._plans: dict[int, tuple[int, list[tuple[int, str, str]]]] = {}
         self._recording: list[tuple[int, str, str]] | None = None
         self._batch_start = 0
         self._ready: dict[int, tuple[tuple[str, str], dict[str, np.ndarray]]] = {}
         self._expected: set[int] = set()
         self._arrived = threading.Condition()
         self._prefetch_error: TwinferError | None = None
-        self._prefetch_thread: threading.Thread | None = None
+        self._launched: set[int] = set()  # first indices of the batches whose prefetch has begun
         self.prefetched_used = 0
         self.fetched_on_demand = 0
 
@@ -126,8 +126,10 @@ class DealerClient:
 
     # -- batches and the offline phase -------------------------------------------------------
 
-    def begin_batch(self, batch_size: int) -> None:
-        """Prefetch this batch's tuples if a batch of this size ran before; else record them."""
+    def begin_batch(self, batch_size: int, next_batch_size: int | None = None) -> None:
+        """Prefetch this batch's parts if a batch of this size ran before (else record them), and,
+        when the next batch has the same size, the next batch's too, so the dealer makes them
+        while this batch runs and the next one finds them ready."""
         if not self.prefetch_enabled:
             return
         self._batch_start = self._index
@@ -136,27 +138,34 @@ class DealerClient:
             self._recording = []
             return
         self._recording = None
-        if not plan:  # this party asks the dealer for nothing (it derives its part from its seed)
+        span, entries = plan
+        self._prefetch_batch(self._index, entries)
+        if next_batch_size == batch_size:
+            self._prefetch_batch(self._index + span, entries)
+
+    def _prefetch_batch(self, start: int, entries: list[tuple[int, str, str]]) -> None:
+        if not entries or start in self._launched:  # nothing to ask for (a party that derives all), or asked already
             return
+        self._launched.add(start)
         requests = [
-            pb.TupleRequest(session_id=self.session_id, function=f, args_json=a, index=self._index + offset, role=self.role)
-            for offset, f, a in plan
+            pb.TupleRequest(session_id=self.session_id, function=f, args_json=a, index=start + offset, role=self.role)
+            for offset, f, a in entries
         ]
         with self._arrived:
             self._expected.update(r.index for r in requests)
-        self._prefetch_thread = threading.Thread(
+        threading.Thread(
             target=self._receive_prefetched, args=(requests, {r.index: (r.function, r.args_json) for r in requests}),
             name="twinfer-prefetch", daemon=True,
-        )
-        self._prefetch_thread.start()
+        ).start()
 
     def end_batch(self, batch_size: int) -> None:
         if self._recording is not None:
-            self._plans[batch_size] = self._recording
+            self._plans[batch_size] = (self._index - self._batch_start, self._recording)
             self._recording = None
-        with self._arrived:  # tuples prefetched but never asked for are dropped
-            self._ready.clear()
-            self._expected.clear()
+        with self._arrived:  # parts of this batch prefetched but never asked for are dropped; the next batch's stay
+            for index in [i for i in self._ready if i < self._index]:
+                del self._ready[index]
+            self._expected = {i for i in self._expected if i >= self._index}
 
     def _receive_prefetched(self, requests: list[pb.TupleRequest], keys: dict[int, tuple[str, str]]) -> None:
         parts: dict[int, list] = {}

@@ -37,6 +37,15 @@ def _seed() -> int:
     return int.from_bytes(os.urandom(8), "big") - 2**63
 
 
+class _Paired:
+    """A correlation made once for several parties: each takes its part, the first to ask makes it."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.parts: dict[str, dict] = {}
+        self.error: Exception | None = None
+
+
 @dataclass
 class DealerSession:
     session_id: str
@@ -53,6 +62,7 @@ class DealerSession:
     tuples: int = 0
     last_active: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    paired: dict[tuple, _Paired] = field(default_factory=dict)  # parts made but not yet taken
 
     @property
     def finished(self) -> bool:
@@ -136,7 +146,10 @@ class DealerServicer:
         except ValueError as err:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"dealer: {err}")
         try:
-            arrays = kind.make(session.seeds, request.index, role, args, kwargs)
+            if kind.paired:
+                arrays = self._take_paired(session, kind, request, role, args, kwargs)
+            else:
+                arrays = kind.make(session.seeds, request.index, role, args, kwargs)
         except (RuntimeError, TypeError, ValueError) as err:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"dealer: cannot make '{request.function}': {err}")
         frames = correlation_to_frames(request.index, arrays, CHUNK_BYTES)
@@ -144,6 +157,32 @@ class DealerServicer:
             session.tuples += 1
             session.bytes_sent += sum(a.nbytes for a in arrays.values())
         return frames
+
+    def _take_paired(self, session: DealerSession, kind, request, role: str, args: list, kwargs: dict) -> dict:
+        """This role's part of a paired correlation; made by the first requester, kept for the others."""
+        key = (kind.name, request.index, request.args_json)
+        with session.lock:
+            entry = session.paired.get(key)
+            maker = entry is None
+            if maker:
+                entry = session.paired[key] = _Paired()
+        if maker:
+            try:
+                entry.parts = kind.make(session.seeds, request.index, role, args, kwargs)
+            except Exception as err:  # noqa: BLE001 - handed to every waiting requester
+                entry.error = err
+            entry.done.set()
+        elif not entry.done.wait(self.idle_timeout_s):
+            raise RuntimeError(f"correlation {request.index} was not made within {self.idle_timeout_s:g} s")
+        if entry.error is not None:
+            raise ValueError(str(entry.error))
+        with session.lock:
+            part = entry.parts.pop(role, None)
+            if not entry.parts:
+                session.paired.pop(key, None)
+        if part is None:
+            raise ValueError(f"the {role} asked twice for correlation {request.index}")
+        return part
 
     def Tuple(self, request, context):  # noqa: N802
         self._authorize(context, request.role)
@@ -175,6 +214,8 @@ class DealerServicer:
                     request.error.message,
                 )
             session.closed.add(RANKS.get(request.role, -1))
+            if session.finished:
+                session.paired.clear()  # parts nobody will take: a party that failed or stopped early
             self._changed.notify_all()
         return pb.CloseReply()
 

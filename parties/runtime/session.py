@@ -190,11 +190,12 @@ class _TwoPartySession:
                 shared[name] = self.backend.share(value, src=RANKS[SERVER], constant=name)
         return shared
 
-    def _infer_batch(self, graph: Graph, shared_weights: dict[str, Any], x: torch.Tensor) -> Any:
+    def _infer_batch(self, graph: Graph, shared_weights: dict[str, Any], x: torch.Tensor, next_size: int | None) -> Any:
+        """One batch; `next_size`: the next batch's size (None after the last), for the dealer's prefetch."""
         backend = self.backend
         backend.reset_stats()
         if self.dealer is not None:
-            self.dealer.begin_batch(int(x.shape[0]))
+            self.dealer.begin_batch(int(x.shape[0]), next_size)
         before = self.metrics.total()
         start = time.perf_counter()
         with self.metrics.layer("share_input"):
@@ -285,7 +286,8 @@ class ServerParty(_TwoPartySession):
         for begin in range(0, n_samples, batch):
             size = min(batch, n_samples - begin)
             placeholder = torch.zeros((size, *self.graph.input_shape))  # shape only: the client's data
-            if self._infer_batch(self.graph, shared, placeholder) is not None:
+            after = n_samples - begin - size
+            if self._infer_batch(self.graph, shared, placeholder, min(batch, after) if after else None) is not None:
                 raise ProtocolError("the server received the output; this must never happen", origin=self.role)
         self.transport.recv("done")
 
@@ -343,7 +345,8 @@ class ClientParty(_TwoPartySession):
         outputs = []
         for begin in range(0, len(self.inputs), self.batch_size):
             x = torch.tensor(self.inputs[begin : begin + self.batch_size])
-            outputs.append(self._infer_batch(graph, shared, x).numpy())
+            after = len(self.inputs) - begin - len(x)
+            outputs.append(self._infer_batch(graph, shared, x, min(self.batch_size, after) if after else None).numpy())
         self.report.logits = np.concatenate(outputs)
         self.transport.send("done", np.zeros(0, dtype=np.uint8))
 

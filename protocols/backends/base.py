@@ -54,13 +54,16 @@ class CorrelationKind:
     `decode` checks a request's public arguments (JSON) and returns them; `make` returns the
     asking party's part of correlation `index` (named arrays: shares, key bytes as uint8)
     from the session's seeds; only `requesters` (roles) may ask for it, the others derive
-    their part from their own seed.
+    their part from their own seed. With `paired`, `make` returns every requester's part at
+    once ({role: arrays}) and the dealer keeps the others' until they ask, so a correlation
+    is made once however many parties ask for it.
     """
 
     name: str
     requesters: tuple[str, ...]
     decode: Callable[[str], tuple[list, dict]]
-    make: Callable[[DealerSeeds, int, str, list, dict], dict[str, np.ndarray]]
+    make: Callable[[DealerSeeds, int, str, list, dict], dict]
+    paired: bool = False
 
 
 class Pricing(abc.ABC):

@@ -42,5 +42,7 @@ class LocalDealerClient:
             raise PermissionError(f"the {self.role} may not ask for '{kind}'")
         args, kwargs = spec.decode(args_json)
         arrays = spec.make(self._dealer.seeds, index, self.role, args, kwargs)
+        if spec.paired:
+            arrays = arrays[self.role]
         self._dealer.bytes_sent[self.role] += sum(a.nbytes for a in arrays.values())
         return arrays

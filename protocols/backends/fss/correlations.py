@@ -109,17 +109,16 @@ def _decode_relu(args_json: str) -> tuple[list, dict]:
     return [n, bits], {}
 
 
-def _make_relu(seeds: DealerSeeds, index: int, role: str, args: list, kwargs: dict) -> dict[str, np.ndarray]:
+def _make_relu(seeds: DealerSeeds, index: int, role: str, args: list, kwargs: dict) -> dict[str, dict[str, np.ndarray]]:
+    """Both parties' keys, from the dealer's own stream of this index (the dealer keeps one
+    party's until it asks)."""
     n, bits = args
-    # Regenerated from the dealer's own stream of this index for each party's request, so the
-    # two halves always belong together and the dealer keeps no keys between requests.
     keys = relu_keys(n, bits, AesCtrPrg(seeds.dealer, stream=index))
-    blob = keys[0 if role == SERVER else 1].to_bytes()
-    return {"key": np.frombuffer(blob, dtype=np.uint8)}
+    return {role: {"key": np.frombuffer(key.to_bytes(), dtype=np.uint8)} for role, key in zip((SERVER, CLIENT), keys)}
 
 
 CORRELATIONS = (
     CorrelationKind(BEAVER, (SERVER,), _decode_beaver, _make_beaver),
     CorrelationKind(SQUARE, (SERVER,), _decode_square, _make_square),
-    CorrelationKind(RELU, (SERVER, CLIENT), _decode_relu, _make_relu),
+    CorrelationKind(RELU, (SERVER, CLIENT), _decode_relu, _make_relu, paired=True),
 )

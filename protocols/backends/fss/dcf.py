@@ -111,9 +111,12 @@ class DcfKey:
 
     def to_bytes(self) -> bytes:
         """Header (magic, version, party, bits, k, N) then the four arrays, little-endian uint64."""
+        return b"".join(self.blob_parts())
+
+    def blob_parts(self) -> list[bytes | memoryview]:
+        """The pieces of `to_bytes()` without copying the arrays (for a writer that sends pieces)."""
         head = _HEADER.pack(MAGIC, VERSION, self.party, self.bits, self.payload_words, self.n_elements)
-        parts = [head] + [np.ascontiguousarray(a, "<u8").tobytes() for a in (self.seed, self.seed_cw, self.value_cw, self.final_cw)]
-        return b"".join(parts)
+        return [head, *word_views((self.seed, self.seed_cw, self.value_cw, self.final_cw))]
 
     @classmethod
     def from_bytes(cls, blob: bytes | bytearray | memoryview) -> "DcfKey":
@@ -145,6 +148,12 @@ class DcfKey:
             arrays[name] = np.frombuffer(blob, "<u8", count, off).astype(U64, copy=False).reshape(shape)
             off += 8 * count
         return cls(party, bits, **arrays)
+
+
+def word_views(arrays: tuple[np.ndarray, ...]) -> list[memoryview]:
+    """The arrays' bytes as little-endian uint64, without a copy where they already are: joined
+    into a blob, they are copied once."""
+    return [memoryview(np.ascontiguousarray(a, "<u8").reshape(-1)).cast("B") for a in arrays]
 
 
 def _body_words(N: int, bits: int, k: int) -> int:

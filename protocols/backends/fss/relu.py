@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import ArrayLike
 
-from .dcf import DcfKey, dcf_eval, dcf_keygen, key_bytes_per_element
+from .dcf import DcfKey, dcf_eval, dcf_keygen, key_bytes_per_element, word_views
 from .prg import AesCtrPrg
 
 U64 = np.uint64
@@ -85,9 +85,12 @@ class ReluKey:
 
     def to_bytes(self) -> bytes:
         """Header (magic, version, party, bits, kind, N), the share arrays, then the DCF key blob."""
+        return b"".join(self.blob_parts())
+
+    def blob_parts(self) -> list[bytes | memoryview]:
+        """The pieces of `to_bytes()` without copying the arrays: joined, each is copied once."""
         head = _HEADER.pack(MAGIC, VERSION, self.party, self.bits, self.dcf.payload_words, self.n_elements)
-        shares = [np.ascontiguousarray(a, "<u8").tobytes() for a in (self.r, self.msb_r, self.msb_r_r)]
-        return b"".join([head, *shares, self.dcf.to_bytes()])
+        return [head, *word_views((self.r, self.msb_r, self.msb_r_r)), *self.dcf.blob_parts()]
 
     @classmethod
     def from_bytes(cls, blob: bytes | bytearray | memoryview) -> "ReluKey":
