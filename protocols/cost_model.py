@@ -87,6 +87,7 @@ def total_cost(costs: list[LayerCost]) -> LayerCost:
     for c in costs:
         for field in ("params", "secure_mults", "bytes_online", "rounds", "relu_count", "poly_count", "comparisons"):
             setattr(out, field, getattr(out, field) + getattr(c, field))
+        out.bytes_offline = None if out.bytes_offline is None or c.bytes_offline is None else out.bytes_offline + c.bytes_offline
         out.modelled = out.modelled and c.modelled
     return out
 

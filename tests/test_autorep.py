@@ -226,3 +226,11 @@ def test_optimized_model_runs_privately_with_only_kept_relus_compared(tmp_path, 
     assert np.abs(logits - plain).max() < 0.05
     # Only kept positions went through the comparison protocol: 24 samples x the manifest's count.
     assert result["relu_count"] == 24 * manifest["relu_count"]
+    # The same artifact on the fss backend: the same ReLUs compared, in one round each.
+    proc = run("infer", "--model", str(out), "--input", str(tmp_path / "x.npy"), "--batch", "12", "--protocol", "fss", "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    on_fss = json.loads(proc.stdout)
+    assert on_fss["protocol"] == "fss" and on_fss["relu_count"] == 24 * manifest["relu_count"]
+    fss_logits = np.array(on_fss["logits"])
+    assert (fss_logits.argmax(1) == plain.argmax(1)).all() and np.abs(fss_logits - plain).max() < 0.05
+    assert on_fss["rounds_per_batch"] < result["rounds_per_batch"]

@@ -17,7 +17,7 @@ import torch
 from tests.helpers.local_dealer import LocalDealer
 from tests.helpers.memory_transport import MemoryTransport
 from twinfer.protocols.backends import backend_class, protocols
-from twinfer.protocols.cost_model import graph_cost
+from twinfer.protocols.cost_model import graph_cost, total_cost
 from twinfer.protocols.ir.graph import Graph, Node
 from twinfer.protocols.ir.plain import annotate_shapes, run_plain
 from twinfer.protocols.ir.validation import validate_graph
@@ -63,7 +63,8 @@ def run_two_party(protocol: str, graph: Graph, weights: dict[str, np.ndarray], x
     with ThreadPoolExecutor(max_workers=2) as pool:
         server, client = pool.submit(party, SERVER), pool.submit(party, CLIENT)
         assert server.result(timeout=120)[0] is None  # the server never learns the output
-        return client.result(timeout=120)
+        y, counts, online = client.result(timeout=120)
+    return y, counts, online, (sum(dealer.bytes_sent.values()) if dealer else None)
 
 
 def _w(*shape, seed=0) -> np.ndarray:
@@ -111,7 +112,7 @@ def test_secure_op_matches_plaintext_and_its_cost(protocol, case):
     graph = _graph(input_shape, nodes, weights)
     x = torch.randn(3, *input_shape, generator=torch.Generator().manual_seed(7)) * 2
     expected = run_plain(graph, {k: torch.from_numpy(v) for k, v in weights.items()}, x)
-    y, counts, bytes_online = run_two_party(protocol, graph, weights, x)
+    y, counts, bytes_online, bytes_offline = run_two_party(protocol, graph, weights, x)
     assert y.shape == expected.shape
     assert torch.max(torch.abs(y - expected)).item() < TOLERANCE, (y, expected)
     predicted = graph_cost(graph, batch=3, protocol=protocol)
@@ -119,6 +120,9 @@ def test_secure_op_matches_plaintext_and_its_cost(protocol, case):
     assert counts["relu_count"] == sum(c.relu_count for c in layers)
     assert counts["comparisons"] == sum(c.comparisons for c in layers)
     assert bytes_online == sum(c.bytes_online for c in layers)
+    offline = total_cost(layers).bytes_offline
+    if offline is not None:  # a backend whose pricing states the dealer's bytes
+        assert bytes_offline == offline
 
 
 def test_comparisons_count_every_compared_element():

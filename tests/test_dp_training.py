@@ -23,8 +23,10 @@ from twinfer.optimizer.dp.embedding_model import EmbeddingMLP, auc, clipped_grad
 from twinfer.optimizer.dp.sparse_training import (
     DPTrainConfig,
     PrivacyReport,
+    RowSelection,
     adafest_select,
     plan_privacy,
+    private_gradient,
     sample_zero_count_rows,
     train_dp,
     zero_count_pass_probability,
@@ -143,10 +145,18 @@ def test_impossible_settings_are_refused_clearly():
 # -- training steps ------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("buffers", ["sparse", "dense"])
 @pytest.mark.parametrize("method", ["fest", "adafest"])
-def test_a_step_touches_only_selected_rows(small_data, method):
+def test_a_step_touches_only_selected_rows(small_data, method, buffers):
     config = DPTrainConfig(
-        method=method, batch_size=300, threshold_sigmas=3.0, fest_topk=200, fest_frequencies="public", max_steps=1, seed=4
+        method=method,
+        batch_size=300,
+        threshold_sigmas=3.0,
+        fest_topk=200,
+        fest_frequencies="public",
+        max_steps=1,
+        seed=4,
+        buffers=buffers,
     )
     s1 = 2.0 if method == "adafest" else None
     result = train_dp(small_data, config, privacy=_privacy(0.1, 10, 1.0, s1))
@@ -174,6 +184,34 @@ def test_a_step_touches_only_selected_rows(small_data, method):
         never_seen = int((selected & ~seen & ~dense).sum())
         assert 0 < never_seen <= fp <= int((selected & ~dense).sum()), (never_seen, fp)
         assert int(result.updated.sum()) < result.stats.true_rows[0] + small_data.vocab_sizes[1] + 50
+
+
+@pytest.mark.parametrize("method", ["fest", "adafest"])
+def test_dense_and_sparse_buffers_give_the_same_noise_free_gradient(small_data, method):
+    """The V x d buffers used on small tables change the cost, not the gradient."""
+    model = EmbeddingMLP(small_data.vocab_sizes, dim=4, hidden=8, seed=0)
+    with torch.no_grad():
+        model.table.normal_(generator=torch.Generator().manual_seed(0))
+    ids, labels = torch.from_numpy(small_data.train_ids[:200]), torch.from_numpy(small_data.train_labels[:200])
+    offsets = model.offsets.tolist()
+    dense_rows = torch.arange(offsets[1], offsets[1] + small_data.vocab_sizes[1])  # the small context field
+    common = dict(dense_rows=dense_rows, sparse_cols=(0,))
+    if method == "fest":
+        common |= dict(fixed_rows=torch.unique(torch.cat([torch.arange(0, 5000, 7), dense_rows])))
+    else:  # selection noise so small that exactly the touched rows pass and no zero-count row does
+        common |= dict(s1=1e-6, tau=0.5)
+    grads = [
+        private_gradient(
+            model, ids, labels, clip=0.5, sigma_c=0.0, selection=RowSelection(method, dense_buffers=b, **common), gen=torch.Generator()
+        )
+        for b in (False, True)
+    ]
+    assert torch.equal(grads[0].rows, grads[1].rows) and grads[0].touched == grads[1].touched
+    torch.testing.assert_close(grads[0].table, grads[1].table)
+    if method == "adafest":
+        touched = torch.unique(model.rows(ids)[:, 0])
+        assert torch.equal(grads[0].rows, torch.unique(torch.cat([touched, dense_rows])))
+        assert grads[0].false_positive == grads[1].false_positive == 0
 
 
 def test_dense_dp_sgd_updates_every_row(small_data):

@@ -32,10 +32,12 @@ class BackendError(ValueError):
 
 @dataclass(frozen=True)
 class Cost:
-    """Online cost of one protocol step: one party's bytes (sent + received) and rounds."""
+    """Cost of one protocol step: one party's online bytes (sent + received), rounds, and the
+    bytes the dealer sends both parties for it (None where the backend's pricing does not say)."""
 
     bytes_online: int = 0
     rounds: int = 0
+    bytes_offline: int | None = None
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ class CorrelationKind:
 class Pricing(abc.ABC):
     """A backend's online cost per primitive, read off the protocols it runs."""
 
-    def product(self, activations: int, weights: int) -> Cost:
+    def product(self, activations: int, weights: int, outputs: int) -> Cost:
         """A Beaver product of an activation and a weight: x - a and W - b opened together."""
         return Cost(OPEN_BYTES * (activations + weights), 1)
 

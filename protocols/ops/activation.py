@@ -153,7 +153,8 @@ class Relu(Op):
         n = io.batch * io.out(node)
         step = pricing.relu(n)
         return LayerCost(
-            node.name, node.op, secure_mults=n, bytes_online=step.bytes_online, rounds=step.rounds, relu_count=n, comparisons=n
+            node.name, node.op, secure_mults=n, bytes_online=step.bytes_online, rounds=step.rounds, relu_count=n, comparisons=n,
+            bytes_offline=step.bytes_offline,
         )
 
     def module(self, node, w):
@@ -203,6 +204,7 @@ class MaskedRelu(Op):
             relu_count=relu,
             poly_count=poly,
             comparisons=relu,
+            bytes_offline=None if a.bytes_offline is None or b.bytes_offline is None else a.bytes_offline + b.bytes_offline,
         )
 
     def pruned_attrs(self, node: Node, attrs: dict, have: int, full: int) -> dict:
@@ -272,7 +274,10 @@ class Clip(Op):
     def cost(self, node, io, pricing):
         n = io.batch * io.out(node) * sum(b is not None for b in _bounds(node))
         step = pricing.relu(n)
-        return LayerCost(node.name, node.op, secure_mults=n, bytes_online=step.bytes_online, rounds=step.rounds, comparisons=n)
+        return LayerCost(
+            node.name, node.op, secure_mults=n, bytes_online=step.bytes_online, rounds=step.rounds, comparisons=n,
+            bytes_offline=step.bytes_offline,
+        )
 
     def module(self, node, w):
         return Clamp(*_bounds(node))

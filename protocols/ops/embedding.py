@@ -62,10 +62,13 @@ class Embedding(Op):
 
     def cost(self, node, io, pricing):
         rows, dim = int(node.attrs["rows"]), int(node.attrs["dim"])
-        step = pricing.product(*lookup_opened(io.batch, io.x, rows, dim))
+        step = pricing.product(*lookup_opened(io.batch, io.x, rows, dim), io.batch * io.out(node))
         params = sum(size(io.weight(k)) for k in node.weights)
         mults = io.batch * io.out(node) * rows
-        return LayerCost(node.name, node.op, params=params, secure_mults=mults, bytes_online=step.bytes_online, rounds=step.rounds)
+        return LayerCost(
+            node.name, node.op, params=params, secure_mults=mults, bytes_online=step.bytes_online, rounds=step.rounds,
+            bytes_offline=step.bytes_offline,
+        )
 
 
 def embedding_node(graph: Any) -> Any | None:

@@ -33,8 +33,11 @@ class Affine(nn.Module):
 
 def _product_cost(node: Node, io: CostInputs, pricing, activations: int, weights: int, mults: int) -> LayerCost:
     params = sum(size(io.weight(w)) for w in node.weights)
-    step = pricing.product(activations, weights)
-    return LayerCost(node.name, node.op, params=params, secure_mults=mults, bytes_online=step.bytes_online, rounds=step.rounds)
+    step = pricing.product(activations, weights, io.batch * io.out(node))
+    return LayerCost(
+        node.name, node.op, params=params, secure_mults=mults, bytes_online=step.bytes_online, rounds=step.rounds,
+        bytes_offline=step.bytes_offline,
+    )
 
 
 def _loaded(module: nn.Module, w: list[np.ndarray]) -> nn.Module:

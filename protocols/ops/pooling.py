@@ -35,7 +35,10 @@ class MaxPool(Op):
         n = int(np.prod(node.attrs["kernel"]))
         windows = io.batch * io.out(node)
         step = pricing.max_pool(windows, n)
-        return LayerCost(node.name, node.op, bytes_online=step.bytes_online, rounds=step.rounds, comparisons=windows * (n - 1))
+        return LayerCost(
+            node.name, node.op, bytes_online=step.bytes_online, rounds=step.rounds, comparisons=windows * (n - 1),
+            bytes_offline=step.bytes_offline,
+        )
 
     def module(self, node, w):
         a = node.attrs

@@ -54,6 +54,7 @@ class LayerCost:
     relu_count: int = 0
     poly_count: int = 0
     comparisons: int = 0
+    bytes_offline: int | None = 0  # from the dealer to both parties; None: the backend's pricing does not say
     modelled: bool = True
 
     def as_dict(self) -> dict:

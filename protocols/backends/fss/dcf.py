@@ -54,6 +54,7 @@ MAGIC = b"TWFSDCF\x00"
 VERSION = 1
 # magic, version, party, bits, payload words, (padding), elements
 _HEADER = struct.Struct("<8sHBBH2xQ")
+HEADER_BYTES = _HEADER.size
 
 
 def _fixed_key(index: int) -> bytes:

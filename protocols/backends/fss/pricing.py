@@ -5,23 +5,42 @@
 2. A square opens x - r: 16 bytes per element, one round.
 3. A ReLU opens x + r: 16 bytes per element (8 each way), one round, whatever the width.
 4. A max-pool over windows of n is a tree of n - 1 ReLUs per window, ceil(log2 n) rounds.
+
+Offline (the dealer's bytes to both parties, per batch): the server's share of each product
+(C_0: one ring element per output) and of each square (s_0); each party's ReLU key, a header
+per call and `key_bytes_per_relu` per element (`relu.py`). The weight masks are session set-up.
 """
 
 from __future__ import annotations
 
 import math
 
-from ..base import OPEN_BYTES, Cost, Pricing
+from ..base import OPEN_BYTES, RING_BYTES, Cost, Pricing
+from .relu import key_bytes_per_relu, relu_key_header_bytes
+
+BITS = 64  # the default comparison width: exact for every ring element
+
+
+def _keys(elements: int, calls: int) -> int:
+    """ReLU keys for both parties: a header per call, the rest per element."""
+    return 2 * (calls * relu_key_header_bytes() + elements * key_bytes_per_relu(BITS))
 
 
 class FssPricing(Pricing):
-    def product(self, activations: int, weights: int) -> Cost:
-        return Cost(OPEN_BYTES * activations, 1)
+    def product(self, activations: int, weights: int, outputs: int) -> Cost:
+        return Cost(OPEN_BYTES * activations, 1, RING_BYTES * outputs)
+
+    def square(self, n: int) -> Cost:
+        return Cost(OPEN_BYTES * n, 1, RING_BYTES * n) if n else Cost(bytes_offline=0)
 
     def relu(self, n: int) -> Cost:
-        return Cost(OPEN_BYTES * n, 1) if n else Cost()
+        return Cost(OPEN_BYTES * n, 1, _keys(n, 1)) if n else Cost(bytes_offline=0)
 
     def max_pool(self, windows: int, n: int) -> Cost:
         if n < 2:
-            return Cost()
-        return Cost(OPEN_BYTES * windows * (n - 1), math.ceil(math.log2(n)))
+            return Cost(bytes_offline=0)
+        levels, left, elements = 0, n, 0
+        while left > 1:  # one ReLU call per level, over the pairs of that level
+            elements += windows * (left // 2)
+            left, levels = left - left // 2, levels + 1
+        return Cost(OPEN_BYTES * elements, levels, _keys(elements, levels))

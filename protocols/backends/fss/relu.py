@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import ArrayLike
 
+from .dcf import HEADER_BYTES as DCF_HEADER_BYTES
 from .dcf import DcfKey, dcf_eval, dcf_keygen, key_bytes_per_element, word_views
 from .prg import AesCtrPrg
 
@@ -120,6 +121,11 @@ class ReluKey:
         if dcf.n_elements != N or dcf.payload_words != words:
             raise ValueError(f"ReLU key blob garbled: header says {N} elements of payload {words}, its DCF key {dcf.n_elements} of {dcf.payload_words}")
         return cls(party, bits, dcf, **arrays)
+
+
+def relu_key_header_bytes() -> int:
+    """The fixed part of one party's serialised key, whatever its length: its header and its DCF key's."""
+    return _HEADER.size + DCF_HEADER_BYTES
 
 
 def key_bytes_per_relu(bits: int = 64, kind: str = "relu") -> int:
