@@ -18,7 +18,9 @@ from typing import Any
 import numpy as np
 
 from .ir.graph import Graph, GraphError
+from .ir.ranges import COMPARISON_OPS
 from .ops.activation import ActivationSite, apply_sites
+from .ops.registry import check_comparison_bits
 
 FORMAT = "twinfer-artifact"
 FORMAT_VERSION = 1
@@ -96,7 +98,24 @@ def apply_manifest(graph: Graph, manifest: dict[str, Any], tensors: dict[str, np
         raise ArtifactError(
             f"the model keeps {masked.relu_count()} ReLUs per sample, but the manifest says {manifest.get('relu_count')}"
         )
-    return masked
+    return apply_comparison_bits(masked, manifest.get("comparison_bits", {}))
+
+
+def apply_comparison_bits(graph: Graph, widths: Any) -> Graph:
+    """The graph with each named comparison compared on the artifact's width (public structure)."""
+    if not isinstance(widths, dict):
+        raise ArtifactError(f"manifest 'comparison_bits' must map node names to widths, got {type(widths).__name__}")
+    by_name = {n.name: n for n in graph.nodes}
+    for name, bits in widths.items():
+        node = by_name.get(name)
+        if node is None or node.op not in COMPARISON_OPS:
+            raise ArtifactError(f"manifest 'comparison_bits' names '{name}', which is not a comparison in the model")
+        node.attrs["bits"] = bits
+        try:
+            check_comparison_bits(node)
+        except GraphError as err:
+            raise ArtifactError(str(err)) from None
+    return graph
 
 
 # -- one blob for the wire between launcher and server: safetensors, never pickle -------------

@@ -209,12 +209,15 @@ def test_optimized_model_runs_privately_with_only_kept_relus_compared(tmp_path, 
     run = lambda *a: subprocess.run([sys.executable, "-m", "twinfer.deploy.cli", *a], capture_output=True, text=True, timeout=300)  # noqa: E731
     opt = run(
         "optimize", "--model", str(onnx_files["fashion_cnn"]), "--data", "fashion-mnist", "--relu-budget", "1500",
-        "--train-samples", "1500", "--epochs", "2", "--out", str(out), "--json",
+        "--train-samples", "1500", "--epochs", "2", "--out", str(out), "--json", "--comparison-bits", "auto",
     )  # fmt: skip
     assert opt.returncode == 0, opt.stderr[-3000:]
     manifest = json.loads(opt.stdout)
     assert 0 < manifest["relu_count"] <= 1500 and manifest["budget"] == 1500
     assert {"accuracy_before", "accuracy_after", "dataset", "seed", "twinfer_version"} <= set(manifest)
+    widths = manifest["comparison_bits"]  # per comparison, from the training data's ranges (x 4)
+    assert widths and all(2 <= b <= 64 for b in widths.values()) and min(widths.values()) < 40
+    assert manifest["comparison_calibration"]["margin"] == 4.0 and "risk" in manifest["comparison_calibration"]
     proc = run("infer", "--model", str(out), "--input", str(tmp_path / "x.npy"), "--batch", "12", "--json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)

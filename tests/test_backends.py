@@ -97,6 +97,13 @@ CASES = {
                                                        "coeffs": [[0.1, 0.5, 0.2], [0.0, 1.0, -0.1]]})],
         {},
     ),
+    "reshape_flatten_gap": (
+        (2, 2, 3),
+        [Node("gap", "GlobalAveragePool", ("x",), "g"), Node("shape", "Reshape", ("g",), "s", (), {"shape": [0, -1]}),
+         Node("back", "Reshape", ("x",), "b", (), {"shape": [0, 2, 6]}), Node("flat", "Flatten", ("b",), "f", (), {"axis": 1}),
+         Node("fc", "Gemm", ("f",), "y", ("w",))],
+        {"w": _w(3, 12, seed=3)},
+    ),
     "affine_add": (
         (3, 2, 2),
         [Node("bn", "Affine", ("x",), "s", ("scale", "shift")), Node("res", "Add", ("s", "x"), "y")],

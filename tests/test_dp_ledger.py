@@ -133,3 +133,20 @@ def test_an_empty_poisson_batch_still_counts_as_a_step(small_data):
     assert result.ledger.count(MECH_GRADIENT) == result.ledger.count(MECH_SELECTION) == 3
     assert min(result.stats.batch_sizes) == 0
     assert torch.isfinite(result.model.table).all()
+
+
+def test_the_command_reports_what_a_cut_run_spent_and_when_sparsity_does_not_pay(capsys, tmp_path):
+    from twinfer.deploy.cli.cli import main
+
+    args = ["train-dp", "--data", "movielens-100k", "--epsilon", "3", "--epochs", "1", "--selection", "adafest", "--max-steps", "2"]
+    assert main(args + ["--json", "--out", str(tmp_path / "cut")]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    spent, plan = summary["privacy_spent"], summary["privacy"]
+    assert spent["steps_run"] == summary["steps_run"] == 2 < plan["steps"]
+    assert spent["epsilon_rdp"] < plan["epsilon_rdp"] <= 3.0 and spent["epsilon_pld"] < plan["epsilon_pld"]
+    assert "sparsity does not pay in training time" in summary["note"]  # 2,820 rows vs 65,536 lookups a batch
+    manifest = json.loads((tmp_path / "cut" / "manifest.json").read_text())
+    assert manifest["epsilon"] == pytest.approx(spent["epsilon_rdp"]) and manifest["steps_run"] == 2
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "epsilon spent (2 steps run)" in out and "(PLD)" in out and "adafest_contribution_map" in out

@@ -44,6 +44,13 @@ def test_artifact_drops_unselected_rows_and_predicts_like_the_trained_model(trai
     for key in ("epsilon", "delta", "noise_multiplier_effective", "accountant", "selection", "rows_kept", "rows_dropped", "test_auc"):
         assert key in manifest
     assert manifest["selection"] == "adafest" and manifest["epsilon"] <= 3.0
+    ledger = manifest["privacy_ledger"]  # what the run spent, mechanism by mechanism
+    assert manifest["steps_run"] == ledger["steps_run"] == result.privacy.steps
+    assert {m["name"]: m["count"] for m in ledger["mechanisms"]} == {
+        "adafest_contribution_map": result.privacy.steps,
+        "gradient_noise": result.privacy.steps,
+    }
+    assert manifest["epsilon"] == manifest["epsilon_rdp"] == ledger["epsilon_rdp"] and ledger["epsilon_pld"] <= ledger["epsilon_rdp"]
     dropped = sum(manifest["rows_dropped"].values())
     assert dropped > 0 and dropped + sum(manifest["rows_kept"].values()) == movielens.vocab_total
     graph, weights = load_model(artifact)

@@ -29,6 +29,8 @@ from twinfer.protocols.ir.onnx_export import export_onnx
 DATASETS = ("fashion-mnist", "mnist")
 
 
+CALIBRATION_SAMPLES = 2000  # training samples whose activation ranges set the comparison widths
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("optimize", help="learn ReLU masks / convert and prune a model; write an artifact directory")
     p.add_argument("--model", required=True, help="ONNX file, or a torch class as 'package.module:Class' with --weights")
@@ -43,6 +45,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-samples", type=int, default=None, help="use only the first N training samples (CPU budgets)")
     p.add_argument("--penalty", type=float, default=10.0, help="AutoReP budget hinge weight (default 10)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--comparison-bits", default="full", choices=("full", "auto"),
+        help="full: every secure comparison on all 64 bits, exact for any value (default); auto: per layer, the "
+        "narrowest width that holds --comparison-margin x the largest value the training data reached there "
+        "(smaller fss keys and faster evaluation; the manifest names the risk)",
+    )  # fmt: skip
+    p.add_argument("--comparison-margin", type=float, default=4.0, help="with --comparison-bits auto: headroom factor (default 4)")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     p.set_defaults(func=run)
 
@@ -108,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
         model = _autorep(model, train, args, manifest)
     manifest["accuracy_after"] = evaluate_accuracy(model, *test)
     manifest["optimize_s"] = round(time.perf_counter() - started, 1)
-    out = export_artifact(model, example, args.out, manifest)
+    calibration = train[0][:CALIBRATION_SAMPLES] if args.comparison_bits == "auto" else None
+    out = export_artifact(model, example, args.out, manifest, calibration=calibration, margin=args.comparison_margin)
     written = json.loads((out / "manifest.json").read_text())
     if args.json:
         print(json.dumps(written))
@@ -122,6 +132,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _check_options(args: argparse.Namespace) -> None:
     """Every option's value, before any data is loaded or a step trained."""
+    if args.comparison_margin < 1:
+        raise ValueError(f"--comparison-margin multiplies the observed range and must be at least 1, got {args.comparison_margin}")
     from twinfer.optimizer.autorep.autorep import AutoRepConfig
     from twinfer.optimizer.mofhei.block_pruning import check_sparsity
     from twinfer.optimizer.mofhei.mofhei import check_convert

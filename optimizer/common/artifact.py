@@ -23,6 +23,7 @@ from torch import nn
 from twinfer.optimizer.common.hooks import run_hooked
 from twinfer.protocols import artifact_format as af
 from twinfer.protocols.ir.onnx_import import graph_from_onnx
+from twinfer.protocols.ir.ranges import comparison_ranges, comparison_widths
 from twinfer.protocols.ir.onnx_export import export_onnx
 from twinfer.protocols.ops.activation import ActivationSite, apply_sites
 
@@ -40,16 +41,22 @@ def write_artifact(
     manifest: dict[str, Any],
     tensors: dict[str, np.ndarray] | None = None,
     sites: dict[str, ActivationSite] | None = None,
+    calibration: np.ndarray | None = None,
+    margin: float = 4.0,
 ) -> Path:
     """Write model.onnx, tensors.safetensors and manifest.json; returns the directory.
 
     The manifest gets the format fields, the twinfer version, the sites it lists, the
     per-sample ReLU count of the compiled model and the files' digests. The model is compiled
-    once here, so an artifact that would not load is never written.
+    once here, so an artifact that would not load is never written. With `calibration`
+    samples, each comparison also gets the narrowest width that holds `margin` times the
+    largest value it compared on them (protocols/ir/ranges.py), for backends that use it.
     """
     sites = sites or {}
-    graph, _ = graph_from_onnx(onnx.load_from_string(onnx_bytes))
+    graph, weights = graph_from_onnx(onnx.load_from_string(onnx_bytes))
     masked = apply_sites(graph, sites)
+    if calibration is not None:
+        manifest = dict(manifest) | _comparison_widths(masked, weights, calibration, margin)
     arrays = dict(tensors or {}) | af.site_tensors(sites)
     tensor_bytes = save(arrays) if arrays else save({})
     full = dict(manifest) | {
@@ -95,7 +102,29 @@ def _activation_order(model: nn.Module, example: torch.Tensor) -> list[nn.Module
     return order
 
 
-def export_artifact(model: nn.Module, example: torch.Tensor, out_dir: str | Path, manifest: dict[str, Any]) -> Path:
+def _comparison_widths(graph, weights, calibration: np.ndarray, margin: float) -> dict[str, Any]:
+    ranges = comparison_ranges(graph, weights, calibration)
+    widths = comparison_widths(graph, weights, calibration, margin)
+    return {
+        "comparison_bits": widths,
+        "comparison_calibration": {
+            "samples": int(len(calibration)),
+            "margin": margin,
+            "largest_compared": {k: round(v, 6) for k, v in ranges.items()},
+            "risk": f"a comparison on n bits is exact while |value| < 2^(n-17); an input that drives a layer past "
+            f"{margin:g} x the largest value its calibration samples did there can be compared wrongly, undetected",
+        },
+    }
+
+
+def export_artifact(
+    model: nn.Module,
+    example: torch.Tensor,
+    out_dir: str | Path,
+    manifest: dict[str, Any],
+    calibration: np.ndarray | None = None,
+    margin: float = 4.0,
+) -> Path:
     """Export `model` (eval mode) with its sites as masked activations, and write the artifact."""
     was_training = model.training
     model.eval()
@@ -112,4 +141,4 @@ def export_artifact(model: nn.Module, example: torch.Tensor, out_dir: str | Path
             "ReLU/site modules; use nn.ReLU or site modules, not torch.relu in forward"
         )
     sites = {node: m.site() for node, m in zip(relu_nodes, order) if is_site(m)}
-    return write_artifact(out_dir, onnx_bytes, manifest, sites=sites)
+    return write_artifact(out_dir, onnx_bytes, manifest, sites=sites, calibration=calibration, margin=margin)

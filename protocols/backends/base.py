@@ -84,11 +84,11 @@ class Pricing(abc.ABC):
         return Cost(RING_BYTES * n, 1)
 
     @abc.abstractmethod
-    def relu(self, n: int) -> Cost:
-        """n ReLUs evaluated together."""
+    def relu(self, n: int, bits: int = 64) -> Cost:
+        """n ReLUs evaluated together, compared on `bits` bits."""
 
     @abc.abstractmethod
-    def max_pool(self, windows: int, n: int) -> Cost:
+    def max_pool(self, windows: int, n: int, bits: int = 64) -> Cost:
         """The maximum of each of `windows` windows of n elements."""
 
 
@@ -164,10 +164,12 @@ class Backend(abc.ABC):
     # -- comparisons ------------------------------------------------------------------------------------
 
     @abc.abstractmethod
-    def relu(self, x: Any) -> Any: ...
+    def relu(self, x: Any, bits: int | None = None) -> Any:
+        """ReLU of every element; `bits`: the comparison width a backend may use (None: the full
+        ring, exact for every value; fewer bits are exact while |x| < 2^(bits - 1) ring units)."""
 
     @abc.abstractmethod
-    def max_pool2d(self, x: Any, *, kernel: tuple, stride: tuple, padding: tuple) -> Any: ...
+    def max_pool2d(self, x: Any, *, kernel: tuple, stride: tuple, padding: tuple, bits: int | None = None) -> Any: ...
 
     # -- local -----------------------------------------------------------------------------------------
 

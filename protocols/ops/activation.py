@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..ir.graph import Graph, GraphError, Node
-from .registry import CostInputs, LayerCost, Op, SecureContext, register
+from .registry import CostInputs, LayerCost, Op, SecureContext, check_comparison_bits, comparison_bits, register
 
 OP = "MaskedRelu"
 
@@ -132,11 +132,11 @@ def plain_masked_relu(x: torch.Tensor, node: Node) -> torch.Tensor:
 
 
 
-def _relu(x, ctx: SecureContext, relu_layer: bool = True):
-    """The backend's ReLU, counting the elements compared."""
+def _relu(x, ctx: SecureContext, node: Node, relu_layer: bool = True):
+    """The backend's ReLU at the node's comparison width, counting the elements compared."""
     n = int(x.nelement())
     ctx.count(comparisons=n, relu=n if relu_layer else 0)
-    return ctx.backend.relu(x)
+    return ctx.backend.relu(x, comparison_bits(node))
 
 
 class Relu(Op):
@@ -146,12 +146,15 @@ class Relu(Op):
     def plain(self, node, args, w):
         return torch.relu(args[0])
 
+    def check(self, node, graph):
+        check_comparison_bits(node)
+
     def secure(self, node, args, w, ctx):
-        return _relu(args[0], ctx)
+        return _relu(args[0], ctx, node)
 
     def cost(self, node, io: CostInputs, pricing) -> LayerCost:
         n = io.batch * io.out(node)
-        step = pricing.relu(n)
+        step = pricing.relu(n, comparison_bits(node))
         return LayerCost(
             node.name, node.op, secure_mults=n, bytes_online=step.bytes_online, rounds=step.rounds, relu_count=n, comparisons=n,
             bytes_offline=step.bytes_offline,
@@ -173,6 +176,7 @@ class MaskedRelu(Op):
 
     def check(self, node, graph):
         check_attrs(node)
+        check_comparison_bits(node)
 
     def plain(self, node, args, w):
         return plain_masked_relu(args[0], node)
@@ -183,7 +187,7 @@ class MaskedRelu(Op):
         flat = x.reshape(x.shape[0], -1)
         parts = []
         if len(keep):
-            parts.append(_relu(flat.index_select(1, keep), ctx))
+            parts.append(_relu(flat.index_select(1, keep), ctx, node))
         if len(rest):
             r = flat.index_select(1, rest)
             parts.append(ctx.backend.square(r) * coeffs[:, 2] + r * coeffs[:, 1] + coeffs[:, 0])
@@ -194,7 +198,7 @@ class MaskedRelu(Op):
         out = io.out(node)
         kept = int(node.attrs["elements"])
         relu, poly = io.batch * kept, io.batch * (out - kept)
-        a, b = pricing.relu(relu), pricing.square(poly)
+        a, b = pricing.relu(relu, comparison_bits(node)), pricing.square(poly)
         return LayerCost(
             node.name,
             node.op,
@@ -250,6 +254,7 @@ class Clip(Op):
             raise GraphError(f"node '{node.name}' (Clip) has neither bound")
         if lo is not None and hi is not None and lo > hi:
             raise GraphError(f"node '{node.name}' (Clip) has min {lo} above max {hi}")
+        check_comparison_bits(node)
 
     def plain(self, node, args, w):
         lo, hi = _bounds(node)
@@ -262,7 +267,7 @@ class Clip(Op):
         m = flat.shape[1]
         diffs = [d for d in (None if lo is None else flat - lo, None if hi is None else flat - hi) if d is not None]
         stacked = diffs[0] if len(diffs) == 1 else ctx.backend.cat(diffs, dim=1)
-        r = _relu(stacked, ctx, relu_layer=False)
+        r = _relu(stacked, ctx, node, relu_layer=False)
         if lo is not None and hi is not None:
             y = r.index_select(1, torch.arange(m)) - r.index_select(1, torch.arange(m, 2 * m)) + lo
         elif lo is not None:
@@ -273,7 +278,7 @@ class Clip(Op):
 
     def cost(self, node, io, pricing):
         n = io.batch * io.out(node) * sum(b is not None for b in _bounds(node))
-        step = pricing.relu(n)
+        step = pricing.relu(n, comparison_bits(node))
         return LayerCost(
             node.name, node.op, secure_mults=n, bytes_online=step.bytes_online, rounds=step.rounds, comparisons=n,
             bytes_offline=step.bytes_offline,

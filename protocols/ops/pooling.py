@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ir.graph import GraphError
-from .registry import LayerCost, Op, register
+from .registry import LayerCost, Op, check_comparison_bits, comparison_bits, register
 
 
 def _pool_args(node) -> dict[str, Any]:
@@ -26,15 +26,18 @@ class MaxPool(Op):
         a = node.attrs
         return F.max_pool2d(args[0], kernel_size=a["kernel"], stride=a["stride"], padding=a["padding"])
 
+    def check(self, node, graph):
+        check_comparison_bits(node)
+
     def secure(self, node, args, w, ctx):
-        y = ctx.backend.max_pool2d(args[0], **_pool_args(node))
+        y = ctx.backend.max_pool2d(args[0], **_pool_args(node), bits=comparison_bits(node))
         ctx.count(comparisons=int(y.nelement()) * (int(np.prod(node.attrs["kernel"])) - 1))
         return y
 
     def cost(self, node, io, pricing):
         n = int(np.prod(node.attrs["kernel"]))
         windows = io.batch * io.out(node)
-        step = pricing.max_pool(windows, n)
+        step = pricing.max_pool(windows, n, comparison_bits(node))
         return LayerCost(
             node.name, node.op, bytes_online=step.bytes_online, rounds=step.rounds, comparisons=windows * (n - 1),
             bytes_offline=step.bytes_offline,

@@ -114,6 +114,21 @@ class Op:
         """Record attributes known once the op ran on one sample (out_shape is set for all)."""
 
 
+FULL_BITS = 64  # a comparison on the whole ring: exact for every value
+
+
+def comparison_bits(node: Node) -> int:
+    """The width a comparison op compares on: its `bits` attribute (the artifact's, from the
+    activation ranges `twinfer optimize` saw), else the full ring."""
+    return int(node.attrs.get("bits") or FULL_BITS)
+
+
+def check_comparison_bits(node: Node) -> None:
+    bits = node.attrs.get("bits")
+    if bits is not None and (not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= FULL_BITS):
+        raise GraphError(f"node '{node.name}' ({node.op}) compares on bits={bits!r}; a width is an integer from 2 to {FULL_BITS}")
+
+
 OnnxImporter = Callable[..., None]  # (importer, onnx node, its attributes) -> None
 
 _OPS: dict[str, Op] = {}

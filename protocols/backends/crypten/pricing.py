@@ -74,9 +74,9 @@ def maxpool_words(windows: int, n: int) -> tuple[int, int]:
 
 
 class CryptenPricing(Pricing):
-    def relu(self, n: int) -> Cost:
+    def relu(self, n: int, bits: int = 64) -> Cost:
         return Cost(n * RELU_WORDS * OPEN_BYTES, RELU_ROUNDS) if n else Cost()
 
-    def max_pool(self, windows: int, n: int) -> Cost:
+    def max_pool(self, windows: int, n: int, bits: int = 64) -> Cost:
         words, rounds = maxpool_words(windows, n)
         return Cost(words * OPEN_BYTES, rounds)

@@ -233,33 +233,34 @@ class FssBackend(Backend):
 
     # -- comparisons ------------------------------------------------------------------------------
 
-    def relu(self, x: FssShare) -> FssShare:
+    def relu(self, x: FssShare, bits: int | None = None) -> FssShare:
         n = x.nelement()
         if n == 0:
             return x
+        bits = bits or self.bits
         index = self.dealer.next_index()
-        blob = self.dealer.request(RELU, json.dumps({"n": n, "bits": self.bits}), index)["key"]
+        blob = self.dealer.request(RELU, json.dumps({"n": n, "bits": bits}), index)["key"]
         try:
             key = ReluKey.from_bytes(blob.tobytes())
         except ValueError as err:
             raise BackendError(f"fss backend got a malformed ReLU key from the dealer: {err}") from None
-        if key.party != self.rank or key.n_elements != n or key.bits != self.bits:
+        if key.party != self.rank or key.n_elements != n or key.bits != bits:
             raise BackendError(
                 f"fss backend got a ReLU key for party {key.party}, {key.n_elements} elements at {key.bits} bits from the "
-                f"dealer; it asked for party {self.rank}, {n} elements at {self.bits} bits"
+                f"dealer; it asked for party {self.rank}, {n} elements at {bits} bits"
             )
         mine = masked_share(key, ring.to_numpy_u64(x.data.reshape(-1)))
         x_hat = self._open("fss.relu", ring.from_numpy_u64(mine)).numpy().view(np.uint64)
         return FssShare(ring.from_numpy_u64(relu_eval(self.rank, key, x_hat)).reshape(x.shape), self.rank)
 
-    def max_pool2d(self, x: FssShare, *, kernel, stride, padding) -> FssShare:
+    def max_pool2d(self, x: FssShare, *, kernel, stride, padding, bits: int | None = None) -> FssShare:
         windows = self._windows(x, kernel, stride, padding, _POOL_PAD)  # (N, C, OH, OW, k)
         values = [windows[..., i] for i in range(windows.shape[-1])]
         while len(values) > 1:  # one ReLU call per level of the tree
             pairs = len(values) // 2
             a = torch.stack(values[0 : 2 * pairs : 2])
             b = torch.stack(values[1 : 2 * pairs : 2])
-            r = self.relu(FssShare(a - b, self.rank)).data
+            r = self.relu(FssShare(a - b, self.rank), bits).data
             values = list(b + r) + values[2 * pairs :]
         return FssShare(values[0].contiguous(), self.rank)
 

@@ -18,12 +18,9 @@ import math
 from ..base import OPEN_BYTES, RING_BYTES, Cost, Pricing
 from .relu import key_bytes_per_relu, relu_key_header_bytes
 
-BITS = 64  # the default comparison width: exact for every ring element
-
-
-def _keys(elements: int, calls: int) -> int:
+def _keys(elements: int, calls: int, bits: int) -> int:
     """ReLU keys for both parties: a header per call, the rest per element."""
-    return 2 * (calls * relu_key_header_bytes() + elements * key_bytes_per_relu(BITS))
+    return 2 * (calls * relu_key_header_bytes() + elements * key_bytes_per_relu(bits))
 
 
 class FssPricing(Pricing):
@@ -33,14 +30,14 @@ class FssPricing(Pricing):
     def square(self, n: int) -> Cost:
         return Cost(OPEN_BYTES * n, 1, RING_BYTES * n) if n else Cost(bytes_offline=0)
 
-    def relu(self, n: int) -> Cost:
-        return Cost(OPEN_BYTES * n, 1, _keys(n, 1)) if n else Cost(bytes_offline=0)
+    def relu(self, n: int, bits: int = 64) -> Cost:
+        return Cost(OPEN_BYTES * n, 1, _keys(n, 1, bits)) if n else Cost(bytes_offline=0)
 
-    def max_pool(self, windows: int, n: int) -> Cost:
+    def max_pool(self, windows: int, n: int, bits: int = 64) -> Cost:
         if n < 2:
             return Cost(bytes_offline=0)
         levels, left, elements = 0, n, 0
         while left > 1:  # one ReLU call per level, over the pairs of that level
             elements += windows * (left // 2)
             left, levels = left - left // 2, levels + 1
-        return Cost(OPEN_BYTES * elements, levels, _keys(elements, levels))
+        return Cost(OPEN_BYTES * elements, levels, _keys(elements, levels, bits))
