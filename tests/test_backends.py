@@ -154,3 +154,20 @@ def test_a_peer_on_another_protocol_is_refused_by_name():
         party._agree_protocol(np.frombuffer(b"fss", np.uint8), SERVER)
     with pytest.raises(ValueError, match="unknown protocol 'nope'"):
         PartyConfig(role=CLIENT, session_id="s", protocol="nope")
+
+
+def test_fss_relu_keys_in_chunks_still_one_round(monkeypatch):
+    """A layer larger than a key chunk asks the dealer for several keys, opens once, prices each key's header."""
+    import twinfer.protocols.backends.fss.backend as fss_backend
+    import twinfer.protocols.backends.fss.pricing as fss_pricing
+
+    monkeypatch.setattr(fss_backend, "KEY_CHUNK", 7)
+    monkeypatch.setattr(fss_pricing, "KEY_CHUNK", 7)
+    input_shape, nodes, weights = CASES["maxpool_avgpool"]
+    graph = _graph(input_shape, nodes, weights)
+    x = torch.randn(3, *input_shape, generator=torch.Generator().manual_seed(11))
+    y, counts, online, offline = run_two_party("fss", graph, weights, x)
+    assert torch.max(torch.abs(y - run_plain(graph, {}, x))).item() < TOLERANCE
+    costs = graph_cost(graph, batch=3, protocol="fss")
+    assert online == sum(c.bytes_online for c in costs[:-1]) and offline == total_cost(costs[:-1]).bytes_offline
+    assert costs[0].rounds == 2  # the 2x2 tree: two levels, each one round however many chunks

@@ -213,6 +213,80 @@ def opacus_step(module, optimizer, criterion, ids: torch.Tensor, labels: torch.T
         optimizer.step()
 
 
+class OpacusTrainer:
+    """Dense DP-SGD through Opacus with train_dp's model, plan and update, a step at a time (labelled "opacus")."""
+
+    name = "opacus"
+
+    def __init__(
+        self,
+        data: CategoricalData,
+        config: DPTrainConfig,
+        *,
+        privacy: PrivacyReport | None = None,
+        grad_sample_mode: str = "ghost",
+        ledger: PrivacyLedger | None = None,
+    ) -> None:
+        self.data = data
+        self.config = config = replace(config, method="dense")
+        torch.manual_seed(config.seed)
+        gen = torch.Generator().manual_seed(config.seed + 1)
+        self.privacy = privacy = privacy or plan_privacy(config, len(data.train_ids))
+        self.ledger = ledger if ledger is not None else PrivacyLedger()
+        self.per_step = register_mechanisms(self.ledger, privacy, config.clip, len(data.vocab_sizes))
+        self.model = EmbeddingMLP(data.vocab_sizes, config.dim, config.hidden, seed=config.seed)
+        ids_all, labels_all = torch.from_numpy(data.train_ids), torch.from_numpy(data.train_labels)
+        self.module, self.optimizer, self.criterion, self.loader = make_private(
+            self.model,
+            ids_all,
+            labels_all,
+            sampling_rate=privacy.sampling_rate,
+            noise_multiplier=privacy.noise_multiplier_gradient,
+            clip=config.clip,
+            lr_embedding=config.lr_embedding,
+            lr_mlp=config.lr_mlp,
+            expected_batch=privacy.sampling_rate * len(ids_all),
+            grad_sample_mode=grad_sample_mode,
+            generator=gen,
+        )
+        self.vocab = int(self.model.table.shape[0])
+        self.run_steps = min(privacy.steps, config.max_steps) if config.max_steps else privacy.steps
+        self.stats = StepStats()
+        self._batches = iter(self.loader)
+
+    def step(self) -> dict:
+        t0 = time.perf_counter()
+        try:
+            ids, labels = next(self._batches)
+        except StopIteration:  # the loader's "epoch" is int(1/q) batches; keep sampling
+            self._batches = iter(self.loader)
+            ids, labels = next(self._batches)
+        opacus_step(self.module, self.optimizer, self.criterion, ids, labels)
+        self.ledger.record(*self.per_step)
+        stats = self.stats
+        stats.seconds.append(time.perf_counter() - t0)
+        stats.batch_sizes.append(len(ids))
+        stats.gradient_rows.append(self.vocab)  # Opacus's embedding gradient and noise are dense
+        stats.true_rows.append(int(torch.unique(self.model.rows(ids)).numel()))  # after the clock stopped
+        stats.false_positive_rows.append(0)
+        return {"loss": float("nan"), "rows": self.vocab}
+
+    def finish(self, train_s: float) -> DPTrainResult:
+        getattr(self.module, "_module", self.module).copy_into(self.model)
+        test_auc = auc(predict(self.model, self.data.test_ids), self.data.test_labels)
+        updated = torch.ones(self.vocab, dtype=torch.bool)
+        spent = self.ledger.to_dict(self.privacy.delta)
+        return DPTrainResult(self.model, self.config, self.privacy, self.stats, updated, test_auc, train_s, self.ledger, spent, name=self.name)
+
+    def run(self, progress: Callable[[int, int, dict], None] | None = None) -> DPTrainResult:
+        start = time.perf_counter()
+        for step in range(self.run_steps):
+            info = self.step()
+            if progress is not None:
+                progress(step + 1, self.run_steps, info)
+        return self.finish(time.perf_counter() - start)
+
+
 def train_opacus(
     data: CategoricalData,
     config: DPTrainConfig,
@@ -223,56 +297,7 @@ def train_opacus(
     progress: Callable[[int, int, dict], None] | None = None,
 ) -> DPTrainResult:
     """Dense DP-SGD through Opacus with train_dp's model, plan and update; the result is labelled "opacus"."""
-    config = replace(config, method="dense")
-    torch.manual_seed(config.seed)
-    gen = torch.Generator().manual_seed(config.seed + 1)
-    privacy = privacy or plan_privacy(config, len(data.train_ids))
-    ledger = ledger if ledger is not None else PrivacyLedger()
-    per_step = register_mechanisms(ledger, privacy, config.clip, len(data.vocab_sizes))
-    model = EmbeddingMLP(data.vocab_sizes, config.dim, config.hidden, seed=config.seed)
-    ids_all, labels_all = torch.from_numpy(data.train_ids), torch.from_numpy(data.train_labels)
-    expected_batch = privacy.sampling_rate * len(ids_all)
-    module, optimizer, criterion, loader = make_private(
-        model,
-        ids_all,
-        labels_all,
-        sampling_rate=privacy.sampling_rate,
-        noise_multiplier=privacy.noise_multiplier_gradient,
-        clip=config.clip,
-        lr_embedding=config.lr_embedding,
-        lr_mlp=config.lr_mlp,
-        expected_batch=expected_batch,
-        grad_sample_mode=grad_sample_mode,
-        generator=gen,
-    )
-    vocab = int(model.table.shape[0])
-    run_steps = min(privacy.steps, config.max_steps) if config.max_steps else privacy.steps
-    stats = StepStats()
-    batches = iter(loader)
-    start = time.perf_counter()
-    for step in range(run_steps):
-        t0 = time.perf_counter()
-        try:
-            ids, labels = next(batches)
-        except StopIteration:  # the loader's "epoch" is int(1/q) batches; keep sampling
-            batches = iter(loader)
-            ids, labels = next(batches)
-        opacus_step(module, optimizer, criterion, ids, labels)
-        ledger.record(*per_step)
-        stats.seconds.append(time.perf_counter() - t0)
-        stats.batch_sizes.append(len(ids))
-        stats.gradient_rows.append(vocab)  # Opacus's embedding gradient and noise are dense
-        stats.true_rows.append(int(torch.unique(model.rows(ids)).numel()))
-        stats.false_positive_rows.append(0)
-        if progress is not None:
-            progress(step + 1, run_steps, {"loss": float("nan"), "rows": vocab})
-    train_s = time.perf_counter() - start
-    twin = getattr(module, "_module", module)
-    twin.copy_into(model)
-    test_auc = auc(predict(model, data.test_ids), data.test_labels)
-    updated = torch.ones(vocab, dtype=torch.bool)
-    spent = ledger.to_dict(privacy.delta)
-    return DPTrainResult(model, config, privacy, stats, updated, test_auc, train_s, ledger, spent, name="opacus")
+    return OpacusTrainer(data, config, privacy=privacy, grad_sample_mode=grad_sample_mode, ledger=ledger).run(progress)
 
 
 def opacus_epsilons(noise_multiplier: float, sampling_rate: float, steps: int, delta: float) -> dict[str, float]:

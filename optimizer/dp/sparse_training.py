@@ -473,6 +473,116 @@ def sparsity_note(config: DPTrainConfig, vocab: int, n_train: int, fields: int) 
     )
 
 
+class DPTrainer:
+    """One twinfer run, a step at a time: `train_dp` runs it to the end; benchmarks interleave several.
+
+    `privacy` defaults to plan_privacy(config) (validated); one given explicitly is used as is.
+    Every mechanism is recorded in `ledger` (a fresh one unless given: pass your own to keep
+    the record of a run that is interrupted) as soon as it has run.
+    """
+
+    name: str | None = None
+
+    def __init__(
+        self, data: CategoricalData, config: DPTrainConfig, *, privacy: PrivacyReport | None = None, ledger: PrivacyLedger | None = None
+    ) -> None:
+        torch.manual_seed(config.seed)
+        self.data, self.config = data, config
+        self.gen = gen = torch.Generator().manual_seed(config.seed + 1)
+        self.privacy = privacy = privacy or plan_privacy(config, len(data.train_ids))
+        self.ledger = ledger = ledger if ledger is not None else PrivacyLedger()
+        self.per_step = register_mechanisms(ledger, privacy, config.clip, len(data.vocab_sizes))
+        self.model = model = EmbeddingMLP(data.vocab_sizes, config.dim, config.hidden, seed=config.seed)
+        vocab = int(model.table.shape[0])
+        offsets = model.offsets.tolist()
+        self.ids_all = torch.from_numpy(data.train_ids)
+        self.labels_all = torch.from_numpy(data.train_labels)
+        self.expected_batch = privacy.sampling_rate * len(self.ids_all)
+        self.stats = StepStats()
+        self.updated = torch.zeros(vocab, dtype=torch.bool)
+        self.run_steps = min(privacy.steps, config.max_steps) if config.max_steps else privacy.steps
+        self._setup(data, config, privacy, vocab, offsets, gen)
+
+    def _setup(self, data, config, privacy, vocab, offsets, gen) -> None:
+        small = [f for f, v in enumerate(data.vocab_sizes) if v <= config.dense_fields_max_vocab]
+        sparse_cols = tuple(f for f in range(len(data.vocab_sizes)) if f not in small)
+        dense_rows = torch.cat(
+            [torch.arange(offsets[f], offsets[f] + data.vocab_sizes[f]) for f in small] or [torch.empty(0, dtype=torch.long)]
+        )
+        if config.method == "adafest" and not sparse_cols:
+            raise ValueError(
+                f"every field has at most {config.dense_fields_max_vocab} ids, so AdaFEST would select nothing; "
+                "lower dense_fields_max_vocab or use dense DP-SGD"
+            )
+        fest_rows = None
+        if config.method == "fest":
+            noise = privacy.topk_noise_multiplier if config.fest_frequencies == "dp" else None
+            top = dp_topk_rows(data, offsets, config.fest_topk, noise, gen)
+            if noise is not None:
+                self.ledger.record(MECH_TOPK)
+            fest_rows = torch.unique(torch.cat([top, dense_rows]))
+        s1 = privacy.noise_multiplier_selection
+        self.selection = RowSelection(
+            method=config.method,
+            dense_buffers=uses_dense_buffers(config, vocab, self.expected_batch, len(data.vocab_sizes)),
+            fixed_rows=fest_rows,
+            s1=s1,
+            tau=config.threshold_sigmas * s1 if s1 is not None else None,
+            norm=config.contribution_norm,
+            sparse_cols=sparse_cols,
+            dense_rows=dense_rows,
+        )
+        self.adam = _Adam(self.model.mlp_parameters(), config.lr_mlp)
+        self.sigma_c = privacy.noise_multiplier_gradient * config.clip
+        self.lr_rows = config.lr_embedding / self.expected_batch
+
+    def step(self) -> dict:
+        """One step (timed into `stats`); returns {"loss", "rows"} for progress displays."""
+        t0 = time.perf_counter()
+        batch = (torch.rand(len(self.ids_all), generator=self.gen) < self.privacy.sampling_rate).nonzero().squeeze(1)
+        grad = private_gradient(
+            self.model,
+            self.ids_all[batch],
+            self.labels_all[batch],
+            clip=self.config.clip,
+            sigma_c=self.sigma_c,
+            selection=self.selection,
+            gen=self.gen,
+        )
+        self.ledger.record(*self.per_step)
+        self.adam.step([g / self.expected_batch for g in grad.mlp])
+        with torch.no_grad():
+            if grad.rows is None:
+                self.model.table.sub_(grad.table, alpha=self.lr_rows)
+                self.updated[:] = True
+            else:
+                self.model.table.index_add_(0, grad.rows, grad.table, alpha=-self.lr_rows)
+                self.updated[grad.rows] = True
+        stats = self.stats
+        stats.seconds.append(time.perf_counter() - t0)
+        stats.batch_sizes.append(len(batch))
+        stats.gradient_rows.append(grad.gradient_rows)
+        stats.true_rows.append(grad.touched)
+        stats.false_positive_rows.append(grad.false_positive)
+        return {"loss": grad.loss / max(1, len(batch)), "rows": grad.gradient_rows}
+
+    def finish(self, train_s: float) -> DPTrainResult:
+        """Test AUC, and what the ledger says was spent."""
+        test_auc = auc(predict(self.model, self.data.test_ids), self.data.test_labels)
+        spent = self.ledger.to_dict(self.privacy.delta)
+        return DPTrainResult(
+            self.model, self.config, self.privacy, self.stats, self.updated, test_auc, train_s, self.ledger, spent, name=self.name
+        )
+
+    def run(self, progress: Callable[[int, int, dict], None] | None = None) -> DPTrainResult:
+        start = time.perf_counter()
+        for step in range(self.run_steps):
+            info = self.step()
+            if progress is not None:
+                progress(step + 1, self.run_steps, info)
+        return self.finish(time.perf_counter() - start)
+
+
 def train_dp(
     data: CategoricalData,
     config: DPTrainConfig,
@@ -483,85 +593,10 @@ def train_dp(
 ) -> DPTrainResult:
     """Train an EmbeddingMLP on `data` with the configured method; evaluates test AUC.
 
-    `privacy` defaults to plan_privacy(config) (validated); one given explicitly is used as is.
-    Every mechanism is recorded in `ledger` (a fresh one unless given: pass your own to keep
-    the record of a run that is interrupted) as soon as it has run; the result's `spent` is
-    computed from that record.
+    `privacy` and `ledger` as for DPTrainer; the result's `spent` is computed from the ledger,
+    so a run cut short by `config.max_steps` reports what its steps spent.
     """
-    torch.manual_seed(config.seed)
-    gen = torch.Generator().manual_seed(config.seed + 1)
-    privacy = privacy or plan_privacy(config, len(data.train_ids))
-    ledger = ledger if ledger is not None else PrivacyLedger()
-    per_step = register_mechanisms(ledger, privacy, config.clip, len(data.vocab_sizes))
-    model = EmbeddingMLP(data.vocab_sizes, config.dim, config.hidden, seed=config.seed)
-    vocab, dim = model.table.shape
-    offsets = model.offsets.tolist()
-    ids_all = torch.from_numpy(data.train_ids)
-    labels_all = torch.from_numpy(data.train_labels)
-    n = len(ids_all)
-    q, steps = privacy.sampling_rate, privacy.steps
-    s2, s1 = privacy.noise_multiplier_gradient, privacy.noise_multiplier_selection
-    sigma_c = s2 * config.clip
-    expected_batch = q * n
-    adam = _Adam(model.mlp_parameters(), config.lr_mlp)
-    updated = torch.zeros(vocab, dtype=torch.bool)
-    stats = StepStats()
-    small = [f for f, v in enumerate(data.vocab_sizes) if v <= config.dense_fields_max_vocab]
-    sparse_cols = tuple(f for f in range(len(data.vocab_sizes)) if f not in small)
-    dense_rows = torch.cat(
-        [torch.arange(offsets[f], offsets[f] + data.vocab_sizes[f]) for f in small] or [torch.empty(0, dtype=torch.long)]
-    )
-    if config.method == "adafest" and not sparse_cols:
-        raise ValueError(
-            f"every field has at most {config.dense_fields_max_vocab} ids, so AdaFEST would select nothing; "
-            "lower dense_fields_max_vocab or use dense DP-SGD"
-        )
-    fest_rows = None
-    if config.method == "fest":
-        noise = privacy.topk_noise_multiplier if config.fest_frequencies == "dp" else None
-        top = dp_topk_rows(data, offsets, config.fest_topk, noise, gen)
-        if noise is not None:
-            ledger.record(MECH_TOPK)
-        fest_rows = torch.unique(torch.cat([top, dense_rows]))
-    selection = RowSelection(
-        method=config.method,
-        dense_buffers=uses_dense_buffers(config, vocab, expected_batch, len(data.vocab_sizes)),
-        fixed_rows=fest_rows,
-        s1=s1,
-        tau=config.threshold_sigmas * s1 if s1 is not None else None,
-        norm=config.contribution_norm,
-        sparse_cols=sparse_cols,
-        dense_rows=dense_rows,
-    )
-    lr_rows = config.lr_embedding / expected_batch
-    run_steps = min(steps, config.max_steps) if config.max_steps else steps
-    start = time.perf_counter()
-    for step in range(run_steps):
-        t0 = time.perf_counter()
-        batch = (torch.rand(n, generator=gen) < q).nonzero().squeeze(1)
-        grad = private_gradient(
-            model, ids_all[batch], labels_all[batch], clip=config.clip, sigma_c=sigma_c, selection=selection, gen=gen
-        )
-        ledger.record(*per_step)
-        adam.step([g / expected_batch for g in grad.mlp])
-        with torch.no_grad():
-            if grad.rows is None:
-                model.table.sub_(grad.table, alpha=lr_rows)
-                updated[:] = True
-            else:
-                model.table.index_add_(0, grad.rows, grad.table, alpha=-lr_rows)
-                updated[grad.rows] = True
-        stats.seconds.append(time.perf_counter() - t0)
-        stats.batch_sizes.append(len(batch))
-        stats.gradient_rows.append(grad.gradient_rows)
-        stats.true_rows.append(grad.touched)
-        stats.false_positive_rows.append(grad.false_positive)
-        if progress is not None:
-            progress(step + 1, run_steps, {"loss": grad.loss / max(1, len(batch)), "rows": grad.gradient_rows})
-    train_s = time.perf_counter() - start
-    test_auc = auc(predict(model, data.test_ids), data.test_labels)
-    spent = ledger.to_dict(privacy.delta)
-    return DPTrainResult(model, config, privacy, stats, updated, test_auc, train_s, ledger, spent)
+    return DPTrainer(data, config, privacy=privacy, ledger=ledger).run(progress)
 
 
 def write_dp_artifact(out_dir, result: DPTrainResult, data: CategoricalData) -> Path:

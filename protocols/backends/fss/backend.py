@@ -36,7 +36,7 @@ import torch
 from ..base import Backend, BackendError, SERVER_RANK
 from . import ring
 from .correlations import BEAVER, CORRELATIONS, RELU, SQUARE, product, stream
-from .pricing import FssPricing
+from .pricing import KEY_CHUNK, FssPricing
 from .prg import AesCtrPrg
 from .relu import ReluKey, masked_share, relu_eval
 
@@ -234,10 +234,22 @@ class FssBackend(Backend):
     # -- comparisons ------------------------------------------------------------------------------
 
     def relu(self, x: FssShare, bits: int | None = None) -> FssShare:
+        """One round for the whole tensor; its keys come in chunks of at most KEY_CHUNK elements,
+        so no single correlation (and no dealer buffer) grows with the layer."""
         n = x.nelement()
         if n == 0:
             return x
         bits = bits or self.bits
+        flat = ring.to_numpy_u64(x.data.reshape(-1))
+        keys = [self._relu_key(min(KEY_CHUNK, n - start), bits) for start in range(0, n, KEY_CHUNK)]
+        mine = np.concatenate([masked_share(k, flat[i * KEY_CHUNK : i * KEY_CHUNK + k.n_elements]) for i, k in enumerate(keys)])
+        x_hat = self._open("fss.relu", ring.from_numpy_u64(mine)).numpy().view(np.uint64)
+        out = np.concatenate(
+            [relu_eval(self.rank, k, x_hat[i * KEY_CHUNK : i * KEY_CHUNK + k.n_elements]) for i, k in enumerate(keys)]
+        )
+        return FssShare(ring.from_numpy_u64(out).reshape(x.shape), self.rank)
+
+    def _relu_key(self, n: int, bits: int) -> ReluKey:
         index = self.dealer.next_index()
         blob = self.dealer.request(RELU, json.dumps({"n": n, "bits": bits}), index)["key"]
         try:
@@ -249,9 +261,7 @@ class FssBackend(Backend):
                 f"fss backend got a ReLU key for party {key.party}, {key.n_elements} elements at {key.bits} bits from the "
                 f"dealer; it asked for party {self.rank}, {n} elements at {bits} bits"
             )
-        mine = masked_share(key, ring.to_numpy_u64(x.data.reshape(-1)))
-        x_hat = self._open("fss.relu", ring.from_numpy_u64(mine)).numpy().view(np.uint64)
-        return FssShare(ring.from_numpy_u64(relu_eval(self.rank, key, x_hat)).reshape(x.shape), self.rank)
+        return key
 
     def max_pool2d(self, x: FssShare, *, kernel, stride, padding, bits: int | None = None) -> FssShare:
         windows = self._windows(x, kernel, stride, padding, _POOL_PAD)  # (N, C, OH, OW, k)

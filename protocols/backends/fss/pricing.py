@@ -18,9 +18,16 @@ import math
 from ..base import OPEN_BYTES, RING_BYTES, Cost, Pricing
 from .relu import key_bytes_per_relu, relu_key_header_bytes
 
+KEY_CHUNK = 1 << 18  # ReLU keys per dealer request, at most: bounds the dealer's and a reply's memory
+
+
 def _keys(elements: int, calls: int, bits: int) -> int:
-    """ReLU keys for both parties: a header per call, the rest per element."""
+    """ReLU keys for both parties: a header per key (a call's keys come in chunks), the rest per element."""
     return 2 * (calls * relu_key_header_bytes() + elements * key_bytes_per_relu(bits))
+
+
+def _chunks(n: int) -> int:
+    return -(-n // KEY_CHUNK)
 
 
 class FssPricing(Pricing):
@@ -31,13 +38,14 @@ class FssPricing(Pricing):
         return Cost(OPEN_BYTES * n, 1, RING_BYTES * n) if n else Cost(bytes_offline=0)
 
     def relu(self, n: int, bits: int = 64) -> Cost:
-        return Cost(OPEN_BYTES * n, 1, _keys(n, 1, bits)) if n else Cost(bytes_offline=0)
+        return Cost(OPEN_BYTES * n, 1, _keys(n, _chunks(n), bits)) if n else Cost(bytes_offline=0)
 
     def max_pool(self, windows: int, n: int, bits: int = 64) -> Cost:
         if n < 2:
             return Cost(bytes_offline=0)
-        levels, left, elements = 0, n, 0
+        levels, left, elements, keys = 0, n, 0, 0
         while left > 1:  # one ReLU call per level, over the pairs of that level
             elements += windows * (left // 2)
+            keys += _chunks(windows * (left // 2))
             left, levels = left - left // 2, levels + 1
-        return Cost(OPEN_BYTES * elements, levels, _keys(elements, levels, bits))
+        return Cost(OPEN_BYTES * elements, levels, _keys(elements, keys, bits))

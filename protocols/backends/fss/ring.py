@@ -2,9 +2,9 @@
 
 int64 addition and multiplication wrap around, which is the ring arithmetic. torch has no
 int64 convolution, so ring products that sum many terms (conv2d, matmul) split each operand
-into four 16-bit limbs and run the limb products in float64, where every partial sum is an
-exact integer (2^32 per term, fewer than 2^21 terms), then recombine mod 2^64; limb pairs
-whose weight is 2^64 or more vanish, so 10 of the 16 products are needed.
+into limbs (three of 22 bits, or four of 16 when an output sums more than 2^9 terms) and run
+the limb products in float64, where every partial sum is an exact integer, then recombine mod
+2^64; limb pairs whose weight is 2^64 or more vanish (6 of 9 products, or 10 of 16, are needed).
 """
 
 from __future__ import annotations
@@ -17,9 +17,7 @@ import torch.nn.functional as F
 
 FRACTION_BITS = 16  # the same precision as CrypTen's encoder
 SCALE = 1 << FRACTION_BITS
-_LIMB_BITS = 16
-_LIMBS = 4
-_MAX_TERMS = 1 << 20  # terms one output sums, below which float64 partial sums are exact
+_LIMB_WIDTHS = (22, 16)  # limb widths tried in turn: the widest whose products stay exact
 
 
 def encode(x: torch.Tensor) -> torch.Tensor:
@@ -40,25 +38,29 @@ def truncate(share: torch.Tensor, party: int, bits: int = FRACTION_BITS) -> torc
     return -((-share) >> bits)
 
 
-def _limbs(x: torch.Tensor) -> list[torch.Tensor]:
-    """x = sum_i limb_i 2^(16 i) mod 2^64, each limb in [0, 2^16) as float64."""
-    mask = (1 << _LIMB_BITS) - 1
-    return [((x >> (_LIMB_BITS * i)) & mask).to(torch.float64) for i in range(_LIMBS)]
+def _limbs(x: torch.Tensor, bits: int) -> list[torch.Tensor]:
+    """x = sum_i limb_i 2^(bits i) mod 2^64, each limb in [0, 2^bits) as float64."""
+    mask = (1 << bits) - 1
+    return [((x >> (bits * i)) & mask).to(torch.float64) for i in range(-(-64 // bits))]
 
 
 def ring_product(op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], a: torch.Tensor, b: torch.Tensor, terms: int) -> torch.Tensor:
     """op(a, b) mod 2^64 for a bilinear op (conv2d, matmul) whose outputs each sum `terms` products.
 
-    Each limb product is below 2^32 * terms < 2^53, so float64 holds it exactly and its int64
-    cast is exact; the shifted sum then wraps in int64 as the ring does.
+    Each limb product is below 2^(2 w) * terms < 2^53 for w-bit limbs, so float64 holds it
+    exactly and its int64 cast is exact; the shifted sum then wraps in int64 as the ring does.
+    Few terms allow 22-bit limbs (3 limbs, 6 products); more take 16-bit limbs (4 limbs, 10).
     """
-    if terms >= _MAX_TERMS:
+    bits = next((w for w in _LIMB_WIDTHS if terms < 1 << (53 - 2 * w)), None)
+    if bits is None:
         raise ValueError(f"a ring product summing {terms} terms per output exceeds float64's exact range (2^21)")
-    la, lb = _limbs(a), _limbs(b)
+    la, lb = _limbs(a, bits), _limbs(b, bits)
     out = None
-    for i in range(_LIMBS):
-        for j in range(_LIMBS - i):
-            term = op(la[i], lb[j]).to(torch.int64) << (_LIMB_BITS * (i + j))
+    for i in range(len(la)):
+        for j in range(len(la)):
+            if bits * (i + j) >= 64:  # weight 2^64 or more: zero in the ring
+                continue
+            term = op(la[i], lb[j]).to(torch.int64) << (bits * (i + j))
             out = term if out is None else out.add_(term)
     return out
 
