@@ -58,17 +58,18 @@ def fine_tune(base, method: str, budget: int, train, args) -> dict:
     return {"result": result, "train_s": time.perf_counter() - started}
 
 
-def private_run(model_bytes: bytes, images: np.ndarray, batch: int, batches: int) -> dict:
+def private_run(model_bytes: bytes, images: np.ndarray, batch: int, batches: int, protocol: str = "crypten") -> dict:
     """Measured: rounds and online bytes of one batch, median latency of the batches after the
     first (which records the dealer's plan), and the logits' agreement with plaintext."""
     # A loaded 2-core machine can take more than the default 10 s to start a party process.
-    reports = run_local_session(model_bytes, images, batch, options=TransportOptions(connect_timeout_s=120))
+    reports = run_local_session(model_bytes, images, batch, options=TransportOptions(connect_timeout_s=120), protocol=protocol)
     client = reports["client"]
     graph, weights = parse_model(model_bytes)
     with torch.no_grad():
         plain = run_plain(graph, {k: torch.from_numpy(v) for k, v in weights.items()}, torch.from_numpy(images)).numpy()
     logits = np.asarray(client.logits)
     return {
+        "protocol": protocol,
         "batch": batch,
         "batches_measured": batches - 1,
         "rounds": int(client.batch_rounds[1]),
@@ -148,7 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="results/relu_budget")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--resume", action="store_true", help="reuse artifacts of an earlier run with the same settings in --out")
+    p.add_argument("--protocols", default="crypten,fss", help="backends the private runs use, crypten first (the reference)")
     args = p.parse_args(argv)
+    args.protocols = [x.strip() for x in args.protocols.split(",") if x.strip()]
+    if not args.protocols or args.protocols[0] != "crypten":
+        p.error("--protocols must start with crypten, the reference the ratios use")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     console = Console(width=120)
@@ -229,6 +234,13 @@ def main(argv: list[str] | None = None) -> int:
         run["bytes_online_reduction_x"] = ref["bytes_online_per_image"] / run["bytes_online_per_image"]
         run["latency_ratio_vs_relu_model"] = run["latency_s"] / ref["latency_s"]
         run["rounds_ratio_vs_relu_model"] = run["rounds"] / ref["rounds"]
+    for key, run in private.items():  # the same models on the other backends, in the same run
+        for protocol in args.protocols:
+            if protocol != "crypten":
+                model = base_bytes if key == "relu model" else read_model_bytes(artifacts[key])
+                other = private_run(model, images, args.private_batch, args.private_batches, protocol)
+                other["latency_ratio_vs_crypten"] = other["latency_s"] / run["latency_s"]
+                run[protocol] = other
 
     for row in rows:
         if row["test_accuracy"] is not None:
@@ -237,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "benchmark": "relu_budget",
         "model": args.model,
+        "protocols": list(args.protocols),
         "data": {"train": f"Fashion-MNIST train, first {args.train_samples} (10% held out)", "test": "Fashion-MNIST test, 10,000"},
         "epochs": args.epochs,
         "lr": args.lr,
@@ -289,12 +302,20 @@ def _print_tables(console: Console, report: dict) -> None:
         t.add_row(r["method"], str(r["budget"]), str(r["relu_count"]), f"{r['relu_reduction_x']:.1f}x", f"{r['test_accuracy']:.4f}", f"{r['accuracy_drop_points']:+.2f}", f"{r['accuracy_drop_vs_fine_tuned_relu_points']:+.2f}", f"{r['train_s']:.0f}" if r.get("train_s") else "-")
     console.print(t)
     t = Table(title="private inference, measured (median batch after the first; three processes over gRPC, loopback)")
-    for col in ("model", "ReLUs/img", "rounds", "MB online/img", "bytes ratio", "latency s", "latency ratio", "argmax agree"):
+    others = [p for p in report["protocols"] if p != "crypten"]
+    cols = ["model", "ReLUs/img", "rounds", "MB online/img", "bytes ratio", "latency s", "latency ratio", "argmax agree"]
+    for p in others:
+        cols += [f"{p} rounds", f"{p} MB/img", f"{p} latency s", f"{p} agree"]
+    for col in cols:
         t.add_column(col, justify="right")
     for k, v in report["private"].items():
+        extra = []
+        for p in others:
+            o = v[p]
+            extra += [str(o["rounds"]), f"{o['bytes_online_per_image'] / 1e6:.2f}", f"{o['latency_s']:.2f}", f"{o['argmax_agreement']:.2f}"]
         t.add_row(
             k, f"{v['relu_count_per_image']:.0f}", str(v["rounds"]), f"{v['bytes_online_per_image'] / 1e6:.2f}", f"{1 / v['bytes_online_reduction_x']:.3f}",
-            f"{v['latency_s']:.2f}", f"{v['latency_ratio_vs_relu_model']:.2f}", f"{v['argmax_agreement']:.2f}",
+            f"{v['latency_s']:.2f}", f"{v['latency_ratio_vs_relu_model']:.2f}", f"{v['argmax_agreement']:.2f}", *extra,
         )  # fmt: skip
     console.print(t)
     console.print("targets:", json.dumps(report["targets"]))

@@ -43,6 +43,7 @@ from twinfer.optimizer.dp.sparse_training import (
     DPTrainConfig,
     DPTrainResult,
     PrivacyReport,
+    SteppedRun,
     StepStats,
     plan_privacy,
     register_mechanisms,
@@ -213,7 +214,7 @@ def opacus_step(module, optimizer, criterion, ids: torch.Tensor, labels: torch.T
         optimizer.step()
 
 
-class OpacusTrainer:
+class OpacusTrainer(SteppedRun):
     """Dense DP-SGD through Opacus with train_dp's model, plan and update, a step at a time (labelled "opacus")."""
 
     name = "opacus"
@@ -277,14 +278,6 @@ class OpacusTrainer:
         updated = torch.ones(self.vocab, dtype=torch.bool)
         spent = self.ledger.to_dict(self.privacy.delta)
         return DPTrainResult(self.model, self.config, self.privacy, self.stats, updated, test_auc, train_s, self.ledger, spent, name=self.name)
-
-    def run(self, progress: Callable[[int, int, dict], None] | None = None) -> DPTrainResult:
-        start = time.perf_counter()
-        for step in range(self.run_steps):
-            info = self.step()
-            if progress is not None:
-                progress(step + 1, self.run_steps, info)
-        return self.finish(time.perf_counter() - start)
 
 
 def train_opacus(

@@ -473,7 +473,27 @@ def sparsity_note(config: DPTrainConfig, vocab: int, n_train: int, fields: int) 
     )
 
 
-class DPTrainer:
+class SteppedRun:
+    """A run made of `run_steps` calls to `step()` and one to `finish(train_s)` (DPTrainer, OpacusTrainer)."""
+
+    run_steps: int
+
+    def step(self) -> dict:
+        raise NotImplementedError
+
+    def finish(self, train_s: float) -> DPTrainResult:
+        raise NotImplementedError
+
+    def run(self, progress: Callable[[int, int, dict], None] | None = None) -> DPTrainResult:
+        start = time.perf_counter()
+        for step in range(self.run_steps):
+            info = self.step()
+            if progress is not None:
+                progress(step + 1, self.run_steps, info)
+        return self.finish(time.perf_counter() - start)
+
+
+class DPTrainer(SteppedRun):
     """One twinfer run, a step at a time: `train_dp` runs it to the end; benchmarks interleave several.
 
     `privacy` defaults to plan_privacy(config) (validated); one given explicitly is used as is.
@@ -573,14 +593,6 @@ class DPTrainer:
         return DPTrainResult(
             self.model, self.config, self.privacy, self.stats, self.updated, test_auc, train_s, self.ledger, spent, name=self.name
         )
-
-    def run(self, progress: Callable[[int, int, dict], None] | None = None) -> DPTrainResult:
-        start = time.perf_counter()
-        for step in range(self.run_steps):
-            info = self.step()
-            if progress is not None:
-                progress(step + 1, self.run_steps, info)
-        return self.finish(time.perf_counter() - start)
 
 
 def train_dp(
