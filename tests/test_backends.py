@@ -34,7 +34,7 @@ def _graph(input_shape, nodes, weights) -> Graph:
     return graph
 
 
-def run_two_party(protocol: str, graph: Graph, weights: dict[str, np.ndarray], x: torch.Tensor):
+def run_two_party(protocol: str, graph: Graph, weights: dict[str, np.ndarray], x: torch.Tensor, fraction_bits: int = 16):
     """Share weights (server) and input (client), evaluate, open to the client; returns (y, counts, bytes)."""
     transports = MemoryTransport.pair(f"backend-{protocol}", timeout_s=30.0)
     cls = backend_class(protocol)
@@ -42,7 +42,7 @@ def run_two_party(protocol: str, graph: Graph, weights: dict[str, np.ndarray], x
 
     def party(role: str):
         rank = RANKS[role]
-        backend = cls.create(rank, transports[rank], dealer.party(rank) if dealer else None)
+        backend = cls.create(rank, transports[rank], dealer.party(rank) if dealer else None, fraction_bits)
         backend.start()
         try:
             shared = {

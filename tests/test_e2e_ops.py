@@ -6,6 +6,8 @@ backend (the crypten backend runs them in test_e2e_ray.py and test_e2e_standalon
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import onnx
 import pytest
@@ -81,3 +83,53 @@ def test_demo_models_on_fss_equal_pytorch_within_0_01(name, request, fashion_tes
     predicted = total_cost(graph_cost(graph, batch=2, protocol="fss"))
     assert client.batch_rounds == [predicted.rounds] * 2 and predicted.rounds < 20
     assert client.batch_bytes_online == [predicted.bytes_online] * 2
+
+
+def _error_id(text: str) -> str:
+    import re
+
+    match = re.search(r"\[[a-z-]+ ([0-9a-f]{12})", text)
+    assert match, f"no error id in: {text}"
+    return match.group(1)
+
+
+def test_parties_on_different_protocols_end_with_one_error_naming_both(tmp_path, onnx_files):
+    from helpers.party_processes import Parties
+
+    parties = Parties(tmp_path)
+    try:
+        np.save(tmp_path / "x.npy", np.zeros((2, 1, 28, 28), np.float32))
+        dealer = parties.start_dealer()
+        server = parties.start_server(onnx_files["fashion_cnn"], "--dealer", dealer, "--protocol", "fss")
+        parties.start_client(server, tmp_path / "x.npy", "--dealer", dealer, "--protocol", "crypten")
+        code, _, client_err = parties.finish("client", timeout=60)
+        assert code == 6 and "the server runs protocol 'fss' but this client runs 'crypten'" in client_err
+        server_code, _, server_err = parties.finish("server", timeout=60)
+        assert server_code != 0 and _error_id(server_err) == _error_id(client_err)
+        assert "Traceback" not in client_err + server_err
+    finally:
+        parties.close()
+
+
+def test_fss_dealer_killed_mid_prefetch_ends_both_parties_within_the_deadline(tmp_path, onnx_files, fashion_test):
+    from helpers.party_processes import Parties
+
+    parties = Parties(tmp_path)
+    parties.timeout = 15.0
+    try:
+        np.save(tmp_path / "x.npy", fashion_test[0][:200])
+        dealer = parties.start_dealer()
+        server = parties.start_server(onnx_files["tiny_resnet"], "--dealer", dealer, "--protocol", "fss")
+        parties.start_client(server, tmp_path / "x.npy", "--dealer", dealer, "--protocol", "fss", "--batch", "1")
+        time.sleep(10)  # weights shared, batches under way, the next batch's keys being prefetched
+        assert parties.procs["client"].poll() is None, "the client finished before the failure was injected"
+        parties.kill("dealer")
+        killed_at = time.monotonic()
+        code, _, client_err = parties.finish("client", timeout=60)
+        server_code, _, server_err = parties.finish("server", timeout=60)
+        assert code == 5 and server_code == 5, (client_err[-800:], server_err[-800:])
+        assert "dealer" in client_err + server_err and _error_id(server_err) == _error_id(client_err)
+        assert time.monotonic() - killed_at < parties.timeout + 15  # the deadline, plus process exit on a loaded machine
+        assert "Traceback" not in client_err + server_err
+    finally:
+        parties.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import threading
@@ -24,6 +25,10 @@ from twinfer.parties.wire.tls import TlsIdentity
 from twinfer.parties.wire.transport import TransportOptions, open_channel
 from twinfer.parties.wire.framing import correlation_from_frames, framed_decoder
 
+
+
+def _dealer_lost_id(session_id: str) -> str:
+    return hashlib.sha256(f"dealer lost {session_id}".encode()).hexdigest()[:12]
 
 
 def _nbytes(arrays: dict[str, np.ndarray]) -> int:
@@ -113,6 +118,10 @@ class DealerClient:
             return ProtocolError(detail, origin=DEALER)
         # A session ended by a party's failure keeps that failure's id ("[error <id>]").
         shared = re.search(r"\[error ([^\]\s]+)\]", detail)
+        if shared is None and code == grpc.StatusCode.UNAVAILABLE:
+            # The dealer is gone: both parties may see it at once, each before hearing from the
+            # other, so the id is derived from the session, the same on both.
+            return PeerError(f"the dealer is unreachable: {detail}", error_id=_dealer_lost_id(self.session_id), origin=DEALER)
         return PeerError(detail, error_id=shared.group(1) if shared else None, origin=DEALER)
 
     def _call(self, method, request):

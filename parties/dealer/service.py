@@ -54,7 +54,7 @@ class DealerSession:
             torch={r: _seed() for r in RANKS.values()}, aes={r: os.urandom(16) for r in RANKS.values()}, dealer=os.urandom(16)
         )
     )
-    protocol: str | None = None  # named by the first party to ask for its seed
+    protocols: dict[str, str] = field(default_factory=dict)  # role -> the protocol it named with its seed
     seeded: set[int] = field(default_factory=set)
     closed: set[int] = field(default_factory=set)
     error: pb.Error | None = None
@@ -121,13 +121,9 @@ class DealerServicer:
         with session.lock:
             if rank in session.seeded:
                 context.abort(grpc.StatusCode.ALREADY_EXISTS, f"dealer: {request.role} already has its seed")
-            if session.protocol is not None and session.protocol != request.protocol:
-                context.abort(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    f"dealer: the {request.role} runs protocol '{request.protocol}' but its peer asked for "
-                    f"'{session.protocol}': every party of a session must use the same --protocol",
-                )
-            session.protocol = request.protocol
+            # A party on another protocol than its peer is refused by the peer at their handshake,
+            # with one error for the whole session; here each role may ask only for its own kinds.
+            session.protocols[request.role] = request.protocol
             session.seeded.add(rank)
             reply = pb.SeedReply(seed=session.seeds.torch[rank], key=session.seeds.aes[rank] if backend.aes_seed else b"")
             session.bytes_sent += 8 + len(reply.key)
@@ -138,6 +134,12 @@ class DealerServicer:
         """The asking party's part of one correlation (named arrays), as framed chunks."""
         try:
             kind = correlation_kind(request.function)
+            own = backend_class(session.protocols[role]) if role in session.protocols else None
+            if own is not None and kind not in own.correlations:
+                context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"dealer: '{kind.name}' is not a correlation of protocol '{session.protocols[role]}', which the {role} named",
+                )
             if role not in kind.requesters:
                 context.abort(
                     grpc.StatusCode.PERMISSION_DENIED, f"dealer: the {role} may not ask for '{kind.name}' (only {list(kind.requesters)})"

@@ -21,6 +21,18 @@ import numpy as np
 import torch
 
 RING_BYTES = 8  # shares live in Z_2^64: one ring element is 8 bytes on the wire
+# Fixed point: a real x is round(x * 2^f) in the ring, f fractional bits. A session parameter
+# both parties agree on (--fraction-bits): fewer bits hold larger values, more bits finer ones.
+DEFAULT_FRACTION_BITS = 16
+FRACTION_BITS_RANGE = (1, 30)  # a product carries 2f fractional bits before truncation: 2f < 63
+
+
+def check_fraction_bits(bits: object) -> int:
+    """`bits` as an int in FRACTION_BITS_RANGE, or a ValueError that says what is allowed."""
+    lo, hi = FRACTION_BITS_RANGE
+    if not isinstance(bits, int) or isinstance(bits, bool) or not lo <= bits <= hi:
+        raise ValueError(f"fraction bits must be an integer from {lo} to {hi} (default {DEFAULT_FRACTION_BITS}), got {bits!r}")
+    return bits
 OPEN_BYTES = 2 * RING_BYTES  # one opened element: send my share, receive theirs
 SERVER_RANK, CLIENT_RANK = 0, 1
 
@@ -101,6 +113,11 @@ class Backend(abc.ABC):
     correlations: ClassVar[tuple[CorrelationKind, ...]]
     # Whether each party gets a 128-bit AES-CTR seed from the dealer besides the 64-bit one.
     aes_seed: ClassVar[bool] = False
+    # What the range check (protocols/ir/ranges.py) must know of the backend's fixed point:
+    # whether comparisons use a node's `bits` width (else the full ring), and the value a
+    # padded max-pool pads with (-2^pool_pad_bits ring units: an input below it loses to the pad).
+    narrow_comparisons: ClassVar[bool] = False
+    pool_pad_bits: ClassVar[int] = 62
 
     rank: int
 
@@ -112,9 +129,10 @@ class Backend(abc.ABC):
 
     @classmethod
     @abc.abstractmethod
-    def create(cls, rank: int, transport: Any, dealer: Any | None) -> "Backend":
+    def create(cls, rank: int, transport: Any, dealer: Any | None, fraction_bits: int = DEFAULT_FRACTION_BITS) -> "Backend":
         """The backend of one session: `transport` reaches the peer (send/recv/metrics), `dealer`
-        is this party's dealer client (None: the insecure trusted first party, where supported)."""
+        is this party's dealer client (None: the insecure trusted first party, where supported),
+        `fraction_bits` the session's fixed-point precision (both parties the same)."""
 
     def start(self) -> None:
         """Called once before the first share; the backend binds its collaborators here."""

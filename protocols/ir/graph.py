@@ -51,6 +51,12 @@ class Graph:
     output_name: str
     nodes: list[Node]
     weight_shapes: dict[str, tuple[int, ...]]
+    # The values the model is declared for, (lo, hi): every input element must lie in it.
+    # Public (it travels to the client, which refuses inputs outside it); None: undeclared.
+    input_range: tuple[float, float] | None = None
+    # What the optimizer's calibration data did in each layer (protocols/ir/ranges.py), for the
+    # server's own range check; stays with the server: never part of the JSON the client gets.
+    calibration: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> str:
         return json.dumps(
@@ -61,6 +67,7 @@ class Graph:
                 "nodes": [asdict(n) | {"inputs": list(n.inputs), "weights": list(n.weights)} for n in self.nodes],
                 "weight_shapes": {k: list(v) for k, v in self.weight_shapes.items()},
             }
+            | ({"input_range": list(self.input_range)} if self.input_range is not None else {})
         )
 
     def check_weights(self, weights: dict[str, np.ndarray]) -> None:
@@ -79,6 +86,17 @@ class Graph:
 
     def fingerprint(self) -> str:
         return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+
+def check_input_range(value: Any, what: str = "input range") -> tuple[float, float]:
+    """(lo, hi) as two finite floats with lo < hi; a GraphError naming `what` otherwise."""
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise GraphError(f"{what} must be two numbers LO,HI, got {value!r}") from None
+    if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
+        raise GraphError(f"{what} must be two finite numbers with LO < HI, got [{lo:g}, {hi:g}]")
+    return lo, hi
 
 
 def resolve_reshape(shape: tuple[int, ...], target: list[int]) -> tuple[int, ...]:

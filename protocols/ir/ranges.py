@@ -1,27 +1,45 @@
-"""Value ranges at the secure comparisons, and the comparison widths they allow.
+"""Value ranges in the plaintext graph: what the fixed-point encoding must hold, layer by layer.
 
-A comparison on n bits (the fss backend's DCF) is exact while the compared value v satisfies
-|v| < 2^(n-1) ring units (16 fractional bits: 2^(n-17) in real units); beyond that its sign
-is read off the low n bits and nothing detects it. `comparison_widths` runs calibration data
-through the plaintext graph, takes each comparison's largest |v| (ReLU: its input; Clip: the
-differences to its bounds; max-pool: differences of window values, at most twice the largest
-input), multiplies it by a stated margin, and picks the smallest width that holds it. The
-margin is the risk the artifact names: an input that takes a layer past margin times what the
-calibration data did can be compared wrongly.
+Both backends encode a real x as round(x 2^f) in Z_2^64 (f fractional bits, a session
+parameter, 16 by default) and share it additively. Going through a model, that encoding is
+exact up to rounding only while:
+
+- every value satisfies |x| < 2^(63-f) (the ring's signed range);
+- a product (a Beaver conv/linear/scale/lookup, a square, a public factor such as 1/k)
+  carries 2f fractional bits until it is truncated: |y| < 2^(63-2f), else it wraps around,
+  deterministically wrong;
+- the two-party local truncation (SecureML; CrypTen's and fss's alike) of a product y is
+  wrong, by 2^(64-2f) in real units, with probability |y| 2^(2f-64): the chance that the two
+  uniform shares' signed sum wraps (else it is off by less than 2 units in the last place);
+- a comparison on n bits (the fss backend's DCF) is exact while |v| < 2^(n-1-f)
+  (`comparison_widths`: the narrowest width that holds margin x the calibration range);
+- a padded max-pool's inputs stay above the pad, -2^(p-f) (p: the backend's pool_pad_bits).
+
+`observed_ranges` runs samples through the plaintext graph and keeps, per element, the
+largest |value| of every activation and what each layer truncates and compares;
+`interval_ranges` bounds the same soundly from a declared input range (interval arithmetic:
+center and radius through the affine layers, endpoints through the monotone ones).
+`check_encoding` holds the ranges against the limits above for a given f, bounds the
+probability that some truncation of one inference fails (the sum of the per-truncation
+probabilities), and states the output's error when none fails (6 x its estimated RMS error);
+its findings name the layer.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from ..backends.base import DEFAULT_FRACTION_BITS, FRACTION_BITS_RANGE
 from ..ops import op_for
+from ..ops.activation import OP as MASKED_RELU
 from ..ops.registry import FULL_BITS
-from .graph import Graph
+from .graph import Graph, GraphError
 
-FRACTION_BITS = 16  # both backends' fixed-point encoding
+FRACTION_BITS = DEFAULT_FRACTION_BITS  # both backends' default fixed-point encoding
 COMPARISON_OPS = ("Relu", "MaskedRelu", "Clip", "MaxPool")
 
 
@@ -38,22 +56,12 @@ def _compared(node, x: torch.Tensor) -> float:
 
 def comparison_ranges(graph: Graph, weights: dict[str, np.ndarray], samples: np.ndarray, batch: int = 256) -> dict[str, float]:
     """Per comparison node, the largest |compared value| over `samples` (real units)."""
-    tw = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()}
-    peaks = {n.name: 0.0 for n in graph.nodes if n.op in COMPARISON_OPS}
-    with torch.no_grad():
-        for start in range(0, len(samples), batch):
-            values = {graph.input_name: torch.from_numpy(np.ascontiguousarray(samples[start : start + batch], dtype=np.float32))}
-            for node in graph.nodes:
-                args = [values[i] for i in node.inputs]
-                if node.name in peaks:
-                    peaks[node.name] = max(peaks[node.name], _compared(node, args[0]))
-                values[node.output] = op_for(node).plain(node, args, [tw[k] for k in node.weights])
-    return peaks
+    return observed_ranges(graph, weights, samples, batch=batch).compared
 
 
-def width_for(peak: float, margin: float) -> int:
+def width_for(peak: float, margin: float, fraction_bits: int = FRACTION_BITS) -> int:
     """The smallest width n with margin * peak < 2^(n - 1) ring units (at least 2, at most 64)."""
-    ring = max(peak * margin, 2.0**-FRACTION_BITS) * 2.0**FRACTION_BITS
+    ring = max(peak * margin, 2.0**-fraction_bits) * 2.0**fraction_bits
     return int(min(FULL_BITS, max(2, math.floor(math.log2(ring)) + 2)))
 
 
@@ -68,3 +76,421 @@ def comparison_widths(graph: Graph, weights: dict[str, np.ndarray], samples: np.
         padded = node.op == "MaxPool" and any(node.attrs.get("padding", [0]))
         widths[name] = FULL_BITS if padded else width_for(peak, margin)
     return widths
+
+
+# -- value ranges of every layer ------------------------------------------------------------------
+
+AFFINE_OPS = ("Conv", "Gemm", "Affine")  # linear in the activation, with the weights as entries; one truncation
+MONOTONE_OPS = ("Relu", "Clip", "MaxPool", "AveragePool", "GlobalAveragePool", "Flatten", "Reshape", "Add", "Concat")
+AVERAGING_OPS = ("AveragePool", "GlobalAveragePool")  # times the public 1/k: one truncation
+FAILURE_PROBABILITY = 1e-4  # most an inference of one sample may risk a failed truncation (check_encoding)
+FLOAT32_EPS = 2.0**-24  # logits are decoded to float32
+
+
+@dataclass
+class ValueRanges:
+    """What one sample's values reach in each layer, observed (times a margin) or bounded.
+
+    `peaks`: value name -> per-element bound on |value| (one sample's shape); `truncated`:
+    node -> largest |value| any of its truncations sees; `truncated_sum`: node -> per sample,
+    the sum over its truncated elements of |value| (with observed samples: their mean);
+    `compared`: comparison node -> largest |compared value|; `floor`: padded MaxPool node ->
+    smallest input value.
+    """
+
+    source: str
+    input_range: tuple[float, float]
+    peaks: dict[str, torch.Tensor]
+    truncated: dict[str, float] = field(default_factory=dict)
+    truncated_sum: dict[str, float] = field(default_factory=dict)
+    compared: dict[str, float] = field(default_factory=dict)
+    floor: dict[str, float] = field(default_factory=dict)
+    sound: bool = False  # a bound for every input in input_range (else: what samples did)
+
+    def scaled(self, margin: float) -> ValueRanges:
+        """Every magnitude times `margin` (>= 1): headroom over what calibration samples did."""
+        if margin < 1:
+            raise ValueError(f"the margin multiplies the observed range and must be at least 1, got {margin}")
+        return ValueRanges(
+            f"{self.source} x margin {margin:g}", self.input_range, {k: v * margin for k, v in self.peaks.items()},
+            {k: v * margin for k, v in self.truncated.items()}, {k: v * margin for k, v in self.truncated_sum.items()},
+            {k: v * margin for k, v in self.compared.items()}, {k: min(v * margin, v) for k, v in self.floor.items()}, self.sound,
+        )  # fmt: skip
+
+    def layer_summary(self, graph: Graph) -> dict[str, dict[str, float]]:
+        """Per node, as scalars (an artifact's manifest carries these): peak, truncated, truncated_sum, compared, floor."""
+        out = {}
+        for node in graph.nodes:
+            entry = {"peak": float(self.peaks[node.output].max()) if self.peaks[node.output].numel() else 0.0}
+            for key, table in (("truncated", self.truncated), ("truncated_sum", self.truncated_sum), ("compared", self.compared), ("floor", self.floor)):
+                if node.name in table:
+                    entry[key] = float(table[node.name])
+            out[node.name] = {k: float(f"{v:.6g}") for k, v in entry.items()}
+        return out
+
+
+def ranges_from_summary(graph: Graph, summary: dict, input_range: tuple[float, float], source: str) -> ValueRanges:
+    """The ValueRanges of `layer_summary`'s scalars (each element bounded by its layer's peak)."""
+    peaks = {graph.input_name: torch.full(graph.input_shape, float(max(abs(input_range[0]), abs(input_range[1]))))}
+    ranges = ValueRanges(source, input_range, peaks)
+    for node in graph.nodes:
+        entry = summary.get(node.name)
+        if not isinstance(entry, dict) or not isinstance(entry.get("peak"), (int, float)):
+            raise GraphError(f"the calibration ranges lack layer '{node.name}'")
+        peaks[node.output] = torch.full(tuple(node.attrs["out_shape"]), float(entry["peak"]))
+        for key, table in (("truncated", ranges.truncated), ("truncated_sum", ranges.truncated_sum), ("compared", ranges.compared), ("floor", ranges.floor)):
+            if key in entry:
+                table[node.name] = float(entry[key])
+    return ranges
+
+
+def _is_padded_pool(node) -> bool:
+    return node.op == "MaxPool" and any(node.attrs.get("padding", [0]))
+
+
+def _poly_layout(node, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A masked ReLU's kept mask and per-element c0, c1, c2, flattened over one sample."""
+    size = int(np.prod(shape))
+    mask = torch.zeros(size, dtype=torch.bool)
+    mask[torch.tensor(node.attrs["keep"], dtype=torch.long)] = True
+    c = torch.tensor(node.attrs["coeffs"], dtype=torch.float64).repeat_interleave(size // shape[0], dim=0)
+    return mask, c[:, 0], c[:, 1], c[:, 2]
+
+
+def _without_bias(w: list[torch.Tensor]) -> list[torch.Tensor]:
+    return w[:1] + [torch.zeros_like(t) for t in w[1:]]
+
+
+def _truncations(node, args: list[torch.Tensor], w: list[torch.Tensor], out: torch.Tensor) -> list[torch.Tensor]:
+    """The values (batch first) that the node's secure evaluation truncates."""
+    op = op_for(node)
+    if node.op in AFFINE_OPS:
+        return [op.plain(node, args, _without_bias(w))]  # the product; the bias is added after truncation
+    if node.op == "Embedding" or node.op in AVERAGING_OPS:
+        return [out]
+    if node.op == MASKED_RELU:
+        x = args[0].reshape(len(args[0]), -1).to(torch.float64)
+        mask, _, c1, c2 = _poly_layout(node, tuple(node.attrs["out_shape"]))
+        r = x[:, ~mask]
+        return [r * r, c2[~mask] * r * r, c1[~mask] * r]
+    return []
+
+
+class _Tracker:
+    """Per-element peaks and per-layer truncation and comparison figures, over batches."""
+
+    def __init__(self, graph: Graph) -> None:
+        self.graph = graph
+        self.peaks: dict[str, torch.Tensor] = {}
+        self.truncated: dict[str, float] = {}
+        self.truncated_total: dict[str, float] = {}
+        self.compared: dict[str, float] = {}
+        self.floor: dict[str, float] = {}
+
+    def value(self, name: str, magnitude: torch.Tensor) -> None:
+        """magnitude: |value| bounds, batch first."""
+        peak = magnitude.amax(dim=0).to(torch.float64) if len(magnitude) else torch.zeros(magnitude.shape[1:], dtype=torch.float64)
+        self.peaks[name] = torch.maximum(self.peaks[name], peak) if name in self.peaks else peak
+
+    def layer(self, node, args_abs: list[torch.Tensor], truncated: list[torch.Tensor], args_low: torch.Tensor | None = None) -> None:
+        if node.op in AFFINE_OPS or node.op in AVERAGING_OPS or node.op in ("Embedding", MASKED_RELU):
+            top = max((float(t.abs().max()) for t in truncated if t.numel()), default=0.0)
+            self.truncated[node.name] = max(self.truncated.get(node.name, 0.0), top)
+            self.truncated_total[node.name] = self.truncated_total.get(node.name, 0.0) + sum(float(t.abs().sum()) for t in truncated)
+        if node.op in COMPARISON_OPS:
+            self.compared[node.name] = max(self.compared.get(node.name, 0.0), _compared(node, args_abs[0]))
+        if _is_padded_pool(node) and args_low is not None and args_low.numel():
+            self.floor[node.name] = min(self.floor.get(node.name, 0.0), float(args_low.min()))
+
+    def result(self, source: str, input_range, per_sample: float, sound: bool) -> ValueRanges:
+        sums = {k: v / per_sample for k, v in self.truncated_total.items()}
+        return ValueRanges(source, input_range, self.peaks, self.truncated, sums, self.compared, self.floor, sound)
+
+
+def observed_ranges(graph: Graph, weights: dict[str, np.ndarray], samples: np.ndarray, batch: int = 256, source: str | None = None) -> ValueRanges:
+    """What `samples` do in every layer (plaintext, float32): per-element peaks, and per layer what
+    its truncations see (their mean per sample) and what its comparisons compare."""
+    if len(samples) == 0:
+        raise ValueError("observed_ranges needs at least one sample")
+    tw = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()}
+    track = _Tracker(graph)
+    with torch.no_grad():
+        for start in range(0, len(samples), batch):
+            x = torch.from_numpy(np.ascontiguousarray(samples[start : start + batch], dtype=np.float32))
+            values = {graph.input_name: x}
+            track.value(graph.input_name, x.abs())
+            for node in graph.nodes:
+                args = [values[i] for i in node.inputs]
+                w = [tw[k] for k in node.weights]
+                out = op_for(node).plain(node, args, w)
+                track.layer(node, [a.abs() for a in args], _truncations(node, args, w, out), args[0])
+                values[node.output] = out
+                track.value(node.output, out.abs())
+    lo, hi = float(np.min(samples)), float(np.max(samples))
+    return track.result(source or f"{len(samples)} samples", (lo, hi), float(len(samples)), sound=False)
+
+
+def _poly_interval(lo: torch.Tensor, hi: torch.Tensor, c0, c1, c2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Range of c0 + c1 x + c2 x^2 over [lo, hi], elementwise: the endpoints and, inside, the vertex."""
+    p = lambda x: c0 + c1 * x + c2 * x * x  # noqa: E731
+    candidates = [p(lo), p(hi)]
+    vertex = torch.where(c2 != 0, -c1 / (2 * torch.where(c2 != 0, c2, torch.ones_like(c2))), lo)
+    inside = (vertex > lo) & (vertex < hi)
+    candidates.append(torch.where(inside, p(vertex), candidates[0]))
+    stack = torch.stack(candidates)
+    return stack.amin(dim=0), stack.amax(dim=0)
+
+
+def interval_ranges(graph: Graph, weights: dict[str, np.ndarray], input_range: tuple[float, float]) -> ValueRanges:
+    """A sound bound on every layer's values for any input in [lo, hi] (interval arithmetic, float64)."""
+    lo_in, hi_in = (float(v) for v in input_range)
+    tw = {k: torch.from_numpy(np.ascontiguousarray(v)).to(torch.float64) for k, v in weights.items()}
+    low = {graph.input_name: torch.full((1, *graph.input_shape), lo_in, dtype=torch.float64)}
+    high = {graph.input_name: torch.full((1, *graph.input_shape), hi_in, dtype=torch.float64)}
+    track = _Tracker(graph)
+    track.value(graph.input_name, torch.maximum(low[graph.input_name].abs(), high[graph.input_name].abs()))
+    with torch.no_grad():
+        for node in graph.nodes:
+            op = op_for(node)
+            w = [tw[k] for k in node.weights]
+            lows, highs = [low[i] for i in node.inputs], [high[i] for i in node.inputs]
+            if node.op in AFFINE_OPS:
+                center, radius = (lows[0] + highs[0]) / 2, (highs[0] - lows[0]) / 2
+                absw = [t.abs() for t in w]
+                spread = op.plain(node, [radius], absw) - op.plain(node, [torch.zeros_like(radius)], absw)
+                middle = op.plain(node, [center], w)
+                y_lo, y_hi = middle - spread, middle + spread
+                product = op.plain(node, [center], _without_bias(w))
+                truncated = [product.abs() + spread]
+            elif node.op in MONOTONE_OPS:
+                y_lo, y_hi = op.plain(node, lows, w), op.plain(node, highs, w)
+                truncated = [torch.maximum(y_lo.abs(), y_hi.abs())] if node.op in AVERAGING_OPS else []
+            elif node.op == MASKED_RELU:
+                shape = lows[0].shape
+                mask, c0, c1, c2 = _poly_layout(node, tuple(shape[1:]))
+                a, b = lows[0].reshape(1, -1), highs[0].reshape(1, -1)
+                p_lo, p_hi = _poly_interval(a, b, c0, c1, c2)
+                y_lo = torch.where(mask, a.clamp(min=0), p_lo).reshape(shape)
+                y_hi = torch.where(mask, b.clamp(min=0), p_hi).reshape(shape)
+                m = torch.maximum(a.abs(), b.abs())[:, ~mask]
+                truncated = [m * m, c2[~mask].abs() * m * m, c1[~mask].abs() * m]
+            elif node.op == "Embedding":
+                table = w[0]
+                out_shape = (1, *node.attrs["out_shape"])
+                y_lo, y_hi = table.amin(dim=0).expand(out_shape), table.amax(dim=0).expand(out_shape)
+                truncated = [torch.maximum(y_lo.abs(), y_hi.abs())]
+            else:
+                raise GraphError(f"no interval bound for node '{node.name}' (op {node.op})")
+            magnitude = [torch.maximum(l.abs(), h.abs()) for l, h in zip(lows, highs)]
+            track.layer(node, magnitude, truncated, lows[0])
+            low[node.output], high[node.output] = y_lo, y_hi
+            track.value(node.output, torch.maximum(y_lo.abs(), y_hi.abs()))
+    return track.result(f"interval bound for inputs in [{lo_in:g}, {hi_in:g}]", (lo_in, hi_in), 1.0, sound=True)
+
+
+# -- the check ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One layer that leaves what the encoding handles; `refuse`: the run must not start."""
+
+    node: str
+    op: str
+    problem: str
+    refuse: bool
+
+
+@dataclass
+class EncodingReport:
+    """What check_encoding found for one model, its ranges and a number of fractional bits.
+
+    `failure_probability`: a bound on the probability that one sample's inference has a failed
+    truncation (the sum over every truncation of |y| 2^(2f-64)); `error_bound`: the stated
+    error of an output when none fails, ERROR_SIGMAS x its estimated RMS error (from the
+    encoding of inputs and weights, each truncation's last place, and float32 decoding).
+    `suggested_bits`: the most fractional bits with which nothing would be refused, if f is refused.
+    """
+
+    fraction_bits: int
+    source: str
+    failure_probability: float
+    error_bound: float
+    output_peak: float
+    findings: list[Finding]
+    suggested_bits: int | None = None
+
+    @property
+    def refused(self) -> list[Finding]:
+        return [f for f in self.findings if f.refuse]
+
+    @property
+    def warnings(self) -> list[Finding]:
+        return [f for f in self.findings if not f.refuse]
+
+    def message(self, findings: list[Finding] | None = None) -> str:
+        """The findings in words, each naming its layer, with what to change."""
+        findings = self.refused if findings is None else findings
+        f = self.fraction_bits
+        lines = [f"layer '{x.node}' ({x.op}): {x.problem}" for x in findings]
+        text = f"with {f} fractional bits ({self.source}): " + "; ".join(lines)
+        if self.suggested_bits is not None and self.suggested_bits != f:
+            text += (
+                f". With --fraction-bits {self.suggested_bits} these values fit (coarser: the last place is "
+                f"2^-{self.suggested_bits}); or scale the input down"
+            )
+        elif findings and findings[0].refuse:
+            text += ". No number of fractional bits holds these values: scale the input down"
+        return text
+
+
+def _limits_text(f: int) -> str:
+    return f"values must stay below 2^{63 - f} = {2.0 ** (63 - f):.3g} and products below 2^{63 - 2 * f} = {2.0 ** (63 - 2 * f):.3g}"
+
+
+def _findings(
+    graph: Graph, ranges: ValueRanges, f: int, narrow_comparisons: bool, pool_pad_bits: int, max_failure: float
+) -> tuple[list[Finding], float]:
+    """The deterministic overflows and the truncation failure probability at f fractional bits."""
+    findings: list[Finding] = []
+    value_limit, product_limit = 2.0 ** (63 - f), 2.0 ** (63 - 2 * f)
+    input_peak = float(ranges.peaks[graph.input_name].max())
+    if input_peak >= value_limit:
+        findings.append(Finding(graph.input_name, "input", f"input values reach {input_peak:.3g}; the encoding holds |x| < 2^{63 - f} = {value_limit:.3g}", True))
+    per_element = 2.0 ** (2 * f - 64)
+    contributions: dict[str, float] = {}
+    for node in graph.nodes:
+        peak = float(ranges.peaks[node.output].max()) if ranges.peaks[node.output].numel() else 0.0
+        if peak >= value_limit:
+            findings.append(Finding(node.name, node.op, f"values reach {peak:.3g}; the encoding holds |x| < 2^{63 - f} = {value_limit:.3g}", True))
+        top = ranges.truncated.get(node.name, 0.0)
+        if top >= product_limit:
+            findings.append(
+                Finding(node.name, node.op, f"a product reaches {top:.3g} before truncation; with 2x{f} fractional bits it wraps "
+                        f"around beyond 2^{63 - 2 * f} = {product_limit:.3g} (wrong every time)", True)
+            )  # fmt: skip
+        contributions[node.name] = ranges.truncated_sum.get(node.name, 0.0) * per_element
+        if node.name in ranges.compared:
+            bits = int(node.attrs.get("bits") or FULL_BITS) if narrow_comparisons else FULL_BITS
+            limit = 2.0 ** (bits - 1 - f)
+            if ranges.compared[node.name] >= limit:
+                findings.append(
+                    Finding(node.name, node.op, f"compares values up to {ranges.compared[node.name]:.3g}; a comparison on {bits} bits is "
+                            f"exact only below 2^{bits - 1 - f} = {limit:.3g}", True)
+                )  # fmt: skip
+        if node.name in ranges.floor and ranges.floor[node.name] <= -(2.0 ** (pool_pad_bits - f)):
+            findings.append(
+                Finding(node.name, node.op, f"inputs reach {ranges.floor[node.name]:.3g}, at or below the padding value "
+                        f"-2^{pool_pad_bits - f} this backend pads max-pool windows with", True)
+            )  # fmt: skip
+    probability = float(sum(contributions.values()))
+    if probability > max_failure:
+        worst = sorted(contributions, key=contributions.get, reverse=True)
+        node = next(n for n in graph.nodes if n.name == worst[0])
+        share = contributions[worst[0]] / probability
+        findings.append(
+            Finding(
+                node.name, node.op,
+                f"products reach {ranges.truncated.get(node.name, 0.0):.3g} before truncation; the two-party truncation of a "
+                f"value y fails (off by 2^{64 - 2 * f}) with probability |y| 2^{2 * f - 64}, which sums to {probability:.2g} "
+                f"per sample over the model ({share:.0%} from this layer), above the {max_failure:g} allowed",
+                refuse=not ranges.sound,  # a sound interval bound can be loose: a warning
+            )
+        )  # fmt: skip
+    return findings, probability
+
+
+ERROR_SIGMAS = 6.0  # the stated error: this many times the estimated RMS error of an output
+
+
+def _error_estimate(graph: Graph, weights: dict[str, np.ndarray], ranges: ValueRanges, f: int) -> float:
+    """The stated error of the outputs when no truncation fails: ERROR_SIGMAS x their RMS error.
+
+    Second moments of the errors, per element (float64), with u = 2^-f: encoding an input or a
+    weight errs by less than u (rounded or cut toward zero: mean square at most u^2/3), a
+    truncation by less than 2u (mean square at most u^2). Affine: m' = W^2 m + (u^2/3)
+    sum_fanin(|x| + e)^2 + u^2/3 (bias) + u^2, the errors of distinct inputs taken as
+    independent; ReLU, Clip: m' <= m; max-pool: the window's sum; shapes: moved; Add and
+    averaging: RMS errors add (Minkowski, whatever their correlation); polynomial: (|c1| +
+    2|c2||x|)^2 m + |c2|^2 m^2 + (u^2/3)(1 + |x|^2 + |x|^4) + u^2 (|c2|^2 + 2); lookup:
+    u^2/3 + u^2. Decoding to float32 adds 2^-24 of the output. An estimate, not a worst case:
+    the worst case (every error of a sum the same sign) is far looser and never happens.
+    """
+    u2 = 2.0 ** (-2 * f)
+    tw = {k: torch.from_numpy(np.ascontiguousarray(v)).to(torch.float64) for k, v in weights.items()}
+    ms = {graph.input_name: torch.full((1, *graph.input_shape), u2 / 3, dtype=torch.float64)}
+    peak = {k: v.to(torch.float64).unsqueeze(0) for k, v in ranges.peaks.items()}
+    with torch.no_grad():
+        for node in graph.nodes:
+            op = op_for(node)
+            w = [tw[k] for k in node.weights]
+            m = [ms[i] for i in node.inputs]
+            p = [peak[i] for i in node.inputs]
+            if node.op in AFFINE_OPS:
+                sq = [t * t for t in w]
+                ones = [torch.ones_like(w[0])] + [torch.zeros_like(t) for t in w[1:]]
+                zero = torch.zeros_like(m[0])
+                carried = op.plain(node, [m[0]], sq) - op.plain(node, [zero], sq)
+                fanin = op.plain(node, [(p[0] + m[0].sqrt()) ** 2], ones) - op.plain(node, [zero], ones)
+                out = carried + u2 / 3 * fanin + u2 / 3 * (len(w) > 1) + u2
+            elif node.op in ("Relu", "Clip"):
+                out = m[0]
+            elif node.op == "MaxPool":
+                k = float(np.prod(node.attrs["kernel"]))
+                out = k * op.plain(node, m, w)
+            elif node.op in ("Flatten", "Reshape", "Concat"):
+                out = op.plain(node, m, w)
+            elif node.op == "Add":
+                out = (m[0].sqrt() + m[1].sqrt()) ** 2 if len(m) > 1 else (m[0].sqrt() + (u2 / 3) ** 0.5) ** 2
+            elif node.op in AVERAGING_OPS:
+                k = float(np.prod(node.attrs["kernel"])) if node.op == "AveragePool" else float(np.prod(m[0].shape[2:]))
+                window = op.plain(node, [p[0] + m[0].sqrt()], w) * k  # the window's sum of |x|
+                out = op.plain(node, [m[0].sqrt()], w) ** 2 + u2 / 3 * window**2 + u2
+            elif node.op == MASKED_RELU:
+                shape = m[0].shape
+                mask, _, c1, c2 = _poly_layout(node, tuple(shape[1:]))
+                x, d = p[0].reshape(1, -1), m[0].reshape(1, -1)
+                xe = x + d.sqrt()
+                poly = (c1.abs() + 2 * c2.abs() * x) ** 2 * d + c2 * c2 * d * d + u2 / 3 * (1 + xe**2 + xe**4) + u2 * (c2 * c2 + 2)
+                out = torch.where(mask, d, poly).reshape(shape)
+            elif node.op == "Embedding":
+                out = torch.full((1, *node.attrs["out_shape"]), u2 / 3 + u2, dtype=torch.float64)
+            else:
+                raise GraphError(f"no error estimate for node '{node.name}' (op {node.op})")
+            ms[node.output] = out
+    final = ERROR_SIGMAS * ms[graph.output_name].sqrt() + peak[graph.output_name] * FLOAT32_EPS
+    return float(final.max())
+
+
+def check_encoding(
+    graph: Graph,
+    weights: dict[str, np.ndarray],
+    ranges: ValueRanges,
+    fraction_bits: int = FRACTION_BITS,
+    *,
+    narrow_comparisons: bool = False,
+    pool_pad_bits: int = 62,
+    max_failure: float = FAILURE_PROBABILITY,
+) -> EncodingReport:
+    """Hold `ranges` against what f fractional bits handle; see the module docstring.
+
+    Refused: a value the encoding cannot hold, a product that wraps, a comparison too narrow, a
+    padded max-pool input at the pad, and (unless the ranges are a sound interval bound, which
+    can be loose: then a warning) a failure probability per sample above `max_failure`.
+    """
+    findings, probability = _findings(graph, ranges, fraction_bits, narrow_comparisons, pool_pad_bits, max_failure)
+    suggested = None
+    if any(x.refuse for x in findings):
+        for bits in range(fraction_bits - 1, FRACTION_BITS_RANGE[0] - 1, -1):
+            if not any(x.refuse for x in _findings(graph, ranges, bits, narrow_comparisons, pool_pad_bits, max_failure)[0]):
+                suggested = bits
+                break
+    error = _error_estimate(graph, weights, ranges, fraction_bits)
+    output_peak = float(ranges.peaks[graph.output_name].max())
+    if not any(x.refuse for x in findings) and error > 0.01 * max(output_peak, 1.0):
+        out = next(n for n in graph.nodes if n.output == graph.output_name)
+        findings.append(
+            Finding(out.name, out.op, f"outputs may be off by about {error:.3g} (from 2^-{fraction_bits} per input, weight and "
+                    f"truncation), more than 1% of their size {output_peak:.3g}: use more fractional bits if the range allows", False)
+        )  # fmt: skip
+    return EncodingReport(fraction_bits, ranges.source, probability, error, output_peak, findings, suggested)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from ..ops import op_for
-from .graph import Graph, GraphError, Node
+from .graph import Graph, GraphError, Node, check_input_range
 
 
 def validate_graph(graph: Graph) -> None:
@@ -46,7 +46,10 @@ def graph_from_json(text: str) -> Graph:
             output_name=str(raw["output_name"]),
             nodes=nodes,
             weight_shapes={k: tuple(int(d) for d in v) for k, v in raw["weight_shapes"].items()},
+            input_range=check_input_range(raw["input_range"], "the graph's input_range") if "input_range" in raw else None,
         )
+    except GraphError:
+        raise
     except (KeyError, TypeError, ValueError) as err:
         raise GraphError(f"malformed graph description: {err}") from None
     validate_graph(graph)

@@ -85,7 +85,9 @@ def apply_sites(graph: Graph, sites: dict[str, ActivationSite]) -> Graph:
             "elements": int(flat.sum()),
         }
         nodes.append(Node(name=node.name, op=OP, inputs=node.inputs, output=node.output, attrs=attrs))
-    return Graph(graph.input_name, graph.input_shape, graph.output_name, nodes, dict(graph.weight_shapes))
+    return Graph(
+        graph.input_name, graph.input_shape, graph.output_name, nodes, dict(graph.weight_shapes), graph.input_range, graph.calibration
+    )
 
 
 def check_attrs(node: Node) -> None:

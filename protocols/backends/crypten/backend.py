@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..base import Backend
+from ..base import DEFAULT_FRACTION_BITS, Backend, check_fraction_bits
 from . import correlations, patches
 from .pricing import CryptenPricing
 
@@ -21,11 +21,13 @@ class CryptenBackend(Backend):
     name = "crypten"
     pricing = CryptenPricing()
     correlations = correlations.CORRELATIONS
+    pool_pad_bits = 24  # CrypTen pads max-pool windows with -2^24 ring units (common/functions/pooling.py)
 
-    def __init__(self, rank: int, communicator: Any, dealer: Any | None) -> None:
+    def __init__(self, rank: int, communicator: Any, dealer: Any | None, fraction_bits: int = DEFAULT_FRACTION_BITS) -> None:
         self.rank = rank
         self._communicator = communicator
         self._dealer = dealer
+        self.fraction_bits = check_fraction_bits(fraction_bits)
         self._crypten = None
         self._attached = False
 
@@ -34,11 +36,11 @@ class CryptenBackend(Backend):
         patches.load_crypten()
 
     @classmethod
-    def create(cls, rank: int, transport: Any, dealer: Any | None) -> "CryptenBackend":
+    def create(cls, rank: int, transport: Any, dealer: Any | None, fraction_bits: int = DEFAULT_FRACTION_BITS) -> "CryptenBackend":
         cls.prepare()
         from .communicator import TransportCommunicator  # subclasses CrypTen's, so only once loaded
 
-        return cls(rank, TransportCommunicator(transport, rank), dealer)
+        return cls(rank, TransportCommunicator(transport, rank), dealer, fraction_bits)
 
     @classmethod
     def attach(cls, rank: int) -> "CryptenBackend":
@@ -51,7 +53,7 @@ class CryptenBackend(Backend):
 
     def start(self) -> None:
         crypten = patches.load_crypten()
-        patches.bind_session(self._communicator, self._dealer)
+        patches.bind_session(self._communicator, self._dealer, precision_bits=self.fraction_bits)
         crypten.cfg.communicator.verbose = True
         crypten.init()
         self._crypten = crypten
@@ -68,7 +70,10 @@ class CryptenBackend(Backend):
         return dict(self._communicator.get_communication_stats())
 
     def share(self, value: torch.Tensor, src: int, *, constant: str | None = None) -> Any:
-        return self._crypten.cryptensor(value, src=src)
+        # CrypTen's encoder cuts x * 2^f toward zero, an error of the same sign for every weight of
+        # one sign; rounded to the grid first (exactly, in float64), the encoding rounds to nearest.
+        scale = float(1 << self.fraction_bits)
+        return self._crypten.cryptensor(torch.round(value.to(torch.float64) * scale) / scale, src=src)
 
     def reveal(self, x: Any, dst: int) -> torch.Tensor | None:
         return x.get_plain_text(dst=dst)

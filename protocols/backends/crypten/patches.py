@@ -251,16 +251,20 @@ def require_loaded() -> None:
         raise ImportError("call twinfer.protocols.backends.crypten.patches.load_crypten() before importing this module")
 
 
-def bind_session(communicator: Any, dealer: Any | None) -> None:
+def bind_session(communicator: Any, dealer: Any | None, precision_bits: int | None = None) -> None:
     """Make crypten.init() in this thread use `communicator`, and draw tuples through `dealer`.
 
     `dealer` None is CrypTen's trusted first party (the server makes the tuples itself and
-    could learn the client's input: development only).
+    could learn the client's input: development only). `precision_bits`: the session's
+    fixed-point fractional bits (this thread's cfg.encoder.precision_bits until unbind_session).
     """
     crypten = load_crypten()
     with _lock:
         _route_to_threads()
     _ThreadCommunicator._local.pending = communicator
+    _ThreadCommunicator._local.precision = crypten.cfg.encoder.precision_bits  # restored by unbind_session
+    if precision_bits is not None:
+        crypten.cfg.encoder.precision_bits = precision_bits
     if dealer is None:
         crypten.cfg.mpc.provider = "TFP"
     else:
@@ -272,3 +276,7 @@ def unbind_session() -> None:
     crypten = load_crypten()
     crypten.uninit()
     _ThreadDealer.uninit()
+    previous = getattr(_ThreadCommunicator._local, "precision", None)
+    if previous is not None:
+        crypten.cfg.encoder.precision_bits = previous
+        _ThreadCommunicator._local.precision = None

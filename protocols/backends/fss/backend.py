@@ -1,7 +1,7 @@
 """The `fss` backend: additive shares in Z_2^64, Beaver products with weights opened once, and
 ReLU in one online round from the dealer's DCF keys (BCG+21; research note fss.md).
 
-Values are fixed point with 16 fractional bits (`ring.py`), shared between rank 0 (the
+Values are fixed point with the session's fractional bits (16 by default, `ring.py`), shared between rank 0 (the
 server) and rank 1 (the client). Per op:
 
 1. Sharing: at session start the parties exchange 16-byte seeds; their XOR keys a common
@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..base import Backend, BackendError, SERVER_RANK
+from ..base import DEFAULT_FRACTION_BITS, Backend, BackendError, SERVER_RANK, check_fraction_bits
 from . import ring
 from .correlations import BEAVER, CORRELATIONS, RELU, SQUARE, product, stream
 from .pricing import KEY_CHUNK, FssPricing
@@ -41,23 +41,23 @@ from .prg import AesCtrPrg
 from .relu import ReluKey, masked_share, relu_eval
 
 _A, _C = 0, 1
-_POOL_PAD = -(1 << 46)  # a public value below any activation the encoding holds (2^30 in real units)
+_POOL_PAD = -(1 << 46)  # a public value below any activation the range check lets through (2^(46-f) in real units)
 
 
 class FssShare:
     """One party's additive share (int64, fixed point) of a tensor, with the local operations."""
 
-    __slots__ = ("data", "party", "constant")
+    __slots__ = ("data", "party", "constant", "frac")
 
-    def __init__(self, data: torch.Tensor, party: int, constant: "_Constant | None" = None) -> None:
-        self.data, self.party, self.constant = data, party, constant
+    def __init__(self, data: torch.Tensor, party: int, constant: "_Constant | None" = None, frac: int = ring.FRACTION_BITS) -> None:
+        self.data, self.party, self.constant, self.frac = data, party, constant, frac
 
     def _new(self, data: torch.Tensor) -> "FssShare":
-        return FssShare(data, self.party)
+        return FssShare(data, self.party, frac=self.frac)
 
     def _public(self, value: Any) -> torch.Tensor:
         """A public value as this party's share of it: party 0 holds it all."""
-        enc = ring.encode(torch.as_tensor(value))
+        enc = ring.encode(torch.as_tensor(value), self.frac)
         return enc if self.party == SERVER_RANK else torch.zeros_like(enc)
 
     def __add__(self, other: Any) -> "FssShare":
@@ -79,7 +79,7 @@ class FssShare:
         """Times a public value (a product of shares goes through the backend)."""
         if isinstance(public, FssShare):
             raise TypeError("a product of two shared values needs the backend (Backend.mul)")
-        return self._new(ring.truncate(self.data * ring.encode(torch.as_tensor(public)), self.party))
+        return self._new(ring.truncate(self.data * ring.encode(torch.as_tensor(public), self.frac), self.party, self.frac))
 
     __rmul__ = __mul__
 
@@ -123,8 +123,10 @@ class FssBackend(Backend):
     pricing = FssPricing()
     correlations = CORRELATIONS
     aes_seed = True
+    narrow_comparisons = True  # a ReLU's DCF keys are made for the node's `bits`
+    pool_pad_bits = 46  # _POOL_PAD
 
-    def __init__(self, rank: int, transport: Any, dealer: Any, bits: int = 64) -> None:
+    def __init__(self, rank: int, transport: Any, dealer: Any, bits: int = 64, fraction_bits: int = DEFAULT_FRACTION_BITS) -> None:
         if dealer is None:
             raise BackendError("fss backend needs a dealer: it has no trusted-first-party mode")
         if not dealer.key:
@@ -133,11 +135,16 @@ class FssBackend(Backend):
         self.transport = transport
         self.dealer = dealer
         self.bits = bits
+        self.fraction_bits = check_fraction_bits(fraction_bits)
         self._pair: AesCtrPrg | None = None
 
     @classmethod
-    def create(cls, rank: int, transport: Any, dealer: Any | None) -> "FssBackend":
-        return cls(rank, transport, dealer)
+    def create(cls, rank: int, transport: Any, dealer: Any | None, fraction_bits: int = DEFAULT_FRACTION_BITS) -> "FssBackend":
+        return cls(rank, transport, dealer, fraction_bits=fraction_bits)
+
+    def _wrap(self, data: torch.Tensor) -> FssShare:
+        """This party's share `data` at the session's precision."""
+        return FssShare(data, self.rank, frac=self.fraction_bits)
 
     # -- the wire ---------------------------------------------------------------------------------
 
@@ -163,8 +170,8 @@ class FssBackend(Backend):
 
     def share(self, value: torch.Tensor, src: int, *, constant: str | None = None) -> FssShare:
         draw = ring.from_numpy_u64(self._pair.uint64(tuple(value.shape))).reshape(value.shape)
-        data = ring.encode(value) - draw if self.rank == src else draw
-        share = FssShare(data, self.rank)
+        data = ring.encode(value, self.fraction_bits) - draw if self.rank == src else draw
+        share = self._wrap(data)
         if constant is not None:
             share.constant = self._mask_constant(share)
         return share
@@ -181,10 +188,10 @@ class FssBackend(Backend):
             self.transport.send("fss.reveal", x.data.contiguous().numpy())
             return None
         theirs = torch.from_numpy(self.transport.recv("fss.reveal").copy()).reshape(x.shape)
-        return ring.decode(x.data + theirs)
+        return ring.decode(x.data + theirs, self.fraction_bits)
 
     def cat(self, parts: list[FssShare], dim: int) -> FssShare:
-        return FssShare(torch.cat([p.data for p in parts], dim=dim), self.rank)
+        return self._wrap(torch.cat([p.data for p in parts], dim=dim))
 
     # -- products -----------------------------------------------------------------------------------
 
@@ -207,7 +214,7 @@ class FssBackend(Backend):
         else:
             out = product(op, e, b, attrs) + product(op, a, f, attrs)
             z = out + stream(self.dealer.key, index, _C, tuple(out.shape))
-        return FssShare(ring.truncate(z, self.rank), self.rank)
+        return self._wrap(ring.truncate(z, self.rank, self.fraction_bits))
 
     def conv2d(self, x, w, *, stride, padding, dilation, groups):
         attrs = {"stride": list(stride), "padding": list(padding), "dilation": list(dilation), "groups": int(groups)}
@@ -229,7 +236,7 @@ class FssBackend(Backend):
             z = e * e + 2 * e * r + s
         else:
             z = 2 * e * r + stream(self.dealer.key, index, _C, shape)
-        return FssShare(ring.truncate(z, self.rank), self.rank)
+        return self._wrap(ring.truncate(z, self.rank, self.fraction_bits))
 
     # -- comparisons ------------------------------------------------------------------------------
 
@@ -247,7 +254,7 @@ class FssBackend(Backend):
         out = np.concatenate(
             [relu_eval(self.rank, k, x_hat[i * KEY_CHUNK : i * KEY_CHUNK + k.n_elements]) for i, k in enumerate(keys)]
         )
-        return FssShare(ring.from_numpy_u64(out).reshape(x.shape), self.rank)
+        return self._wrap(ring.from_numpy_u64(out).reshape(x.shape))
 
     def _relu_key(self, n: int, bits: int) -> ReluKey:
         index = self.dealer.next_index()
@@ -270,13 +277,13 @@ class FssBackend(Backend):
             pairs = len(values) // 2
             a = torch.stack(values[0 : 2 * pairs : 2])
             b = torch.stack(values[1 : 2 * pairs : 2])
-            r = self.relu(FssShare(a - b, self.rank), bits).data
+            r = self.relu(self._wrap(a - b), bits).data
             values = list(b + r) + values[2 * pairs :]
-        return FssShare(values[0].contiguous(), self.rank)
+        return self._wrap(values[0].contiguous())
 
     def avg_pool2d(self, x: FssShare, *, kernel, stride, padding) -> FssShare:
         windows = self._windows(x, kernel, stride, padding, 0)
-        total = FssShare(windows.sum(dim=-1), self.rank)
+        total = self._wrap(windows.sum(dim=-1))
         return total * (1.0 / float(np.prod(kernel)))
 
     def _windows(self, x: FssShare, kernel, stride, padding, pad_value: int) -> torch.Tensor:

@@ -20,13 +20,14 @@ SCALE = 1 << FRACTION_BITS
 _LIMB_WIDTHS = (22, 16)  # limb widths tried in turn: the widest whose products stay exact
 
 
-def encode(x: torch.Tensor) -> torch.Tensor:
-    """Fixed point: round(x * 2^16) as int64 (values beyond +-2^47 are refused by the caller's range check)."""
-    return torch.round(x.to(torch.float64) * SCALE).to(torch.int64)
+def encode(x: torch.Tensor, bits: int = FRACTION_BITS) -> torch.Tensor:
+    """Fixed point: round(x * 2^bits) as int64 (values beyond the ring are refused before any
+    party starts: protocols/ir/ranges.py)."""
+    return torch.round(x.to(torch.float64) * float(1 << bits)).to(torch.int64)
 
 
-def decode(x: torch.Tensor) -> torch.Tensor:
-    return (x.to(torch.float64) / SCALE).to(torch.float32)
+def decode(x: torch.Tensor, bits: int = FRACTION_BITS) -> torch.Tensor:
+    return (x.to(torch.float64) / float(1 << bits)).to(torch.float32)
 
 
 def truncate(share: torch.Tensor, party: int, bits: int = FRACTION_BITS) -> torch.Tensor:
