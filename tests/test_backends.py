@@ -38,7 +38,7 @@ def run_two_party(protocol: str, graph: Graph, weights: dict[str, np.ndarray], x
     """Share weights (server) and input (client), evaluate, open to the client; returns (y, counts, bytes)."""
     transports = MemoryTransport.pair(f"backend-{protocol}", timeout_s=30.0)
     cls = backend_class(protocol)
-    dealer = LocalDealer() if cls.aes_seed else None  # crypten without one: its trusted first party
+    dealer = LocalDealer()
 
     def party(role: str):
         rank = RANKS[role]

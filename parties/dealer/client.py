@@ -104,6 +104,22 @@ class DealerClient:
         self._launched: set[int] = set()  # first indices of the batches whose prefetch has begun
         self.prefetched_used = 0
         self.fetched_on_demand = 0
+        # While this party lives, the dealer hears from it, even when a batch asks for nothing:
+        # the dealer ends a session on its own only when no party of it is left.
+        self._stop = threading.Event()
+        threading.Thread(target=self._keepalive, name="twinfer-dealer-keepalive", daemon=True).start()
+
+    def _keepalive(self) -> None:
+        period = max(0.2, min(5.0, self.options.recv_timeout_s / 4))
+        request = pb.PrefetchRequest(session_id=self.session_id, tuples=[], role=self.role)
+        while not self._stop.wait(period):
+            try:
+                for _ in self._prefetch(request, timeout=self.options.recv_timeout_s):
+                    pass
+            except grpc.RpcError:
+                pass  # the next real request reports what went wrong
+            except ValueError:
+                return  # the channel was closed under it
 
     def _error(self, err: grpc.RpcError) -> TwinferError:
         code = err.code()
@@ -116,6 +132,8 @@ class DealerClient:
             return AuthError(detail, origin=DEALER)
         if code == grpc.StatusCode.NOT_FOUND:  # a session the dealer does not know: wrong session id
             return ProtocolError(detail, origin=DEALER)
+        if code in (grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.FAILED_PRECONDITION):
+            return ProtocolError(detail, origin=DEALER)  # a reused session id or role; another protocol
         # A session ended by a party's failure keeps that failure's id ("[error <id>]").
         shared = re.search(r"\[error ([^\]\s]+)\]", detail)
         if shared is None and code == grpc.StatusCode.UNAVAILABLE:
@@ -243,6 +261,10 @@ class DealerClient:
 
     # -- any backend ----------------------------------------------------------------------------
 
+    def generator(self, index: int) -> torch.Generator:
+        """This party's CrypTen generator of correlation `index` (the dealer derives the same)."""
+        return tuple_generator(self._seed, index)
+
     def next_index(self) -> int:
         """The session index of the next correlation this party draws (in program order)."""
         index, self._index = self._index, self._index + 1
@@ -278,6 +300,7 @@ class DealerClient:
         if self._closed:
             return
         self._closed = True
+        self._stop.set()
         request = pb.CloseRequest(session_id=self.session_id, role=self.role)
         if error is not None:
             request.error.CopyFrom(

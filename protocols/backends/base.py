@@ -173,6 +173,10 @@ class Backend(abc.ABC):
     def matmul(self, x: Any, w: Any) -> Any: ...
 
     @abc.abstractmethod
+    def linear(self, x: Any, w: Any) -> Any:
+        """x W^T for a weight W stored as the layer stores it (outputs first)."""
+
+    @abc.abstractmethod
     def mul(self, x: Any, y: Any) -> Any:
         """Elementwise product of two shared tensors (broadcasting)."""
 

@@ -85,7 +85,7 @@ class Gemm(Op):
         return F.linear(args[0], w[0], w[1] if len(w) > 1 else None)
 
     def secure(self, node, args, w, ctx):
-        y = ctx.backend.matmul(args[0], w[0].t())
+        y = ctx.backend.linear(args[0], w[0])
         return y + w[1] if len(w) > 1 else y
 
     cost = Conv.cost

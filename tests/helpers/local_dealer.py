@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
+import torch
 
 from twinfer.protocols.backends import correlation_kind
 from twinfer.protocols.backends.base import DealerSeeds
+from twinfer.protocols.backends.crypten.correlations import tuple_generator
 from twinfer.protocols.roles import CLIENT, SERVER
 
 
@@ -35,6 +38,25 @@ class LocalDealerClient:
     def next_index(self) -> int:
         index, self._index = self._index, self._index + 1
         return index
+
+    # CrypTen's TTP client interface, as parties/dealer/client.py offers it
+    def generator(self, index: int) -> torch.Generator:
+        return tuple_generator(self._dealer.seeds.torch[self.rank], index)
+
+    def get_generator(self, device=None) -> torch.Generator:
+        self._current = self.next_index()
+        return self.generator(self._current)
+
+    def ttp_request(self, func_name: str, device, *args, **kwargs) -> torch.Tensor:
+        def plain(v):
+            return [plain(x) for x in v] if isinstance(v, (tuple, list, torch.Size)) else v
+
+        args_json = json.dumps({"args": plain(args), "kwargs": {k: plain(v) for k, v in kwargs.items()}})
+        index = getattr(self, "_current", None)
+        if index is None:
+            index = self.next_index()
+        self._current = None
+        return torch.from_numpy(self.request(func_name, args_json, index)["share"].copy())
 
     def request(self, kind: str, args_json: str, index: int) -> dict[str, np.ndarray]:
         spec = correlation_kind(kind)

@@ -97,4 +97,50 @@ def _share(seeds: DealerSeeds, index: int, kind: str, args: list, kwargs: dict) 
     return make_share([seeds.torch[0], seeds.torch[1]], index, kind, args, kwargs).contiguous().numpy()
 
 
-CORRELATIONS = tuple(_kind(k) for k in KINDS)
+FIXED_B = "crypten.fixed_b"
+PRODUCT_OPS = ("conv2d", "linear", "matmul", "mul")
+
+
+def ring_product(op: str, a: torch.Tensor, b: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """op(a, b) on int64 shares (wrapping), as CrypTen's Beaver protocol computes it."""
+    if op == "linear":
+        return torch.matmul(a, b.t())
+    return getattr(torch, op)(a, b, **kwargs)
+
+
+def fixed_b_draws(generator: torch.Generator, size: tuple[int, ...]) -> torch.Tensor:
+    patches.load_crypten()
+    from crypten.common.rng import generate_random_ring_element
+
+    return generate_random_ring_element(torch.Size(size), generator=generator)
+
+
+def _decode_fixed_b(args_json: str) -> tuple[list, dict]:
+    try:
+        a = json.loads(args_json)
+        op, b_index, kwargs = a["op"], int(a["b_index"]), dict(a.get("kwargs", {}))
+        sizes = [a["x_size"], a["w_size"]]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"malformed {FIXED_B} request: {err}") from None
+    if op not in PRODUCT_OPS:
+        raise ValueError(f"'{FIXED_B}' op must be one of {list(PRODUCT_OPS)}, got {op!r}")
+    for size in sizes:
+        if not (isinstance(size, list) and all(isinstance(d, int) and 0 <= d < 2**31 for d in size)):
+            raise ValueError(f"tuple sizes must be lists of non-negative ints, got {size!r}")
+        if math.prod(size) > MAX_TUPLE_ELEMENTS:
+            raise ValueError(f"tuple size {size} exceeds the dealer's limit of {MAX_TUPLE_ELEMENTS} elements")
+    return [op, tuple(sizes[0]), tuple(sizes[1]), b_index, kwargs], {}
+
+
+def _make_fixed_b(seeds: DealerSeeds, index: int, role: str, args: list, kwargs: dict) -> dict[str, np.ndarray]:
+    """c_0 = op(A, B) - c_1: A and c_1 from the parties' generators of `index`, B from those of
+    the constant's own index (fixed for the session, so W - B was opened once)."""
+    op, x_size, w_size, b_index, op_kwargs = args
+    gens = [tuple_generator(seeds.torch[r], index) for r in (0, 1)]
+    a = fixed_b_draws(gens[0], x_size) + fixed_b_draws(gens[1], x_size)
+    b = sum(fixed_b_draws(tuple_generator(seeds.torch[r], b_index), w_size) for r in (0, 1))
+    c = ring_product(op, a, b, op_kwargs)
+    return {"share": (c - fixed_b_draws(gens[1], tuple(c.shape))).contiguous().numpy()}
+
+
+CORRELATIONS = tuple(_kind(k) for k in KINDS) + (CorrelationKind(FIXED_B, REQUESTERS, _decode_fixed_b, _make_fixed_b),)

@@ -74,6 +74,10 @@ def maxpool_words(windows: int, n: int) -> tuple[int, int]:
 
 
 class CryptenPricing(Pricing):
+    def product(self, activations: int, weights: int, outputs: int) -> Cost:
+        """With a dealer, a weight's mask is opened once, when it is shared: only x - a goes online."""
+        return Cost(OPEN_BYTES * activations, 1)
+
     def relu(self, n: int, bits: int = 64) -> Cost:
         return Cost(n * RELU_WORDS * OPEN_BYTES, RELU_ROUNDS) if n else Cost()
 

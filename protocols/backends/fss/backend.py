@@ -223,6 +223,9 @@ class FssBackend(Backend):
     def matmul(self, x, w):
         return self._beaver("matmul", x, w, {})
 
+    def linear(self, x, w):
+        return self._beaver("linear", x, w, {})
+
     def mul(self, x, y):
         return self._beaver("mul", x, y, {})
 
