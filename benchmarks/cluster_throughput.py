@@ -49,7 +49,8 @@ def measure(args: argparse.Namespace) -> dict:
     options = TransportOptions(recv_timeout_s=600, connect_timeout_s=60)
     rows = []
     ray_options = RayOptions(address=args.ray_address, placement="auto")
-    with party_pool(data, options=options, ray_options=ray_options, max_sessions=max(args.sessions)) as pool:
+    # Plaintext between nodes (no TLS), as this benchmark always ran: on a cluster an explicit choice.
+    with party_pool(data, options=options, ray_options=ray_options, max_sessions=max(args.sessions), insecure=True) as pool:
         warm = [rng.random((args.samples, *shape), dtype=np.float32)]
         pool.run(warm, batch_size=args.batch)  # actors import torch and crypten, first graph compile
         for n in args.sessions:

@@ -58,13 +58,14 @@ LR_GRID = {
 # s1 or more, where the zero-count rows that pass (V * P(N(0,1) > 3.5) = 233 a step) keep the
 # gradient over 1000x smaller than dense: a lower threshold buys AUC with sparsity.
 ADAFEST_GRID = {
-    MOVIELENS_NAME: {"threshold_sigmas": [0.5, 1.0, 2.0], "selection_share": [0.2, 0.5]},
+    MOVIELENS_NAME: {"threshold_sigmas": [0.25, 0.5, 1.0, 2.0], "selection_share": [0.2, 0.5]},
     ZIPF_NAME: {"threshold_sigmas": [3.5, 4.0], "selection_share": [0.2, 0.5]},
 }
 VALIDATION_FRACTION = 0.1
 # Step times are compared on the four methods' steps interleaved one by one in one process (the
-# first step of each left out), so background load on a shared machine falls on all of them alike.
-TIMING_STEPS = {MOVIELENS_NAME: 30, ZIPF_NAME: 20}
+# first step of each left out), so background load on a shared machine falls on all of them alike;
+# the order rotates every round, so no method always runs right after Opacus's large buffers.
+TIMING_STEPS = {MOVIELENS_NAME: 61, ZIPF_NAME: 21}
 
 
 def _rss_mb() -> float:
@@ -153,8 +154,9 @@ def timing_worker(spec: dict[str, Any]) -> dict[str, Any]:
         method: (OpacusTrainer if method == "opacus" else DPTrainer)(data, DPTrainConfig(**config)) for method, config in spec["configs"].items()
     }
     steps = min([spec["steps"]] + [t.run_steps for t in trainers.values()])
-    for _ in range(steps):
-        for trainer in trainers.values():
+    order = list(trainers.values())
+    for i in range(steps):
+        for trainer in order[i % len(order) :] + order[: i % len(order)]:
             trainer.step()
     return {method: {"steps": steps, "step_s_median": float(np.median(t.stats.seconds[1:]))} for method, t in trainers.items()}
 
@@ -369,19 +371,6 @@ def main(argv: list[str] | None = None) -> int:
     from twinfer.optimizer.dp.sparse_training import DPTrainConfig, encode_for_artifact, sparsity_note
     from twinfer.parties.runtime.model_file import read_model_bytes
 
-    ml_data = load_dataset(MOVIELENS_NAME)
-    test_ids = ml_data.test_ids[: args.queries]
-    serving = []
-    for row in movielens:
-        if "artifact" not in row:
-            continue
-        queries = encode_for_artifact(row["artifact"], test_ids).astype(np.float32)
-        serving.append({"model": f"MovieLens eps 3, {row['method']}"} | lookup_bytes(read_model_bytes(row["artifact"]), queries, args.queries))
-    rng = np.random.default_rng(0)
-    for rows in args.lookup_rows:  # untrained two-field models: bytes against the table's rows
-        queries = rng.integers(0, rows, size=(args.queries, 2)).astype(np.float32)
-        serving.append({"model": f"random 2-field table, {rows} rows"} | lookup_bytes(random_lookup_model(rows), queries, args.queries))
-
     timed = "step ms: median of {} steps interleaved with the other methods'; x smaller / x faster: against opacus"
     _training_table(
         f"MovieLens-100k (real data), delta = 0.1/N; opacus = dense DP-SGD through opacus {_opacus_version()} (ghost clipping)\n"
@@ -408,6 +397,22 @@ def main(argv: list[str] | None = None) -> int:
             if r["method"] == "opacus"
         ],
     )
+    ml_data = load_dataset(MOVIELENS_NAME)
+    test_ids = ml_data.test_ids[: args.queries]
+    serving, serving_error = [], None
+    try:  # the private lookup runs real party processes; a failure there must not lose the training results
+        for row in movielens:
+            if "artifact" not in row:
+                continue
+            queries = encode_for_artifact(row["artifact"], test_ids).astype(np.float32)
+            serving.append({"model": f"MovieLens eps 3, {row['method']}"} | lookup_bytes(read_model_bytes(row["artifact"]), queries, args.queries))
+        rng = np.random.default_rng(0)
+        for rows in args.lookup_rows:  # untrained two-field models: bytes against the table's rows
+            queries = rng.integers(0, rows, size=(args.queries, 2)).astype(np.float32)
+            serving.append({"model": f"random 2-field table, {rows} rows"} | lookup_bytes(random_lookup_model(rows), queries, args.queries))
+    except Exception as err:  # noqa: BLE001 - reported, and the JSON says so
+        serving_error = f"{type(err).__name__}: {err}"
+        print(f"private lookup failed: {serving_error}", file=sys.stderr, flush=True)
     _table(
         f"Private embedding lookup under 2PC (batch {args.queries}, one-hot x table, measured vs cost model)",
         ["model", "fields", "deployed rows", "lookup bytes_online / batch", "predicted (cost model)", "lookup rounds", "session bytes / batch", "latency / batch"],
@@ -428,6 +433,11 @@ def main(argv: list[str] | None = None) -> int:
     targets = targets_of(movielens, zipf)
     note = sparsity_note(DPTrainConfig(**(BASE[MOVIELENS_NAME] | {"method": "adafest"})), ml_data.vocab_total, len(ml_data.train_ids), len(ml_data.fields))
     ml_speed = {k: f"{r['step_speedup_vs_dense']:.2f}x" for k, r in ((f"{r['epsilon_target']:g}/{r['method']}", r) for r in movielens) if r["method"] in SPARSE}
+    _table(
+        "Targets (issue 15), judged on the measurements above",
+        ["target", "where", "result"],
+        [[name, where, "met" if ok else "MISSED"] for name, group in targets.items() for where, ok in _flat(group)],
+    )
     print("targets met (measured above):", json.dumps(targets))
     if note:
         print(f"MovieLens: {note} (measured sparse step vs dense: {ml_speed})")
@@ -435,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         "movielens": movielens,
         "generated_zipf": {"generated": True, "vocab": args.zipf_vocab, "runs": zipf},
         "private_lookup": serving,
+        "private_lookup_error": serving_error,
         "targets": targets,
         "movielens_sparsity_note": note,
         "opacus_version": _opacus_version(),
@@ -444,6 +455,14 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(json.dumps(report))
     return 0
+
+
+def _flat(group: dict[str, Any], prefix: str = "") -> list[tuple[str, bool]]:
+    out = []
+    for key, value in group.items():
+        where = f"{prefix}{key}"
+        out += _flat(value, where + " ") if isinstance(value, dict) else [(where, bool(value))]
+    return out
 
 
 def _opacus_version() -> str:

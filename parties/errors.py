@@ -36,6 +36,13 @@ def _rebuild(cls: type, message: str, error_id: str, origin: str, kind: str) -> 
     return err
 
 
+class LocalError(TwinferError):
+    """This machine cannot do what was asked: listen on an address (in use, not its own),
+    write an output file. Nothing a peer did."""
+
+    kind = "local"
+
+
 class PeerError(TwinferError):
     """The peer failed, went away, or did not answer before the deadline."""
 
@@ -83,6 +90,7 @@ def error_from_wire(kind: str, message: str, error_id: str, origin: str) -> Twin
         "frame-too-large": FrameTooLargeError,
         "model": ModelError,
         "input": InputError,
+        "local": LocalError,
     }.get(kind, PeerError)
     err = err_type(f"{origin or 'peer'} failed ({kind}): {message}", error_id=error_id or None, origin=origin)
     err.kind = kind if err_type is PeerError and kind else err.kind

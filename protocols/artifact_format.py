@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from .ir.graph import Graph, GraphError
-from .ir.ranges import COMPARISON_OPS
+from .ir.graph import Graph, GraphError, check_input_range
+from .ir.ranges import COMPARISON_OPS, ranges_from_summary
 from .ops.activation import ActivationSite, apply_sites
 from .ops.registry import check_comparison_bits
 
@@ -98,7 +98,23 @@ def apply_manifest(graph: Graph, manifest: dict[str, Any], tensors: dict[str, np
         raise ArtifactError(
             f"the model keeps {masked.relu_count()} ReLUs per sample, but the manifest says {manifest.get('relu_count')}"
         )
-    return apply_comparison_bits(masked, manifest.get("comparison_bits", {}))
+    return apply_calibration(apply_comparison_bits(masked, manifest.get("comparison_bits", {})), manifest)
+
+
+def apply_calibration(graph: Graph, manifest: dict[str, Any]) -> Graph:
+    """The manifest's declared input range (public: the client checks it) and the layer ranges
+    its calibration samples reached (the server's range check; never sent to the client)."""
+    if "input_range" in manifest:
+        graph.input_range = check_input_range(manifest["input_range"], f"{MANIFEST_FILE} 'input_range'")
+    ranges = manifest.get("activation_ranges")
+    if ranges is None:
+        return graph
+    if graph.input_range is None or not isinstance(ranges, dict) or not isinstance(ranges.get("layers"), dict):
+        raise ArtifactError(f"{MANIFEST_FILE} 'activation_ranges' needs 'layers' (per node) and an 'input_range' beside it")
+    source = f"calibration: {ranges.get('samples', '?')} samples x margin {ranges.get('margin', '?')}"
+    ranges_from_summary(graph, ranges["layers"], graph.input_range, source)  # every layer present and numeric
+    graph.calibration = {"layers": ranges["layers"], "source": source, "input_range": graph.input_range}
+    return graph
 
 
 def apply_comparison_bits(graph: Graph, widths: Any) -> Graph:

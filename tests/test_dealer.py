@@ -211,8 +211,9 @@ def test_each_tuple_has_its_own_cpu_generator(parties):
 
 
 def test_second_seed_for_a_role_is_refused(dealer, parties):
+    """A role asked for twice: a reused session id, a protocol error (exit code 6), not a peer failure."""
     _, address = dealer
-    with pytest.raises(PeerError, match="server already has its seed"):
+    with pytest.raises(ProtocolError, match="server already has its seed"):
         DealerClient(address, session_id=parties.session_id, role="server", options=OPTS, metrics=Metrics())
 
 

@@ -96,8 +96,11 @@ def test_ledger_refuses_what_it_cannot_account():
         ledger.register("gradient", noise_multiplier=2.0, l2_sensitivity=1.0, sampling_rate=0.1, batch="step")
     with pytest.raises(LedgerError, match="one batch has one sampling rate"):
         ledger.register("selection", noise_multiplier=2.0, l2_sensitivity=1.0, sampling_rate=0.2, batch="step")
-    with pytest.raises(ValueError, match="noise multiplier must be positive"):
-        ledger.register("clear", noise_multiplier=0.0, l2_sensitivity=1.0)
+    with pytest.raises(ValueError, match="noise multiplier must be finite and not negative"):
+        ledger.register("clear", noise_multiplier=-1.0, l2_sensitivity=1.0)
+    ledger.register("clear", noise_multiplier=0.0, l2_sensitivity=1.0)  # a mechanism without noise ...
+    ledger.record("clear")
+    assert ledger.epsilon(1e-5, "rdp") == ledger.epsilon(1e-5, "pld") == math.inf  # ... guarantees nothing
 
 
 @pytest.mark.parametrize("method", ["fest", "adafest"])

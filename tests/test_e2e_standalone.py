@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import secrets
 import time
 
 import numpy as np
@@ -116,7 +118,7 @@ def test_insecure_trusted_first_party_only_when_asked(parties, tmp_path, onnx_fi
         reference = fashion_cnn(torch.from_numpy(images)).numpy()
     assert np.abs(np.array(client["logits"]) - reference).max() < 0.01
     # Without the flag a dealer is required: there is no silent fallback to TFP.
-    lone = Parties(tmp_path, session="lone")
+    lone = Parties(tmp_path, session="lone-" + secrets.token_hex(16))
     try:
         lone.start_client("127.0.0.1:1", _save(tmp_path, images))
         code, _, err = lone.finish("client", timeout=60)
@@ -149,9 +151,10 @@ def test_frame_for_another_session_is_refused(parties, tmp_path, onnx_files, fas
     parties.accept_timeout = 20.0
     dealer = parties.start_dealer()
     server = parties.start_server(onnx_files["fashion_cnn"], "--dealer", dealer)
-    parties.start_client(server, _save(tmp_path, fashion_test[0][:1]), "--dealer", dealer, session="intruder")
+    intruder = "intruder-" + secrets.token_hex(16)
+    parties.start_client(server, _save(tmp_path, fashion_test[0][:1]), "--dealer", dealer, session=intruder)
     code, _, err = parties.finish("client", timeout=60)
-    assert code == 6 and "unknown session 'intruder'" in err and "Traceback" not in err
+    assert code == 6 and f"unknown session '{intruder}'" in err and "Traceback" not in err
     # The server, still waiting for its own client, gives up at its accept deadline.
     code, _, err = parties.finish("server", timeout=60)
     assert code == 5 and "did not connect" in err
@@ -186,3 +189,34 @@ def test_peer_dies_mid_inference(parties, tmp_path, onnx_files, fashion_test):
     assert _error_id(dealer_err) == _error_id(client_err)
     assert time.monotonic() - killed_at < parties.timeout + 10
     assert all(p.poll() is not None for p in parties.procs.values())
+
+
+DEADLINE_MARGIN_S = 3.0  # README: a party whose peer goes silent exits within --timeout plus this
+LOADED_MACHINE_S = 2.0  # what a loaded 2-core test machine adds to process exit (before: up to twice --timeout)
+
+
+def test_a_stopped_server_ends_the_others_within_the_deadline_with_one_error_id(parties, tmp_path, onnx_files, fashion_test):
+    import signal
+
+    parties.timeout = 4.0
+    dealer = parties.start_dealer()
+    server = parties.start_server(onnx_files["fashion_cnn"], "--dealer", dealer)
+    parties.start_client(server, _save(tmp_path, fashion_test[0][:64]), "--dealer", dealer, "--batch", "1")
+    time.sleep(8)  # processes started, weights shared, batches under way
+    assert parties.procs["client"].poll() is None, "the client finished before the server was stopped"
+    os.kill(parties.procs["server"].pid, signal.SIGSTOP)  # alive, but silent: no error, no closed stream
+    stopped_at = time.monotonic()
+    try:
+        code, _, client_err = parties.finish("client", timeout=60)
+        client_s = time.monotonic() - stopped_at
+        dealer_code, _, dealer_err = parties.finish("dealer", timeout=60)
+        dealer_s = time.monotonic() - stopped_at
+    finally:
+        os.kill(parties.procs["server"].pid, signal.SIGCONT)
+    assert code == 5 and "no '" in client_err and "within 4 s" in client_err and "Traceback" not in client_err
+    assert dealer_code == 5 and _error_id(dealer_err) == _error_id(client_err)
+    assert client_s < parties.timeout + DEADLINE_MARGIN_S + LOADED_MACHINE_S, client_s
+    assert dealer_s < parties.timeout + DEADLINE_MARGIN_S + LOADED_MACHINE_S, dealer_s
+    server_code, _, server_err = parties.finish("server", timeout=30)  # once resumed, it finds its peers gone
+    assert server_code != 0 and "Traceback" not in server_err
+    print(f"stopped server: client exited after {client_s:.1f} s, dealer after {dealer_s:.1f} s (timeout {parties.timeout:g} s)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import subprocess
 import sys
 
@@ -77,19 +78,20 @@ def test_standalone_parties_in_separate_namespaces_over_tls(namespaces_ok, tmp_p
     np.save(tmp_path / "x1.npy", images[:3])
     np.save(tmp_path / "x2.npy", images[3:])
     make_certs(tmp_path / "certs")
+    ids = [f"ns-{i}-{secrets.token_hex(16)}" for i in (1, 2)]  # hand-chosen ids need 128 random bits
     before = set(list_namespaces())
     with KernelLink("loopback") as link:
         server_at, dealer_at = f"{link.server_ip}:17700", f"{link.server_ip}:17701"
         (tmp_path / "dealer.yaml").write_text(
-            f"role: dealer\nsession: ns-1,ns-2\nlisten: {dealer_at}\naddress_file: dealer.addr\ntls: certs\ntimeout: 60\n"
+            f"role: dealer\nsession: {ids[0]},{ids[1]}\nlisten: {dealer_at}\naddress_file: dealer.addr\ntls: certs\ntimeout: 60\n"
         )
         (tmp_path / "server.yaml").write_text(
-            f"role: server\nsession: ns-1,ns-2\nlisten: {server_at}\naddress_file: server.addr\ndealer: {dealer_at}\n"
+            f"role: server\nsession: {ids[0]},{ids[1]}\nlisten: {server_at}\naddress_file: server.addr\ndealer: {dealer_at}\n"
             f"model: {onnx_files['fashion_cnn']}\ntls: certs\ntimeout: 60\nconnect_timeout: 60\n"
         )
         for i in (1, 2):
             (tmp_path / f"client{i}.toml").write_text(
-                f'role = "client"\nsession = "ns-{i}"\nserver = "{server_at}"\ndealer = "{dealer_at}"\ninput = "x{i}.npy"\n'
+                f'role = "client"\nsession = "{ids[i - 1]}"\nserver = "{server_at}"\ndealer = "{dealer_at}"\ninput = "x{i}.npy"\n'
                 f'batch = 2\noutput = "logits{i}.npy"\ntimeout = 60\nconnect_timeout = 30\n[tls]\nca = "certs/ca.pem"\n'
                 f'cert = "certs/client.pem"\nkey = "certs/client.key"\n'
             )
@@ -112,7 +114,7 @@ def test_standalone_parties_in_separate_namespaces_over_tls(namespaces_ok, tmp_p
         server_reports = [line for line in (tmp_path / "server.log").read_text().splitlines() if line.startswith("{")]
     assert set(list_namespaces()) == before  # the test's namespaces are gone
     served = [json.loads(line) for line in server_reports]
-    assert sorted(r["session"] for r in served) == ["ns-1", "ns-2"] and len({r["pid"] for r in served}) == 1
+    assert sorted(r["session"] for r in served) == ids and len({r["pid"] for r in served}) == 1
     with torch.no_grad():
         reference = fashion_cnn(torch.from_numpy(images)).numpy()
     logits = np.concatenate([np.load(tmp_path / "logits1.npy"), np.load(tmp_path / "logits2.npy")])

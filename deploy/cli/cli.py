@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from twinfer.parties.errors import InputError, ModelError, PeerError, ProtocolError, TwinferError
+from twinfer.parties.errors import InputError, LocalError, ModelError, PeerError, ProtocolError, TwinferError
 
 from . import cmd_bench, cmd_certs, cmd_demo, cmd_infer, cmd_optimize, cmd_party, cmd_train_dp
 
@@ -17,7 +17,8 @@ EXIT_USAGE = 2  # bad command line (argparse's own code)
 EXIT_MODEL = 3  # model missing, malformed or unsupported
 EXIT_INPUT = 4  # input missing or not fitting the model
 EXIT_PEER = 5  # a peer unreachable, failed, or too slow
-EXIT_PROTOCOL = 6  # a message from another session, out of order, or too large
+EXIT_PROTOCOL = 6  # a message from another session, out of order, or too large; a reused session id
+EXIT_LOCAL = 7  # this machine cannot listen where asked, or cannot write the output
 
 EXIT_CODES_HELP = """exit codes:
   0  success
@@ -26,12 +27,14 @@ EXIT_CODES_HELP = """exit codes:
   3  model missing, malformed or unsupported
   4  input missing or not fitting the model
   5  a peer unreachable, failed, or past its deadline
-  6  protocol error: wrong session, unexpected message, frame too large
+  6  protocol error: wrong or reused session id, unexpected message, frame too large
+  7  local failure: cannot listen on the address (in use, not this machine's), cannot write --output
 """
 
 
 def exit_code(err: BaseException) -> int:
-    for cls, code in ((ModelError, EXIT_MODEL), (InputError, EXIT_INPUT), (PeerError, EXIT_PEER), (ProtocolError, EXIT_PROTOCOL)):
+    pairs = ((ModelError, EXIT_MODEL), (InputError, EXIT_INPUT), (PeerError, EXIT_PEER), (ProtocolError, EXIT_PROTOCOL), (LocalError, EXIT_LOCAL))
+    for cls, code in pairs:
         if isinstance(err, cls):
             return code
     return EXIT_FAILURE

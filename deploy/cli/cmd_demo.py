@@ -13,17 +13,18 @@ from twinfer.optimizer.data.datasets import load_fashion_mnist
 from twinfer.optimizer.zoo.demo_models import load_or_train_demo_model
 
 from ..config.paths import cache_dir
-from .options import add_transport_args, run_private_inference
+from .options import add_insecure_arg, add_transport_args, positive_int, run_private_inference
 from .report import print_table, summary_rows
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="train a small Fashion-MNIST CNN and run private inference on test images")
     p.add_argument("--model", default="fashion_cnn", choices=["fashion_cnn", "tiny_resnet"])
-    p.add_argument("--samples", type=int, default=64, help="test images to classify privately (default 64)")
-    p.add_argument("--batch", type=int, default=32, help="images per private batch (default 32)")
+    p.add_argument("--samples", type=positive_int, default=64, help="test images to classify privately (default 64)")
+    p.add_argument("--batch", type=positive_int, default=32, help="images per private batch (default 32)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
+    add_insecure_arg(p)
     add_transport_args(p)
     p.set_defaults(func=run)
 

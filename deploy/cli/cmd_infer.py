@@ -10,7 +10,7 @@ from rich.console import Console
 from twinfer.protocols.roles import CLIENT, DEALER, SERVER
 from twinfer.parties.runtime.model_file import load_input
 
-from .options import add_transport_args, run_private_inference
+from .options import add_input_range_arg, add_insecure_arg, add_transport_args, positive_int, run_private_inference
 from .report import print_table, summary_rows
 
 
@@ -18,11 +18,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("infer", help="private inference: server, client and dealer as Ray actors")
     p.add_argument("--model", required=True, help="ONNX model file (the server's)")
     p.add_argument("--input", required=True, help=".npy array of samples, N x ... (the client's)")
-    p.add_argument("--batch", type=int, default=None, help="samples per private batch (default: all at once)")
+    p.add_argument("--batch", type=positive_int, default=None, help="samples per private batch, at least 1 (default: all at once)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
     add_placement_args(p)
     p.add_argument("--tls", default=None, help="folder from `twinfer certs`: mutual TLS on every link")
+    add_input_range_arg(p, "")
+    add_insecure_arg(p)
     add_transport_args(p)
     p.set_defaults(func=run)
 

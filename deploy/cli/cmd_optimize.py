@@ -29,7 +29,7 @@ from twinfer.protocols.ir.onnx_export import export_onnx
 DATASETS = ("fashion-mnist", "mnist")
 
 
-CALIBRATION_SAMPLES = 2000  # training samples whose activation ranges set the comparison widths
+CALIBRATION_SAMPLES = 2000  # training samples: the declared input range, each layer's range, the comparison widths
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("optimize", help="learn ReLU masks / convert and prune a model; write an artifact directory")
@@ -51,7 +51,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "narrowest width that holds --comparison-margin x the largest value the training data reached there "
         "(smaller fss keys and faster evaluation; the manifest names the risk)",
     )  # fmt: skip
-    p.add_argument("--comparison-margin", type=float, default=4.0, help="with --comparison-bits auto: headroom factor (default 4)")
+    p.add_argument(
+        "--comparison-margin", type=float, default=4.0,
+        help="headroom factor over what the calibration samples reached in each layer: the server's range check "
+        "and, with --comparison-bits auto, the comparison widths (default 4)",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     p.set_defaults(func=run)
 
@@ -117,8 +121,11 @@ def run(args: argparse.Namespace) -> int:
         model = _autorep(model, train, args, manifest)
     manifest["accuracy_after"] = evaluate_accuracy(model, *test)
     manifest["optimize_s"] = round(time.perf_counter() - started, 1)
-    calibration = train[0][:CALIBRATION_SAMPLES] if args.comparison_bits == "auto" else None
-    out = export_artifact(model, example, args.out, manifest, calibration=calibration, margin=args.comparison_margin)
+    calibration = train[0][:CALIBRATION_SAMPLES]  # the input range and layer ranges the manifest declares
+    out = export_artifact(
+        model, example, args.out, manifest, calibration=calibration, margin=args.comparison_margin,
+        widths=args.comparison_bits == "auto",
+    )  # fmt: skip
     written = json.loads((out / "manifest.json").read_text())
     if args.json:
         print(json.dumps(written))

@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import re
 from pathlib import Path
 
 import numpy as np
 
 from twinfer.parties.runtime.session import CLIENT, DEALER, SERVER, PartyConfig, PartyReport
 
-from ..config.party_config import load_party_config
-from ..launch.wiring import report_json
-from .options import add_transport_args, transport_options
+from twinfer.parties.errors import LocalError
 
+from ..config.party_config import load_party_config
+from ..launch.wiring import SESSION_ID_BITS, report_json
+from .options import add_input_range_arg, add_insecure_arg, add_transport_args, positive_int, transport_options
+
+
+log = logging.getLogger(__name__)
 
 SERVE_TIMEOUT_S = 24 * 3600.0  # a session's own network waits end it long before this
 
@@ -37,11 +43,13 @@ def add_party_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", help="client: the server's address")
     p.add_argument("--dealer", help="server and client: the dealer's address")
     p.add_argument("--model", help="server: ONNX model file")
+    add_input_range_arg(p, "server: ")
     p.add_argument("--input", help="client: .npy array of samples")
-    p.add_argument("--batch", type=int, default=None, help="client: samples per batch (default: all)")
-    p.add_argument("--output", help="client: write the logits to this .npy file")
+    p.add_argument("--batch", type=positive_int, default=None, help="client: samples per batch, at least 1 (default: all)")
+    p.add_argument("--output", help="client: write the logits to this .npy file (its folder must exist and be writable)")
     p.add_argument("--json", action="store_true", help="print this party's report as JSON")
     p.add_argument("--tls", help="folder from `twinfer certs`: present <role>.pem, accept only peers signed by ca.pem")
+    add_insecure_arg(p)
     add_transport_args(p)
 
 
@@ -63,6 +71,38 @@ def _apply_config(args: argparse.Namespace) -> None:
             setattr(args, key, value)
     if args.role not in (SERVER, CLIENT, DEALER):
         raise ValueError(f"{args.config}: key 'role' must be server, client or dealer, got {args.role!r}")
+    if args.batch is not None and args.batch < 1:
+        raise ValueError(f"{args.config}: key 'batch' must be at least 1, got {args.batch}")
+    if isinstance(args.input_range, (str, list)):
+        from twinfer.parties.runtime.model_file import parse_input_range
+
+        text = args.input_range if isinstance(args.input_range, str) else ",".join(map(str, args.input_range))
+        try:
+            args.input_range = parse_input_range(text)
+        except ValueError as err:
+            raise ValueError(f"{args.config}: key 'input_range': {err}") from None
+
+
+def session_id_bits(session_id: str) -> float:
+    """The most random bits an id of this length and alphabet can carry (hex: 4 a character,
+    base64url: 6, other printable characters: log2(95))."""
+    if re.fullmatch(r"[0-9a-fA-F]+", session_id):
+        per = 4.0
+    elif re.fullmatch(r"[A-Za-z0-9_-]+", session_id):
+        per = 6.0
+    else:
+        per = 6.57
+    return per * len(session_id)
+
+
+def check_session_ids(sessions: list[str], insecure: bool) -> None:
+    """A hand-chosen session id admits a party when there is no TLS: refuse one too short to be unguessable."""
+    short = [s for s in sessions if session_id_bits(s) < SESSION_ID_BITS]
+    if short and not insecure:
+        raise ValueError(
+            f"--session '{short[0]}' is too short to be unguessable: a session id needs at least {SESSION_ID_BITS} random "
+            f"bits (e.g. 32 hex digits: python -c 'import secrets; print(secrets.token_hex(16))'); pass --insecure to use it anyway"
+        )
 
 
 def _tls(args: argparse.Namespace):
@@ -79,6 +119,10 @@ def run(args: argparse.Namespace) -> int:
     if args.config:
         _apply_config(args)
     _require(args, "role", "session")
+    if args.role == CLIENT:
+        from twinfer.parties.runtime.model_file import check_output_path
+
+        check_output_path(args.output)  # before any party starts, not after the inference
     reports = _run_party(args)
     if args.json:
         for session_id, report in reports.items():
@@ -107,11 +151,12 @@ def _run_party(args: argparse.Namespace) -> dict:
     sessions = [s.strip() for s in args.session.split(",") if s.strip()]
     if not sessions or len(set(sessions)) != len(sessions):
         raise ValueError(f"--session needs distinct non-empty ids, got '{args.session}'")
+    check_session_ids(sessions, args.insecure)
 
     def config(**kw) -> PartyConfig:
         return PartyConfig(
             role=args.role, session_id=sessions[0], options=options, insecure_trusted_first_party=tfp, tls=tls,
-            protocol=args.protocol, **kw
+            protocol=args.protocol, fraction_bits=args.fraction_bits, insecure=args.insecure, **kw
         )
 
     if args.role == DEALER:
@@ -121,7 +166,14 @@ def _run_party(args: argparse.Namespace) -> dict:
     if args.role == SERVER:
         _require(args, "model")
         graph, weights = load_model(args.model)
-        host = ServerHost(graph, weights, config(listen=args.listen, dealer_address=args.dealer), max_sessions=len(sessions))
+        server = config(listen=args.listen, dealer_address=args.dealer, input_range=args.input_range)
+        host = ServerHost(graph, weights, server, max_sessions=len(sessions))
+        if host.graph.input_range is None:
+            log.warning(
+                "the model declares no input range, so the server cannot check its layers against the %d-bit fixed-point "
+                "encoding before it runs; declare one with --input-range LO,HI (an artifact from twinfer optimize has one)",
+                args.fraction_bits,
+            )
         return _serve(args, host, sessions)
     _require(args, "server", "input")
     if len(sessions) > 1:
@@ -130,19 +182,24 @@ def _run_party(args: argparse.Namespace) -> dict:
     party = ClientParty(inputs, args.batch or len(inputs), config(server_address=args.server, dealer_address=args.dealer))
     report = party.run()
     if args.output:
-        np.save(args.output, report.logits)
+        try:
+            np.save(args.output, report.logits)
+        except OSError as err:
+            raise LocalError(f"cannot write the logits to --output {args.output}: {err}") from None
     return {sessions[0]: report}
 
 
 def _serve(args: argparse.Namespace, host, sessions: list[str]) -> dict:
     """Serve every session on the host's one listener; their reports, or the first failure."""
+    results: dict = {}
     try:
         for session_id in sessions:
             host.open(session_id)
         _announce(args, host.address)
         results = host.wait(SERVE_TIMEOUT_S)
     finally:
-        host.close()
+        failed = not results or any(not isinstance(r, PartyReport) for r in results.values())
+        host.close(grace_s=0.2 if failed else 1.0)  # after a failure, a silent peer's calls are not waited for
     for outcome in results.values():
         if not isinstance(outcome, PartyReport):
             raise outcome

@@ -7,12 +7,57 @@ import argparse
 import numpy as np
 
 from twinfer.protocols.backends import DEFAULT_PROTOCOL, protocols
+from twinfer.protocols.backends.base import DEFAULT_FRACTION_BITS, FRACTION_BITS_RANGE, check_fraction_bits
 from twinfer.parties.wire.network_profile import parse_profile
 from twinfer.parties.runtime.session import CLIENT, DEALER, SERVER
 from twinfer.parties.wire.transport import TransportOptions
 
 from ..launch.inference import InferenceResult, ModelLike, private_inference
 from ..launch.ray_launcher import RayOptions
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1 (so --batch 0 or -1 is a usage error at once)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def fraction_bits(text: str) -> int:
+    try:
+        return check_fraction_bits(int(text))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).replace("fraction bits", "--fraction-bits")) from None
+
+
+def input_range_arg(text: str) -> tuple[float, float]:
+    """An argparse type: --input-range LO,HI."""
+    from twinfer.parties.runtime.model_file import parse_input_range
+
+    try:
+        return parse_input_range(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def add_input_range_arg(parser: argparse.ArgumentParser, who: str) -> None:
+    parser.add_argument(
+        "--input-range", type=input_range_arg, default=None, metavar="LO,HI",
+        help=f"{who}the values the model is declared for (else an artifact's calibration range): inputs outside it "
+        "are refused, and the server checks the fixed-point encoding against what such inputs can reach in every layer",
+    )  # fmt: skip
+
+
+def add_insecure_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--insecure", action="store_true",
+        help="INSECURE, an explicit choice: listen on a non-loopback address without --tls, and accept a hand-chosen "
+        "--session id shorter than 128 bits. Anyone who reaches the port and guesses the id can then join the session",
+    )  # fmt: skip
 
 
 def add_transport_args(parser: argparse.ArgumentParser) -> None:
@@ -37,6 +82,12 @@ def add_transport_args(parser: argparse.ArgumentParser) -> None:
         help="the secure backend: crypten (CrypTen's protocols, the default) or fss (one-round ReLU from "
         "the dealer's DCF keys, weights opened once); every party of a session must use the same",
     )
+    lo, hi = FRACTION_BITS_RANGE
+    parser.add_argument(
+        "--fraction-bits", type=fraction_bits, default=DEFAULT_FRACTION_BITS,
+        help=f"fixed point: fractional bits of every shared value ({lo}-{hi}, default {DEFAULT_FRACTION_BITS}); fewer hold "
+        "larger values (products must stay below 2^(63-2f)) at a coarser last place 2^-f; every party of a session the same",
+    )  # fmt: skip
     parser.add_argument(
         "--insecure-trusted-first-party",
         action="store_true",
@@ -74,6 +125,9 @@ def run_private_inference(args, model: ModelLike, inputs: np.ndarray) -> Inferen
         options=transport_options(args),
         insecure_trusted_first_party=args.insecure_trusted_first_party,
         protocol=args.protocol,
+        fraction_bits=args.fraction_bits,
+        input_range=getattr(args, "input_range", None),
+        insecure=getattr(args, "insecure", False),
         ray_options=ray_options_from_args(args),
         tls_dir=getattr(args, "tls", None),
         progress=not args.json,

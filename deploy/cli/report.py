@@ -38,6 +38,14 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, Any]]:
         ("protocol", summary["protocol"]),
     ] + (
         [
+            ("fixed point", f"{summary['fraction_bits']} fractional bits"),
+            (f"stated error ({summary['stated_error_sigmas']:g} sigma)", f"{summary['stated_error']:.3g}"),
+            ("truncation failure risk per sample", f"{summary['truncation_failure_per_sample']:.1e}"),
+        ]
+        if "fraction_bits" in summary
+        else []
+    ) + (
+        [
             ("network", summary["network"]),
             ("last batch: measured / lower bound", f"{summary['last_batch_latency_s']:.3f} s / {summary['lower_bound_s']:.3f} s"),
             ("measured / lower bound", f"{summary['latency_over_lower_bound']:.2f}" if summary["latency_over_lower_bound"] else "-"),

@@ -51,6 +51,9 @@ FIELDS: dict[str, Field] = {
     "dealer_network": Field(str, "shape the dealer's links"),
     "insecure_trusted_first_party": Field(bool, "INSECURE: no dealer; the server makes the randomness"),
     "protocol": Field(str, "the secure backend (crypten or fss); every party of a session the same"),
+    "fraction_bits": Field(int, "fixed-point fractional bits; every party of a session the same"),
+    "input_range": Field((str, list), "server: the values the model is declared for, 'LO,HI' or [LO, HI]"),
+    "insecure": Field(bool, "INSECURE: allow a non-loopback listener without TLS and a short session id"),
 }
 TLS_KEYS = ("ca", "cert", "key")
 

@@ -10,14 +10,25 @@ import numpy as np
 import torch
 
 from twinfer.protocols.backends import DEFAULT_PROTOCOL
+from twinfer.protocols.backends.base import DEFAULT_FRACTION_BITS, check_fraction_bits
+from twinfer.protocols.ir.ranges import ERROR_SIGMAS, EncodingReport
+from twinfer.parties.errors import InputError
 from twinfer.parties.wire.network_profile import NetworkProfile
-from twinfer.parties.runtime.model_file import check_input_fits, parse_model, read_model_bytes
+from twinfer.parties.runtime.model_file import (
+    check_input_array,
+    check_input_fits,
+    check_inputs_encode,
+    parse_model,
+    read_model_bytes,
+)
+from twinfer.parties.runtime.session import server_graph
 from twinfer.parties.runtime.session import CLIENT, DEALER, SERVER, PartyReport
 from twinfer.parties.wire.tls import TlsIdentity
 from twinfer.parties.wire.transport import TransportOptions
 from twinfer.protocols.ir.onnx_export import export_onnx
 
 from .ray_launcher import RayOptions, run_parties
+from .wiring import party_config
 
 ModelLike = str | Path | bytes | torch.nn.Module
 
@@ -31,6 +42,7 @@ class InferenceResult:
     batch_size: int
     relu_per_sample: int
     network: NetworkProfile | None = None
+    encoding: EncodingReport | None = None  # the range check of these inputs before the run
 
     @property
     def client(self) -> PartyReport:
@@ -55,7 +67,19 @@ class InferenceResult:
             "comparisons": int(c.comparisons),
             "protocol": c.protocol,
             "latency_per_batch_list_s": [float(t) for t in c.batch_latency_s],
-        } | self._bound()
+        } | self._encoding() | self._bound()
+
+    def _encoding(self) -> dict[str, Any]:
+        """The fixed point the run used and what the range check stated for these inputs."""
+        e = self.encoding
+        if e is None:
+            return {}
+        return {
+            "fraction_bits": e.fraction_bits,
+            "stated_error": e.error_bound,  # ERROR_SIGMAS x the estimated RMS error of a logit
+            "stated_error_sigmas": ERROR_SIGMAS,
+            "truncation_failure_per_sample": e.failure_probability,
+        }
 
     def _bound(self) -> dict[str, Any]:
         """Measured latency of the last batch against the network's lower bound."""
@@ -100,17 +124,32 @@ def private_inference(
     tls_dir: str | Path | None = None,
     progress: bool = False,
     protocol: str = DEFAULT_PROTOCOL,
+    fraction_bits: int = DEFAULT_FRACTION_BITS,
+    input_range: tuple[float, float] | None = None,
+    insecure: bool = False,
 ) -> InferenceResult:
     """Run the model privately on `inputs`: the server holds the model, the client the inputs.
 
     `tls_dir`: a folder from `twinfer certs`; every link then runs over mutual TLS.
+    `fraction_bits`: the fixed point's precision (fewer: larger values, coarser). Before any
+    party starts, the inputs are checked (real numbers, the model's shape and declared input
+    range) and so is what they do in every layer against the encoding (protocols/ir/ranges.py):
+    an InputError naming the layer, never a wrong answer.
+    `input_range`: declare the model's input range (else an artifact's). `insecure`: allow
+    parties to listen on non-loopback addresses (a Ray cluster) without TLS.
     """
-    inputs = np.ascontiguousarray(inputs, dtype=np.float32)
-    data = model_bytes(model, tuple(inputs.shape[1:]))
-    graph, _ = parse_model(data, source=str(model) if isinstance(model, (str, Path)) else "model")
-    check_input_fits(graph, inputs)
-    batch = batch_size or len(inputs)
+    inputs = check_input_array(inputs)
+    check_fraction_bits(fraction_bits)
+    if batch_size is not None and batch_size < 1:
+        raise InputError(f"batch size must be at least 1, got {batch_size}")
+    data = model_bytes(model, tuple(inputs.shape[1:]) if inputs.ndim > 1 else (1,))
+    graph, weights = parse_model(data, source=str(model) if isinstance(model, (str, Path)) else "model")
     options = options or TransportOptions()
+    config = party_config(SERVER, "-", options, protocol=protocol, fraction_bits=fraction_bits, input_range=input_range)
+    graph = server_graph(graph, weights, config)  # the server's own check, with the declared range
+    check_input_fits(graph, inputs)
+    encoding = check_inputs_encode(graph, weights, inputs, fraction_bits, protocol)
+    batch = batch_size or len(inputs)
     tls = tls_identities(tls_dir) if tls_dir is not None else None
     reports = run_parties(
         data,
@@ -122,6 +161,9 @@ def private_inference(
         tls=tls,
         progress=progress,
         protocol=protocol,
+        fraction_bits=fraction_bits,
+        input_range=input_range,
+        insecure=insecure,
     )
     return InferenceResult(
         logits=reports[CLIENT].logits,
@@ -129,6 +171,7 @@ def private_inference(
         batch_size=batch,
         relu_per_sample=graph.relu_count(),
         network=options.network,
+        encoding=encoding,
     )
 
 

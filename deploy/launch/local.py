@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from twinfer.protocols.backends import DEFAULT_PROTOCOL
+from twinfer.protocols.backends.base import DEFAULT_FRACTION_BITS
 from twinfer.parties.errors import PeerError, PeerTimeoutError, TwinferError
 from twinfer.parties.runtime.session import CLIENT, DEALER, SERVER, PartyConfig, PartyReport
 from twinfer.parties.wire.transport import TransportOptions
@@ -254,6 +255,7 @@ def run_local_session(
     prefetch: bool = True,
     timeout_s: float = 900.0,
     protocol: str = DEFAULT_PROTOCOL,
+    fraction_bits: int = DEFAULT_FRACTION_BITS,
 ) -> dict[str, PartyReport]:
     """Dealer, server and client in three spawned processes on loopback; reports by role."""
     options = options or TransportOptions()
@@ -262,6 +264,7 @@ def run_local_session(
     payloads = {DEALER: None, SERVER: onnx_bytes, CLIENT: (inputs, batch)}
 
     def spawn(role: str, **addresses: str | None) -> SpawnedParty:
-        return SpawnedParty(ctx, role, party_config(role, session, options, prefetch=prefetch, protocol=protocol, **addresses), payloads[role])
+        config = party_config(role, session, options, prefetch=prefetch, protocol=protocol, fraction_bits=fraction_bits, **addresses)
+        return SpawnedParty(ctx, role, config, payloads[role])
 
     return launch_local(spawn, timeout_s=timeout_s)

@@ -4,8 +4,11 @@ The embedded default starts a local Ray instance (loopback only, no dashboard, t
 the project's cache); `ray_address` joins an existing cluster instead. On a cluster of three
 or more nodes the parties go to three distinct nodes (a STRICT_SPREAD placement group), or to
 the nodes the user names (a node id or a custom resource such as `twinfer_server`). Each
-party binds its gRPC listener on its node's address and reports it; the launcher wires the
-peers together. One launch may run several sessions at once on the same three parties.
+party binds its gRPC listener on its node's address (on loopback when every node is this
+machine; a non-loopback listener without TLS needs `insecure`) and reports it; the launcher
+wires the peers together. One launch may run several sessions at once on the same three parties.
+Ray's per-run session folder under the project cache is removed when the embedded instance
+stops, and those of earlier runs that were killed are pruned at the next start.
 """
 
 from __future__ import annotations
@@ -13,23 +16,25 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from twinfer.protocols.backends import DEFAULT_PROTOCOL
+from twinfer.protocols.backends.base import DEFAULT_FRACTION_BITS
 from twinfer.parties.errors import PeerError, PeerTimeoutError, TwinferError
 from twinfer.parties.runtime.session import CLIENT, DEALER, SERVER, PartyConfig, PartyReport
 from twinfer.parties.wire.tls import TlsIdentity
 from twinfer.parties.wire.transport import TransportOptions
 
 from ..config.paths import cache_dir
-from .wiring import ROLES, party_config, root_cause, start_parties
+from .wiring import ROLES, new_session_id, party_config, root_cause, start_parties
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +55,16 @@ class PartyActor:
         self.role = role
         self.host: Any = None
 
-    def listen(self, template: PartyConfig, payload: Any = None, max_sessions: int = 16) -> str | None:
-        """Build this party's host on its node's address; the address peers dial (None for the client)."""
+    def listen(self, template: PartyConfig, payload: Any = None, max_sessions: int = 16, host: str | None = None) -> str | None:
+        """Build this party's host on `host` (else its node's address); the address peers dial (None for the client)."""
         import ray
 
         from twinfer.parties.runtime.host import ClientHost, DealerHost, ServerHost
         from twinfer.parties.runtime.model_file import parse_model
 
-        os.environ["TWINFER_NODE"] = ray.get_runtime_context().get_node_id()
-        template = dataclasses.replace(template, listen=f"{ray.util.get_node_ip_address()}:0")
+        node_id = ray.get_runtime_context().get_node_id()
+        os.environ["TWINFER_NODE"] = node_id
+        template = dataclasses.replace(template, listen=f"{host or ray.util.get_node_ip_address()}:0")
         if self.role == DEALER:
             self.host = DealerHost(template, max_sessions)
         elif self.role == SERVER:
@@ -110,6 +116,66 @@ class RayOptions:
             raise ValueError("num_cpus_per_party must be positive")
 
 
+RAY_SESSION_KEEP_S = 24 * 3600.0  # a session folder nothing has written to for this long is an earlier run's leftover
+RAY_SESSION_GRACE_S = 60.0  # ... or for this long, when the process that started it (its name ends in its pid) is gone
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def prune_ray_sessions(temp: Path, keep_s: float = RAY_SESSION_KEEP_S, now: float | None = None) -> list[Path]:
+    """Remove the per-run `session_*` folders Ray left under `temp` (the project cache): those
+    whose starting process is gone and that nothing wrote to for RAY_SESSION_GRACE_S (a run
+    killed before it could remove its own), and any nothing wrote to for `keep_s`. Returns them."""
+    now = time.time() if now is None else now
+    removed = []
+    for folder in sorted(temp.glob("session_*")):
+        if folder.is_symlink() or not folder.is_dir() or folder.name == "session_latest":
+            continue
+        try:
+            newest = max([p.lstat().st_mtime for p in folder.rglob("*")] + [folder.lstat().st_mtime])
+        except OSError:
+            continue  # another run is changing it right now
+        pid = folder.name.rsplit("_", 1)[-1]
+        gone = pid.isdigit() and not _pid_alive(int(pid))
+        if now - newest > keep_s or (gone and now - newest > RAY_SESSION_GRACE_S):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    latest = temp / "session_latest"
+    if latest.is_symlink() and not latest.exists():
+        latest.unlink(missing_ok=True)
+    return removed
+
+
+def shutdown_ray(session_dir: str | None) -> None:
+    """ray.shutdown(), then remove this run's session folder (an embedded instance's logs)."""
+    import ray
+
+    ray.shutdown()
+    if session_dir and Path(session_dir).is_dir() and Path(session_dir).name.startswith("session_"):
+        shutil.rmtree(session_dir, ignore_errors=True)
+        latest = Path(session_dir).parent / "session_latest"
+        if latest.is_symlink() and not latest.exists():
+            latest.unlink(missing_ok=True)
+
+
+def _session_dir() -> str | None:
+    try:
+        from ray._private import worker
+
+        node = getattr(worker, "_global_node", None)
+        return node.get_session_dir_path() if node is not None else None
+    except Exception:  # noqa: BLE001 - a private API; without it the folder stays until pruned
+        return None
+
+
 def init_ray(options: RayOptions) -> bool:
     """Connect to (or start) Ray; returns whether this call started it."""
     import ray
@@ -122,6 +188,7 @@ def init_ray(options: RayOptions) -> bool:
     else:
         temp = cache_dir() / "ray"
         temp.mkdir(parents=True, exist_ok=True)
+        prune_ray_sessions(temp)
         ray.init(
             num_cpus=max(2, os.cpu_count() or 2),
             include_dashboard=False,
@@ -153,7 +220,8 @@ def local_cluster(resources: list[dict[str, float]], cpus_per_node: int = 1) -> 
     _local_ray_environment()
     Path("/tmp/ray").mkdir(exist_ok=True)  # Cluster writes /tmp/ray/ray_current_cluster
     head = {"num_cpus": cpus_per_node, "resources": resources[0], "include_dashboard": False}
-    cluster = Cluster(initialize_head=True, head_node_args=head | {"temp_dir": tempfile.mkdtemp(prefix="twinfer-ray-")})
+    temp_dir = tempfile.mkdtemp(prefix="twinfer-ray-")
+    cluster = Cluster(initialize_head=True, head_node_args=head | {"temp_dir": temp_dir})
     try:
         nodes = [cluster.head_node] + [cluster.add_node(num_cpus=cpus_per_node, resources=r) for r in resources[1:]]
         cluster.wait_for_nodes()
@@ -162,6 +230,7 @@ def local_cluster(resources: list[dict[str, float]], cpus_per_node: int = 1) -> 
     finally:
         ray.shutdown()
         cluster.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)  # its logs: every run would leave one behind
 
 
 def _node_options(ray_options: RayOptions) -> tuple[dict[str, dict], Any, str]:
@@ -207,6 +276,15 @@ def _node_options(ray_options: RayOptions) -> tuple[dict[str, dict], Any, str]:
     return options, group, "three distinct nodes (STRICT_SPREAD)"
 
 
+def _all_nodes_here() -> bool:
+    """Whether every live Ray node runs on this machine (the address Ray knows this one by)."""
+    import ray
+
+    here = ray.util.get_node_ip_address()
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    return bool(nodes) and all(n.get("NodeManagerAddress") == here for n in nodes)
+
+
 def _unwrap(err: BaseException) -> BaseException:
     import ray.exceptions as rex
 
@@ -227,12 +305,15 @@ def run_parties(
     tls: dict[str, TlsIdentity] | None = None,
     progress: bool = False,
     protocol: str = DEFAULT_PROTOCOL,
+    fraction_bits: int = DEFAULT_FRACTION_BITS,
+    input_range: tuple[float, float] | None = None,
+    insecure: bool = False,
 ) -> dict[str, PartyReport]:
     """Launch server, client and dealer actors, wire them, run one session; reports by role."""
     return run_sessions(
         onnx_bytes, [inputs], batch_size=batch_size, options=options,
         insecure_trusted_first_party=insecure_trusted_first_party, ray_options=ray_options, tls=tls, progress=progress,
-        protocol=protocol,
+        protocol=protocol, fraction_bits=fraction_bits, input_range=input_range, insecure=insecure,
     )[0]  # fmt: skip
 
 
@@ -248,15 +329,20 @@ def run_sessions(
     progress: bool = False,
     timeout_s: float = 3600.0,
     protocol: str = DEFAULT_PROTOCOL,
+    fraction_bits: int = DEFAULT_FRACTION_BITS,
+    input_range: tuple[float, float] | None = None,
+    insecure: bool = False,
 ) -> list[dict[str, PartyReport]]:
     """One server, client and dealer actor running one session per input array, all at once.
 
     Returns each session's reports by role, in the order of `inputs`; if any session failed,
-    raises the error where that failure started.
+    raises the error where that failure started. Without `tls`, parties on a cluster listen on
+    their nodes' addresses in plaintext only with `insecure`.
     """
     with party_pool(
         onnx_bytes, options=options, insecure_trusted_first_party=insecure_trusted_first_party,
-        ray_options=ray_options, tls=tls, max_sessions=len(inputs), protocol=protocol,
+        ray_options=ray_options, tls=tls, max_sessions=len(inputs), protocol=protocol, fraction_bits=fraction_bits,
+        input_range=input_range, insecure=insecure,
     ) as pool:  # fmt: skip
         return pool.run(inputs, batch_size=batch_size, progress=progress, timeout_s=timeout_s)
 
@@ -271,6 +357,9 @@ def party_pool(
     tls: dict[str, TlsIdentity] | None = None,
     max_sessions: int = 16,
     protocol: str = DEFAULT_PROTOCOL,
+    fraction_bits: int = DEFAULT_FRACTION_BITS,
+    input_range: tuple[float, float] | None = None,
+    insecure: bool = False,
 ) -> Iterator[PartyPool]:
     """Three placed, wired party actors that serve run() calls until the block ends."""
     import ray
@@ -280,6 +369,7 @@ def party_pool(
         raise ValueError(f"TLS needs an identity for each of {', '.join(ROLES)}")
     ray_options = ray_options or RayOptions()
     started = init_ray(ray_options)
+    session_dir = _session_dir() if started and not ray_options.address else None
     group = None
     actors: dict[str, Any] = {}
     try:
@@ -288,8 +378,12 @@ def party_pool(
         remote = ray.remote(num_cpus=ray_options.num_cpus_per_party, max_concurrency=2, max_restarts=0)(PartyActor)
         roles = [SERVER, CLIENT] + ([] if insecure_trusted_first_party else [DEALER])
         actors = {role: remote.options(**per_role.get(role, {})).remote(role) for role in roles}
-        pool = PartyPool(actors, options, insecure_trusted_first_party, tls, max_sessions, placed, protocol)
-        pool.start(onnx_bytes)
+        pool = PartyPool(
+            actors, options, insecure_trusted_first_party, tls, max_sessions, placed, protocol, fraction_bits, input_range, insecure
+        )
+        # Where every node is this machine (the embedded instance, a cluster on one host), the
+        # parties listen on loopback only; else on their nodes' addresses.
+        pool.start(onnx_bytes, listen_host="127.0.0.1" if _all_nodes_here() else None)
         yield pool
     finally:
         for actor in actors.values():
@@ -297,7 +391,7 @@ def party_pool(
         if group is not None:
             remove_placement_group(group)
         if started:
-            ray.shutdown()
+            shutdown_ray(session_dir)
 
 
 def _session_reports(session_id: str, results: dict[str, dict | BaseException]) -> dict[str, PartyReport]:
@@ -324,6 +418,9 @@ class PartyPool:
     max_sessions: int
     placement: str = ""
     protocol: str = DEFAULT_PROTOCOL
+    fraction_bits: int = DEFAULT_FRACTION_BITS
+    input_range: tuple[float, float] | None = None
+    insecure: bool = False
 
     def run(
         self, inputs: list[np.ndarray], *, batch_size: int, progress: bool = False, timeout_s: float = 3600.0
@@ -331,22 +428,23 @@ class PartyPool:
         """One session per input array, all at once; each session's reports by role, in order."""
         if not 1 <= len(inputs) <= self.max_sessions:
             raise ValueError(f"this pool runs 1 to {self.max_sessions} sessions at once, got {len(inputs)}")
-        session_ids = [uuid.uuid4().hex[:16] for _ in inputs]
+        session_ids = [new_session_id() for _ in inputs]
         self.open(session_ids, inputs, batch_size)
         results = self.collect(session_ids, timeout_s, progress)
         return [_session_reports(session_id, results) for session_id in session_ids]
 
     def _template(self, role: str, **addresses: str | None) -> PartyConfig:
         return party_config(
-            role, "-", self.options, insecure_trusted_first_party=self.insecure_tfp, tls=self.tls, protocol=self.protocol, **addresses
-        )
+            role, "-", self.options, insecure_trusted_first_party=self.insecure_tfp, tls=self.tls, protocol=self.protocol,
+            fraction_bits=self.fraction_bits, input_range=self.input_range, insecure=self.insecure, **addresses,
+        )  # fmt: skip
 
-    def start(self, onnx_bytes: bytes) -> None:
+    def start(self, onnx_bytes: bytes, listen_host: str | None = None) -> None:
         timeout = self.options.connect_timeout_s + 120.0  # actor start-up includes importing torch
         payloads = {SERVER: onnx_bytes}
 
         def listen(role: str, **addresses: str | None) -> str | None:
-            ref = self.actors[role].listen.remote(self._template(role, **addresses), payloads.get(role), self.max_sessions)
+            ref = self.actors[role].listen.remote(self._template(role, **addresses), payloads.get(role), self.max_sessions, listen_host)
             return _get(ref, timeout=timeout)
 
         start_parties(listen, dealer=DEALER in self.actors)

@@ -11,10 +11,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import secrets
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +22,7 @@ import numpy as np
 
 from twinfer.parties.errors import PeerError, TwinferError
 from twinfer.protocols.backends import DEFAULT_PROTOCOL
+from twinfer.protocols.backends.base import DEFAULT_FRACTION_BITS
 from twinfer.parties.runtime.session import CLIENT, DEALER, SERVER, PartyConfig, PartyReport
 from twinfer.parties.wire.tls import TlsIdentity
 from twinfer.parties.wire.transport import TransportOptions
@@ -33,8 +34,12 @@ class LaunchError(RuntimeError):
     """A party process did not come up: it exited, or stalled, before listening."""
 
 
-def new_session_id(length: int = 12) -> str:
-    return uuid.uuid4().hex[:length]
+SESSION_ID_BITS = 128  # a session id admits a party where there is no TLS: unguessable
+
+
+def new_session_id() -> str:
+    """A fresh session id: 128 random bits from the OS, as 32 hex digits."""
+    return secrets.token_hex(SESSION_ID_BITS // 8)
 
 
 def party_config(
@@ -48,12 +53,15 @@ def party_config(
     dealer_address: str | None = None,
     server_address: str | None = None,
     protocol: str = DEFAULT_PROTOCOL,
+    fraction_bits: int = DEFAULT_FRACTION_BITS,
+    input_range: tuple[float, float] | None = None,
+    insecure: bool = False,
 ) -> PartyConfig:
     """One role's PartyConfig; `tls` holds every role's identity (or is None: no TLS)."""
     return PartyConfig(
         role=role, session_id=session_id, options=options, insecure_trusted_first_party=insecure_trusted_first_party,
         dealer_prefetch=prefetch, tls=tls[role] if tls else None, dealer_address=dealer_address, server_address=server_address,
-        protocol=protocol,
+        protocol=protocol, fraction_bits=fraction_bits, input_range=input_range if role == SERVER else None, insecure=insecure,
     )  # fmt: skip
 
 

@@ -23,7 +23,7 @@ from torch import nn
 from twinfer.optimizer.common.hooks import run_hooked
 from twinfer.protocols import artifact_format as af
 from twinfer.protocols.ir.onnx_import import graph_from_onnx
-from twinfer.protocols.ir.ranges import comparison_ranges, comparison_widths
+from twinfer.protocols.ir.ranges import comparison_widths, observed_ranges
 from twinfer.protocols.ir.onnx_export import export_onnx
 from twinfer.protocols.ops.activation import ActivationSite, apply_sites
 
@@ -43,20 +43,23 @@ def write_artifact(
     sites: dict[str, ActivationSite] | None = None,
     calibration: np.ndarray | None = None,
     margin: float = 4.0,
+    widths: bool = True,
 ) -> Path:
     """Write model.onnx, tensors.safetensors and manifest.json; returns the directory.
 
     The manifest gets the format fields, the twinfer version, the sites it lists, the
     per-sample ReLU count of the compiled model and the files' digests. The model is compiled
     once here, so an artifact that would not load is never written. With `calibration`
-    samples, each comparison also gets the narrowest width that holds `margin` times the
-    largest value it compared on them (protocols/ir/ranges.py), for backends that use it.
+    samples, the manifest declares their range as the model's input range and records what
+    they did in every layer, times `margin` (the server's range check; protocols/ir/ranges.py);
+    with `widths` too, each comparison gets the narrowest width that holds `margin` times the
+    largest value it compared on them, for backends that use it.
     """
     sites = sites or {}
     graph, weights = graph_from_onnx(onnx.load_from_string(onnx_bytes))
     masked = apply_sites(graph, sites)
     if calibration is not None:
-        manifest = dict(manifest) | _comparison_widths(masked, weights, calibration, margin)
+        manifest = dict(manifest) | _calibration(masked, weights, calibration, margin, widths)
     arrays = dict(tensors or {}) | af.site_tensors(sites)
     tensor_bytes = save(arrays) if arrays else save({})
     full = dict(manifest) | {
@@ -102,15 +105,26 @@ def _activation_order(model: nn.Module, example: torch.Tensor) -> list[nn.Module
     return order
 
 
-def _comparison_widths(graph, weights, calibration: np.ndarray, margin: float) -> dict[str, Any]:
-    ranges = comparison_ranges(graph, weights, calibration)
-    widths = comparison_widths(graph, weights, calibration, margin)
-    return {
-        "comparison_bits": widths,
+def _calibration(graph, weights, calibration: np.ndarray, margin: float, widths: bool) -> dict[str, Any]:
+    observed = observed_ranges(graph, weights, calibration)
+    out: dict[str, Any] = {
+        "input_range": [float(np.min(calibration)), float(np.max(calibration))],
+        "activation_ranges": {
+            "samples": int(len(calibration)),
+            "margin": margin,
+            "layers": observed.scaled(margin).layer_summary(graph),
+            "risk": f"the server checks the fixed-point encoding against {margin:g} x what these samples did in each "
+            "layer; an input inside input_range that drives a layer past that is not caught before it runs",
+        },
+    }
+    if not widths:
+        return out
+    return out | {
+        "comparison_bits": comparison_widths(graph, weights, calibration, margin),
         "comparison_calibration": {
             "samples": int(len(calibration)),
             "margin": margin,
-            "largest_compared": {k: round(v, 6) for k, v in ranges.items()},
+            "largest_compared": {k: round(v, 6) for k, v in observed.compared.items()},
             "risk": f"a comparison on n bits is exact while |value| < 2^(n-17); an input that drives a layer past "
             f"{margin:g} x the largest value its calibration samples did there can be compared wrongly, undetected",
         },
@@ -124,6 +138,7 @@ def export_artifact(
     manifest: dict[str, Any],
     calibration: np.ndarray | None = None,
     margin: float = 4.0,
+    widths: bool = True,
 ) -> Path:
     """Export `model` (eval mode) with its sites as masked activations, and write the artifact."""
     was_training = model.training
@@ -141,4 +156,4 @@ def export_artifact(
             "ReLU/site modules; use nn.ReLU or site modules, not torch.relu in forward"
         )
     sites = {node: m.site() for node, m in zip(relu_nodes, order) if is_site(m)}
-    return write_artifact(out_dir, onnx_bytes, manifest, sites=sites, calibration=calibration, margin=margin)
+    return write_artifact(out_dir, onnx_bytes, manifest, sites=sites, calibration=calibration, margin=margin, widths=widths)

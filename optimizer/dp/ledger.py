@@ -32,6 +32,11 @@ from dp_accounting import dp_event
 from twinfer.optimizer.dp.accounting import ACCOUNTANTS, PrivacyBudgetError, make_accountant, quiet_absl
 
 
+# Below this noise multiplier the PLD accountant's discretised loss would need petabytes; such a
+# mechanism hides next to nothing (the validators refuse a plan under 0.3), so PLD reports inf.
+PLD_MIN_NOISE = 0.05
+
+
 class LedgerError(ValueError):
     """A mechanism was recorded that the ledger does not know, or registered twice differently."""
 
@@ -41,7 +46,7 @@ class Mechanism:
     """One Gaussian mechanism on the private data, and how many times it ran."""
 
     name: str
-    noise_multiplier: float  # noise standard deviation / L2 sensitivity
+    noise_multiplier: float  # noise standard deviation / L2 sensitivity (0: no noise, epsilon inf)
     l2_sensitivity: float  # of what one run releases, with respect to one example
     sampling_rate: float | None  # Poisson rate of the examples it reads; None: all of them
     batch: str | None = None  # mechanisms with the same name read the same sampled batch per step
@@ -78,8 +83,8 @@ class PrivacyLedger:
         releases: str = "",
     ) -> Mechanism:
         """Declare a mechanism (count 0). Registering the same name again with other parameters fails."""
-        if not (noise_multiplier > 0 and math.isfinite(noise_multiplier)):
-            raise PrivacyBudgetError(f"mechanism {name!r}: the noise multiplier must be positive and finite, got {noise_multiplier}")
+        if not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
+            raise PrivacyBudgetError(f"mechanism {name!r}: the noise multiplier must be finite and not negative, got {noise_multiplier}")
         if not (l2_sensitivity > 0 and math.isfinite(l2_sensitivity)):
             raise PrivacyBudgetError(f"mechanism {name!r}: the L2 sensitivity must be positive and finite, got {l2_sensitivity}")
         if sampling_rate is not None and not 0.0 < sampling_rate <= 1.0:
@@ -125,9 +130,9 @@ class PrivacyLedger:
         """Steps of the sampled batch `batch`: the most any of its mechanisms ran."""
         return max((m.count for m in self._mechanisms.values() if m.batch == batch), default=0)
 
-    def dp_event(self) -> dp_event.DpEvent:
-        """The whole record as one dp-accounting event (NoOp when nothing ran)."""
-        events: list[dp_event.DpEvent] = []
+    def gaussians(self) -> list[tuple[float, float | None, int]]:
+        """The record as (noise multiplier, sampling rate or None, times) Gaussian mechanisms."""
+        out: list[tuple[float, float | None, int]] = []
         batches: dict[str, list[Mechanism]] = {}
         for m in self._mechanisms.values():
             if m.count == 0:
@@ -135,20 +140,27 @@ class PrivacyLedger:
             if m.batch is not None:
                 batches.setdefault(m.batch, []).append(m)
                 continue
-            one = dp_event.GaussianDpEvent(m.noise_multiplier)
-            if m.sampling_rate is not None:
-                one = dp_event.PoissonSampledDpEvent(m.sampling_rate, one)
-            events.append(dp_event.SelfComposedDpEvent(one, m.count))
+            out.append((m.noise_multiplier, m.sampling_rate, m.count))
         for group in batches.values():
             # In the first min(count) steps every mechanism of the group ran; after that, those
             # with more runs: each stretch is one Gaussian on the batch with the combined noise.
             done = 0
             for level in sorted({m.count for m in group}):
                 active = [m for m in group if m.count >= level]
-                combined = sum(m.noise_multiplier**-2 for m in active) ** -0.5
-                step = dp_event.PoissonSampledDpEvent(active[0].sampling_rate, dp_event.GaussianDpEvent(combined))
-                events.append(dp_event.SelfComposedDpEvent(step, level - done))
+                noises = [m.noise_multiplier for m in active]
+                combined = 0.0 if min(noises) == 0 else sum(s**-2 for s in noises) ** -0.5
+                out.append((combined, active[0].sampling_rate, level - done))
                 done = level
+        return out
+
+    def dp_event(self) -> dp_event.DpEvent:
+        """The whole record as one dp-accounting event (NoOp when nothing ran)."""
+        events: list[dp_event.DpEvent] = []
+        for noise, rate, times in self.gaussians():
+            one = dp_event.GaussianDpEvent(noise)
+            if rate is not None:
+                one = dp_event.PoissonSampledDpEvent(rate, one)
+            events.append(dp_event.SelfComposedDpEvent(one, times))
         if not events:
             return dp_event.NoOpDpEvent()
         return events[0] if len(events) == 1 else dp_event.ComposedDpEvent(events)
@@ -162,6 +174,9 @@ class PrivacyLedger:
         event = self.dp_event()
         if isinstance(event, dp_event.NoOpDpEvent):
             return 0.0
+        smallest = min(noise for noise, _, _ in self.gaussians())
+        if smallest == 0 or (accountant == "pld" and smallest < PLD_MIN_NOISE):
+            return math.inf  # no noise: no guarantee (and PLD's grid cannot hold a loss that large)
         acc: dp_accounting.PrivacyAccountant = make_accountant(accountant)
         with quiet_absl():
             acc.compose(event)

@@ -24,7 +24,7 @@ from twinfer.protocols.backends.base import DealerSeeds
 from twinfer.protocols.roles import DEALER, RANKS
 
 from twinfer.parties.errors import new_error_id
-from twinfer.parties.wire.tls import check_peer_role
+from twinfer.parties.wire.tls import check_peer_role, peer_cert_digest
 from twinfer.parties.proto import twinfer_pb2 as pb
 from twinfer.parties.wire.framing import correlation_to_frames
 
@@ -56,6 +56,7 @@ class DealerSession:
     )
     protocols: dict[str, str] = field(default_factory=dict)  # role -> the protocol it named with its seed
     seeded: set[int] = field(default_factory=set)
+    bound: dict[int, str | None] = field(default_factory=dict)  # under TLS: rank -> digest of the certificate that took its seed
     closed: set[int] = field(default_factory=set)
     error: pb.Error | None = None
     bytes_sent: int = 0
@@ -93,6 +94,23 @@ class DealerServicer:
             log.warning("%s", refused)
             context.abort(grpc.StatusCode.PERMISSION_DENIED, f"dealer: {refused}")
 
+    def _bound(self, session: DealerSession, context: grpc.ServicerContext, role: str) -> None:
+        """Under TLS, a role of a session belongs to the party that took its seed: any other
+        certificate (even one naming the same role) is refused. Without TLS nothing is
+        authenticated: the session id is what admits a party."""
+        if not self.check_role_certs:
+            return
+        rank = RANKS.get(role, -1)
+        with session.lock:
+            bound, owner = rank in session.bound, session.bound.get(rank)
+        if bound and owner != peer_cert_digest(context):
+            log.warning("session %s: a second %s certificate was refused", session.session_id, role)
+            context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"dealer: the {role} of session '{session.session_id}' is bound to the certificate that took its seed; "
+                "this caller presents another one",
+            )
+
     def _session(self, session_id: str, context: grpc.ServicerContext) -> DealerSession:
         with self._lock:
             session = self._sessions.get(session_id)
@@ -125,6 +143,8 @@ class DealerServicer:
             # with one error for the whole session; here each role may ask only for its own kinds.
             session.protocols[request.role] = request.protocol
             session.seeded.add(rank)
+            if self.check_role_certs:
+                session.bound[rank] = peer_cert_digest(context)
             reply = pb.SeedReply(seed=session.seeds.torch[rank], key=session.seeds.aes[rank] if backend.aes_seed else b"")
             session.bytes_sent += 8 + len(reply.key)
         log.info("session %s: seed sent to %s", session.session_id, request.role)
@@ -189,11 +209,13 @@ class DealerServicer:
     def Tuple(self, request, context):  # noqa: N802
         self._authorize(context, request.role)
         session = self._session(request.session_id, context)
+        self._bound(session, context, request.role)
         yield from self._make(session, request, request.role, context)
 
     def Prefetch(self, request, context):  # noqa: N802
         self._authorize(context, request.role)
         session = self._session(request.session_id, context)
+        self._bound(session, context, request.role)
         for tuple_request in request.tuples:
             if not context.is_active() or session.error is not None:
                 return  # the party went away or the session failed: stop making tuples
@@ -206,6 +228,8 @@ class DealerServicer:
             session = self._sessions.get(request.session_id)
             if session is None:
                 context.abort(grpc.StatusCode.NOT_FOUND, f"dealer: unknown session '{request.session_id}'")
+        self._bound(session, context, request.role)
+        with self._lock:
             if request.HasField("error") and session.error is None:
                 session.error = request.error
                 log.warning(

@@ -20,8 +20,10 @@ import numpy as np
 
 from twinfer.protocols.ir.graph import Graph
 
-from twinfer.parties.errors import PeerError, PeerTimeoutError, TwinferError
-from twinfer.parties.runtime.session import CLIENT, DEALER, SERVER, ClientParty, DealerParty, PartyConfig, PartyListener, PartyReport, ServerParty
+from twinfer.parties.errors import PeerError, PeerTimeoutError, ProtocolError, TwinferError
+from twinfer.parties.runtime.session import (
+    CLIENT, DEALER, SERVER, ClientParty, DealerParty, PartyConfig, PartyListener, PartyReport, ServerParty, server_graph,
+)  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +46,28 @@ class _Host:
         self.template = template
         self._pool = ThreadPoolExecutor(max_workers=max_sessions, thread_name_prefix=f"twinfer-{template.role}")
         self._futures: dict[str, Future] = {}
+        self._used: set[str] = set()  # every session id this host opened, finished or not
         self._lock = threading.Lock()
-        self.listener = PartyListener(self.role, template.listen, template.options, template.tls) if self.role != CLIENT else None
+        listener = self.role != CLIENT
+        self.listener = PartyListener(self.role, template.listen, template.options, template.tls, template.insecure) if listener else None
         self.address = self.listener.address if self.listener is not None else None
 
     def config(self, session_id: str) -> PartyConfig:
         return dataclasses.replace(self.template, session_id=session_id)
 
+    def _reserve(self, session_id: str) -> None:
+        """Refuse an id this host has opened before: a session id names one session, once."""
+        with self._lock:
+            if session_id in self._used:
+                state = "is already open" if session_id in self._futures else "was used before"
+                raise ProtocolError(
+                    f"session '{session_id}' {state} on this {self.template.role}: every session needs a fresh id",
+                    origin=self.template.role,
+                )
+            self._used.add(session_id)
+
     def _submit(self, session_id: str, fn, *args) -> None:
         with self._lock:
-            if session_id in self._futures:
-                raise ValueError(f"session '{session_id}' is already open on this {self.template.role}")
             self._futures[session_id] = self._pool.submit(fn, *args)
 
     def session_ids(self) -> list[str]:
@@ -89,10 +102,11 @@ class _Host:
     def _forget(self, session_id: str) -> None:
         """Drop what the host keeps of a finished session."""
 
-    def close(self) -> None:
+    def close(self, grace_s: float = 1.0) -> None:
+        """Stop the sessions' threads and the listener, letting replies in flight finish for `grace_s`."""
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self.listener is not None:
-            self.listener.close()
+            self.listener.close(grace=grace_s)
 
 
 class ServerHost(_Host):
@@ -102,11 +116,13 @@ class ServerHost(_Host):
 
     def __init__(self, graph: Graph, weights: dict[str, np.ndarray], template: PartyConfig, max_sessions: int = 16) -> None:
         graph.check_weights(weights)
+        graph = server_graph(graph, weights, template)  # refused here, before listening, if it cannot be encoded
         super().__init__(template, max_sessions)
         self.graph, self.weights = graph, weights
 
     def open(self, session_id: str) -> None:
         """Expect a client for `session_id` from now on and serve it in its own thread."""
+        self._reserve(session_id)
         party = ServerParty(self.graph, self.weights, self.config(session_id), listener=self.listener)
         self._submit(session_id, party.run)
 
@@ -117,6 +133,7 @@ class DealerHost(_Host):
     role = DEALER
 
     def open(self, session_id: str, timeout_s: float = 3600.0) -> None:
+        self._reserve(session_id)
         party = DealerParty(self.config(session_id), listener=self.listener)
         self._submit(session_id, party.run, timeout_s)
 
@@ -131,6 +148,7 @@ class ClientHost(_Host):
         self.parties: dict[str, ClientParty] = {}
 
     def open(self, session_id: str, inputs: np.ndarray, batch_size: int) -> None:
+        self._reserve(session_id)
         party = ClientParty(inputs, batch_size, self.config(session_id))
         self.parties[session_id] = party
         self._submit(session_id, party.run)

@@ -8,6 +8,8 @@ files read with allow_pickle=False.
 from __future__ import annotations
 
 import json
+import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +17,22 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from twinfer.protocols import artifact_format as af
+from twinfer.protocols.backends import backend_class
 from twinfer.protocols.ops.embedding import check_ids
-from twinfer.protocols.ir.graph import Graph, GraphError
+from twinfer.protocols.ir.graph import Graph, GraphError, check_input_range
 from twinfer.protocols.ir.onnx_import import graph_from_onnx
+from twinfer.protocols.ir.ranges import (
+    EncodingReport,
+    ValueRanges,
+    check_encoding,
+    interval_ranges,
+    observed_ranges,
+    ranges_from_summary,
+)
 
-from twinfer.parties.errors import InputError, ModelError
+from twinfer.parties.errors import InputError, LocalError, ModelError
+
+log = logging.getLogger(__name__)
 
 
 def parse_model(data: bytes, source: str = "model") -> tuple[Graph, dict[str, np.ndarray]]:
@@ -88,32 +101,148 @@ def load_model(path: str | Path) -> tuple[Graph, dict[str, np.ndarray]]:
 
 
 def load_input(path: str | Path) -> np.ndarray:
-    """A client's input: a float array saved with numpy.save, one sample per row."""
+    """A client's input: an array of real numbers saved with numpy.save, one sample per row."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"input file {path} does not exist")
+    if path.is_dir():
+        raise InputError(f"input {path} is a directory; expected a .npy file written by numpy.save")
     try:
         array = np.load(path, allow_pickle=False)
     except ValueError as err:
         raise InputError(f"input file {path} is not a plain .npy array (pickled objects are refused): {err}") from None
     except OSError as err:
         raise InputError(f"input file {path} cannot be read as .npy: {err}") from None
-    if not isinstance(array, np.ndarray) or not np.issubdtype(array.dtype, np.number):
-        raise InputError(f"input file {path} must hold a numeric array, got {getattr(array, 'dtype', type(array))}")
-    return array.astype(np.float32, copy=False)
+    if not isinstance(array, np.ndarray):
+        raise InputError(f"input file {path} holds {type(array).__name__} (an .npz archive?); expected one array saved with numpy.save")
+    return check_input_array(array, str(path))
+
+
+def check_input_array(array: np.ndarray, what: str = "input") -> np.ndarray:
+    """A float32 copy of an array of real numbers; an InputError for complex, boolean, text or empty arrays."""
+    array = np.asarray(array)
+    if np.issubdtype(array.dtype, np.complexfloating):
+        raise InputError(f"{what} holds complex numbers ({array.dtype}); expected real numbers (float or integer)")
+    if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.number):
+        raise InputError(f"{what} holds {array.dtype} values; expected real numbers (float or integer)")
+    if array.size == 0:
+        raise InputError(f"{what} is empty (shape {array.shape}); expected at least one sample (N x ...)")
+    return np.asarray(array, dtype=np.float32)
+
+
+def _missing_axis(shape: tuple[int, ...], expected: tuple[int, ...]) -> int | None:
+    """The axis of `expected` (a sample's shape) whose size-1 dimension `shape[1:]` lacks, if that is all."""
+    for axis, size in enumerate(expected):
+        if size == 1 and expected[:axis] + expected[axis + 1 :] == tuple(shape[1:]):
+            return axis
+    return None
 
 
 def check_input_fits(graph: Graph, inputs: np.ndarray) -> None:
     """Fail before any party starts when the input cannot go through the model."""
-    if inputs.ndim == len(graph.input_shape):  # a single sample: add the batch dimension
+    want = f"(N, {', '.join(map(str, graph.input_shape))})"
+    if inputs.size == 0:
+        raise InputError(f"input is empty (shape {inputs.shape}); expected at least one sample {want}")
+    if tuple(inputs.shape) == graph.input_shape:  # one sample without its batch dimension
+        raise InputError(f"input has shape {inputs.shape}, one sample without the batch dimension; expected {want}: add it with x[None]")
+    axis = _missing_axis(inputs.shape, graph.input_shape)
+    if inputs.ndim == len(graph.input_shape) and axis is not None:
+        name = "channel dimension" if axis == 0 and len(graph.input_shape) == 3 else f"size-1 dimension {axis + 1}"
         raise InputError(
-            f"input has shape {inputs.shape}; add the batch dimension: expected (N, {', '.join(map(str, graph.input_shape))})"
+            f"input has shape {inputs.shape}: {inputs.shape[0]} samples without the {name}; expected {want}: "
+            f"add it with np.expand_dims(x, {axis + 1})"
         )
-    if tuple(inputs.shape[1:]) != graph.input_shape or inputs.shape[0] < 1:
-        raise InputError(f"input has shape {inputs.shape}, but the model expects (N, {', '.join(map(str, graph.input_shape))})")
+    if tuple(inputs.shape[1:]) != graph.input_shape:
+        raise InputError(f"input has shape {inputs.shape}, but the model expects {want}")
     if not np.isfinite(inputs).all():
         raise InputError("input contains NaN or infinite values")
+    check_declared_range(graph, inputs)
     try:
         check_ids(graph, inputs)  # an embedding model's input: integer ids in range
     except ValueError as err:
         raise InputError(str(err)) from None
+
+
+def check_declared_range(graph: Graph, inputs: np.ndarray, origin: str = "") -> None:
+    """Refuse inputs outside the model's declared input range (an InputError naming both)."""
+    if graph.input_range is None or inputs.size == 0:
+        return
+    lo, hi = graph.input_range
+    low, high = float(np.min(inputs)), float(np.max(inputs))
+    if low < lo or high > hi:
+        raise InputError(
+            f"input values span [{low:.6g}, {high:.6g}], outside the model's declared input range [{lo:.6g}, {hi:.6g}] "
+            f"(what its range check assumes); scale the input into that range",
+            origin=origin,
+        )
+
+
+def parse_input_range(text: str | None) -> tuple[float, float] | None:
+    """--input-range LO,HI as two floats (a ValueError saying what is expected)."""
+    if text is None:
+        return None
+    parts = str(text).split(",")
+    try:
+        return check_input_range(parts if len(parts) == 2 else [text], "--input-range")
+    except GraphError as err:
+        raise ValueError(f"{err} (e.g. --input-range 0,1)") from None
+
+
+def check_output_path(path: str | Path | None) -> None:
+    """Before any party starts: the folder of --output exists and is writable, and it names no folder."""
+    if path is None:
+        return
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise LocalError(f"--output {path} is a directory; expected a file name such as {path / 'logits.npy'}")
+    if not folder.is_dir():
+        raise LocalError(f"--output {path}: folder {folder} does not exist; create it first or choose another path")
+    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise LocalError(f"--output {path}: {'the file' if path.exists() else f'folder {folder}'} is not writable by this user")
+
+
+# -- the numeric range check (protocols/ir/ranges.py) --------------------------------------------
+
+
+def encoding_report(graph: Graph, weights: dict[str, np.ndarray], ranges: ValueRanges, fraction_bits: int, protocol: str) -> EncodingReport:
+    """check_encoding with what the backend's fixed point needs (its comparisons, its max-pool pad)."""
+    cls = backend_class(protocol)
+    return check_encoding(
+        graph, weights, ranges, fraction_bits, narrow_comparisons=cls.narrow_comparisons, pool_pad_bits=cls.pool_pad_bits
+    )
+
+
+def _warn(report: EncodingReport, who: str) -> None:
+    if report.warnings:
+        log.warning("%s: %s", who, report.message(report.warnings))
+
+
+def check_inputs_encode(graph: Graph, weights: dict[str, np.ndarray], inputs: np.ndarray, fraction_bits: int, protocol: str) -> EncodingReport:
+    """Before any party starts, where one process holds model and input (twinfer infer, demo):
+    what these very inputs do in every layer, held against the session's encoding. An
+    InputError naming the layer when refused; warnings are logged."""
+    report = encoding_report(graph, weights, observed_ranges(graph, weights, inputs, source=f"these {len(inputs)} inputs"), fraction_bits, protocol)
+    if report.refused:
+        raise InputError(f"the input is refused before any share is sent: {report.message()}")
+    _warn(report, "input")
+    return report
+
+
+def check_model_range(graph: Graph, weights: dict[str, np.ndarray], fraction_bits: int, protocol: str) -> EncodingReport | None:
+    """The server's check, before it shares anything: the artifact's calibration ranges (times
+    their margin) where it has some, else a sound interval bound from the declared input range;
+    None when the model declares no input range. A ModelError naming the layer when refused."""
+    if graph.input_range is None:
+        return None
+    calibration = graph.calibration
+    lo, hi = graph.input_range
+    if calibration is not None and calibration["input_range"][0] <= lo and hi <= calibration["input_range"][1]:
+        ranges = ranges_from_summary(graph, calibration["layers"], graph.input_range, calibration["source"])
+    else:  # no calibration, or a declared range wider than the calibration data's
+        ranges = interval_ranges(graph, weights, graph.input_range)
+    report = encoding_report(graph, weights, ranges, fraction_bits, protocol)
+    if report.refused:
+        raise ModelError(f"the model is refused for inputs in [{graph.input_range[0]:g}, {graph.input_range[1]:g}]: {report.message()}")
+    _warn(report, "model")
+    return report

@@ -8,6 +8,8 @@ with its error id, so every party ends with the same error.
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
 import logging
 import os
 import socket
@@ -20,8 +22,8 @@ import numpy as np
 import torch
 
 from twinfer.protocols.backends import DEFAULT_PROTOCOL, Backend, backend_class, protocols
-from twinfer.protocols.backends.base import BackendError
-from twinfer.protocols.ir.graph import Graph, GraphError
+from twinfer.protocols.backends.base import DEFAULT_FRACTION_BITS, BackendError, check_fraction_bits
+from twinfer.protocols.ir.graph import Graph, GraphError, check_input_range
 from twinfer.protocols.ir.validation import graph_from_json
 from twinfer.protocols.ops.embedding import check_ids, encode_input
 from twinfer.protocols.roles import CLIENT, DEALER, RANKS, SERVER
@@ -31,6 +33,7 @@ from twinfer.parties.dealer.service import DealerServicer, add_dealer_servicer
 from twinfer.parties.dealer.client import DealerClient
 from twinfer.parties.errors import InputError, PeerError, ProtocolError, TwinferError
 from twinfer.parties.metrics import Metrics
+from twinfer.parties.runtime.model_file import check_declared_range, check_input_array, check_model_range
 from twinfer.parties.wire.tls import TlsIdentity
 from twinfer.parties.wire.transport import GrpcTransport, PeerServicer, TransportOptions, add_peer_servicer, start_server
 
@@ -51,9 +54,18 @@ class PartyConfig:
     dealer_prefetch: bool = True  # have the dealer make a batch's tuples before they are needed
     tls: TlsIdentity | None = None  # mutual TLS on every link this party opens or accepts
     protocol: str = DEFAULT_PROTOCOL  # the secure backend; both parties of a session must agree
+    fraction_bits: int = DEFAULT_FRACTION_BITS  # fixed-point precision; both parties of a session must agree
+    input_range: tuple[float, float] | None = None  # server: the inputs the model is declared for (else the artifact's)
+    insecure: bool = False  # allow listening on a non-loopback address without TLS
 
     def __post_init__(self) -> None:
         backend_class(self.protocol)  # an unknown protocol is refused before anything starts
+        check_fraction_bits(self.fraction_bits)
+        if self.input_range is not None:
+            try:
+                object.__setattr__(self, "input_range", check_input_range(self.input_range))
+            except GraphError as err:
+                raise ValueError(str(err)) from None
         if self.role not in (SERVER, CLIENT, DEALER):
             raise ValueError(f"role must be server, client or dealer, got '{self.role}'")
         if not self.session_id:
@@ -62,16 +74,40 @@ class PartyConfig:
             raise ValueError(f"the {self.role} was given the {self.tls.role}'s TLS certificate")
 
 
+def is_loopback(listen: str) -> bool:
+    """Whether a 'host:port' listen address is reachable only from this machine."""
+    host = listen.rsplit(":", 1)[0].strip("[]") if ":" in listen else listen
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any interface
+
+
+def check_listen(listen: str, tls: TlsIdentity | None, insecure: bool, role: str) -> None:
+    """Plaintext only on loopback, unless the user chose it: a ValueError saying how to proceed."""
+    if tls is None and not insecure and not is_loopback(listen):
+        raise ValueError(
+            f"the {role} would listen on {listen} without TLS: anyone who can reach it could join a session or read "
+            "its traffic. Use --tls DIR (from `twinfer certs`), listen on 127.0.0.1, or pass --insecure to accept that"
+        )
+
+
 class PartyListener:
     """A party process's gRPC server, shared by every session it serves (server or dealer).
 
     With TLS it presents the party's certificate and accepts only dialers whose certificate,
-    signed by the same CA, names the role each service expects.
+    signed by the same CA, names the role each service expects. Without TLS it listens only
+    on loopback, unless `insecure` says otherwise.
     """
 
-    def __init__(self, role: str, listen: str, options: TransportOptions, tls: TlsIdentity | None = None) -> None:
+    def __init__(
+        self, role: str, listen: str, options: TransportOptions, tls: TlsIdentity | None = None, insecure: bool = False
+    ) -> None:
         if role not in (SERVER, DEALER):
             raise ValueError(f"only the server and the dealer listen, not the {role}")
+        check_listen(listen, tls, insecure, role)
         self.role = role
         if role == SERVER:
             self.peers = PeerServicer(peer_roles=(CLIENT,) if tls is not None else None, role=SERVER)
@@ -173,12 +209,30 @@ class _TwoPartySession:
                 origin=self.role,
             )
 
+    def _agree_encoding(self, theirs: np.ndarray, peer: str) -> None:
+        """Refuse a peer with other fractional bits: the two would read each other's shares at another scale."""
+        bits = int(theirs[0]) if theirs.shape == (1,) else None
+        if bits != self.config.fraction_bits:
+            raise ProtocolError(
+                f"the {peer} encodes with {bits} fractional bits but this {self.role} with {self.config.fraction_bits}: "
+                "every party of a session must use the same --fraction-bits",
+                origin=self.role,
+            )
+
+    def _agree(self, peer: str) -> None:
+        """The peer's session parameters (protocol, then fractional bits), refused unless equal to ours."""
+        self._agree_protocol(self.transport.recv("protocol"), peer)
+        self._agree_encoding(self.transport.recv("fraction_bits"), peer)
+
     def _send_protocol(self) -> None:
         self.transport.send("protocol", np.frombuffer(self.config.protocol.encode(), dtype=np.uint8))
+        self.transport.send("fraction_bits", np.array([self.config.fraction_bits], dtype=np.int64))
 
     def _start_backend(self) -> None:
         torch.set_num_threads(1)  # two parties on one machine: 10x slower with default threads
-        self.backend = backend_class(self.config.protocol).create(self.rank, self.transport, self.dealer)
+        self.backend = backend_class(self.config.protocol).create(
+            self.rank, self.transport, self.dealer, fraction_bits=self.config.fraction_bits
+        )
         self.backend.start()
         self.report.torch_threads = torch.get_num_threads()
 
@@ -251,6 +305,17 @@ class _TwoPartySession:
         raise NotImplementedError
 
 
+def server_graph(graph: Graph, weights: dict[str, np.ndarray], config: PartyConfig) -> Graph:
+    """The graph a server serves: with the configured input range (else the artifact's), checked
+    against the session's encoding before anything is shared (a ModelError naming the layer)."""
+    if config.input_range is not None:
+        graph = dataclasses.replace(graph, input_range=config.input_range)
+    report = check_model_range(graph, weights, config.fraction_bits, config.protocol)
+    if report is None:
+        log.info("the model declares no input range: the server cannot bound its activations (see --input-range)")
+    return graph
+
+
 class ServerParty(_TwoPartySession):
     """Owns the weights; listens for the client; never receives the output."""
 
@@ -259,13 +324,16 @@ class ServerParty(_TwoPartySession):
     def __init__(
         self, graph: Graph, weights: dict[str, np.ndarray], config: PartyConfig, listener: PartyListener | None = None
     ) -> None:
-        """`listener`: a listener shared with other sessions of this process; else one of its own."""
+        """`listener`: a listener shared with other sessions of this process (whose host checked the
+        graph: server_graph); else one of its own."""
         graph.check_weights(weights)
+        if listener is None:
+            graph = server_graph(graph, weights, config)
         super().__init__(config)
         self.graph = graph
         self.weights = weights
         self._own_listener = listener is None
-        self.listener = listener or PartyListener(SERVER, config.listen, config.options, config.tls)
+        self.listener = listener or PartyListener(SERVER, config.listen, config.options, config.tls, config.insecure)
         self.listener.peers.expect(self.transport)
         self.port, self.address = self.listener.port, self.listener.address
 
@@ -275,7 +343,7 @@ class ServerParty(_TwoPartySession):
         self.transport.wait_accepted()
         self._send_protocol()
         self.transport.send("graph", np.frombuffer(self.graph.to_json().encode(), dtype=np.uint8))
-        self._agree_protocol(self.transport.recv("protocol"), CLIENT)
+        self._agree(CLIENT)
         plan = self.transport.recv("plan")
         if plan.shape != (2,) or plan[0] < 1 or plan[1] < 1:
             raise ProtocolError(f"client sent an invalid batch plan {plan.tolist()}", origin=self.role)
@@ -307,6 +375,7 @@ class ClientParty(_TwoPartySession):
             raise ValueError("the client needs the server's address")
         if batch_size < 1:
             raise InputError(f"batch size must be at least 1, got {batch_size}")
+        inputs = check_input_array(inputs)  # real numbers, not empty
         if inputs.ndim < 2 or inputs.shape[0] < 1:
             raise InputError(f"input must be a batch of samples (N x ...), got shape {inputs.shape}")
         super().__init__(config)
@@ -325,7 +394,7 @@ class ClientParty(_TwoPartySession):
         start = time.perf_counter()
         self._connect_dealer()
         self.transport.dial(self.config.server_address, tls=self.config.tls)
-        self._agree_protocol(self.transport.recv("protocol"), SERVER)
+        self._agree(SERVER)
         self.graph = graph = self._receive_graph()
         if tuple(self.inputs.shape[1:]) != graph.input_shape:
             raise InputError(
@@ -337,6 +406,7 @@ class ClientParty(_TwoPartySession):
             check_ids(graph, self.inputs)  # an embedding model's input: integer ids in range
         except ValueError as err:
             raise InputError(str(err), origin=self.role) from None
+        check_declared_range(graph, self.inputs, origin=self.role)  # before any share is sent
         self._send_protocol()
         self.transport.send("plan", np.array([len(self.inputs), self.batch_size], dtype=np.int64))
         self._start_backend()
@@ -358,7 +428,7 @@ class DealerParty:
         """`listener`: a dealer listener shared with other sessions of this process; else one of its own."""
         self.config = config
         self._own_listener = listener is None
-        self.listener = listener or PartyListener(DEALER, config.listen, config.options, config.tls)
+        self.listener = listener or PartyListener(DEALER, config.listen, config.options, config.tls, config.insecure)
         self.servicer = self.listener.dealer
         self.servicer.open_session(config.session_id)
         self.port, self.address = self.listener.port, self.listener.address

@@ -95,6 +95,14 @@ def peer_cert_role(context: grpc.ServicerContext) -> str | None:
     return roles.pop() if len(roles) == 1 else None
 
 
+def peer_cert_digest(context: grpc.ServicerContext) -> str | None:
+    """The sha256 of the dialer's verified certificate (PEM), or None without TLS."""
+    import hashlib
+
+    pems = context.auth_context().get("x509_pem_cert", [])
+    return hashlib.sha256(pems[0]).hexdigest() if pems else None
+
+
 def check_peer_role(context: grpc.ServicerContext, allowed: tuple[str, ...], listener_role: str) -> str | None:
     """None if the dialer's certificate names one of `allowed` roles, else why it is refused."""
     role = peer_cert_role(context)

@@ -23,6 +23,7 @@ import numpy as np
 from twinfer.parties.errors import (
     AuthError,
     FrameTooLargeError,
+    LocalError,
     PeerError,
     PeerTimeoutError,
     ProtocolError,
@@ -38,6 +39,7 @@ from twinfer.parties.wire.framing import Framed, encode_framed, framed_decoder, 
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
+FAIL_GRACE_S = 0.5  # after a failure, how long the dialing end waits for the peer to take its error frame
 
 
 @dataclass(frozen=True)
@@ -384,17 +386,20 @@ class GrpcTransport(Transport):
                     )
                 )
             )
-        self.close()
+        self.close(grace_s=FAIL_GRACE_S)
 
-    def close(self) -> None:
+    def close(self, grace_s: float = 5.0) -> None:
+        """End the stream; the dialing end waits up to `grace_s` for the peer to finish its side."""
         if self._closed:
             return
         self._closed = True
         self._outgoing.put(None)
         if self._channel is not None:
             # Let the peer finish its side so queued frames are delivered before the channel goes.
+            # After a failure only briefly: a peer that stopped answering must not hold this party
+            # past its deadline (a silent peer ends a session within the timeout plus FAIL_GRACE_S).
             if self._reader is not None:
-                self._reader.join(timeout=min(5.0, self.options.recv_timeout_s))
+                self._reader.join(timeout=min(grace_s, self.options.recv_timeout_s))
             self._channel.close()
 
 
@@ -424,6 +429,11 @@ class PeerServicer:
     def expect(self, transport: GrpcTransport) -> None:
         """Route the next stream whose hello names `transport.session_id` to `transport`."""
         with self._lock:
+            if transport.session_id in self._waiting:
+                raise ProtocolError(
+                    f"session '{transport.session_id}' is already expected on this {self.role}: every session needs its own id",
+                    origin=self.role,
+                )
             self._waiting[transport.session_id] = transport
 
     def Exchange(self, request_iterator, context):  # noqa: N802 (gRPC's name)
@@ -486,9 +496,9 @@ def start_server(
         else:
             port = server.add_secure_port(listen, tls.server_credentials())
     except RuntimeError as err:  # gRPC raises on an address it cannot bind
-        raise PeerError(f"cannot listen on {listen}: {err}") from None
+        raise LocalError(f"cannot listen on {listen} (in use, or not an address of this machine): {err}") from None
     if port == 0:
-        raise PeerError(f"cannot listen on {listen}")
+        raise LocalError(f"cannot listen on {listen} (in use, or not an address of this machine)")
     server.start()
     return server, port
 

@@ -84,6 +84,7 @@ AFFINE_OPS = ("Conv", "Gemm", "Affine")  # linear in the activation, with the we
 MONOTONE_OPS = ("Relu", "Clip", "MaxPool", "AveragePool", "GlobalAveragePool", "Flatten", "Reshape", "Add", "Concat")
 AVERAGING_OPS = ("AveragePool", "GlobalAveragePool")  # times the public 1/k: one truncation
 FAILURE_PROBABILITY = 1e-4  # most an inference of one sample may risk a failed truncation (check_encoding)
+SOUND_SLACK = 100.0  # an interval bound can be that loose: refused only above FAILURE_PROBABILITY x this, warned above it
 FLOAT32_EPS = 2.0**-24  # logits are decoded to float32
 
 
@@ -332,8 +333,9 @@ class EncodingReport:
         """The findings in words, each naming its layer, with what to change."""
         findings = self.refused if findings is None else findings
         f = self.fraction_bits
-        lines = [f"layer '{x.node}' ({x.op}): {x.problem}" for x in findings]
-        text = f"with {f} fractional bits ({self.source}): " + "; ".join(lines)
+        lines = [f"layer '{x.node}' ({x.op}): {x.problem}" for x in findings[:3]]
+        more = f"; and {len(findings) - 3} more" if len(findings) > 3 else ""
+        text = f"with {f} fractional bits ({self.source}): " + "; ".join(lines) + more
         if self.suggested_bits is not None and self.suggested_bits != f:
             text += (
                 f". With --fraction-bits {self.suggested_bits} these values fit (coarser: the last place is "
@@ -384,6 +386,7 @@ def _findings(
                         f"-2^{pool_pad_bits - f} this backend pads max-pool windows with", True)
             )  # fmt: skip
     probability = float(sum(contributions.values()))
+    refuse_above = max_failure * (SOUND_SLACK if ranges.sound else 1.0)
     if probability > max_failure:
         worst = sorted(contributions, key=contributions.get, reverse=True)
         node = next(n for n in graph.nodes if n.name == worst[0])
@@ -393,8 +396,9 @@ def _findings(
                 node.name, node.op,
                 f"products reach {ranges.truncated.get(node.name, 0.0):.3g} before truncation; the two-party truncation of a "
                 f"value y fails (off by 2^{64 - 2 * f}) with probability |y| 2^{2 * f - 64}, which sums to {probability:.2g} "
-                f"per sample over the model ({share:.0%} from this layer), above the {max_failure:g} allowed",
-                refuse=not ranges.sound,  # a sound interval bound can be loose: a warning
+                f"per sample over the model ({share:.0%} from this layer), above the {max_failure:g} allowed"
+                + ("" if probability > refuse_above else " (by an interval bound, which can be loose: a warning)"),
+                refuse=probability > refuse_above,
             )
         )  # fmt: skip
     return findings, probability
@@ -407,18 +411,19 @@ def _error_estimate(graph: Graph, weights: dict[str, np.ndarray], ranges: ValueR
     """The stated error of the outputs when no truncation fails: ERROR_SIGMAS x their RMS error.
 
     Second moments of the errors, per element (float64), with u = 2^-f: encoding an input or a
-    weight errs by less than u (rounded or cut toward zero: mean square at most u^2/3), a
-    truncation by less than 2u (mean square at most u^2). Affine: m' = W^2 m + (u^2/3)
-    sum_fanin(|x| + e)^2 + u^2/3 (bias) + u^2, the errors of distinct inputs taken as
+    weight rounds it to the nearest multiple of u (both backends: mean square u^2/12, E); a
+    truncation errs by less than u per share (mean square at most 2u^2/3, T). Affine:
+    m' = W^2 m + E sum_fanin(|x| + e)^2 + E (bias) + T, the errors of distinct inputs taken as
     independent; ReLU, Clip: m' <= m; max-pool: the window's sum; shapes: moved; Add and
     averaging: RMS errors add (Minkowski, whatever their correlation); polynomial: (|c1| +
-    2|c2||x|)^2 m + |c2|^2 m^2 + (u^2/3)(1 + |x|^2 + |x|^4) + u^2 (|c2|^2 + 2); lookup:
-    u^2/3 + u^2. Decoding to float32 adds 2^-24 of the output. An estimate, not a worst case:
-    the worst case (every error of a sum the same sign) is far looser and never happens.
+    2|c2||x|)^2 m + |c2|^2 m^2 + E (1 + |x|^2 + |x|^4) + T (|c2|^2 + 2); lookup: E + T.
+    |x| is each element's peak. Decoding to float32 adds 2^-24 of the output. An estimate, not
+    a worst case: the worst case (every error of a sum of one sign) is far looser, never seen.
     """
     u2 = 2.0 ** (-2 * f)
+    enc, trunc = u2 / 12, 2 * u2 / 3
     tw = {k: torch.from_numpy(np.ascontiguousarray(v)).to(torch.float64) for k, v in weights.items()}
-    ms = {graph.input_name: torch.full((1, *graph.input_shape), u2 / 3, dtype=torch.float64)}
+    ms = {graph.input_name: torch.full((1, *graph.input_shape), enc, dtype=torch.float64)}
     peak = {k: v.to(torch.float64).unsqueeze(0) for k, v in ranges.peaks.items()}
     with torch.no_grad():
         for node in graph.nodes:
@@ -432,7 +437,7 @@ def _error_estimate(graph: Graph, weights: dict[str, np.ndarray], ranges: ValueR
                 zero = torch.zeros_like(m[0])
                 carried = op.plain(node, [m[0]], sq) - op.plain(node, [zero], sq)
                 fanin = op.plain(node, [(p[0] + m[0].sqrt()) ** 2], ones) - op.plain(node, [zero], ones)
-                out = carried + u2 / 3 * fanin + u2 / 3 * (len(w) > 1) + u2
+                out = carried + enc * fanin + enc * (len(w) > 1) + trunc
             elif node.op in ("Relu", "Clip"):
                 out = m[0]
             elif node.op == "MaxPool":
@@ -441,25 +446,40 @@ def _error_estimate(graph: Graph, weights: dict[str, np.ndarray], ranges: ValueR
             elif node.op in ("Flatten", "Reshape", "Concat"):
                 out = op.plain(node, m, w)
             elif node.op == "Add":
-                out = (m[0].sqrt() + m[1].sqrt()) ** 2 if len(m) > 1 else (m[0].sqrt() + (u2 / 3) ** 0.5) ** 2
+                out = (m[0].sqrt() + m[1].sqrt()) ** 2 if len(m) > 1 else (m[0].sqrt() + enc**0.5) ** 2
             elif node.op in AVERAGING_OPS:
                 k = float(np.prod(node.attrs["kernel"])) if node.op == "AveragePool" else float(np.prod(m[0].shape[2:]))
                 window = op.plain(node, [p[0] + m[0].sqrt()], w) * k  # the window's sum of |x|
-                out = op.plain(node, [m[0].sqrt()], w) ** 2 + u2 / 3 * window**2 + u2
+                out = op.plain(node, [m[0].sqrt()], w) ** 2 + enc * window**2 + trunc
             elif node.op == MASKED_RELU:
                 shape = m[0].shape
                 mask, _, c1, c2 = _poly_layout(node, tuple(shape[1:]))
                 x, d = p[0].reshape(1, -1), m[0].reshape(1, -1)
                 xe = x + d.sqrt()
-                poly = (c1.abs() + 2 * c2.abs() * x) ** 2 * d + c2 * c2 * d * d + u2 / 3 * (1 + xe**2 + xe**4) + u2 * (c2 * c2 + 2)
+                poly = (c1.abs() + 2 * c2.abs() * x) ** 2 * d + c2 * c2 * d * d + enc * (1 + xe**2 + xe**4) + trunc * (c2 * c2 + 2)
                 out = torch.where(mask, d, poly).reshape(shape)
             elif node.op == "Embedding":
-                out = torch.full((1, *node.attrs["out_shape"]), u2 / 3 + u2, dtype=torch.float64)
+                out = torch.full((1, *node.attrs["out_shape"]), enc + trunc, dtype=torch.float64)
             else:
                 raise GraphError(f"no error estimate for node '{node.name}' (op {node.op})")
             ms[node.output] = out
     final = ERROR_SIGMAS * ms[graph.output_name].sqrt() + peak[graph.output_name] * FLOAT32_EPS
     return float(final.max())
+
+
+PRECISION_REFUSED, PRECISION_WARNED = 0.1, 0.01  # stated error over the outputs' size
+
+
+def _precision(graph: Graph, error: float, output_peak: float, f: int) -> Finding | None:
+    """A refusal when the stated error exceeds 10% of the outputs' size, a warning above 1%."""
+    out = next(n for n in graph.nodes if n.output == graph.output_name)
+    size = max(output_peak, 1.0)
+    said = f"outputs may be off by about {error:.3g} (from 2^-{f} per input, weight and truncation), {error / size:.0%} of their size {output_peak:.3g}"
+    if error > PRECISION_REFUSED * size:
+        return Finding(out.name, out.op, f"{said}: too coarse to be an answer", True)
+    if error > PRECISION_WARNED * size:
+        return Finding(out.name, out.op, f"{said}: use more fractional bits if the range allows", False)
+    return None
 
 
 def check_encoding(
@@ -475,22 +495,31 @@ def check_encoding(
     """Hold `ranges` against what f fractional bits handle; see the module docstring.
 
     Refused: a value the encoding cannot hold, a product that wraps, a comparison too narrow, a
-    padded max-pool input at the pad, and (unless the ranges are a sound interval bound, which
-    can be loose: then a warning) a failure probability per sample above `max_failure`.
+    padded max-pool input at the pad, a failure probability per sample above `max_failure`
+    (from a sound interval bound, which can be loose: above SOUND_SLACK times that, a warning
+    below), and outputs whose stated error exceeds 10% of their size. A warning: a stated error
+    above 1% of it.
     """
-    findings, probability = _findings(graph, ranges, fraction_bits, narrow_comparisons, pool_pad_bits, max_failure)
+    args = (narrow_comparisons, pool_pad_bits, max_failure)
+    output_peak = float(ranges.peaks[graph.output_name].max())
+    findings, probability = _findings(graph, ranges, fraction_bits, *args)
+    error = _error_estimate(graph, weights, ranges, fraction_bits)
+    precision = _precision(graph, error, output_peak, fraction_bits)
+    findings += [precision] if precision is not None else []
     suggested = None
     if any(x.refuse for x in findings):
-        for bits in range(fraction_bits - 1, FRACTION_BITS_RANGE[0] - 1, -1):
-            if not any(x.refuse for x in _findings(graph, ranges, bits, narrow_comparisons, pool_pad_bits, max_failure)[0]):
+        range_refused = any(x.refuse for x in findings if x is not precision)
+        lo, hi = FRACTION_BITS_RANGE
+        candidates = range(fraction_bits - 1, lo - 1, -1) if range_refused else range(fraction_bits + 1, hi + 1)
+        for bits in candidates:
+            if any(x.refuse for x in _findings(graph, ranges, bits, *args)[0]):
+                if range_refused:
+                    continue
+                break  # more bits only narrow the range further
+            at = _precision(graph, _error_estimate(graph, weights, ranges, bits), output_peak, bits)
+            if at is None or not at.refuse:
                 suggested = bits
                 break
-    error = _error_estimate(graph, weights, ranges, fraction_bits)
-    output_peak = float(ranges.peaks[graph.output_name].max())
-    if not any(x.refuse for x in findings) and error > 0.01 * max(output_peak, 1.0):
-        out = next(n for n in graph.nodes if n.output == graph.output_name)
-        findings.append(
-            Finding(out.name, out.op, f"outputs may be off by about {error:.3g} (from 2^-{fraction_bits} per input, weight and "
-                    f"truncation), more than 1% of their size {output_peak:.3g}: use more fractional bits if the range allows", False)
-        )  # fmt: skip
+            if range_refused:
+                break  # fewer bits only lose more precision
     return EncodingReport(fraction_bits, ranges.source, probability, error, output_peak, findings, suggested)

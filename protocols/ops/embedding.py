@@ -5,11 +5,13 @@ Protocol (one-hot times table, as in CrypTen's and SecureML's private lookups):
      in plaintext: the encoding is public model structure (R travels in the graph).
   2. The client secret-shares the one-hot tensor X (N x F x R); the server shares its table T
      (R x d) once per session.
-  3. Both compute [X T] with one Beaver matrix product: each party opens its share of X - A and
-     T - B (A, B, AB come from the dealer), then combines locally; one round.
-  4. The fixed-point product is truncated locally (two-party SecureML truncation).
-Online bytes per batch are those of step 3: 8 * (N F R + R d) bytes each way, linear in the
-vocabulary R; rows dropped before deployment (never selected in DP training) shrink R.
+  3. Both compute [X T] with one Beaver matrix product: T - B was opened once, when the table
+     was shared (B fixed for the session); each batch opens only X - A (A and AB from the
+     dealer), then combines locally; one round.
+  4. The fixed-point product is truncated locally (two-party truncation).
+Online bytes per batch are those of step 3: 8 * N F R bytes each way (and 8 * R d once per
+session), linear in the vocabulary R; rows dropped before deployment (never selected in DP
+training) shrink R.
 
 The graph's Embedding node reads the model input (N x F ids) directly; `encode_input` is the
 client's step 1, applied just before the input is shared, and the secure layer sees one-hots.
@@ -23,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..backends.base import OPEN_BYTES
+from ..backends import DEFAULT_PROTOCOL, pricing_for
 from ..ir.graph import Graph, GraphError, Node
 from .registry import LayerCost, Op, register, size
 
@@ -31,7 +33,8 @@ EMBEDDING_OP = "Embedding"
 
 
 def lookup_opened(batch: int, fields: int, rows: int, dim: int) -> tuple[int, int]:
-    """Elements one lookup opens: X - A (N x F x R), and T - B (R x d)."""
+    """Elements a lookup's product involves: X - A (N x F x R, opened per batch), and T - B
+    (R x d; opened once per session by backends that fix the table's mask)."""
     return batch * fields * rows, rows * dim
 
 
@@ -120,8 +123,11 @@ class LookupCost:
     bytes_online: int  # both directions together
 
     @classmethod
-    def predict(cls, batch: int, fields: int, rows: int, dim: int) -> "LookupCost":
-        return cls(rounds=1, bytes_online=OPEN_BYTES * sum(lookup_opened(batch, fields, rows, dim)))
+    def predict(cls, batch: int, fields: int, rows: int, dim: int, protocol: str = DEFAULT_PROTOCOL) -> "LookupCost":
+        """The lookup's cost under `protocol`'s pricing, as the cost model prices the Embedding op."""
+        activations, table = lookup_opened(batch, fields, rows, dim)
+        step = pricing_for(protocol).product(activations, table, batch * fields * dim)
+        return cls(rounds=step.rounds, bytes_online=step.bytes_online)
 
 
 def _import_gather(imp, node, a):

@@ -8,6 +8,7 @@ CrypTen, `stop` undoes it.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import torch
@@ -30,6 +31,7 @@ class CryptenBackend(Backend):
         self.fraction_bits = check_fraction_bits(fraction_bits)
         self._crypten = None
         self._attached = False
+        self._constants: dict[int, tuple] = {}  # id(shared constant) -> (it, B's index, B_i, W - B)
 
     @classmethod
     def prepare(cls) -> None:
@@ -73,22 +75,71 @@ class CryptenBackend(Backend):
         # CrypTen's encoder cuts x * 2^f toward zero, an error of the same sign for every weight of
         # one sign; rounded to the grid first (exactly, in float64), the encoding rounds to nearest.
         scale = float(1 << self.fraction_bits)
-        return self._crypten.cryptensor(torch.round(value.to(torch.float64) * scale) / scale, src=src)
+        x = self._crypten.cryptensor(torch.round(value.to(torch.float64) * scale) / scale, src=src)
+        if constant is not None and self._dealer is not None:
+            # A session constant gets its own Beaver mask B now; W - B is opened once, here.
+            b_index = self._dealer.next_index()
+            b = correlations.fixed_b_draws(self._dealer.generator(b_index), tuple(x.size()))
+            delta = self._communicator.all_reduce(x._tensor.share - b)
+            self._constants[id(x)] = (x, b_index, b, delta)
+        return x
+
+    def _fixed_b_product(self, op: str, x: Any, w: Any, **kwargs) -> Any | None:
+        """Beaver (1991) with the constant's mask fixed for the session: open only E = X - A.
+
+        Party i holds c_i + op(E, B_i) + op(A_i, D), and party 0 also op(E, D), with D = W - B
+        opened at sharing; the product is then divided by the scale as CrypTen divides its own.
+        None when `w` is not a session constant (or there is no dealer): the caller uses CrypTen's.
+        """
+        entry = self._constants.get(id(w))
+        if entry is None or entry[0] is not w:
+            return None
+        _, b_index, b, delta = entry
+        index = self._dealer.next_index()
+        g = self._dealer.generator(index)
+        xs = x._tensor
+        a = correlations.fixed_b_draws(g, tuple(xs.share.shape))
+        if self.rank == 0:
+            request = json.dumps({"op": op, "x_size": list(xs.share.shape), "w_size": list(b.shape), "b_index": b_index, "kwargs": kwargs})
+            c = torch.from_numpy(self._dealer.request(correlations.FIXED_B, request, index)["share"].copy())
+        else:
+            c = correlations.fixed_b_draws(g, tuple(correlations.ring_product(op, torch.zeros_like(a), torch.zeros_like(b), kwargs).shape))
+        e = self._communicator.all_reduce(xs.share - a)
+        z = c + correlations.ring_product(op, e, b, kwargs) + correlations.ring_product(op, a, delta, kwargs)
+        if self.rank == 0:
+            z = z + correlations.ring_product(op, e, delta, kwargs)
+        result = xs.clone()
+        result.share = z
+        result = result.div_(result.encoder.scale)
+        out = x.clone()
+        out._tensor = result
+        return out
 
     def reveal(self, x: Any, dst: int) -> torch.Tensor | None:
-        return x.get_plain_text(dst=dst)
+        # The ring elements, decoded here: CrypTen's decoder misreads some negative values, by
+        # a whole unit (e.g. -511 / 2^8 decodes as -2.996 instead of -1.996).
+        ring = x.reveal(dst=dst)
+        return None if ring is None else (ring.to(torch.float64) / float(x.encoder.scale)).to(torch.float32)
 
     def cat(self, parts: list[Any], dim: int) -> Any:
         return self._crypten.cat(parts, dim=dim)
 
     def conv2d(self, x, w, *, stride, padding, dilation, groups):
-        return x.conv2d(w, stride=stride, padding=padding, dilation=dilation, groups=groups)
+        kwargs = {"stride": list(stride), "padding": list(padding), "dilation": list(dilation), "groups": int(groups)}
+        fixed = self._fixed_b_product("conv2d", x, w, **kwargs)
+        return fixed if fixed is not None else x.conv2d(w, stride=stride, padding=padding, dilation=dilation, groups=groups)
+
+    def linear(self, x, w):
+        fixed = self._fixed_b_product("linear", x, w)
+        return fixed if fixed is not None else x.matmul(w.t())
 
     def matmul(self, x, w):
-        return x.matmul(w)
+        fixed = self._fixed_b_product("matmul", x, w)
+        return fixed if fixed is not None else x.matmul(w)
 
     def mul(self, x, y):
-        return x * y
+        fixed = self._fixed_b_product("mul", x, y)
+        return fixed if fixed is not None else x * y
 
     def square(self, x):
         return x.square()

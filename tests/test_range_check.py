@@ -1,0 +1,217 @@
+"""The numeric range check (protocols/ir/ranges.py): every layer's values against what f
+fractional bits hold, the failure probability of the two-party truncation, the stated error,
+and fractional bits as a session parameter. In process; the launch path is in test_launch_checks.py."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from tests.test_backends import CASES, _graph, run_two_party
+from twinfer.protocols.backends import protocols
+from twinfer.protocols.backends.fss import ring
+from twinfer.protocols.ir.onnx_export import export_onnx
+from twinfer.protocols.ir.plain import run_plain
+from twinfer.protocols.ir.ranges import check_encoding, interval_ranges, observed_ranges
+from twinfer.parties.runtime.model_file import encoding_report, parse_model
+
+
+@pytest.fixture(scope="module")
+def cnn(fashion_cnn):
+    return parse_model(export_onnx(fashion_cnn, torch.zeros(1, 1, 28, 28)))
+
+
+@pytest.fixture(scope="module")
+def resnet(tiny_resnet):
+    return parse_model(export_onnx(tiny_resnet, torch.zeros(1, 1, 28, 28)))
+
+
+def _reference(graph, weights, x: np.ndarray) -> np.ndarray:
+    return run_plain(graph, {k: torch.from_numpy(v).double() for k, v in weights.items()}, torch.from_numpy(x).double()).numpy()
+
+
+# -- the analysis ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["cnn", "resnet"])
+def test_the_interval_bound_holds_for_every_input_in_the_range(request, model, fashion_test):
+    graph, weights = request.getfixturevalue(model)
+    bound = interval_ranges(graph, weights, (0.0, 1.0))
+    rng = np.random.default_rng(0)
+    samples = np.concatenate([
+        fashion_test[0][:32], rng.random((32, 1, 28, 28), dtype=np.float32),
+        np.zeros((1, 1, 28, 28), np.float32), np.ones((1, 1, 28, 28), np.float32),
+    ])  # fmt: skip
+    seen = observed_ranges(graph, weights, samples)
+    assert bound.sound and not seen.sound
+    for name, peak in seen.peaks.items():
+        assert torch.all(peak <= bound.peaks[name] * (1 + 1e-5) + 1e-5), name
+    for table in ("truncated", "compared"):
+        for node, value in getattr(seen, table).items():
+            assert value <= getattr(bound, table)[node] * (1 + 1e-5) + 1e-5, (table, node)
+    # and it is not vacuous: images reach a fair part of it (the CNN; the resnet's bound is far looser)
+    out = graph.output_name
+    assert model == "resnet" or float(seen.peaks[out].max()) > 0.01 * float(bound.peaks[out].max())
+
+
+def test_the_interval_bound_of_every_op_case():
+    """Each op's bound (polynomial sites, clips, pools, concat, affine, add) holds on random inputs."""
+    for name, (shape, nodes, weights) in CASES.items():
+        graph = _graph(shape, nodes, weights)
+        bound = interval_ranges(graph, weights, (-2.0, 2.0))
+        x = (np.random.default_rng(1).random((64, *shape)) * 4 - 2).astype(np.float32)
+        seen = observed_ranges(graph, weights, x)
+        for value, peak in seen.peaks.items():
+            assert torch.all(peak <= bound.peaks[value] + 1e-5), (name, value)
+
+
+def test_the_stated_probability_is_that_of_the_local_truncation():
+    """Shares of V (ring units) truncate wrongly with probability |V| / 2^64: the formula the check sums."""
+    rng = np.random.default_rng(2)
+    trials = 200_000
+    for value, expected in ((1 << 58, 2.0**-6), (1 << 40, 2.0**-24)):
+        x1 = torch.from_numpy(rng.integers(-(2**63), 2**63 - 1, trials, dtype=np.int64, endpoint=True))
+        x0 = torch.full((trials,), value, dtype=torch.int64) - x1  # wraps as the ring does
+        total = ring.truncate(x0, 0) + ring.truncate(x1, 1)
+        wrong = int((torch.abs(total - (value >> ring.FRACTION_BITS)) > 1).sum())
+        sigma = (trials * expected) ** 0.5
+        assert abs(wrong - trials * expected) < 5 * sigma + 1, (value, wrong, trials * expected)
+
+
+def test_the_failure_probability_sums_each_truncation(cnn, fashion_test):
+    graph, weights = cnn
+    x = fashion_test[0][:16]
+    seen = observed_ranges(graph, weights, x)
+    # by hand: every Conv/Gemm truncates its product (the output without its bias), once per element
+    tw = {k: torch.from_numpy(v) for k, v in weights.items()}
+    values, total = {graph.input_name: torch.from_numpy(x)}, 0.0
+    from twinfer.protocols.ops import op_for
+
+    for node in graph.nodes:
+        args, w = [values[i] for i in node.inputs], [tw[k] for k in node.weights]
+        if node.op in ("Conv", "Gemm"):
+            total += float(op_for(node).plain(node, args, w[:1]).abs().sum()) / len(x)
+        values[node.output] = op_for(node).plain(node, args, w)
+    for f in (16, 12):
+        report = check_encoding(graph, weights, seen, f)
+        assert report.failure_probability == pytest.approx(total * 2.0 ** (2 * f - 64), rel=1e-4)
+
+
+# -- what it refuses, and how it says so ------------------------------------------------------------------
+
+
+def test_the_demo_cnn_at_its_own_scale_passes_with_a_small_stated_error(cnn, fashion_test):
+    graph, weights = cnn
+    report = check_encoding(graph, weights, observed_ranges(graph, weights, fashion_test[0][:64]))
+    assert report.findings == [] and report.failure_probability < 1e-5 and report.error_bound < 0.01
+
+
+def test_a_scale_the_truncation_cannot_take_is_refused_naming_the_layer(cnn, fashion_test):
+    graph, weights = cnn
+    report = check_encoding(graph, weights, observed_ranges(graph, weights, fashion_test[0][:16] * 1e4), 16)
+    assert [f.node for f in report.refused] == ["/features/features.0/Conv"]
+    text = report.message()
+    assert "layer '/features/features.0/Conv' (Conv)" in text and "fails (off by 2^32) with probability |y| 2^-32" in text
+    assert f"{report.failure_probability:.2g} per sample" in text and "above the 0.0001 allowed" in text
+    assert report.suggested_bits == 12 and "--fraction-bits 12" in text
+    # where fewer bits hold the values, nothing is refused, and the stated error grows 2^16/2^12-fold
+    fewer = check_encoding(graph, weights, observed_ranges(graph, weights, fashion_test[0][:16] * 1e4), 12)
+    assert fewer.refused == [] and fewer.failure_probability == pytest.approx(report.failure_probability * 2.0**-8)
+    assert 8 < fewer.error_bound / report.error_bound < 24
+
+
+def test_a_product_that_wraps_is_refused_and_no_precision_holds_1e9(cnn, fashion_test):
+    graph, weights = cnn
+    seen = observed_ranges(graph, weights, fashion_test[0][:16] * 1e9)
+    report = check_encoding(graph, weights, seen, 16)
+    assert "wraps around beyond 2^31" in report.refused[0].problem and report.refused[0].node == "/features/features.0/Conv"
+    assert report.suggested_bits is None and "No number of fractional bits holds these values" in report.message()
+    coarse = check_encoding(graph, weights, seen, 4)  # the range fits, but the outputs would be noise
+    assert any("too coarse to be an answer" in f.problem for f in coarse.refused)
+
+
+def _copy(nodes):
+    return [dataclasses.replace(n, attrs=copy.deepcopy(n.attrs)) for n in nodes]  # CASES stay as they are
+
+
+def test_narrow_comparisons_and_max_pool_padding_are_checked():
+    shape, nodes, weights = CASES["conv_relu"]
+    graph = _graph(shape, _copy(nodes), weights)
+    graph.nodes[1].attrs["bits"] = 20  # an artifact's width: exact below 2^(20-1-16) = 8
+    seen = observed_ranges(graph, weights, np.full((1, *shape), 5.0, np.float32))
+    assert check_encoding(graph, weights, seen, narrow_comparisons=False).refused == []  # crypten compares on 64 bits
+    refused = check_encoding(graph, weights, seen, narrow_comparisons=True).refused
+    assert refused and "a comparison on 20 bits is exact only below 2^3" in refused[0].problem
+    pool = _graph((1, 4, 4), _copy(CASES["maxpool_avgpool"][1][:1]), {})
+    pool.nodes[0].attrs["padding"] = [1, 1]
+    low = observed_ranges(pool, {}, np.full((1, 1, 4, 4), -300.0, np.float32))
+    assert "padding value -2^8" in check_encoding(pool, {}, low, pool_pad_bits=24).refused[0].problem  # CrypTen's pad
+    assert check_encoding(pool, {}, low, pool_pad_bits=46).refused == []  # fss pads far lower
+
+
+def test_a_sound_bound_warns_where_only_its_looseness_crosses(resnet):
+    """The interval bound of the resnet over [0, 1] is far above what images do: a warning, not a refusal."""
+    graph, weights = resnet
+    report = encoding_report(graph, weights, interval_ranges(graph, weights, (0.0, 1.0)), 16, "crypten")
+    assert report.refused == [] and report.warnings and "per sample over the model" in report.warnings[0].problem
+
+
+# -- fractional bits as a session parameter -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("protocol", protocols())
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_op_at_other_fraction_bits_within_the_stated_error(protocol, case):
+    input_shape, nodes, weights = CASES[case]
+    graph = _graph(input_shape, nodes, weights)
+    x = (torch.randn(3, *input_shape, generator=torch.Generator().manual_seed(7)) * 2).numpy()
+    for bits in (10, 18):
+        report = encoding_report(graph, weights, observed_ranges(graph, weights, x), bits, protocol)
+        assert report.refused == [] and report.failure_probability < 1e-6  # a failed truncation would be a fluke
+        stated = report.error_bound
+        y = run_two_party(protocol, graph, weights, torch.from_numpy(x), fraction_bits=bits)[0].numpy()
+        error = np.abs(y - _reference(graph, weights, x)).max()
+        assert error <= stated, (bits, error, stated)
+        assert error < 2.0 ** (4 - bits) * 8  # and the bits were really used: finer with more of them
+
+
+@pytest.mark.parametrize("protocol", protocols())
+def test_the_demo_cnn_scaled_computes_within_the_stated_error(protocol, cnn, fashion_test):
+    graph, weights = cnn
+    for scale, bits in ((1.0, 16), (1e4, 12), (1e6, 9)):
+        x = (fashion_test[0][:4] * scale).astype(np.float32)
+        report = encoding_report(graph, weights, observed_ranges(graph, weights, x), bits, protocol)
+        assert report.refused == []
+        y = run_two_party(protocol, graph, weights, torch.from_numpy(x), fraction_bits=bits)[0].numpy()
+        assert np.abs(y - _reference(graph, weights, x)).max() <= report.error_bound, (scale, bits)
+
+
+def test_parties_with_other_fraction_bits_are_refused_by_name():
+    from twinfer.parties.errors import ProtocolError
+    from twinfer.parties.runtime.session import ClientParty, PartyConfig
+    from twinfer.protocols.roles import SERVER
+
+    config = PartyConfig(role="client", session_id="s", server_address="127.0.0.1:9", insecure_trusted_first_party=True, fraction_bits=12)
+    party = ClientParty(np.zeros((1, 4), np.float32), 1, config)
+    party._agree_encoding(np.array([12]), SERVER)  # the same: accepted
+    with pytest.raises(ProtocolError, match="the server encodes with 16 fractional bits but this client with 12: every party"):
+        party._agree_encoding(np.array([16]), SERVER)
+    for bad in (0, 31, 2.5):
+        with pytest.raises(ValueError, match="fraction bits must be an integer from 1 to 30"):
+            PartyConfig(role="client", session_id="s", fraction_bits=bad)
+
+
+@pytest.mark.parametrize("protocol", protocols())
+def test_values_are_rounded_to_the_grid_and_revealed_exactly(protocol):
+    """Encoding rounds to the nearest multiple of 2^-f (CrypTen's encoder alone cuts toward zero)
+    and the reveal decodes exactly (CrypTen's decoder alone reads -511/2^8 as -2.996)."""
+    from twinfer.protocols.ir.graph import Node
+
+    graph = _graph((4,), [Node("same", "Reshape", ("x",), "y", (), {"shape": [0, -1]})], {})
+    x = torch.tensor([[-511 / 256, 2.9 / 256, -2.9 / 256, 1000.5]])
+    y = run_two_party(protocol, graph, {}, x, fraction_bits=8)[0]
+    assert y.tolist() == [[-511 / 256, 3 / 256, -3 / 256, 1000.5]]
