@@ -4,6 +4,7 @@ within the stated error or refused before any party starts; never a wrong answer
 
 from __future__ import annotations
 
+import copy
 import re
 import subprocess
 import sys
@@ -23,8 +24,8 @@ SCALES = {1e4: 12, 1e6: 9, 1e9: None}  # scale -> the fractional bits the check 
 
 
 def _reference(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return model.double()(torch.from_numpy(x).double()).numpy()
+    with torch.no_grad():  # a double copy: .double() converts in place, and the model is a shared fixture
+        return copy.deepcopy(model).double()(torch.from_numpy(x).double()).numpy()
 
 
 @pytest.fixture(scope="module")

@@ -158,23 +158,31 @@ def test_a_server_range_its_encoding_cannot_hold_is_refused_before_it_listens(ca
     assert code == 2 and "LO < HI" in err
 
 
-def test_the_client_refuses_outside_the_declared_range_and_every_party_ends_with_its_id(artifact, fashion_test):
+def _one_session(graph, weights, inputs: np.ndarray, **client: object) -> dict:
+    """Dealer, server and client hosts in this process over gRPC on loopback: each role's outcome
+    of one session (`client`: settings of the client's PartyConfig)."""
     from twinfer.parties.runtime.host import ClientHost, DealerHost, ServerHost
-    from twinfer.parties.runtime.model_file import load_model
 
-    graph, weights = load_model(artifact)
     dealer = DealerHost(PartyConfig(role="dealer", session_id="-", options=FAST))
     server = ServerHost(graph, weights, PartyConfig(role="server", session_id="-", options=FAST, dealer_address=dealer.address))
-    client = ClientHost(PartyConfig(role="client", session_id="-", options=FAST, dealer_address=dealer.address, server_address=server.address))
+    config = PartyConfig(role="client", session_id="-", options=FAST, dealer_address=dealer.address, server_address=server.address, **client)
+    hosts = {"client": ClientHost(config), "server": server, "dealer": dealer}
     try:
         session = new_session_id()
         dealer.open(session)
         server.open(session)
-        client.open(session, fashion_test[0][:2] * 3, 2)
-        outcomes = {role: host.wait(30)[session] for role, host in (("client", client), ("server", server), ("dealer", dealer))}
+        hosts["client"].open(session, inputs, len(inputs))
+        return {role: host.wait(30)[session] for role, host in hosts.items()}
     finally:
-        for host in (client, server, dealer):
+        for host in hosts.values():
             host.close()
+
+
+def test_the_client_refuses_outside_the_declared_range_and_every_party_ends_with_its_id(artifact, fashion_test):
+    from twinfer.parties.runtime.model_file import load_model
+
+    graph, weights = load_model(artifact)
+    outcomes = _one_session(graph, weights, fashion_test[0][:2] * 3)
     failure = outcomes["client"]
     assert isinstance(failure, InputError) and "outside the model's declared input range [0, 1]" in str(failure)
     assert {o.error_id for o in outcomes.values()} == {failure.error_id}
@@ -297,3 +305,40 @@ def test_ray_session_folders_of_finished_runs_are_removed(tmp_path):
     removed = {p.name for p in prune_ray_sessions(tmp_path)}
     assert removed == {f"session_dead_old_{child.pid}", f"session_alive_ancient_{os.getpid()}"}
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"session_dead_new_{child.pid}", f"session_alive_{os.getpid()}"])
+
+
+def test_the_dealer_keeps_a_session_while_a_party_of_it_lives():
+    """A party busy elsewhere (a long batch, a client still dialing) keeps its dealer session: the
+    dealer ends one on its own deadline only when no party of it is left, never with another id."""
+    from twinfer.parties.dealer.client import DealerClient
+    from twinfer.parties.dealer.service import DealerServicer, add_dealer_servicer
+    from twinfer.parties.metrics import Metrics
+    from twinfer.parties.wire.transport import start_server
+
+    quick = TransportOptions(recv_timeout_s=1.0, connect_timeout_s=2.0)
+    servicer = DealerServicer(idle_timeout_s=quick.recv_timeout_s)
+    server, port = start_server([(servicer, add_dealer_servicer)], "127.0.0.1:0", quick)
+    try:
+        session = new_session_id()
+        servicer.open_session(session)
+        client = DealerClient(f"127.0.0.1:{port}", session_id=session, role="client", options=quick, metrics=Metrics())
+        start = time.monotonic()
+        ended = servicer.wait_finished(session, timeout_s=3.0)  # three idle deadlines, and no request
+        assert time.monotonic() - start >= 2.9 and ended.error.message.startswith("no request")  # only its own 3 s limit
+        assert "no request for 0 s" in ended.error.message or "no request for 1 s" in ended.error.message
+        client.close()
+        late = new_session_id()
+        servicer.open_session(late)
+        start = time.monotonic()
+        assert servicer.wait_finished(late, timeout_s=30.0).error.kind == "timeout"  # nobody left: its own deadline
+        assert time.monotonic() - start < 5
+    finally:
+        server.stop(grace=0)
+
+
+def test_parties_with_other_fraction_bits_end_with_one_error_naming_both(cnn, fashion_test):
+    graph, weights = cnn
+    outcomes = _one_session(graph, weights, fashion_test[0][:1], fraction_bits=12)
+    failure = outcomes["client"]
+    assert isinstance(failure, ProtocolError) and "the server encodes with 16 fractional bits but this client with 12" in str(failure)
+    assert {o.error_id for o in outcomes.values()} == {failure.error_id}

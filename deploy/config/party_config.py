@@ -7,7 +7,7 @@ output, address_file, tls) are relative to the folder of the config file. A flag
 command line wins over the file.
 
     role: server
-    session: demo-1
+    session: 3f2b9c0d5e8a41f6b7c2d9e0a1b4c5d6   # 128 random bits (shorter only with insecure: true)
     listen: 10.0.0.1:7700
     dealer: 10.0.0.3:7701
     model: model.onnx

@@ -38,6 +38,15 @@ class Audit:
             return value
 
         mpc_tensor.get_plain_text = get_plain_text
+        raw = mpc_tensor.reveal  # the ring elements, which the crypten backend decodes itself
+
+        def reveal(tensor, dst=None):
+            value = raw(tensor, dst=dst)
+            if value is not None:
+                self.revealed.append((value.double() / tensor.encoder.scale).tolist())
+            return value
+
+        mpc_tensor.reveal = reveal
         return self
 
     def write(self, path: str | Path) -> None:
