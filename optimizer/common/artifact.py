@@ -23,7 +23,7 @@ from torch import nn
 from twinfer.optimizer.common.hooks import run_hooked
 from twinfer.protocols import artifact_format as af
 from twinfer.protocols.ir.onnx_import import graph_from_onnx
-from twinfer.protocols.ir.ranges import comparison_widths, observed_ranges
+from twinfer.protocols.ir.ranges import observed_ranges, widths_from_ranges
 from twinfer.protocols.ir.onnx_export import export_onnx
 from twinfer.protocols.ops.activation import ActivationSite, apply_sites
 
@@ -120,7 +120,7 @@ def _calibration(graph, weights, calibration: np.ndarray, margin: float, widths:
     if not widths:
         return out
     return out | {
-        "comparison_bits": comparison_widths(graph, weights, calibration, margin),
+        "comparison_bits": widths_from_ranges(graph, observed.compared, margin),
         "comparison_calibration": {
             "samples": int(len(calibration)),
             "margin": margin,

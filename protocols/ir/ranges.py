@@ -68,14 +68,17 @@ def width_for(peak: float, margin: float, fraction_bits: int = FRACTION_BITS) ->
 def comparison_widths(graph: Graph, weights: dict[str, np.ndarray], samples: np.ndarray, margin: float = 4.0) -> dict[str, int]:
     """Per comparison node, the width that holds margin x its calibration range. A padded
     max-pool compares against its padding value, so it keeps the full width."""
+    return widths_from_ranges(graph, comparison_ranges(graph, weights, samples), margin)
+
+
+def widths_from_ranges(graph: Graph, compared: dict[str, float], margin: float = 4.0) -> dict[str, int]:
+    """comparison_widths from ranges already observed (ValueRanges.compared)."""
     if margin < 1:
         raise ValueError(f"the margin multiplies the observed range and must be at least 1, got {margin}")
-    widths = {}
-    for name, peak in comparison_ranges(graph, weights, samples).items():
-        node = next(n for n in graph.nodes if n.name == name)
-        padded = node.op == "MaxPool" and any(node.attrs.get("padding", [0]))
-        widths[name] = FULL_BITS if padded else width_for(peak, margin)
-    return widths
+    by_name = {n.name: n for n in graph.nodes}
+    return {
+        name: FULL_BITS if _is_padded_pool(by_name[name]) else width_for(peak, margin) for name, peak in compared.items()
+    }
 
 
 # -- value ranges of every layer ------------------------------------------------------------------

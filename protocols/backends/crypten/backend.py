@@ -103,7 +103,7 @@ class CryptenBackend(Backend):
             request = json.dumps({"op": op, "x_size": list(xs.share.shape), "w_size": list(b.shape), "b_index": b_index, "kwargs": kwargs})
             c = torch.from_numpy(self._dealer.request(correlations.FIXED_B, request, index)["share"].copy())
         else:
-            c = correlations.fixed_b_draws(g, tuple(correlations.ring_product(op, torch.zeros_like(a), torch.zeros_like(b), kwargs).shape))
+            c = correlations.fixed_b_draws(g, correlations.product_shape(op, a.shape, b.shape, kwargs))
         e = self._communicator.all_reduce(xs.share - a)
         z = c + correlations.ring_product(op, e, b, kwargs) + correlations.ring_product(op, a, delta, kwargs)
         if self.rank == 0:

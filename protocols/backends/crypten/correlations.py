@@ -108,6 +108,12 @@ def ring_product(op: str, a: torch.Tensor, b: torch.Tensor, kwargs: dict) -> tor
     return getattr(torch, op)(a, b, **kwargs)
 
 
+def product_shape(op: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...], kwargs: dict) -> tuple[int, ...]:
+    """The shape of op(a, b), from meta tensors: no arithmetic is done."""
+    meta = {"dtype": torch.int64, "device": "meta"}
+    return tuple(ring_product(op, torch.empty(a_shape, **meta), torch.empty(b_shape, **meta), kwargs).shape)
+
+
 def fixed_b_draws(generator: torch.Generator, size: tuple[int, ...]) -> torch.Tensor:
     patches.load_crypten()
     from crypten.common.rng import generate_random_ring_element

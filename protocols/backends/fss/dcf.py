@@ -123,13 +123,7 @@ class DcfKey:
     def from_bytes(cls, blob: bytes | bytearray | memoryview) -> "DcfKey":
         """The key `to_bytes` wrote; a blob cut short, too long or garbled raises ValueError."""
         blob = memoryview(blob).cast("B")
-        if len(blob) < _HEADER.size:
-            raise ValueError(f"DCF key blob truncated: {len(blob)} bytes, shorter than its {_HEADER.size}-byte header")
-        magic, version, party, bits, k, N = _HEADER.unpack_from(blob)
-        if magic != MAGIC:
-            raise ValueError(f"not a DCF key blob: magic {magic!r}, expected {MAGIC!r}")
-        if version != VERSION:
-            raise ValueError(f"DCF key blob version {version} is not supported (this code reads {VERSION})")
+        party, bits, k, N = read_header(blob, _HEADER, MAGIC, VERSION, "DCF key")
         if party not in (0, 1) or not 1 <= bits <= MAX_BITS or k < 1:
             raise ValueError(f"DCF key blob header garbled: party {party}, bits {bits}, payload words {k}")
         sections = (("seed", (N, 2)), ("seed_cw", (bits, N, 2)), ("value_cw", (bits, N, k)), ("final_cw", (N, k)))
@@ -155,6 +149,18 @@ def word_views(arrays: tuple[np.ndarray, ...]) -> list[memoryview]:
     """The arrays' bytes as little-endian uint64, without a copy where they already are: joined
     into a blob, they are copied once."""
     return [memoryview(np.ascontiguousarray(a, "<u8").reshape(-1)).cast("B") for a in arrays]
+
+
+def read_header(blob: memoryview, header: struct.Struct, magic: bytes, version: int, what: str) -> tuple:
+    """A key blob's header fields after its magic and version, which must be this code's."""
+    if len(blob) < header.size:
+        raise ValueError(f"{what} blob truncated: {len(blob)} bytes, shorter than its {header.size}-byte header")
+    found, found_version, *fields = header.unpack_from(blob)
+    if found != magic:
+        raise ValueError(f"not a {what} blob: magic {found!r}, expected {magic!r}")
+    if found_version != version:
+        raise ValueError(f"{what} blob version {found_version} is not supported (this code reads {version})")
+    return tuple(fields)
 
 
 def _body_words(N: int, bits: int, k: int) -> int:

@@ -29,7 +29,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from .dcf import HEADER_BYTES as DCF_HEADER_BYTES
-from .dcf import DcfKey, dcf_eval, dcf_keygen, key_bytes_per_element, word_views
+from .dcf import DcfKey, dcf_eval, dcf_keygen, key_bytes_per_element, read_header, word_views
 from .prg import AesCtrPrg
 
 U64 = np.uint64
@@ -97,13 +97,7 @@ class ReluKey:
     def from_bytes(cls, blob: bytes | bytearray | memoryview) -> "ReluKey":
         """The key `to_bytes` wrote; a blob cut short or garbled raises ValueError."""
         blob = memoryview(blob).cast("B")
-        if len(blob) < _HEADER.size:
-            raise ValueError(f"ReLU key blob truncated: {len(blob)} bytes, shorter than its {_HEADER.size}-byte header")
-        magic, version, party, bits, words, N = _HEADER.unpack_from(blob)
-        if magic != MAGIC:
-            raise ValueError(f"not a ReLU key blob: magic {magic!r}, expected {MAGIC!r}")
-        if version != VERSION:
-            raise ValueError(f"ReLU key blob version {version} is not supported (this code reads {VERSION})")
+        party, bits, words, N = read_header(blob, _HEADER, MAGIC, VERSION, "ReLU key")
         if party not in (0, 1) or not 2 <= bits <= 64 or words not in _KINDS:
             raise ValueError(f"ReLU key blob header garbled: party {party}, bits {bits}, payload words {words}")
         sizes = (("r", N), ("msb_r", N), ("msb_r_r", N if words == 2 else 0))
@@ -208,16 +202,20 @@ def _q_and_m(party: int, key: ReluKey, x_hat: np.ndarray) -> tuple[np.ndarray, n
     return q, qr, m
 
 
-def drelu_eval(party: int, key: ReluKey, x_hat: ArrayLike) -> np.ndarray:
-    """This party's additive share of DReLU(x) = [x >= 0] in Z_2^64, shaped like x_hat."""
-    shape = np.shape(x_hat)
-    xh = _x_hat(key, x_hat)
-    q, _, m = _q_and_m(party, key, xh)
+def _drelu_share(party: int, q: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The DReLU share (1 - 2m) q, plus the public m at party 0 only; and 1 - 2m."""
     one_m2 = _ONE - (m << _ONE)
     d = one_m2 * q
     if party == 0:
         d += m
-    return d.reshape(shape)
+    return d, one_m2
+
+
+def drelu_eval(party: int, key: ReluKey, x_hat: ArrayLike) -> np.ndarray:
+    """This party's additive share of DReLU(x) = [x >= 0] in Z_2^64, shaped like x_hat."""
+    shape = np.shape(x_hat)
+    q, _, m = _q_and_m(party, key, _x_hat(key, x_hat))
+    return _drelu_share(party, q, m)[0].reshape(shape)
 
 
 def relu_eval(party: int, key: ReluKey, x_hat: ArrayLike) -> np.ndarray:
@@ -227,12 +225,8 @@ def relu_eval(party: int, key: ReluKey, x_hat: ArrayLike) -> np.ndarray:
     shape = np.shape(x_hat)
     xh = _x_hat(key, x_hat)
     q, qr, m = _q_and_m(party, key, xh)
-    one_m2 = _ONE - (m << _ONE)
-    # DReLU share: (1 - 2m) q (+ m at party 0); DReLU r share: m r + (1 - 2m) q r
-    d = one_m2 * q
-    if party == 0:
-        d += m
-    dr = m * key.r
+    d, one_m2 = _drelu_share(party, q, m)
+    dr = m * key.r  # the share of DReLU r: m r + (1 - 2m) q r
     dr += one_m2 * qr
     d *= xh
     d -= dr
