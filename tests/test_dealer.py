@@ -365,6 +365,20 @@ def test_second_batch_of_a_size_is_prefetched(parties):
     assert server.prefetched_used == 6
 
 
+def test_prefetch_ahead_makes_the_next_batch_between_batches(parties):
+    server = parties.server
+    server.prefetch_ahead = True
+    for batch in range(3):
+        server.begin_batch(8, 8)
+        assert server._launched == {3 * b for b in range(1, batch + 1)}  # this batch's, never the next one's
+        _batch_of_triples(parties, [5, 6, 7])
+        server.end_batch(8, 8 if batch < 2 else None)
+        if batch < 2:  # end_batch returns once the next batch's parts are all here
+            assert sorted(server._ready) == [3 * (batch + 1) + i for i in range(3)]
+            assert not server._expected - server._ready.keys()
+    assert server.fetched_on_demand == 3 and server.prefetched_used == 6
+
+
 def test_prefetched_tuple_for_another_request_is_not_used(parties):
     server = parties.server
     server.begin_batch(8)

@@ -67,13 +67,15 @@ def test_clip_and_concat_private_equals_pytorch(protocol):
 
 @pytest.mark.parametrize("name", ["fashion_cnn", "tiny_resnet"])
 def test_demo_models_on_fss_equal_pytorch_within_0_01(name, request, fashion_test):
-    """Two batches of 2: the second runs on prefetched keys; the cost model prices both exactly."""
+    """Two batches of 2: the second runs on prefetched keys (the ResNet's fetched between the
+    batches: prefetch ahead); the cost model prices both exactly."""
     model = request.getfixturevalue(name).eval()
     x = torch.tensor(fashion_test[0][:4])
     onnx_bytes = export_onnx(model, x[:1])
     graph, _ = graph_from_onnx(onnx.load_from_string(onnx_bytes))
     reports = run_local_session(
-        onnx_bytes, x.numpy(), batch=2, options=TransportOptions(connect_timeout_s=60.0), timeout_s=240, protocol="fss"
+        onnx_bytes, x.numpy(), batch=2, options=TransportOptions(connect_timeout_s=60.0), timeout_s=240, protocol="fss",
+        prefetch_ahead=name == "tiny_resnet",
     )
     client = reports["client"]
     with torch.no_grad():

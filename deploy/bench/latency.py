@@ -38,7 +38,10 @@ def sweep_profiles() -> list[NetworkProfile]:
     return rtt + bw
 
 
-def _row(model: str, profile: NetworkProfile, shaping: str, batch: int, client: PartyReport) -> dict[str, Any]:
+OFFLINE_MODES = ("overlap", "ahead")
+
+
+def _row(model: str, profile: NetworkProfile, shaping: str, batch: int, client: PartyReport, offline: str = "overlap") -> dict[str, Any]:
     """One measured point; `label` is the model and, beside it, the protocol that ran."""
     steady = slice(1, None) if len(client.batch_latency_s) > 1 else slice(None)
     rounds = client.batch_rounds[-1]
@@ -58,6 +61,7 @@ def _row(model: str, profile: NetworkProfile, shaping: str, batch: int, client: 
         "label": f"{model} ({client.protocol})",
         "profile": profile.name,
         "shaping": shaping,
+        "offline": offline,
         "rtt_s": profile.rtt_s,
         "bandwidth_bps": profile.bandwidth_bps,
         "batch": batch,
@@ -77,21 +81,27 @@ def _row(model: str, profile: NetworkProfile, shaping: str, batch: int, client: 
 
 def measure(
     model: str, onnx_bytes: bytes, sample_shape: tuple[int, ...], profile: NetworkProfile, *, batch: int, reps: int,
-    protocol: str = DEFAULT_PROTOCOL,
+    protocol: str = DEFAULT_PROTOCOL, offline: str = "overlap",
 ) -> dict:
     """One session under `profile`, shaped in twinfer's transport.
 
     The dealer sits next to the server (its links unshaped), as in the kernel-shaped runs,
-    where it shares the server's namespace.
+    where it shares the server's namespace. `offline`: overlap (the dealer makes the next
+    batch's correlations while this one runs, as a service does back to back) or ahead (made
+    between batches: the online phase alone, with no dealer work competing for the CPU).
     """
+    if offline not in OFFLINE_MODES:
+        raise ValueError(f"offline mode must be one of {', '.join(OFFLINE_MODES)}, got '{offline}'")
     from twinfer.deploy.launch.local import run_local_session
 
     inputs = np.random.default_rng(0).random((batch * (1 + reps), *sample_shape), dtype=np.float32)
     # The server waits for the client while the client's process starts (imports torch and
     # crypten): on a loaded machine that takes far longer than the 10 s default.
     options = TransportOptions(recv_timeout_s=300, connect_timeout_s=120, network=profile)
-    reports = run_local_session(onnx_bytes, inputs, batch, options=options, prefetch=True, protocol=protocol)
-    return _row(model, profile, "transport", batch, reports["client"])
+    reports = run_local_session(
+        onnx_bytes, inputs, batch, options=options, prefetch=True, prefetch_ahead=offline == "ahead", protocol=protocol
+    )
+    return _row(model, profile, "transport", batch, reports["client"], offline)
 
 
 def measure_kernel(model: str, onnx_path: Path, sample_shape: tuple[int, ...], profile: NetworkProfile, *, batch: int, reps: int) -> dict:
@@ -105,13 +115,13 @@ def measure_kernel(model: str, onnx_path: Path, sample_shape: tuple[int, ...], p
 
 def print_table(rows: list[dict]) -> None:
     print(
-        f"{'model':<12} {'protocol':<8} {'profile':<22} {'shaping':<9} {'batch':>5} {'measured s':>10} {'bound s':>8} "
+        f"{'model':<12} {'protocol':<8} {'profile':<22} {'shaping':<9} {'offline':<7} {'batch':>5} {'measured s':>10} {'bound s':>8} "
         f"{'ratio':>6} {'rounds':>6} {'MB one way':>10} {'1st batch s':>11}"
     )
     for r in rows:
         ratio = f"{r['latency_over_lower_bound']:.2f}" if r["latency_over_lower_bound"] else "-"
         print(
-            f"{r['model']:<12} {r['protocol']:<8} {r['profile']:<22} {r['shaping']:<9} {r['batch']:>5} {r['latency_s']:>10.3f} "
+            f"{r['model']:<12} {r['protocol']:<8} {r['profile']:<22} {r['shaping']:<9} {r.get('offline', 'overlap'):<7} {r['batch']:>5} {r['latency_s']:>10.3f} "
             f"{r['lower_bound_s']:>8.3f} {ratio:>6} {r['rounds']:>6} {r['bytes_one_way'] / 1e6:>10.2f} "
             f"{r['first_batch_latency_s']:>11.3f}"
         )
@@ -181,25 +191,26 @@ def latency_study(
     onnx_paths: dict[str, Path] | None = None,
     out: Path,
     protocols: tuple[str, ...] = (DEFAULT_PROTOCOL,),
+    offline: tuple[str, ...] = ("overlap",),
 ) -> list[dict]:
     """Measure every model under every profile (and the sweeps) on every protocol, the protocols
     side by side in the same run; write JSON, table and plots. Kernel shaping runs the default
     protocol only."""
     from tqdm import tqdm
 
-    points: list[tuple[str, NetworkProfile, str, str]] = [
-        (m, p, "transport", proto) for m in models for p in profiles for proto in protocols
+    points: list[tuple[str, NetworkProfile, str, str, str]] = [
+        (m, p, "transport", proto, o) for m in models for p in profiles for o in offline for proto in protocols
     ]
     if sweep:
-        points += [(m, p, "transport", proto) for m in models for p in sweep_profiles() for proto in protocols]
-    points += [(m, p, "kernel", DEFAULT_PROTOCOL) for m in models for p in kernel_profiles]
+        points += [(m, p, "transport", proto, offline[0]) for m in models for p in sweep_profiles() for proto in protocols]
+    points += [(m, p, "kernel", DEFAULT_PROTOCOL, "overlap") for m in models for p in kernel_profiles]
     rows = []
-    for model, profile, shaping, protocol in tqdm(points, desc="latency study", unit="run"):
+    for model, profile, shaping, protocol, mode in tqdm(points, desc="latency study", unit="run"):
         data, shape = models[model]
         if shaping == "kernel":
             rows.append(measure_kernel(model, onnx_paths[model], shape, profile, batch=batch, reps=reps))
         else:
-            rows.append(measure(model, data, shape, profile, batch=batch, reps=reps, protocol=protocol))
+            rows.append(measure(model, data, shape, profile, batch=batch, reps=reps, protocol=protocol, offline=mode))
     out.mkdir(parents=True, exist_ok=True)
     (out / "latency.json").write_text(json.dumps(rows, indent=2))
     print_table(rows)
@@ -233,8 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernel", nargs="*", default=None, help="profiles to also run with kernel shaping (default: wan)")
     parser.add_argument("--out", type=Path, default=Path("results/network"))
     parser.add_argument("--protocols", default=DEFAULT_PROTOCOL, help="comma-separated backends, side by side (e.g. crypten,fss)")
+    add_offline_arg(parser)
     args = parser.parse_args(argv)
     protocols_run = parse_protocols(args.protocols)
+    offline = parse_offline(args.offline)
     models, paths = _demo_models()
     models = {m: models[m] for m in args.models}
     kernel = []
@@ -256,8 +269,26 @@ def main(argv: list[str] | None = None) -> int:
         onnx_paths=paths,
         out=args.out,
         protocols=protocols_run,
+        offline=offline,
     )
     return 0
+
+
+def add_offline_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--offline", default="overlap",
+        help="when the dealer makes a batch's correlations: overlap (while the previous batch runs, as a service "
+        "does back to back), ahead (between batches: online latency alone), or both, comma-separated",
+    )  # fmt: skip
+
+
+def parse_offline(text: str) -> tuple[str, ...]:
+    """'overlap,ahead' -> ('overlap', 'ahead'); anything else is refused before a party starts."""
+    modes = tuple(m.strip() for m in text.split(",") if m.strip())
+    bad = [m for m in modes if m not in OFFLINE_MODES]
+    if bad or not modes:
+        raise ValueError(f"--offline takes {' or '.join(OFFLINE_MODES)} (comma-separated), got '{text}'")
+    return modes
 
 
 def parse_protocols(text: str) -> tuple[str, ...]:

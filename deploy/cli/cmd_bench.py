@@ -8,7 +8,7 @@ from pathlib import Path
 from twinfer.parties.runtime.model_file import parse_model, read_model_bytes
 from twinfer.parties.wire.network_profile import parse_profile
 
-from ..bench.latency import latency_study, parse_protocols
+from ..bench.latency import add_offline_arg, latency_study, parse_offline, parse_protocols
 from ..bench.sweep import SweepConfig
 from ..bench.sweep import run_sweep as sweep
 
@@ -26,6 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("--out", type=Path, default=Path("results"))
     p.add_argument("--protocols", default="crypten", help="comma-separated backends, run side by side (e.g. crypten,fss)")
+    add_offline_arg(p)
     p.set_defaults(func=run)
     sweep = bench.add_parser("sweep", help="models x batch sizes x networks as Ray tasks: sweep.json, a table and plots")
     sweep.add_argument("--config", required=True, type=Path, help="sweep.yaml or .toml (models, batch_sizes, networks, reps, cpus_per_run)")
@@ -47,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     # Profiles are parsed first: a typo fails before any party starts.
     profiles = [parse_profile(p) for p in args.profiles.split(",") if p.strip()]
     protocols = parse_protocols(args.protocols)
+    offline = parse_offline(args.offline)
     if args.batch < 1 or args.reps < 1:
         raise ValueError("--batch and --reps must be at least 1")
     data = read_model_bytes(args.model)
@@ -59,5 +61,6 @@ def run(args: argparse.Namespace) -> int:
         sweep=args.sweep,
         out=args.out,
         protocols=protocols,
+        offline=offline,
     )
     return 0

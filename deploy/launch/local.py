@@ -253,6 +253,7 @@ def run_local_session(
     *,
     options: TransportOptions | None = None,
     prefetch: bool = True,
+    prefetch_ahead: bool = False,
     timeout_s: float = 900.0,
     protocol: str = DEFAULT_PROTOCOL,
     fraction_bits: int = DEFAULT_FRACTION_BITS,
@@ -264,7 +265,10 @@ def run_local_session(
     payloads = {DEALER: None, SERVER: onnx_bytes, CLIENT: (inputs, batch)}
 
     def spawn(role: str, **addresses: str | None) -> SpawnedParty:
-        config = party_config(role, session, options, prefetch=prefetch, protocol=protocol, fraction_bits=fraction_bits, **addresses)
+        config = party_config(
+            role, session, options, prefetch=prefetch, prefetch_ahead=prefetch_ahead, protocol=protocol, fraction_bits=fraction_bits,
+            **addresses,
+        )
         return SpawnedParty(ctx, role, config, payloads[role])
 
     return launch_local(spawn, timeout_s=timeout_s)

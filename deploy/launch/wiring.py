@@ -50,6 +50,7 @@ def party_config(
     insecure_trusted_first_party: bool = False,
     tls: dict[str, TlsIdentity] | None = None,
     prefetch: bool = True,
+    prefetch_ahead: bool = False,
     dealer_address: str | None = None,
     server_address: str | None = None,
     protocol: str = DEFAULT_PROTOCOL,
@@ -60,7 +61,7 @@ def party_config(
     """One role's PartyConfig; `tls` holds every role's identity (or is None: no TLS)."""
     return PartyConfig(
         role=role, session_id=session_id, options=options, insecure_trusted_first_party=insecure_trusted_first_party,
-        dealer_prefetch=prefetch, tls=tls[role] if tls else None, dealer_address=dealer_address, server_address=server_address,
+        dealer_prefetch=prefetch, prefetch_ahead=prefetch_ahead, tls=tls[role] if tls else None, dealer_address=dealer_address, server_address=server_address,
         protocol=protocol, fraction_bits=fraction_bits, input_range=input_range if role == SERVER else None, insecure=insecure,
     )  # fmt: skip
 

@@ -63,6 +63,7 @@ class DealerClient:
         options: TransportOptions,
         metrics: Metrics,
         prefetch: bool = True,
+        prefetch_ahead: bool = False,
         tls: TlsIdentity | None = None,
         protocol: str = DEFAULT_PROTOCOL,
     ) -> None:
@@ -71,6 +72,9 @@ class DealerClient:
         self.options = options
         self.metrics = metrics
         self.prefetch_enabled = prefetch
+        # Ahead: the next batch's parts are fetched between batches, and a batch starts only once
+        # they are here, so no dealer work or key traffic runs beside the online phase.
+        self.prefetch_ahead = prefetch_ahead
         self._downlink = LinkShaper(options.dealer_network)  # dealer -> this party
         self._half_rtt = options.dealer_network.rtt_s / 2 if options.dealer_network else 0.0
         self._channel = open_channel(address, role=role, peer_role=DEALER, options=options, tls=tls)
@@ -167,7 +171,7 @@ class DealerClient:
         self._recording = None
         span, entries = plan
         self._prefetch_batch(self._index, entries)
-        if next_batch_size == batch_size:
+        if next_batch_size == batch_size and not self.prefetch_ahead:
             self._prefetch_batch(self._index + span, entries)
 
     def _prefetch_batch(self, start: int, entries: list[tuple[int, str, str]]) -> None:
@@ -185,7 +189,8 @@ class DealerClient:
             name="twinfer-prefetch", daemon=True,
         ).start()
 
-    def end_batch(self, batch_size: int) -> None:
+    def end_batch(self, batch_size: int, next_batch_size: int | None = None) -> None:
+        """Drop what this batch left unused; ahead: fetch the next batch's parts and wait for them."""
         if self._recording is not None:
             self._plans[batch_size] = (self._index - self._batch_start, self._recording)
             self._recording = None
@@ -193,6 +198,21 @@ class DealerClient:
             for index in [i for i in self._ready if i < self._index]:
                 del self._ready[index]
             self._expected = {i for i in self._expected if i >= self._index}
+        plan = self._plans.get(next_batch_size) if self.prefetch_enabled and self.prefetch_ahead else None
+        if plan is not None:
+            self._prefetch_batch(self._index, plan[1])
+            self._wait_prefetched()
+
+    def _wait_prefetched(self) -> None:
+        """Until every prefetch under way has arrived or ended (what did not arrive is fetched on demand)."""
+        deadline = time.monotonic() + self.options.recv_timeout_s
+        with self._arrived:
+            while self._expected - self._ready.keys():
+                if not self._arrived.wait(timeout=max(0.0, deadline - time.monotonic())):
+                    raise PeerTimeoutError(
+                        f"dealer did not deliver the next batch's correlations within {self.options.recv_timeout_s:g} s",
+                        origin=self.role,
+                    )
 
     def _receive_prefetched(self, requests: list[pb.TupleRequest], keys: dict[int, tuple[str, str]]) -> None:
         parts: dict[int, list] = {}

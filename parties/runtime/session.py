@@ -52,6 +52,8 @@ class PartyConfig:
     options: TransportOptions = field(default_factory=TransportOptions)
     insecure_trusted_first_party: bool = False
     dealer_prefetch: bool = True  # have the dealer make a batch's tuples before they are needed
+    # and make the next batch's between batches, not while this one runs (online latency alone)
+    prefetch_ahead: bool = False
     tls: TlsIdentity | None = None  # mutual TLS on every link this party opens or accepts
     protocol: str = DEFAULT_PROTOCOL  # the secure backend; both parties of a session must agree
     fraction_bits: int = DEFAULT_FRACTION_BITS  # fixed-point precision; both parties of a session must agree
@@ -195,6 +197,7 @@ class _TwoPartySession:
             options=self.config.options,
             metrics=self.metrics,
             prefetch=self.config.dealer_prefetch,
+            prefetch_ahead=self.config.prefetch_ahead,
             tls=self.config.tls,
             protocol=self.config.protocol,
         )
@@ -261,7 +264,7 @@ class _TwoPartySession:
         after = self.metrics.total()
         self.report.batch_latency_s.append(time.perf_counter() - start)
         if self.dealer is not None:
-            self.dealer.end_batch(int(x.shape[0]))
+            self.dealer.end_batch(int(x.shape[0]), next_size)
         self.report.batch_sizes.append(int(x.shape[0]))
         self.report.batch_rounds.append(after.rounds - before.rounds)
         self.report.batch_bytes_online.append(

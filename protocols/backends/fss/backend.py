@@ -263,7 +263,7 @@ class FssBackend(Backend):
         index = self.dealer.next_index()
         blob = self.dealer.request(RELU, json.dumps({"n": n, "bits": bits}), index)["key"]
         try:
-            key = ReluKey.from_bytes(blob.tobytes())
+            key = ReluKey.from_bytes(blob)  # a view: the key is read, never copied again
         except ValueError as err:
             raise BackendError(f"fss backend got a malformed ReLU key from the dealer: {err}") from None
         if key.party != self.rank or key.n_elements != n or key.bits != bits:
