@@ -132,6 +132,16 @@ def test_secure_op_matches_plaintext_and_its_cost(protocol, case):
         assert bytes_offline == offline
 
 
+@pytest.mark.parametrize("protocol", protocols())
+def test_average_pooling_divides_within_one_unit_of_the_encoding(protocol):
+    """A 7 x 7 mean of values near 30: an encoded 1/49 (16 bits) alone would be 0.01 off."""
+    nodes = [Node("gap", "GlobalAveragePool", ("x",), "g"), Node("shape", "Reshape", ("g",), "y", (), {"shape": [0, -1]})]
+    graph = _graph((4, 7, 7), nodes, {})
+    x = 30 + torch.rand(2, 4, 7, 7, generator=torch.Generator().manual_seed(3))
+    y, *_ = run_two_party(protocol, graph, {}, x)
+    assert torch.max(torch.abs(y - x.mean(dim=(2, 3)))).item() <= 2 / 2**16
+
+
 def test_comparisons_count_every_compared_element():
     """ReLU: one per element; Clip with two bounds: two; a 2x2 max-pool window: three."""
     graph = _graph(*CASES["maxpool_avgpool"][:2], {})

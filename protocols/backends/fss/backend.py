@@ -17,7 +17,7 @@ server) and rank 1 (the client). Per op:
 4. ReLU: open x_hat = x + r (one round, one ring element each way), then evaluate this
    party's DCF key locally (`relu.py`); exact for every 64-bit value at the default width.
 5. Max-pool: a tree of max(a, b) = b + ReLU(a - b), one ReLU call per level (2 rounds for a
-   2x2 window). Average pooling: a local window sum times the public 1/k.
+   2x2 window). Average pooling: a local window sum divided by k, locally as a truncation is.
 6. Reveal: the other party sends its share.
 
 The backend holds its transport (send/recv/metrics) and its dealer client (the party's seed
@@ -286,8 +286,7 @@ class FssBackend(Backend):
 
     def avg_pool2d(self, x: FssShare, *, kernel, stride, padding) -> FssShare:
         windows = self._windows(x, kernel, stride, padding, 0)
-        total = self._wrap(windows.sum(dim=-1))
-        return total * (1.0 / float(np.prod(kernel)))
+        return self._wrap(ring.divide(windows.sum(dim=-1), self.rank, int(np.prod(kernel))))
 
     def _windows(self, x: FssShare, kernel, stride, padding, pad_value: int) -> torch.Tensor:
         data = x.data
