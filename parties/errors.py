@@ -53,6 +53,12 @@ class PeerTimeoutError(PeerError):
     kind = "timeout"
 
 
+class BusyError(PeerError):
+    """A standing server or dealer refused a new session: it runs as many as it may, or is draining."""
+
+    kind = "busy"
+
+
 class AuthError(PeerError):
     """A peer without an acceptable TLS certificate: none, another CA's, or another role's."""
 
@@ -86,6 +92,7 @@ def error_from_wire(kind: str, message: str, error_id: str, origin: str) -> Twin
     err_type = {
         "timeout": PeerTimeoutError,
         "auth": AuthError,
+        "busy": BusyError,
         "protocol": ProtocolError,
         "frame-too-large": FrameTooLargeError,
         "model": ModelError,

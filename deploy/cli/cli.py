@@ -6,9 +6,9 @@ import argparse
 import logging
 import sys
 
-from twinfer.parties.errors import InputError, LocalError, ModelError, PeerError, ProtocolError, TwinferError
+from twinfer.parties.errors import BusyError, InputError, LocalError, ModelError, PeerError, ProtocolError, TwinferError
 
-from . import cmd_bench, cmd_certs, cmd_demo, cmd_infer, cmd_optimize, cmd_party, cmd_train_dp
+from . import cmd_bench, cmd_certs, cmd_dealer, cmd_demo, cmd_infer, cmd_optimize, cmd_party, cmd_query, cmd_serve, cmd_train_dp
 
 # Exit codes, so scripts can tell failures apart.
 EXIT_OK = 0
@@ -19,6 +19,7 @@ EXIT_INPUT = 4  # input missing or not fitting the model
 EXIT_PEER = 5  # a peer unreachable, failed, or too slow
 EXIT_PROTOCOL = 6  # a message from another session, out of order, or too large; a reused session id
 EXIT_LOCAL = 7  # this machine cannot listen where asked, or cannot write the output
+EXIT_BUSY = 8  # a standing server or dealer runs all the sessions it may (or is shutting down): try later
 
 EXIT_CODES_HELP = """exit codes:
   0  success
@@ -29,11 +30,12 @@ EXIT_CODES_HELP = """exit codes:
   5  a peer unreachable, failed, or past its deadline
   6  protocol error: wrong or reused session id, unexpected message, frame too large
   7  local failure: cannot listen on the address (in use, not this machine's), cannot write --output
+  8  busy: the standing server (or dealer) runs --max-sessions sessions, or is shutting down; try again later
 """
 
 
 def exit_code(err: BaseException) -> int:
-    pairs = ((ModelError, EXIT_MODEL), (InputError, EXIT_INPUT), (PeerError, EXIT_PEER), (ProtocolError, EXIT_PROTOCOL), (LocalError, EXIT_LOCAL))
+    pairs = ((BusyError, EXIT_BUSY), (ModelError, EXIT_MODEL), (InputError, EXIT_INPUT), (PeerError, EXIT_PEER), (ProtocolError, EXIT_PROTOCOL), (LocalError, EXIT_LOCAL))
     for cls, code in pairs:
         if isinstance(err, cls):
             return code
@@ -49,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log what each party does")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (cmd_infer, cmd_party, cmd_demo, cmd_bench, cmd_certs, cmd_optimize, cmd_train_dp):
+    for module in (cmd_infer, cmd_party, cmd_serve, cmd_dealer, cmd_query, cmd_demo, cmd_bench, cmd_certs, cmd_optimize, cmd_train_dp):
         module.register(sub)
     return parser
 

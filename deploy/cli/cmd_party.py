@@ -130,13 +130,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _announce(args: argparse.Namespace, address: str) -> None:
-    if args.address_file:
-        tmp = Path(args.address_file + ".tmp")
+def announce(address_file: str | None, role: str, address: str) -> None:
+    """Where a listening party can be reached: written to `address_file`, else printed."""
+    if address_file:
+        tmp = Path(address_file + ".tmp")
         tmp.write_text(address)
-        tmp.rename(args.address_file)  # readers never see a half-written address
+        tmp.rename(address_file)  # readers never see a half-written address
     else:
-        print(f"{args.role} listening on {address}", flush=True)
+        print(f"{role} listening on {address}", flush=True)
 
 
 def _run_party(args: argparse.Namespace) -> dict:
@@ -195,7 +196,7 @@ def _serve(args: argparse.Namespace, host, sessions: list[str]) -> dict:
     try:
         for session_id in sessions:
             host.open(session_id)
-        _announce(args, host.address)
+        announce(args.address_file, args.role, host.address)
         results = host.wait(SERVE_TIMEOUT_S)
     finally:
         failed = not results or any(not isinstance(r, PartyReport) for r in results.values())

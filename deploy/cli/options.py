@@ -132,3 +132,33 @@ def run_private_inference(args, model: ModelLike, inputs: np.ndarray) -> Inferen
         tls_dir=getattr(args, "tls", None),
         progress=not args.json,
     )
+
+
+def add_standing_args(parser: argparse.ArgumentParser, role: str, default_listen: str) -> None:
+    """Options of a party that keeps running (`twinfer serve`, `twinfer dealer`)."""
+    parser.add_argument("--listen", default=default_listen, help=f"address to listen on (default {default_listen}; port 0 picks one)")
+    parser.add_argument("--address-file", help="write the bound address here once listening (else it is printed)")
+    parser.add_argument("--tls", help=f"folder from `twinfer certs`: present {role}.pem, accept only peers signed by ca.pem")
+    parser.add_argument(
+        "--metrics-port", type=int, default=None,
+        help="serve Prometheus metrics on http://METRICS_HOST:PORT/metrics (0 picks a port, printed at start)",
+    )  # fmt: skip
+    parser.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics page (default 127.0.0.1)")
+    parser.add_argument(
+        "--drain-timeout", type=float, default=30.0,
+        help="on SIGTERM: stop accepting, let running sessions finish for this long (seconds, default 30), then exit 0",
+    )  # fmt: skip
+    add_transport_args(parser)
+
+
+def standing_tls(args: argparse.Namespace, role: str) -> "TlsIdentity | None":  # noqa: F821 - imported below
+    """The TlsIdentity of `role` from --tls DIR, or None."""
+    from twinfer.parties.wire.tls import TlsIdentity
+
+    return TlsIdentity.from_dir(args.tls, role) if args.tls else None
+
+
+def refuse_trusted_first_party(args: argparse.Namespace, command: str) -> None:
+    """A standing server's sessions always have a dealer: the development-only TFP flag is refused, not ignored."""
+    if getattr(args, "insecure_trusted_first_party", False):
+        raise ValueError(f"twinfer {command} always uses a dealer (`twinfer dealer`); --insecure-trusted-first-party is for `twinfer party`")

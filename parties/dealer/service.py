@@ -61,6 +61,7 @@ class DealerSession:
     error: pb.Error | None = None
     bytes_sent: int = 0
     tuples: int = 0
+    started: float = field(default_factory=time.monotonic)
     last_active: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
     paired: dict[tuple, _Paired] = field(default_factory=dict)  # parts made but not yet taken
@@ -111,9 +112,14 @@ class DealerServicer:
                 "this caller presents another one",
             )
 
-    def _session(self, session_id: str, context: grpc.ServicerContext) -> DealerSession:
+    def _find(self, session_id: str, context: grpc.ServicerContext, create: bool) -> DealerSession | None:
+        """The session of `session_id`, or None; `create`: the caller asks for its seed (a dealer
+        that accepts sessions on demand makes one here: parties/dealer/on_demand.py)."""
         with self._lock:
-            session = self._sessions.get(session_id)
+            return self._sessions.get(session_id)
+
+    def _session(self, session_id: str, context: grpc.ServicerContext, create: bool = False) -> DealerSession:
+        session = self._find(session_id, context, create)
         if session is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"dealer: unknown session '{session_id}'")
         if session.error is not None:
@@ -128,7 +134,7 @@ class DealerServicer:
 
     def Seed(self, request, context):  # noqa: N802
         self._authorize(context, request.role)
-        session = self._session(request.session_id, context)
+        session = self._session(request.session_id, context, create=True)
         rank = RANKS.get(request.role)
         if rank is None:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"dealer: unknown role '{request.role}'")
@@ -138,7 +144,10 @@ class DealerServicer:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"dealer: {err}")
         with session.lock:
             if rank in session.seeded:
-                context.abort(grpc.StatusCode.ALREADY_EXISTS, f"dealer: {request.role} already has its seed")
+                context.abort(
+                    grpc.StatusCode.ALREADY_EXISTS,
+                    f"dealer: {request.role} already has its seed for session '{session.session_id}': an id admits each party once",
+                )
             # A party on another protocol than its peer is refused by the peer at their handshake,
             # with one error for the whole session; here each role may ask only for its own kinds.
             session.protocols[request.role] = request.protocol

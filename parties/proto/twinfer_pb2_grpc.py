@@ -299,3 +299,75 @@ class Dealer:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class ServeStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Open = channel.unary_unary(
+                '/twinfer.Serve/Open',
+                request_serializer=twinfer__pb2.OpenRequest.SerializeToString,
+                response_deserializer=twinfer__pb2.OpenReply.FromString,
+                _registered_method=True)
+
+
+class ServeServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Open(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ServeServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Open': grpc.unary_unary_rpc_method_handler(
+                    servicer.Open,
+                    request_deserializer=twinfer__pb2.OpenRequest.FromString,
+                    response_serializer=twinfer__pb2.OpenReply.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'twinfer.Serve', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('twinfer.Serve', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Serve:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Open(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/twinfer.Serve/Open',
+            twinfer__pb2.OpenRequest.SerializeToString,
+            twinfer__pb2.OpenReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

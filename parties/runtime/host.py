@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -47,6 +48,7 @@ class _Host:
         self._pool = ThreadPoolExecutor(max_workers=max_sessions, thread_name_prefix=f"twinfer-{template.role}")
         self._futures: dict[str, Future] = {}
         self._used: set[str] = set()  # every session id this host opened, finished or not
+        self._on_end: Callable[[str, PartyReport | TwinferError], None] | None = None
         self._lock = threading.Lock()
         listener = self.role != CLIENT
         self.listener = PartyListener(self.role, template.listen, template.options, template.tls, template.insecure) if listener else None
@@ -66,9 +68,28 @@ class _Host:
                 )
             self._used.add(session_id)
 
+    def on_end(self, callback: Callable[[str, PartyReport | TwinferError], None]) -> None:
+        """Hand each session's outcome to `callback` as it ends, and forget the session then
+        (a standing service: nobody calls wait, and a finished session must not be kept)."""
+        self._on_end = callback
+
     def _submit(self, session_id: str, fn, *args) -> None:
         with self._lock:
-            self._futures[session_id] = self._pool.submit(fn, *args)
+            future = self._futures[session_id] = self._pool.submit(fn, *args)
+        if self._on_end is not None:  # outside the lock: a future already done runs the callback here
+            future.add_done_callback(lambda f: self._ended(session_id, f))
+
+    def _ended(self, session_id: str, future: Future) -> None:
+        try:
+            outcome = future.result()
+        except TwinferError as err:
+            outcome = err
+        except BaseException as err:  # noqa: BLE001 - a cancelled or crashed session is still an outcome
+            outcome = TwinferError(f"session ended unexpectedly: {err!r}", origin=self.template.role)
+        with self._lock:
+            self._futures.pop(session_id, None)
+            self._forget(session_id)
+        self._on_end(session_id, outcome)
 
     def session_ids(self) -> list[str]:
         with self._lock:
@@ -120,11 +141,12 @@ class ServerHost(_Host):
         super().__init__(template, max_sessions)
         self.graph, self.weights = graph, weights
 
-    def open(self, session_id: str) -> None:
+    def open(self, session_id: str) -> ServerParty:
         """Expect a client for `session_id` from now on and serve it in its own thread."""
         self._reserve(session_id)
         party = ServerParty(self.graph, self.weights, self.config(session_id), listener=self.listener)
         self._submit(session_id, party.run)
+        return party
 
 
 class DealerHost(_Host):

@@ -105,8 +105,18 @@ class PartyListener:
     """
 
     def __init__(
-        self, role: str, listen: str, options: TransportOptions, tls: TlsIdentity | None = None, insecure: bool = False
+        self,
+        role: str,
+        listen: str,
+        options: TransportOptions,
+        tls: TlsIdentity | None = None,
+        insecure: bool = False,
+        *,
+        dealer: DealerServicer | None = None,
+        extra: tuple[tuple[object, Any], ...] = (),
     ) -> None:
+        """`dealer`: the dealer's servicer (default: one for the sessions it is told to expect);
+        `extra`: more (servicer, add_to_server) pairs on the same port, such as gRPC health."""
         if role not in (SERVER, DEALER):
             raise ValueError(f"only the server and the dealer listen, not the {role}")
         check_listen(listen, tls, insecure, role)
@@ -115,9 +125,9 @@ class PartyListener:
             self.peers = PeerServicer(peer_roles=(CLIENT,) if tls is not None else None, role=SERVER)
             servicers = [(self.peers, add_peer_servicer)]
         else:
-            self.dealer = DealerServicer(idle_timeout_s=options.recv_timeout_s, check_role_certs=tls is not None)
+            self.dealer = dealer or DealerServicer(idle_timeout_s=options.recv_timeout_s, check_role_certs=tls is not None)
             servicers = [(self.dealer, add_dealer_servicer)]
-        self._server, self.port = start_server(servicers, listen, options, tls)
+        self._server, self.port = start_server(servicers + list(extra), listen, options, tls)
         self.address = f"{listen.rsplit(':', 1)[0]}:{self.port}"
 
     def close(self, grace: float = 1.0) -> None:
@@ -364,6 +374,7 @@ class ServerParty(_TwoPartySession):
 
     def _shutdown(self, error: TwinferError | None) -> None:
         super()._shutdown(error)
+        self.listener.peers.forget(self.config.session_id)  # a client that never came must not find it later
         if self._own_listener:
             self.listener.close()
 
@@ -376,15 +387,21 @@ class ClientParty(_TwoPartySession):
     def __init__(self, inputs: np.ndarray, batch_size: int, config: PartyConfig) -> None:
         if not config.server_address:
             raise ValueError("the client needs the server's address")
+        inputs = self.check_inputs(inputs, batch_size)
+        super().__init__(config)
+        self.inputs = np.ascontiguousarray(inputs, dtype=np.float32)
+        self.batch_size = batch_size
+        self.graph: Graph | None = None
+
+    @staticmethod
+    def check_inputs(inputs: np.ndarray, batch_size: int) -> np.ndarray:
+        """The checks that need no model: a batch of real numbers (N x ...), a batch size of at least 1."""
         if batch_size < 1:
             raise InputError(f"batch size must be at least 1, got {batch_size}")
         inputs = check_input_array(inputs)  # real numbers, not empty
         if inputs.ndim < 2 or inputs.shape[0] < 1:
             raise InputError(f"input must be a batch of samples (N x ...), got shape {inputs.shape}")
-        super().__init__(config)
-        self.inputs = np.ascontiguousarray(inputs, dtype=np.float32)
-        self.batch_size = batch_size
-        self.graph: Graph | None = None
+        return inputs
 
     def _receive_graph(self) -> Graph:
         raw = self.transport.recv("graph")

@@ -188,6 +188,7 @@ class GrpcTransport(Transport):
         self._closed = False
         self._channel: grpc.Channel | None = None
         self._reader: threading.Thread | None = None
+        self.peer_address: str | None = None  # the accepting end: where the peer dialed from (for logs)
 
     # -- establishing the stream -------------------------------------------------------
 
@@ -436,6 +437,11 @@ class PeerServicer:
                 )
             self._waiting[transport.session_id] = transport
 
+    def forget(self, session_id: str) -> None:
+        """Stop expecting `session_id` (its session ended before the peer dialed in): a late dial is refused."""
+        with self._lock:
+            self._waiting.pop(session_id, None)
+
     def Exchange(self, request_iterator, context):  # noqa: N802 (gRPC's name)
         if self.peer_roles is not None:
             refused = check_peer_role(context, self.peer_roles, self.role)
@@ -461,6 +467,7 @@ class PeerServicer:
             )
             yield encode_frame(WireFrame(pb.Frame(session_id=hello.session_id, error=refusal)))
             return
+        transport.peer_address = context.peer()
         log.info("session %s: %s connected", hello.session_id, transport.peer_role)
         yield from transport._attach(request_iterator, context)
 

@@ -1,0 +1,1 @@
+"""A standing private-inference service: `twinfer serve`, `twinfer dealer`, and its Client."""
