@@ -35,7 +35,8 @@ def _graph(input_shape, nodes, weights) -> Graph:
 
 
 def run_two_party(protocol: str, graph: Graph, weights: dict[str, np.ndarray], x: torch.Tensor, fraction_bits: int = 16):
-    """Share weights (server) and input (client), evaluate, open to the client; returns (y, counts, bytes)."""
+    """Share weights (server) and input (client), evaluate, open to the client; returns (y, counts
+    (with the evaluation's `rounds`), online bytes, offline bytes)."""
     transports = MemoryTransport.pair(f"backend-{protocol}", timeout_s=30.0)
     cls = backend_class(protocol)
     dealer = LocalDealer()
@@ -54,6 +55,7 @@ def run_two_party(protocol: str, graph: Graph, weights: dict[str, np.ndarray], x
             counts: Counter = Counter()
             y = run_secure(graph, shared, xs, backend, counts=counts)
             after = transports[rank].metrics.total()
+            counts["rounds"] = after.rounds - before.rounds
             return backend.reveal(y, dst=RANKS[CLIENT]), counts, (after.bytes_sent + after.bytes_received) - (
                 before.bytes_sent + before.bytes_received
             )
@@ -127,6 +129,7 @@ def test_secure_op_matches_plaintext_and_its_cost(protocol, case):
     assert counts["relu_count"] == sum(c.relu_count for c in layers)
     assert counts["comparisons"] == sum(c.comparisons for c in layers)
     assert bytes_online == sum(c.bytes_online for c in layers)
+    assert counts["rounds"] == sum(c.rounds for c in layers)  # fss: a masked site's ReLUs and squares in one round
     offline = total_cost(layers).bytes_offline
     if offline is not None:  # a backend whose pricing states the dealer's bytes
         assert bytes_offline == offline

@@ -161,6 +161,7 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
         plt.close(fig)
         written.append(out / fname)
     layered = [r for r in rows if r["profile"] == "wan" and r["shaping"] == "transport"]
+    modes = {r.get("offline", "overlap") for r in layered}
     for r in layered:
         names = [n for n in r["layers_per_batch"]]
         compute = [r["layers_per_batch"][n]["compute_s"] for n in names]
@@ -170,10 +171,12 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
         ax.barh(names, wait, left=compute, label="waiting on the network")
         ax.invert_yaxis()
         ax.set_xlabel("seconds per batch")
-        ax.set_title(f"{r['model']} on {r['protocol']} under wan, batch {r['batch']}")
+        mode = r.get("offline", "overlap")
+        ax.set_title(f"{r['model']} on {r['protocol']} under wan, batch {r['batch']}, offline {mode}")
         ax.legend(fontsize=8)
         fig.tight_layout()
-        path = out / f"layers_{r['model']}_{r['protocol']}_wan.png"
+        tail = f"_{mode}" if len(modes) > 1 else ""  # both modes in one study: a plot each
+        path = out / f"layers_{r['model']}_{r['protocol']}_wan{tail}.png"
         fig.savefig(path, dpi=120)
         plt.close(fig)
         written.append(path)

@@ -103,6 +103,12 @@ class Pricing(abc.ABC):
     def max_pool(self, windows: int, n: int, bits: int = 64) -> Cost:
         """The maximum of each of `windows` windows of n elements."""
 
+    def relu_and_square(self, relus: int, squares: int, bits: int = 64) -> Cost:
+        """A masked site's ReLUs and squares (`Backend.relu_and_square`): one after the other here."""
+        a, b = self.relu(relus, bits), self.square(squares)
+        offline = None if a.bytes_offline is None or b.bytes_offline is None else a.bytes_offline + b.bytes_offline
+        return Cost(a.bytes_online + b.bytes_online, a.rounds + b.rounds, offline)
+
 
 class Backend(abc.ABC):
     """One session's secure protocol; a party builds it with its communicator and randomness."""
@@ -189,6 +195,11 @@ class Backend(abc.ABC):
     def relu(self, x: Any, bits: int | None = None) -> Any:
         """ReLU of every element; `bits`: the comparison width a backend may use (None: the full
         ring, exact for every value; fewer bits are exact while |x| < 2^(bits - 1) ring units)."""
+
+    def relu_and_square(self, x: Any, y: Any, bits: int | None = None) -> tuple[Any, Any]:
+        """(ReLU of x, square of y), independent of each other (a masked site's kept and other
+        positions); a backend that can open both in the same round overrides this."""
+        return self.relu(x, bits), self.square(y)
 
     @abc.abstractmethod
     def max_pool2d(self, x: Any, *, kernel: tuple, stride: tuple, padding: tuple, bits: int | None = None) -> Any: ...

@@ -13,7 +13,8 @@ Secure evaluation of a masked site (AutoReP's gather, which its public code leav
 1. gather the kept positions (a local index_select on shares) and run the backend's ReLU on
    that smaller tensor only: these are the only elements that pay for a secure comparison;
 2. gather the other positions and evaluate the polynomial: one Beaver square, then
-   multiplications by public coefficients and a public addition (local);
+   multiplications by public coefficients and a public addition (local); the square and the
+   ReLU are independent, so a backend that can opens both in one round (fss does);
 3. concatenate and scatter both parts back with the inverse permutation (local).
 
 Clip(x, lo, hi) with public bounds (ReLU6 is Clip(0, 6)) is lo + relu(x - lo) - relu(x - hi):
@@ -134,6 +135,11 @@ def plain_masked_relu(x: torch.Tensor, node: Node) -> torch.Tensor:
 
 
 
+def _polynomial(square, x, coeffs: torch.Tensor):
+    """c0 + c1 x + c2 x^2 per channel, from the square already made (public coefficients: local)."""
+    return square * coeffs[:, 2] + x * coeffs[:, 1] + coeffs[:, 0]
+
+
 def _relu(x, ctx: SecureContext, node: Node, relu_layer: bool = True):
     """The backend's ReLU at the node's comparison width, counting the elements compared."""
     n = int(x.nelement())
@@ -187,30 +193,33 @@ class MaskedRelu(Op):
         x = args[0]
         keep, rest, coeffs, inverse = _layout(node)
         flat = x.reshape(x.shape[0], -1)
-        parts = []
-        if len(keep):
-            parts.append(_relu(flat.index_select(1, keep), ctx, node))
-        if len(rest):
+        if len(keep) and len(rest):  # independent: a backend may open both in one round
+            kept, r = flat.index_select(1, keep), flat.index_select(1, rest)
+            ctx.count(comparisons=kept.nelement(), relu=kept.nelement())
+            relu, square = ctx.backend.relu_and_square(kept, r, comparison_bits(node))
+            joined = ctx.backend.cat([relu, _polynomial(square, r, coeffs)], dim=1)
+        elif len(keep):
+            joined = _relu(flat.index_select(1, keep), ctx, node)
+        else:
             r = flat.index_select(1, rest)
-            parts.append(ctx.backend.square(r) * coeffs[:, 2] + r * coeffs[:, 1] + coeffs[:, 0])
-        joined = parts[0] if len(parts) == 1 else ctx.backend.cat(parts, dim=1)
+            joined = _polynomial(ctx.backend.square(r), r, coeffs)
         return joined.index_select(1, inverse).reshape(x.shape)
 
     def cost(self, node, io, pricing):
         out = io.out(node)
         kept = int(node.attrs["elements"])
         relu, poly = io.batch * kept, io.batch * (out - kept)
-        a, b = pricing.relu(relu, comparison_bits(node)), pricing.square(poly)
+        step = pricing.relu_and_square(relu, poly, comparison_bits(node))
         return LayerCost(
             node.name,
             node.op,
             secure_mults=relu + poly,
-            bytes_online=a.bytes_online + b.bytes_online,
-            rounds=a.rounds + b.rounds,
+            bytes_online=step.bytes_online,
+            rounds=step.rounds,
             relu_count=relu,
             poly_count=poly,
             comparisons=relu,
-            bytes_offline=None if a.bytes_offline is None or b.bytes_offline is None else a.bytes_offline + b.bytes_offline,
+            bytes_offline=step.bytes_offline,
         )
 
     def pruned_attrs(self, node: Node, attrs: dict, have: int, full: int) -> dict:

@@ -230,10 +230,16 @@ class FssBackend(Backend):
         return self._beaver("mul", x, y, {})
 
     def square(self, x: FssShare) -> FssShare:
+        index, r = self._square_mask(x)
+        return self._square_from(x, index, r, self._open("fss.square", x.data - r))
+
+    def _square_mask(self, x: FssShare) -> tuple[int, torch.Tensor]:
         index = self.dealer.next_index()
+        return index, stream(self.dealer.key, index, _A, tuple(x.shape))
+
+    def _square_from(self, x: FssShare, index: int, r: torch.Tensor, e: torch.Tensor) -> FssShare:
+        """x^2 from the opened e = x - r: e^2 + 2 e r + r^2 (the server's share of r^2 from the dealer)."""
         shape = tuple(x.shape)
-        r = stream(self.dealer.key, index, _A, shape)
-        e = self._open("fss.square", x.data - r)
         if self.rank == SERVER_RANK:
             s = ring.from_numpy_u64(self.dealer.request(SQUARE, json.dumps({"shape": list(shape)}), index)["s"]).reshape(shape)
             z = e * e + 2 * e * r + s
@@ -246,17 +252,34 @@ class FssBackend(Backend):
     def relu(self, x: FssShare, bits: int | None = None) -> FssShare:
         """One round for the whole tensor; its keys come in chunks of at most KEY_CHUNK elements,
         so no single correlation (and no dealer buffer) grows with the layer."""
-        n = x.nelement()
-        if n == 0:
+        if x.nelement() == 0:
             return x
+        keys, mine = self._relu_masked(x, bits)
+        return self._relu_from(x, keys, self._open("fss.relu", mine))
+
+    def relu_and_square(self, x: FssShare, y: FssShare, bits: int | None = None) -> tuple[FssShare, FssShare]:
+        """x + r and y - s go in one message: a masked site's comparisons and squares share a round."""
+        if x.nelement() == 0 or y.nelement() == 0:
+            return super().relu_and_square(x, y, bits)
+        keys, mine = self._relu_masked(x, bits)
+        index, r = self._square_mask(y)
+        opened = self._open("fss.relu_square", torch.cat([mine, (y.data - r).reshape(-1)]))
+        n = x.nelement()
+        return self._relu_from(x, keys, opened[:n]), self._square_from(y, index, r, opened[n:].reshape(y.shape))
+
+    def _relu_masked(self, x: FssShare, bits: int | None) -> tuple[list[ReluKey], torch.Tensor]:
+        """This party's keys for x (in chunks of at most KEY_CHUNK) and its share of x + r, flat."""
+        n = x.nelement()
         bits = bits or self.bits
         flat = ring.to_numpy_u64(x.data.reshape(-1))
         keys = [self._relu_key(min(KEY_CHUNK, n - start), bits) for start in range(0, n, KEY_CHUNK)]
         mine = np.concatenate([masked_share(k, flat[i * KEY_CHUNK : i * KEY_CHUNK + k.n_elements]) for i, k in enumerate(keys)])
-        x_hat = self._open("fss.relu", ring.from_numpy_u64(mine)).numpy().view(np.uint64)
-        out = np.concatenate(
-            [relu_eval(self.rank, k, x_hat[i * KEY_CHUNK : i * KEY_CHUNK + k.n_elements]) for i, k in enumerate(keys)]
-        )
+        return keys, ring.from_numpy_u64(mine)
+
+    def _relu_from(self, x: FssShare, keys: list[ReluKey], x_hat: torch.Tensor) -> FssShare:
+        """ReLU(x) from the opened x + r: each chunk's DCF evaluated locally."""
+        xh = ring.to_numpy_u64(x_hat)
+        out = np.concatenate([relu_eval(self.rank, k, xh[i * KEY_CHUNK : i * KEY_CHUNK + k.n_elements]) for i, k in enumerate(keys)])
         return self._wrap(ring.from_numpy_u64(out).reshape(x.shape))
 
     def _relu_key(self, n: int, bits: int) -> ReluKey:

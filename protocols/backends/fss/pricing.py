@@ -5,6 +5,7 @@
 2. A square opens x - r: 16 bytes per element, one round.
 3. A ReLU opens x + r: 16 bytes per element (8 each way), one round, whatever the width.
 4. A max-pool over windows of n is a tree of n - 1 ReLUs per window, ceil(log2 n) rounds.
+5. A masked site's ReLUs (kept positions) and squares (the others) share their one round.
 
 Offline (the dealer's bytes to both parties, per batch): the server's share of each product
 (C_0: one ring element per output) and of each square (s_0); each party's ReLU key, a header
@@ -39,6 +40,11 @@ class FssPricing(Pricing):
 
     def relu(self, n: int, bits: int = 64) -> Cost:
         return Cost(OPEN_BYTES * n, 1, _keys(n, _chunks(n), bits)) if n else Cost(bytes_offline=0)
+
+    def relu_and_square(self, relus: int, squares: int, bits: int = 64) -> Cost:
+        """Both opened in one message: the round of either, the bytes and keys of both."""
+        a, b = self.relu(relus, bits), self.square(squares)
+        return Cost(a.bytes_online + b.bytes_online, max(a.rounds, b.rounds), a.bytes_offline + b.bytes_offline)
 
     def max_pool(self, windows: int, n: int, bits: int = 64) -> Cost:
         if n < 2:
