@@ -58,11 +58,17 @@ def fine_tune(base, method: str, budget: int, train, args) -> dict:
     return {"result": result, "train_s": time.perf_counter() - started}
 
 
-def private_run(model_bytes: bytes, images: np.ndarray, batch: int, batches: int, protocol: str = "crypten") -> dict:
+def private_run(
+    model_bytes: bytes, images: np.ndarray, batch: int, batches: int, protocol: str = "crypten", offline: str = "overlap"
+) -> dict:
     """Measured: rounds and online bytes of one batch, median latency of the batches after the
-    first (which records the dealer's plan), and the logits' agreement with plaintext."""
+    first (which records the dealer's plan), and the logits' agreement with plaintext. `offline`:
+    the dealer makes the next batch's correlations while this one runs (overlap) or between them (ahead)."""
     # A loaded 2-core machine can take more than the default 10 s to start a party process.
-    reports = run_local_session(model_bytes, images, batch, options=TransportOptions(connect_timeout_s=120), protocol=protocol)
+    reports = run_local_session(
+        model_bytes, images, batch, options=TransportOptions(connect_timeout_s=120), protocol=protocol,
+        prefetch_ahead=offline == "ahead",
+    )  # fmt: skip
     client = reports["client"]
     graph, weights = parse_model(model_bytes)
     with torch.no_grad():
@@ -70,6 +76,7 @@ def private_run(model_bytes: bytes, images: np.ndarray, batch: int, batches: int
     logits = np.asarray(client.logits)
     return {
         "protocol": protocol,
+        "offline": offline,
         "batch": batch,
         "batches_measured": batches - 1,
         "rounds": int(client.batch_rounds[1]),
@@ -150,6 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--resume", action="store_true", help="reuse artifacts of an earlier run with the same settings in --out")
     p.add_argument("--protocols", default="crypten,fss", help="backends the private runs use, crypten first (the reference)")
+    p.add_argument(
+        "--offline", default="overlap", choices=("overlap", "ahead"),
+        help="private runs: the dealer makes the next batch's correlations while a batch runs (overlap, as a service "
+        "back to back) or between batches (ahead: the online phase alone)",
+    )  # fmt: skip
     args = p.parse_args(argv)
     args.protocols = [x.strip() for x in args.protocols.split(",") if x.strip()]
     if not args.protocols or args.protocols[0] != "crypten":
@@ -223,11 +235,12 @@ def main(argv: list[str] | None = None) -> int:
 
     # The private cost of the original and of every AutoReP model, measured in this run.
     images = test[0][: args.private_batches * args.private_batch]
-    private = {"relu model": private_run(base_bytes, images, args.private_batch, args.private_batches)}
+    private = {"relu model": private_run(base_bytes, images, args.private_batch, args.private_batches, offline=args.offline)}
     for row in rows:
         if row["method"] == "autorep" and row["test_accuracy"] is not None:
             private[f"autorep-{row['budget']}"] = private_run(
-                read_model_bytes(artifacts[f"autorep-{row['budget']}"]), images, args.private_batch, args.private_batches
+                read_model_bytes(artifacts[f"autorep-{row['budget']}"]), images, args.private_batch, args.private_batches,
+                offline=args.offline,
             )
     ref = private["relu model"]
     for key, run in private.items():
@@ -238,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         for protocol in args.protocols:
             if protocol != "crypten":
                 model = base_bytes if key == "relu model" else read_model_bytes(artifacts[key])
-                other = private_run(model, images, args.private_batch, args.private_batches, protocol)
+                other = private_run(model, images, args.private_batch, args.private_batches, protocol, args.offline)
                 other["latency_ratio_vs_crypten"] = other["latency_s"] / run["latency_s"]
                 run[protocol] = other
 
@@ -250,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "relu_budget",
         "model": args.model,
         "protocols": list(args.protocols),
+        "offline": args.offline,
         "data": {"train": f"Fashion-MNIST train, first {args.train_samples} (10% held out)", "test": "Fashion-MNIST test, 10,000"},
         "epochs": args.epochs,
         "lr": args.lr,
@@ -301,7 +315,7 @@ def _print_tables(console: Console, report: dict) -> None:
             continue
         t.add_row(r["method"], str(r["budget"]), str(r["relu_count"]), f"{r['relu_reduction_x']:.1f}x", f"{r['test_accuracy']:.4f}", f"{r['accuracy_drop_points']:+.2f}", f"{r['accuracy_drop_vs_fine_tuned_relu_points']:+.2f}", f"{r['train_s']:.0f}" if r.get("train_s") else "-")
     console.print(t)
-    t = Table(title="private inference, measured (median batch after the first; three processes over gRPC, loopback)")
+    t = Table(title=f"private inference, measured (median batch after the first; three processes over gRPC, loopback; offline {report['offline']})")
     others = [p for p in report["protocols"] if p != "crypten"]
     cols = ["model", "ReLUs/img", "rounds", "MB online/img", "bytes ratio", "latency s", "latency ratio", "argmax agree"]
     for p in others:
