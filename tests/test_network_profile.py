@@ -46,6 +46,16 @@ def test_bad_profiles_are_named(spec, message):
         parse_profile(spec)
 
 
+def test_latency_study_options_are_checked_before_any_party_starts():
+    from twinfer.deploy.bench.latency import parse_offline, parse_protocols
+
+    assert parse_offline("overlap, ahead") == ("overlap", "ahead")
+    assert parse_protocols("crypten,fss") == ("crypten", "fss")
+    for bad in ("", "before", "ahead,later"):
+        with pytest.raises(ValueError, match="--offline takes overlap or ahead"):
+            parse_offline(bad)
+
+
 def test_lower_bound():
     wan = parse_profile("wan")
     assert wan.lower_bound_s(rounds=10, bytes_one_way=12_500_000) == pytest.approx(10 * 0.02 + 1.0)
