@@ -26,7 +26,30 @@ from .ops import CostInputs, LayerCost, op_for
 from .ops.linear import LINEAR_OPS
 from .ops.registry import size
 
-__all__ = ["BlockShape", "FILTER_BLOCKS", "LayerCost", "graph_cost", "total_cost", "prunable_layers", "pruned_graph"]
+__all__ = [
+    "BlockShape", "FILTER_BLOCKS", "LayerCost", "graph_cost", "total_cost", "prunable_layers", "pruned_graph",
+    "bytes_one_way", "link_time_s",
+]  # fmt: skip
+
+
+def link_time_s(rounds: int, bytes_one_way: float, rtt_s: float, bandwidth_bps: float | None) -> float:
+    """The network's share of a run: rounds * rtt/2 + bytes of the busier direction / bandwidth.
+
+    A round is a simultaneous exchange, so it waits one one-way delay; both directions carry
+    their bytes at once. The one formula for a link's lower bound (parties' NetworkProfile
+    uses it) and for the optimizer's predicted latency.
+    """
+    transfer = 0.0 if bandwidth_bps is None else bytes_one_way * 8 / bandwidth_bps
+    return rounds * rtt_s / 2 + transfer
+
+
+def bytes_one_way(cost: LayerCost) -> float:
+    """Bytes one layer puts on the busier direction: half its exchanges, or all of the output's opening.
+
+    Every opening sends one share each way (bytes_online counts both), except the output,
+    which goes server -> client only; so the client's inbound direction is the busier one.
+    """
+    return cost.bytes_online if cost.name == "reveal_output" else cost.bytes_online / 2
 
 
 @dataclass(frozen=True)

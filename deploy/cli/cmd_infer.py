@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from rich.console import Console
 
@@ -11,7 +12,7 @@ from twinfer.protocols.roles import CLIENT, DEALER, SERVER
 from twinfer.parties.runtime.model_file import load_input
 
 from .options import add_input_range_arg, add_insecure_arg, add_transport_args, positive_int, run_private_inference
-from .report import print_table, summary_rows
+from .report import predicted_beside_measured, print_predicted_beside_measured, print_table, summary_rows
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,8 +42,10 @@ def add_placement_args(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     inputs = load_input(args.input)
     result = run_private_inference(args, args.model, inputs)
+    predicted = _predicted(args.model)
+    cmp = None if predicted is None else predicted_beside_measured(predicted, result.client.layers, result.client.batch_latency_s)
     if args.json:
-        print(json.dumps(result.to_json_dict()))
+        print(json.dumps(result.to_json_dict() | ({} if cmp is None else {"predicted_beside_measured": cmp})))
         return 0
     console = Console()
     if result.logits.shape[1] == 1:  # one logit (e.g. a click or rating model): argmax is always 0
@@ -50,6 +53,25 @@ def run(args: argparse.Namespace) -> int:
     else:
         console.print("argmax per sample:", " ".join(str(int(i)) for i in result.logits.argmax(axis=1)))
     print_table("twinfer private inference", summary_rows(result.summary()), console)
+    if cmp is not None:
+        network = result.network.describe() if result.network is not None else "no --network"
+        if result.batch_size != 1 or cmp["protocol"] != result.client.protocol or cmp["network"] != network:
+            console.print(
+                f"[yellow]the artifact's prediction is for batch 1 on {cmp['protocol']} under {cmp['network']}; "
+                f"this run: batch {result.batch_size} on {result.client.protocol}, {network}[/]"
+            )
+        print_predicted_beside_measured(cmp, console)
     parties = ", ".join(f"{r.role} pid {r.pid}" for r in result.reports.values())
     console.print(f"parties: {parties}")
     return 0
+
+
+def _predicted(model: str) -> dict | None:
+    """The artifact's `cost_predicted` (written by `twinfer optimize --network/--latency-budget`), if any."""
+    manifest = Path(model) / "manifest.json"
+    if not manifest.is_file():
+        return None
+    try:
+        return json.loads(manifest.read_text()).get("cost_predicted")
+    except ValueError:
+        return None  # read_model_bytes has already checked the artifact; a bad manifest fails there

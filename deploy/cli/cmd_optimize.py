@@ -3,11 +3,16 @@
 --relu-budget learns ReLU masks and DaPa polynomials (AutoReP); --convert he-friendly and
 --prune-blocks run MOFHEI's conversion and packing-aware block pruning. With --convert and
 --relu-budget together, pooling is converted first and the masks are learned after.
+--latency-budget / --bytes-budget with --network and --protocol decide all three from the
+backend's cost model instead (optimizer/budget/search.py); the network profile is resolved
+here and the optimizer gets its plain numbers (optimizer/ does not import parties/).
+--data is a built-in data set or the user's own (.npz with x and y, or an image folder).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import time
@@ -22,8 +27,11 @@ from torch import nn
 from twinfer.optimizer.common.artifact import export_artifact
 from twinfer.optimizer.common.graph_module import GraphModule
 from twinfer.optimizer.common.training import evaluate_accuracy
+from twinfer.optimizer.common.validation import validation_split
 from twinfer.optimizer.data.datasets import load_fashion_mnist, load_mnist_digits
-from twinfer.parties.errors import ModelError
+from twinfer.optimizer.data.user_data import VALIDATION_FRACTION, DataError, Normalization, UserData, check_fits, load_user_data
+from twinfer.parties.errors import InputError, ModelError
+from twinfer.protocols.backends import DEFAULT_PROTOCOL, protocols
 from twinfer.protocols.ir.onnx_export import export_onnx
 
 DATASETS = ("fashion-mnist", "mnist")
@@ -35,7 +43,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("optimize", help="learn ReLU masks / convert and prune a model; write an artifact directory")
     p.add_argument("--model", required=True, help="ONNX file, or a torch class as 'package.module:Class' with --weights")
     p.add_argument("--weights", default=None, help="safetensors state dict for a --model given as an import path")
-    p.add_argument("--data", required=True, choices=DATASETS, help="training data set")
+    p.add_argument(
+        "--data", required=True,
+        help=f"training data: {' or '.join(DATASETS)}, a .npz file with arrays x (samples, channels first) and y "
+        "(class numbers), or a folder with one sub-folder of images per class (pixels scaled to [0, 1])",
+    )  # fmt: skip
+    p.add_argument(
+        "--normalize", default=None, metavar="MEAN,STD",
+        help="the normalisation the model expects, (x - MEAN) / STD, applied to the data once and recorded in the "
+        "artifact beside the input range; per channel as M1/M2/M3,S1/S2/S3",
+    )  # fmt: skip
     p.add_argument("--out", required=True, help="artifact directory to write")
     p.add_argument("--relu-budget", type=int, default=None, help="AutoReP: at most this many ReLU elements per sample")
     p.add_argument("--granularity", default="element", choices=("element", "channel", "polynomial"), help="AutoReP mask granularity (channel and polynomial are baselines)")
@@ -55,6 +72,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--comparison-margin", type=float, default=4.0,
         help="headroom factor over what the calibration samples reached in each layer: the server's range check "
         "and, with --comparison-bits auto, the comparison widths (default 4)",
+    )  # fmt: skip
+    p.add_argument(
+        "--latency-budget", type=float, default=None, metavar="S",
+        help="seconds per inference of one sample, predicted under --network on --protocol: the optimizer decides which "
+        "ReLUs are kept, which max-pools become average pools and (with --prune-blocks) how much to prune",
+    )  # fmt: skip
+    p.add_argument("--bytes-budget", type=int, default=None, metavar="B", help="online bytes per inference of one sample (one party, sent + received)")
+    p.add_argument("--network", default=None, help="the link the budget is for: loopback, lan, wan, mobile, or 'rtt=40ms,bw=100mbit'")
+    p.add_argument("--protocol", default=DEFAULT_PROTOCOL, choices=protocols(), help="the backend whose cost model prices the layers")
+    p.add_argument("--max-candidates", type=int, default=4, help="structures the budget search trains at most (default 4)")
+    p.add_argument(
+        "--calibrate-compute", action="store_true",
+        help="measure the local compute per layer with one session of the model under --network (three processes) "
+        "instead of the stored defaults; the prediction adds it to the link's lower bound",
     )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     p.set_defaults(func=run)
@@ -86,38 +117,81 @@ def load_trainable(spec: str, weights: str | None) -> nn.Module:
     return model.eval()
 
 
-def load_data(name: str, train_samples: int | None) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """(train, test) arrays of a data set; train is cut to `train_samples` when given."""
+def load_data(
+    name: str, train_samples: int | None, normalization: Normalization | None = None, seed: int = 0
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray], UserData | None]:
+    """(train, test, the user's data) of a data set; train is cut to `train_samples` when given.
+
+    The user's own data has no test split: a seeded tenth is held out (the one validation
+    split) and reported as the test accuracy; the methods hold out their own part of the rest.
+    """
+    user = None
     if name == "fashion-mnist":
         train, test = load_fashion_mnist("train"), load_fashion_mnist("test")
-    else:
+    elif name == "mnist":
         xt, yt, xs, ys = load_mnist_digits()
         train, test = (xt, yt), (xs, ys)
+    elif not Path(name).exists():
+        raise DataError(f"--data {name} is neither a built-in data set ({', '.join(DATASETS)}) nor an existing .npz file or image folder")
+    else:
+        user = load_user_data(name, normalization)
+        train, test = validation_split(user.x, user.y, fraction=VALIDATION_FRACTION, seed=seed, rounding="down")
+    if normalization is not None and user is None:
+        train, test = (normalization.apply(train[0]), train[1]), (normalization.apply(test[0]), test[1])
     if train_samples is not None:
         if train_samples < 10:
             raise ValueError(f"--train-samples must be at least 10, got {train_samples}")
         train = (train[0][:train_samples], train[1][:train_samples])
-    return train, test
+    return train, test, user
+
+
+def _check_user_data(model: nn.Module, user: UserData) -> None:
+    """The model's input shape (ONNX) and its number of outputs against the user's samples and labels."""
+    shape = tuple(model.graph.input_shape) if isinstance(model, GraphModule) else tuple(user.x.shape[1:])
+    if tuple(user.x.shape[1:]) == shape:
+        try:
+            with torch.no_grad():
+                logits = model.eval()(torch.as_tensor(user.x[:1]))
+        except RuntimeError as err:
+            raise ModelError(f"the model does not run on samples of shape {shape} from {user.source}: {err}") from None
+        classes = int(logits.shape[1]) if logits.ndim == 2 else 1
+    else:
+        classes = 0  # check_fits names the shape first
+    check_fits(user, shape, classes)
 
 
 def run(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
-    if args.relu_budget is None and args.convert is None and args.prune_blocks is None:
-        raise ValueError("nothing to do: give --relu-budget, --convert he-friendly and/or --prune-blocks")
+    budgeted = args.latency_budget is not None or args.bytes_budget is not None
+    if args.relu_budget is None and args.convert is None and args.prune_blocks is None and not budgeted:
+        raise ValueError("nothing to do: give --latency-budget/--bytes-budget, --relu-budget, --convert he-friendly and/or --prune-blocks")
     _check_options(args)
+    latency = _latency_model(args)  # an unknown --network fails before any data is loaded
     model = load_trainable(args.model, args.weights)
-    train, test = load_data(args.data, args.train_samples)
+    try:
+        normalization = Normalization.parse(args.normalize) if args.normalize else None
+        train, test, user = load_data(args.data, args.train_samples, normalization, args.seed)
+        if user is not None:
+            _check_user_data(model, user)
+    except DataError as err:
+        raise InputError(str(err)) from None
     example = torch.as_tensor(train[0][:1], dtype=torch.float32)
     try:
         export_onnx(model, example)  # fail now, not after training, if the model cannot export
         accuracy_before = evaluate_accuracy(model, *test)
     except RuntimeError as err:
         raise ModelError(f"the model does not run on {args.data} samples of shape {tuple(example.shape[1:])}: {err}") from None
+    if latency is not None and args.calibrate_compute:
+        latency = dataclasses.replace(latency, compute=measure_compute(export_onnx(model, example), tuple(example.shape[1:]), latency))
     started = time.perf_counter()
     manifest: dict = {"dataset": args.data, "seed": args.seed, "accuracy_before": accuracy_before, "methods": []}
-    if args.convert is not None or args.prune_blocks is not None:
+    manifest["data"] = user.manifest() if user is not None else {"source": args.data}
+    manifest["input_normalization"] = None if normalization is None else normalization.as_dict()
+    if budgeted:
+        model = _budget_search(model, train, args, latency, manifest)
+    if not budgeted and (args.convert is not None or args.prune_blocks is not None):
         model = _mofhei(model, train, args, manifest)
-    if args.relu_budget is not None:
+    if not budgeted and args.relu_budget is not None:
         model = _autorep(model, train, args, manifest)
     manifest["accuracy_after"] = evaluate_accuracy(model, *test)
     manifest["optimize_s"] = round(time.perf_counter() - started, 1)
@@ -127,18 +201,44 @@ def run(args: argparse.Namespace) -> int:
         widths=args.comparison_bits == "auto",
     )  # fmt: skip
     written = json.loads((out / "manifest.json").read_text())
+    if latency is not None:  # priced on the artifact's own graph (sites and widths applied), after writing it
+        from twinfer.optimizer.mofhei.mofhei import artifact_graph
+
+        written["cost_predicted"] = latency.report(artifact_graph(out))
+        (out / "manifest.json").write_text(json.dumps(written, indent=2) + "\n")
     if args.json:
         print(json.dumps(written))
     else:
         console.print(
             f"wrote {out}: relu_count {written['relu_count']} per sample, test accuracy "
-            f"{written['accuracy_before']:.4f} -> {written['accuracy_after']:.4f} ({args.data}, {len(test[0])} test samples)"
+            f"{written['accuracy_before']:.4f} -> {written['accuracy_after']:.4f} ({args.data}, {len(test[0])} "
+            f"{'held-out' if user is not None else 'test'} samples)"
         )
+        if latency is not None:
+            total = written["cost_predicted"]["total"]
+            console.print(
+                f"predicted on {latency.protocol} under {latency.network}: {total['latency_s']:.3f} s per sample "
+                f"({total['link_s']:.3f} s link + {total['compute_s']:.3f} s compute), {total['rounds']} rounds, "
+                f"{total['bytes_online']:,} bytes online"
+            )
     return 0
 
 
 def _check_options(args: argparse.Namespace) -> None:
     """Every option's value, before any data is loaded or a step trained."""
+    budgeted = args.latency_budget is not None or args.bytes_budget is not None
+    if budgeted and (args.relu_budget is not None or args.convert is not None):
+        raise ValueError("--latency-budget/--bytes-budget decide the ReLUs and the pooling themselves: drop --relu-budget and --convert")
+    if args.calibrate_compute and args.network is None:
+        raise ValueError("--calibrate-compute measures the compute under --network PROFILE: give one")
+    if args.latency_budget is not None and args.network is None:
+        raise ValueError("--latency-budget needs --network PROFILE (loopback, lan, wan, mobile, or 'rtt=40ms,bw=100mbit')")
+    if budgeted:
+        from twinfer.optimizer.budget.search import Budget
+
+        Budget(args.latency_budget, args.bytes_budget)  # a budget that makes no sense fails here
+        if args.max_candidates < 1:
+            raise ValueError(f"--max-candidates must be at least 1, got {args.max_candidates}")
     if args.comparison_margin < 1:
         raise ValueError(f"--comparison-margin multiplies the observed range and must be at least 1, got {args.comparison_margin}")
     from twinfer.optimizer.autorep.autorep import AutoRepConfig
@@ -184,4 +284,72 @@ def _mofhei(model: nn.Module, train, args: argparse.Namespace, manifest: dict) -
     )
     manifest["methods"].append("mofhei")
     manifest.update(result.manifest)
+    return result.model
+
+
+def _latency_model(args: argparse.Namespace):
+    """The budget's link and backend as the optimizer's LatencyModel (None without --network or a budget)."""
+    from twinfer.optimizer.budget.latency import DEFAULT_COMPUTE, LatencyModel
+    from twinfer.parties.wire.network_profile import parse_profile
+
+    if args.network is None and args.bytes_budget is None:
+        return None
+    profile = parse_profile(args.network or "loopback")
+    return LatencyModel(args.protocol, profile.describe(), profile.rtt_s, profile.bandwidth_bps, DEFAULT_COMPUTE[args.protocol])
+
+
+def measure_compute(onnx_bytes: bytes, sample_shape: tuple[int, ...], link, batches: int = 4):
+    """The compute model of `link` (a LatencyModel) fitted to one session of batch 1 on that link.
+
+    Three local processes over gRPC, the link shaped in the transport (the dealer beside the
+    server); what each layer took beyond its share of the link is its compute. Measured on the
+    link itself, not on loopback: there the dealer's work for the next batch competes with the
+    parties for the CPU, under a real link it runs while they wait.
+    """
+    from twinfer.deploy.launch.local import run_local_session
+    from twinfer.optimizer.budget.latency import ComputeModel
+    from twinfer.parties.runtime.model_file import parse_model
+    from twinfer.parties.wire.network_profile import NetworkProfile
+    from twinfer.parties.wire.transport import TransportOptions
+    from twinfer.protocols.cost_model import graph_cost
+
+    inputs = np.random.default_rng(0).random((batches, *sample_shape), dtype=np.float32)
+    profile = NetworkProfile(link.network, link.rtt_s, link.bandwidth_bps)
+    options = TransportOptions(connect_timeout_s=120, recv_timeout_s=300, network=profile)
+    client = run_local_session(onnx_bytes, inputs, 1, options=options, protocol=link.protocol)["client"]
+    latency = float(np.median(client.batch_latency_s[1:])) if batches > 1 else client.batch_latency_s[0]
+    # Layers are counted over the whole session, the first batch (which records the dealer's
+    # plan) included: scaled to a steady batch, so they and the batch's latency agree.
+    steady = latency / float(np.mean(client.batch_latency_s))
+    graph = parse_model(onnx_bytes)[0]
+    costs = graph_cost(graph, 1, link.protocol)
+    links = {r["layer"]: r["link_s"] for r in dataclasses.replace(link, compute=ComputeModel()).layers(graph)}
+    measured = {
+        n: {"wall_s": max(0.0, c["wall_s"] / batches * steady - links.get(n, 0.0))}
+        for n, c in client.layers.items() if n not in ("", "share_weights")
+    }  # fmt: skip
+    rest = latency - sum(links.values())
+    return ComputeModel.fit(costs, measured, rest, f"fitted to a session under {link.network} on this machine ({link.protocol}, batch 1)")
+
+
+def _budget_search(model: nn.Module, train, args: argparse.Namespace, latency, manifest: dict) -> nn.Module:
+    from twinfer.optimizer.autorep.autorep import AutoRepConfig
+    from twinfer.optimizer.budget.search import Budget, search
+    from twinfer.optimizer.mofhei.block_pruning import PruneConfig
+    from twinfer.optimizer.mofhei.he_friendly import FitConfig
+
+    budget = Budget(args.latency_budget, args.bytes_budget)
+    config = AutoRepConfig(relu_budget=0, granularity=args.granularity, epochs=args.epochs, penalty=args.penalty, seed=args.seed)
+    sparsities = (0.0,) if args.prune_blocks is None else tuple(sorted({0.0, args.prune_blocks / 2, args.prune_blocks}))
+    # Pruning's stages scale with --epochs, as AutoReP's do: minutes on two cores, not MOFHEI's hours.
+    epochs = max(1, round(args.epochs))
+    pruning = PruneConfig(search=FitConfig(epochs=epochs, patience=2), settle=FitConfig(epochs=epochs, patience=2))
+    fit, val = validation_split(*train, fraction=0.1, seed=args.seed, rounding="down", at_least=1)
+    result = search(
+        model, fit, val, latency, budget, autorep=config, sparsities=sparsities, pruning=pruning,
+        max_candidates=args.max_candidates, progress=not args.json,
+        calibration=train[0][:CALIBRATION_SAMPLES], margin=args.comparison_margin,
+    )  # fmt: skip
+    manifest["methods"].append("budget")
+    manifest["budget_search"] = result.manifest(budget, latency)
     return result.model

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 from rich.console import Console
@@ -53,3 +54,58 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, Any]]:
         if "network" in summary
         else []
     )
+
+
+def predicted_beside_measured(predicted: dict[str, Any], layers: dict[str, dict], batch_latency_s: list[float]) -> dict[str, Any]:
+    """The manifest's predicted cost per layer (batch 1) beside what the client measured, per batch.
+
+    `layers` are the client's counters summed over the session's batches (PartyReport.layers);
+    the total's measured latency is the median batch after the first (which records the dealer's plan).
+    """
+    batches = max(len(batch_latency_s), 1)
+    rows = []
+    for p in predicted["layers"]:
+        m = layers.get(p["layer"])
+        rows.append({
+            "layer": p["layer"], "op": p["op"],
+            "latency_s_predicted": p["latency_s"], "latency_s_measured": None if m is None else m["wall_s"] / batches,
+            "bytes_online_predicted": p["bytes_online"],
+            "bytes_online_measured": None if m is None else (m["bytes_sent"] + m["bytes_received"]) / batches,
+            "rounds_predicted": p["rounds"], "rounds_measured": None if m is None else m["rounds"] / batches,
+        })  # fmt: skip
+    steady = batch_latency_s[1:] or batch_latency_s
+    measured = statistics.median(steady) if steady else None
+    total = predicted["total"]
+    return {
+        "protocol": predicted["protocol"],
+        "network": predicted["network"],
+        "layers": rows,
+        "total": {
+            "latency_s_predicted": total["latency_s"],
+            "latency_s_measured": measured,
+            "measured_over_predicted": None if measured is None or not total["latency_s"] else measured / total["latency_s"],
+            "bytes_online_predicted": total["bytes_online"],
+            "rounds_predicted": total["rounds"],
+        },
+    }
+
+
+def print_predicted_beside_measured(cmp: dict[str, Any], console: Console | None = None) -> None:
+    table = Table(title=f"per layer, one batch: predicted ({cmp['protocol']}, {cmp['network']}) beside measured", header_style="bold")
+    for col in ("layer", "op", "latency predicted", "latency measured", "bytes predicted", "bytes measured", "rounds pred.", "rounds meas."):
+        table.add_column(col, justify="right" if col not in ("layer", "op") else "left")
+
+    def num(v: Any, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    for r in cmp["layers"]:
+        table.add_row(
+            r["layer"], r["op"], num(r["latency_s_predicted"], ".4f"), num(r["latency_s_measured"], ".4f"),
+            human_bytes(r["bytes_online_predicted"]), "-" if r["bytes_online_measured"] is None else human_bytes(r["bytes_online_measured"]),
+            str(r["rounds_predicted"]), num(r["rounds_measured"], "g"),
+        )  # fmt: skip
+    t = cmp["total"]
+    ratio = "-" if t["measured_over_predicted"] is None else f"{t['measured_over_predicted']:.2f}x predicted"
+    table.add_row("total", "-", num(t["latency_s_predicted"], ".4f"), f"{num(t['latency_s_measured'], '.4f')} ({ratio})",
+                  human_bytes(t["bytes_online_predicted"]), "", str(t["rounds_predicted"]), "")  # fmt: skip
+    (console or Console()).print(table)

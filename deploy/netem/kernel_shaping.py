@@ -246,8 +246,10 @@ class KernelLink:
         self._procs.clear()
 
 
-def run_kernel_shaped_session(onnx_path: Path, inputs: np.ndarray, batch: int, profile: NetworkProfile | str) -> PartyReport:
-    """One session of real `twinfer party` processes across a KernelLink; the client's report.
+def run_kernel_shaped_session(
+    onnx_path: Path, inputs: np.ndarray, batch: int, profile: NetworkProfile | str, protocol: str = "crypten"
+) -> PartyReport:
+    """One session of real `twinfer party` processes across a KernelLink, on `protocol`; the client's report.
 
     Dealer and server share the server namespace; the client reaches both through delay
     relays in its own namespace, over the tbf-limited veth pair.
@@ -265,7 +267,7 @@ def run_kernel_shaped_session(onnx_path: Path, inputs: np.ndarray, batch: int, p
 
         def start(role: str, dealer_address: str | None = None, server_address: str | None = None) -> PartyCommand:
             peers = [*(["--server", server_address] if server_address else []), *(["--dealer", dealer_address] if dealer_address else [])]
-            argv = party_command(role, session, *role_args[role], *peers, timeout=300, connect_timeout=60)
+            argv = party_command(role, session, *role_args[role], *peers, "--protocol", protocol, timeout=300, connect_timeout=60)
             ns = link.client_ns if role == CLIENT else link.server_ns
             return PartyCommand(role, argv, tmp_path, popen=functools.partial(link.run_in, ns))
 

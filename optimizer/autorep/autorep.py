@@ -136,8 +136,8 @@ def _penalty(base: float, step: int, search_steps: int) -> float:
 
 def _freeze_masks(model: nn.Module, frozen: bool) -> None:
     for s in sites(model):
-        s.frozen = frozen
-        s.aux.requires_grad_(not frozen)
+        s.frozen = frozen or s.polynomial_only
+        s.aux.requires_grad_(not s.frozen)
 
 
 def optimize_relus(
@@ -146,19 +146,31 @@ def optimize_relus(
     val: tuple[np.ndarray, np.ndarray],
     config: AutoRepConfig,
     progress: bool = True,
+    distill_from: nn.Module | None = None,
+    polynomial_sites: tuple[str, ...] = (),
 ) -> AutoRepResult:
-    """Fine-tune a masked copy of `teacher` to the ReLU budget; the best in-budget checkpoint."""
+    """Fine-tune a masked copy of `teacher` to the ReLU budget; the best in-budget checkpoint.
+
+    `distill_from`: the model the distillation targets come from, when not `teacher` itself
+    (a structure changed before the masks are learned still learns from the original model).
+    `polynomial_sites`: names of nn.ReLU modules of `teacher` that become polynomials everywhere
+    (their masks zero and frozen): a whole site without a comparison saves its rounds.
+    """
     torch.manual_seed(config.seed)
     x, y = torch.as_tensor(train[0], dtype=torch.float32), torch.as_tensor(train[1], dtype=torch.int64)
     xv, yv = torch.as_tensor(val[0], dtype=torch.float32), torch.as_tensor(val[1], dtype=torch.int64)
-    teacher = teacher.eval()
-    student = relu_sites_model(teacher, x[:2], config)
+    student = relu_sites_model(teacher.eval(), x[:2], config)
+    teacher = (distill_from if distill_from is not None else teacher).eval()
     total = relu_total(student)
     if config.relu_budget > total:
         _log.warning("budget %d exceeds the model's %d ReLUs; nothing has to be replaced", config.relu_budget, total)
-    if config.granularity == "polynomial":
-        for s in sites(student):
+    unknown = sorted(set(polynomial_sites) - {n for n, m in student.named_modules() if isinstance(m, MaskedReLU)})
+    if unknown:
+        raise ValueError(f"polynomial_sites name no ReLU module of the model: {unknown}")
+    for name, s in student.named_modules():
+        if isinstance(s, MaskedReLU) and (config.granularity == "polynomial" or name in polynomial_sites):
             s.mask.zero_()
+            s.polynomial_only = True
     steps_per_epoch = (len(x) + config.batch_size - 1) // config.batch_size
     steps = max(1, int(round(config.epochs * steps_per_epoch)))
     search_steps = int(steps * config.search_fraction) if config.granularity != "polynomial" else 0

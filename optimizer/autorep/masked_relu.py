@@ -91,6 +91,7 @@ class MaskedReLU(nn.Module):
             raise ValueError(f"granularity must be 'element' or 'channel', got {granularity!r}")
         self.granularity = granularity
         self.frozen = False  # a frozen mask no longer follows aux
+        self.polynomial_only = False  # the whole site a polynomial: its mask stays zero, whatever the phase
         self.threshold = threshold
         self.c2_max = c2_max
         self.momentum = momentum

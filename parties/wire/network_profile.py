@@ -7,6 +7,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+from twinfer.protocols.cost_model import link_time_s
+
 
 class ProfileError(ValueError):
     """A network profile that cannot be parsed or makes no sense."""
@@ -38,8 +40,7 @@ class NetworkProfile:
         carry their bytes at the same time. DESIGN.md's `rounds * rtt + bytes_online /
         bandwidth` counts both twice, so measured runs come in under it.
         """
-        transfer = 0.0 if self.bandwidth_bps is None else bytes_one_way * 8 / self.bandwidth_bps
-        return rounds * self.rtt_s / 2 + transfer
+        return link_time_s(rounds, bytes_one_way, self.rtt_s, self.bandwidth_bps)
 
     def describe(self) -> str:
         bw = "unlimited" if self.bandwidth_bps is None else f"{self.bandwidth_bps / 1e6:g} Mbit/s"

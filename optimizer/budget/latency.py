@@ -1,0 +1,135 @@
+"""Predicted latency of one private inference, per layer: the link's share plus local compute.
+
+    latency_s(layer) = rounds * rtt/2 + bytes of the busier direction / bandwidth     (the link)
+                     + s_per_byte * bytes_online + s_per_round * rounds
+                       + s_per_comparison * comparisons                               (compute)
+    latency_s(model) = sum over layers + s_per_inference
+
+The link term is protocols/cost_model.link_time_s on the backend's priced rounds and bytes,
+the formula parties' NetworkProfile.lower_bound_s uses too. Measured wan runs come in 1.1-1.3x
+above that bound alone: the parties' own work (ring arithmetic, serialising, DCF evaluation on
+fss) adds time that does not shrink with the link. So "predicted" adds a compute term, linear
+in the same per-layer counts, whose coefficients are measured: fitted to what a session of a
+model under the link spent in each layer beyond the link's share (`ComputeModel.fit`; `twinfer
+optimize --calibrate-compute` runs one), or the defaults below, measured on a 2-core
+development machine.
+The optimizer never starts parties itself (it does not import parties/): the caller passes the
+link's numbers and, when calibrated, the measured layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from twinfer.protocols.cost_model import LayerCost, bytes_one_way, graph_cost, link_time_s, total_cost
+from twinfer.protocols.ir.graph import Graph
+
+_FEATURES = ("bytes_online", "rounds", "comparisons")
+
+
+@dataclass(frozen=True)
+class ComputeModel:
+    """Seconds of local work per online byte, per round and per comparison, plus per inference."""
+
+    s_per_byte: float = 0.0
+    s_per_round: float = 0.0
+    s_per_comparison: float = 0.0
+    s_per_inference: float = 0.0
+    source: str = "none: the link's lower bound only"
+
+    def layer_s(self, cost: LayerCost) -> float:
+        return self.s_per_byte * cost.bytes_online + self.s_per_round * cost.rounds + self.s_per_comparison * cost.comparisons
+
+    @classmethod
+    def fit(cls, costs: list[LayerCost], measured: dict[str, dict], batch_latency_s: float, source: str) -> "ComputeModel":
+        """Non-negative least squares of each layer's measured wall time (per batch, loopback) on its counts.
+
+        `measured` maps layer names to {"wall_s": seconds per batch}; what the batch took
+        beyond its priced layers (sharing the input, the dealer's bookkeeping) becomes the
+        per-inference constant.
+        """
+        from scipy.optimize import nnls
+
+        rows = [c for c in costs if c.name in measured]
+        if len(rows) < len(_FEATURES):
+            raise ValueError(f"a compute fit needs at least {len(_FEATURES)} measured layers, got {len(rows)}")
+        a = np.array([[float(getattr(c, f)) for f in _FEATURES] for c in rows])
+        b = np.array([float(measured[c.name]["wall_s"]) for c in rows])
+        scale = np.where(a.max(0) > 0, a.max(0), 1.0)  # columns of similar size: nnls is scale-sensitive
+        coef, _ = nnls(a / scale, b)
+        coef = coef / scale
+        rest = max(0.0, batch_latency_s - float(b.sum()))
+        return cls(float(coef[0]), float(coef[1]), float(coef[2]), rest, source)
+
+
+# Fitted by `twinfer optimize --calibrate-compute` (ComputeModel.fit on one session under wan:
+# each layer's time beyond its share of the link) to the zoo's LeNet-5, batch 1, the median of
+# 4 batches after the first, on the 2-core development machine; another machine or link should
+# calibrate its own.
+DEFAULT_COMPUTE: dict[str, ComputeModel] = {
+    "crypten": ComputeModel(0.0, 2.21e-3, 3.22e-6, 0.0, "defaults measured under wan on a 2-core development machine (crypten)"),
+    "fss": ComputeModel(0.0, 1.38e-4, 6.98e-6, 0.0, "defaults measured under wan on a 2-core development machine (fss)"),
+}
+
+
+@dataclass(frozen=True)
+class LatencyModel:
+    """One backend on one link: what a layer and a model are predicted to cost."""
+
+    protocol: str
+    network: str  # the profile's name, for the manifest
+    rtt_s: float
+    bandwidth_bps: float | None
+    compute: ComputeModel = ComputeModel()
+
+    def layers(self, graph: Graph, batch: int = 1) -> list[dict[str, Any]]:
+        """Per layer (the cost model's, output opening last): counts, link, compute and latency seconds."""
+        return [self._row(c) for c in graph_cost(graph, batch, self.protocol)]
+
+    def _row(self, c: LayerCost) -> dict[str, Any]:
+        link = link_time_s(c.rounds, bytes_one_way(c), self.rtt_s, self.bandwidth_bps)
+        compute = self.compute.layer_s(c)
+        return {
+            "layer": c.name, "op": c.op, "rounds": c.rounds, "bytes_online": c.bytes_online, "bytes_one_way": bytes_one_way(c),
+            "bytes_offline": c.bytes_offline, "relu_count": c.relu_count, "comparisons": c.comparisons,
+            "link_s": link, "compute_s": compute, "latency_s": link + compute,
+        }  # fmt: skip
+
+    def latency_s(self, graph: Graph) -> float:
+        """Predicted seconds of one inference of one sample."""
+        return self.seconds(graph_cost(graph, 1, self.protocol))
+
+    def seconds(self, costs: list[LayerCost]) -> float:
+        """Predicted seconds of the cost model's layers (one inference)."""
+        return sum(self._row(c)["latency_s"] for c in costs) + self.compute.s_per_inference
+
+    def report(self, graph: Graph) -> dict[str, Any]:
+        """The manifest's `cost_predicted`: every layer and the total, batch 1, labelled as predicted."""
+        rows = self.layers(graph)
+        total = total_cost(graph_cost(graph, 1, self.protocol))
+        return {
+            "predicted": True,
+            "protocol": self.protocol,
+            "network": self.network,
+            "rtt_s": self.rtt_s,
+            "bandwidth_bps": self.bandwidth_bps,
+            "batch": 1,
+            "compute": asdict(self.compute),
+            "formula": "latency_s = rounds * rtt/2 + bytes_one_way * 8 / bandwidth + compute_s per layer, "
+            "plus compute.s_per_inference once",
+            "layers": rows,
+            "total": {
+                "rounds": total.rounds,
+                "bytes_online": total.bytes_online,
+                "bytes_one_way": sum(r["bytes_one_way"] for r in rows),
+                "bytes_offline": total.bytes_offline,
+                "relu_count": total.relu_count,
+                "comparisons": total.comparisons,
+                "link_s": sum(r["link_s"] for r in rows),
+                "compute_s": sum(r["compute_s"] for r in rows) + self.compute.s_per_inference,
+                "latency_s": sum(r["latency_s"] for r in rows) + self.compute.s_per_inference,
+            },
+        }
