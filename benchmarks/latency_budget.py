@@ -5,7 +5,7 @@
 
 For each model and backend, the base model's latency under the network profile (wan: 40 ms RTT,
 100 Mbit/s) is predicted (protocols' cost model + a compute term fitted, in this run, to a
-loopback session of the base model) and measured. Each --budgets value places a latency budget
+session of the base model under that profile) and measured. Each --budgets value places a latency budget
 between the cheapest structure's predicted latency (0: every max-pool an average pool, every
 ReLU a polynomial) and the base model's (1). Each budget is met two ways, fine-tuned from the
 same base model on the same Fashion-MNIST samples with the same AutoReP settings:
