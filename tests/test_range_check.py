@@ -179,6 +179,37 @@ def test_every_op_at_other_fraction_bits_within_the_stated_error(protocol, case)
         assert error < 2.0 ** (4 - bits) * 8  # and the bits were really used: finer with more of them
 
 
+def _polynomial_chain():
+    """Three convs, each followed by an all-polynomial site (an AutoReP model's shape, no ReLU kept)."""
+    from tests.test_backends import Node, _w
+
+    conv = {"stride": [1, 1], "padding": [1, 1], "dilation": [1, 1], "group": 1}
+    nodes, weights, x = [], {}, "x"
+    for i in range(3):
+        weights[f"w{i}"], weights[f"b{i}"] = _w(3, 3 if i else 2, 3, 3, seed=i) * 0.6, _w(3, seed=10 + i) * 0.1
+        nodes.append(Node(f"conv{i}", "Conv", (x,), f"c{i}", (f"w{i}", f"b{i}"), conv))
+        coeffs = [[0.05, 0.5, 0.25], [0.0, 0.6, 0.2], [0.1, 0.4, 0.3]]
+        nodes.append(Node(f"poly{i}", "MaskedRelu", (f"c{i}",), f"p{i}", (), {"out_shape": [3, 6, 6], "keep": [], "elements": 0, "coeffs": coeffs}))
+        x = f"p{i}"
+    return _graph((2, 6, 6), nodes, weights), weights
+
+
+@pytest.mark.parametrize("protocol", protocols())
+def test_a_polynomial_chain_with_a_margin_is_not_refused_and_computes_within_the_stated_error(protocol):
+    """The margin widens the range findings only: the error estimate uses the calibration samples'
+    own peaks, not each polynomial's slope at margin x its peak, which compounds site after site."""
+    graph, weights = _polynomial_chain()
+    calibration = (torch.randn(64, 2, 6, 6, generator=torch.Generator().manual_seed(1))).numpy()
+    ranges = observed_ranges(graph, weights, calibration).scaled(4.0)
+    report = encoding_report(graph, weights, ranges, 16, protocol)
+    assert report.refused == [], report.message()
+    at_peaks = encoding_report(graph, weights, dataclasses.replace(ranges, observed={}), 16, protocol)
+    assert at_peaks.error_bound > 20 * report.error_bound  # what the peaks alone would state
+    x = calibration[:4]
+    y = run_two_party(protocol, graph, weights, torch.from_numpy(x))[0].numpy()
+    assert np.abs(y - _reference(graph, weights, x)).max() <= report.error_bound
+
+
 @pytest.mark.parametrize("protocol", protocols())
 def test_the_demo_cnn_scaled_computes_within_the_stated_error(protocol, cnn, fashion_test):
     graph, weights = cnn

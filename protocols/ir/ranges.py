@@ -99,7 +99,9 @@ class ValueRanges:
     node -> largest |value| any of its truncations sees; `truncated_sum`: node -> per sample,
     the sum over its truncated elements of |value| (with observed samples: their mean);
     `compared`: comparison node -> largest |compared value|; `floor`: padded MaxPool node ->
-    smallest input value.
+    smallest input value; `observed`: value name -> the samples' own per-element peaks
+    (observed ranges only), which the error estimate uses: a margin is headroom for the range
+    findings and leaves these alone.
     """
 
     source: str
@@ -110,6 +112,7 @@ class ValueRanges:
     compared: dict[str, float] = field(default_factory=dict)
     floor: dict[str, float] = field(default_factory=dict)
     sound: bool = False  # a bound for every input in input_range (else: what samples did)
+    observed: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def scaled(self, margin: float) -> ValueRanges:
         """Every magnitude times `margin` (>= 1): headroom over what calibration samples did."""
@@ -119,13 +122,17 @@ class ValueRanges:
             f"{self.source} x margin {margin:g}", self.input_range, {k: v * margin for k, v in self.peaks.items()},
             {k: v * margin for k, v in self.truncated.items()}, {k: v * margin for k, v in self.truncated_sum.items()},
             {k: v * margin for k, v in self.compared.items()}, {k: min(v * margin, v) for k, v in self.floor.items()}, self.sound,
+            dict(self.observed),
         )  # fmt: skip
 
     def layer_summary(self, graph: Graph) -> dict[str, dict[str, float]]:
-        """Per node, as scalars (an artifact's manifest carries these): peak, truncated, truncated_sum, compared, floor."""
+        """Per node, as scalars (an artifact's manifest carries these): peak, truncated, truncated_sum, compared, floor,
+        and observed (the samples' own peak, before a margin)."""
         out = {}
         for node in graph.nodes:
             entry = {"peak": float(self.peaks[node.output].max()) if self.peaks[node.output].numel() else 0.0}
+            if node.output in self.observed:
+                entry["observed"] = float(self.observed[node.output].max()) if self.observed[node.output].numel() else 0.0
             for key, table in (("truncated", self.truncated), ("truncated_sum", self.truncated_sum), ("compared", self.compared), ("floor", self.floor)):
                 if node.name in table:
                     entry[key] = float(table[node.name])
@@ -134,7 +141,8 @@ class ValueRanges:
 
 
 def ranges_from_summary(graph: Graph, summary: dict, input_range: tuple[float, float], source: str) -> ValueRanges:
-    """The ValueRanges of `layer_summary`'s scalars (each element bounded by its layer's peak)."""
+    """The ValueRanges of `layer_summary`'s scalars (each element bounded by its layer's peak; the
+    input's observed peak, not summarised, is its declared range's)."""
     peaks = {graph.input_name: torch.full(graph.input_shape, float(max(abs(input_range[0]), abs(input_range[1]))))}
     ranges = ValueRanges(source, input_range, peaks)
     for node in graph.nodes:
@@ -142,6 +150,8 @@ def ranges_from_summary(graph: Graph, summary: dict, input_range: tuple[float, f
         if not isinstance(entry, dict) or not isinstance(entry.get("peak"), (int, float)):
             raise GraphError(f"the calibration ranges lack layer '{node.name}'")
         peaks[node.output] = torch.full(tuple(node.attrs["out_shape"]), float(entry["peak"]))
+        if isinstance(entry.get("observed"), (int, float)):  # artifacts written before have none: the peaks stand in
+            ranges.observed[node.output] = torch.full(tuple(node.attrs["out_shape"]), float(entry["observed"]))
         for key, table in (("truncated", ranges.truncated), ("truncated_sum", ranges.truncated_sum), ("compared", ranges.compared), ("floor", ranges.floor)):
             if key in entry:
                 table[node.name] = float(entry[key])
@@ -208,7 +218,8 @@ class _Tracker:
 
     def result(self, source: str, input_range, per_sample: float, sound: bool) -> ValueRanges:
         sums = {k: v / per_sample for k, v in self.truncated_total.items()}
-        return ValueRanges(source, input_range, self.peaks, self.truncated, sums, self.compared, self.floor, sound)
+        observed = {} if sound else dict(self.peaks)  # a bound's magnitudes are no samples'
+        return ValueRanges(source, input_range, self.peaks, self.truncated, sums, self.compared, self.floor, sound, observed)
 
 
 def observed_ranges(graph: Graph, weights: dict[str, np.ndarray], samples: np.ndarray, batch: int = 256, source: str | None = None) -> ValueRanges:
@@ -420,14 +431,17 @@ def _error_estimate(graph: Graph, weights: dict[str, np.ndarray], ranges: ValueR
     independent; ReLU, Clip: m' <= m; max-pool: the window's sum; shapes: moved; Add and
     averaging: RMS errors add (Minkowski, whatever their correlation); polynomial: (|c1| +
     2|c2||x|)^2 m + |c2|^2 m^2 + E (1 + |x|^2 + |x|^4) + T (|c2|^2 + 2); lookup: E + T.
-    |x| is each element's peak. Decoding to float32 adds 2^-24 of the output. An estimate, not
-    a worst case: the worst case (every error of a sum of one sign) is far looser, never seen.
+    |x| is each element's peak over the samples where the ranges were observed, before any
+    margin (a polynomial's slope at margin x its peak compounds site after site into estimates
+    thousands of times what runs show), else its bound: the error of inputs like the samples.
+    Decoding to float32 adds 2^-24 of the output's peak. An estimate, not a worst case: the
+    worst case (every error of a sum of one sign) is far looser, never seen.
     """
     u2 = 2.0 ** (-2 * f)
     enc, trunc = u2 / 12, 2 * u2 / 3
     tw = {k: torch.from_numpy(np.ascontiguousarray(v)).to(torch.float64) for k, v in weights.items()}
     ms = {graph.input_name: torch.full((1, *graph.input_shape), enc, dtype=torch.float64)}
-    peak = {k: v.to(torch.float64).unsqueeze(0) for k, v in ranges.peaks.items()}
+    peak = {k: ranges.observed.get(k, v).to(torch.float64).unsqueeze(0) for k, v in ranges.peaks.items()}
     with torch.no_grad():
         for node in graph.nodes:
             op = op_for(node)
@@ -466,7 +480,7 @@ def _error_estimate(graph: Graph, weights: dict[str, np.ndarray], ranges: ValueR
             else:
                 raise GraphError(f"no error estimate for node '{node.name}' (op {node.op})")
             ms[node.output] = out
-    final = ERROR_SIGMAS * ms[graph.output_name].sqrt() + peak[graph.output_name] * FLOAT32_EPS
+    final = ERROR_SIGMAS * ms[graph.output_name].sqrt() + ranges.peaks[graph.output_name].to(torch.float64).unsqueeze(0) * FLOAT32_EPS
     return float(final.max())
 
 
