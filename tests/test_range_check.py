@@ -246,3 +246,19 @@ def test_values_are_rounded_to_the_grid_and_revealed_exactly(protocol):
     x = torch.tensor([[-511 / 256, 2.9 / 256, -2.9 / 256, 1000.5]])
     y = run_two_party(protocol, graph, {}, x, fraction_bits=8)[0]
     assert y.tolist() == [[-511 / 256, 3 / 256, -3 / 256, 1000.5]]
+
+
+def test_an_artifacts_summary_keeps_the_observed_peaks_per_channel_apart_from_the_margin():
+    from twinfer.protocols.ir.ranges import ranges_from_summary
+
+    graph, weights = _polynomial_chain()
+    x = (torch.randn(32, 2, 6, 6, generator=torch.Generator().manual_seed(2))).numpy()
+    observed = observed_ranges(graph, weights, x)
+    summary = observed.scaled(4.0).layer_summary(graph)
+    per_channel = observed.peaks["c1"].reshape(3, -1).amax(dim=1)
+    assert summary["conv1"]["observed"] == pytest.approx(per_channel.tolist(), rel=1e-5)
+    assert summary["conv1"]["peak"] == pytest.approx(4 * float(per_channel.max()), rel=1e-5)
+    restored = ranges_from_summary(graph, summary, (float(x.min()), float(x.max())), "calibration")
+    assert torch.allclose(restored.observed["c1"][:, 0, 0], per_channel.to(torch.float64), rtol=1e-5)
+    older = {name: {k: v for k, v in entry.items() if k != "observed"} for name, entry in summary.items()}
+    assert ranges_from_summary(graph, older, (float(x.min()), float(x.max())), "calibration").observed == {}  # peaks stand in

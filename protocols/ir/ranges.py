@@ -127,16 +127,19 @@ class ValueRanges:
 
     def layer_summary(self, graph: Graph) -> dict[str, dict[str, float]]:
         """Per node, as scalars (an artifact's manifest carries these): peak, truncated, truncated_sum, compared, floor,
-        and observed (the samples' own peak, before a margin)."""
+        and observed (the samples' own peak before a margin, per channel: a layer-wide peak for every
+        element makes the error estimate far too pessimistic)."""
         out = {}
         for node in graph.nodes:
             entry = {"peak": float(self.peaks[node.output].max()) if self.peaks[node.output].numel() else 0.0}
-            if node.output in self.observed:
-                entry["observed"] = float(self.observed[node.output].max()) if self.observed[node.output].numel() else 0.0
+            observed = self.observed.get(node.output)
             for key, table in (("truncated", self.truncated), ("truncated_sum", self.truncated_sum), ("compared", self.compared), ("floor", self.floor)):
                 if node.name in table:
                     entry[key] = float(table[node.name])
             out[node.name] = {k: float(f"{v:.6g}") for k, v in entry.items()}
+            if observed is not None and observed.numel():
+                channels = observed.reshape(observed.shape[0], -1).amax(dim=1) if observed.dim() >= 2 else observed.reshape(1, -1).amax(dim=1)
+                out[node.name]["observed"] = [float(f"{v:.6g}") for v in channels.tolist()]
         return out
 
 
@@ -150,12 +153,22 @@ def ranges_from_summary(graph: Graph, summary: dict, input_range: tuple[float, f
         if not isinstance(entry, dict) or not isinstance(entry.get("peak"), (int, float)):
             raise GraphError(f"the calibration ranges lack layer '{node.name}'")
         peaks[node.output] = torch.full(tuple(node.attrs["out_shape"]), float(entry["peak"]))
-        if isinstance(entry.get("observed"), (int, float)):  # artifacts written before have none: the peaks stand in
-            ranges.observed[node.output] = torch.full(tuple(node.attrs["out_shape"]), float(entry["observed"]))
+        observed = _channel_peaks(entry.get("observed"), tuple(node.attrs["out_shape"]))
+        if observed is not None:  # artifacts written before have none: the peaks stand in
+            ranges.observed[node.output] = observed
         for key, table in (("truncated", ranges.truncated), ("truncated_sum", ranges.truncated_sum), ("compared", ranges.compared), ("floor", ranges.floor)):
             if key in entry:
                 table[node.name] = float(entry[key])
     return ranges
+
+
+def _channel_peaks(values, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """A summary's per-channel peaks spread over one sample's shape; None if absent or not per channel of it."""
+    channels = shape[0] if len(shape) >= 2 else 1
+    if not isinstance(values, list) or len(values) != channels or not all(isinstance(v, (int, float)) for v in values):
+        return None
+    peaks = torch.tensor(values, dtype=torch.float64)
+    return peaks.reshape(channels, *([1] * (len(shape) - 1))).expand(shape).clone() if len(shape) >= 2 else peaks.expand(shape).clone()
 
 
 def _is_padded_pool(node) -> bool:
