@@ -28,6 +28,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from twinfer.deploy.bench.latency import OFFLINE_MODES
 from twinfer.deploy.launch.local import run_local_session
 from twinfer.optimizer.autorep.autorep import AutoRepConfig, BudgetError, optimize_relus
 from twinfer.optimizer.common.artifact import export_artifact
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="reuse artifacts of an earlier run with the same settings in --out")
     p.add_argument("--protocols", default="crypten,fss", help="backends the private runs use, crypten first (the reference)")
     p.add_argument(
-        "--offline", default="overlap", choices=("overlap", "ahead"),
+        "--offline", default="overlap", choices=OFFLINE_MODES,
         help="private runs: the dealer makes the next batch's correlations while a batch runs (overlap, as a service "
         "back to back) or between batches (ahead: the online phase alone)",
     )  # fmt: skip

@@ -7,7 +7,7 @@ import argparse
 from twinfer.parties.runtime.session import DEALER
 
 from .cmd_party import announce
-from .options import add_insecure_arg, add_standing_args, positive_int, refuse_trusted_first_party, standing_tls, transport_options
+from .options import add_insecure_arg, add_standing_args, positive_int, refuse_trusted_first_party, tls_identity, transport_options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
 
     refuse_trusted_first_party(args, "dealer")
     dealer = StandingDealer(
-        args.listen, transport_options(args), tls=standing_tls(args, DEALER), insecure=args.insecure,
+        args.listen, transport_options(args), tls=tls_identity(args, DEALER), insecure=args.insecure,
         max_sessions=args.max_sessions, metrics_port=args.metrics_port, metrics_host=args.metrics_host,
     )  # fmt: skip
     if dealer.metrics_port is not None:

@@ -16,7 +16,7 @@ from twinfer.parties.errors import LocalError
 
 from ..config.party_config import load_party_config
 from ..launch.wiring import SESSION_ID_BITS, report_json
-from .options import add_input_range_arg, add_insecure_arg, add_transport_args, positive_int, transport_options
+from .options import add_input_range_arg, add_insecure_arg, add_transport_args, positive_int, tls_identity, transport_options
 
 
 log = logging.getLogger(__name__)
@@ -105,16 +105,6 @@ def check_session_ids(sessions: list[str], insecure: bool) -> None:
         )
 
 
-def _tls(args: argparse.Namespace):
-    from twinfer.parties.wire.tls import TlsIdentity
-
-    if args.tls is None:
-        return None
-    if isinstance(args.tls, dict):  # from a config file: explicit files
-        return TlsIdentity.from_files(args.role, args.tls["ca"], args.tls["cert"], args.tls["key"])
-    return TlsIdentity.from_dir(args.tls, args.role)
-
-
 def run(args: argparse.Namespace) -> int:
     if args.config:
         _apply_config(args)
@@ -148,7 +138,7 @@ def _run_party(args: argparse.Namespace) -> dict:
 
     options = transport_options(args)
     tfp = args.insecure_trusted_first_party
-    tls = _tls(args)
+    tls = tls_identity(args, args.role)
     sessions = [s.strip() for s in args.session.split(",") if s.strip()]
     if not sessions or len(set(sessions)) != len(sessions):
         raise ValueError(f"--session needs distinct non-empty ids, got '{args.session}'")

@@ -8,7 +8,7 @@ from twinfer.parties.runtime.session import SERVER, PartyConfig, check_listen
 
 from .cmd_party import announce
 from .options import (
-    add_input_range_arg, add_insecure_arg, add_standing_args, positive_int, refuse_trusted_first_party, standing_tls,
+    add_input_range_arg, add_insecure_arg, add_standing_args, positive_int, refuse_trusted_first_party, tls_identity,
     transport_options,
 )  # fmt: skip
 
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("twinfer serve needs --dealer HOST:PORT (a running `twinfer dealer`)")
     template = PartyConfig(
         role=SERVER, session_id="-", listen=args.listen, dealer_address=args.dealer, options=transport_options(args),
-        tls=standing_tls(args, SERVER),
+        tls=tls_identity(args, SERVER),
         protocol=args.protocol, fraction_bits=args.fraction_bits, input_range=args.input_range, insecure=args.insecure,
     )  # fmt: skip
     check_listen(args.listen, template.tls, args.insecure, SERVER)  # before the model is read: the cheaper mistake first

@@ -151,11 +151,15 @@ def add_standing_args(parser: argparse.ArgumentParser, role: str, default_listen
     add_transport_args(parser)
 
 
-def standing_tls(args: argparse.Namespace, role: str) -> "TlsIdentity | None":  # noqa: F821 - imported below
-    """The TlsIdentity of `role` from --tls DIR, or None."""
+def tls_identity(args: argparse.Namespace, role: str) -> "TlsIdentity | None":  # noqa: F821 - imported below
+    """The TlsIdentity of `role` from --tls DIR (or a config file's explicit ca/cert/key), or None."""
     from twinfer.parties.wire.tls import TlsIdentity
 
-    return TlsIdentity.from_dir(args.tls, role) if args.tls else None
+    if not args.tls:
+        return None
+    if isinstance(args.tls, dict):  # from a config file: explicit files
+        return TlsIdentity.from_files(role, args.tls["ca"], args.tls["cert"], args.tls["key"])
+    return TlsIdentity.from_dir(args.tls, role)
 
 
 def refuse_trusted_first_party(args: argparse.Namespace, command: str) -> None:

@@ -45,7 +45,7 @@ class ComputeModel:
 
     @classmethod
     def fit(cls, costs: list[LayerCost], measured: dict[str, dict], batch_latency_s: float, source: str) -> "ComputeModel":
-        """Non-negative least squares of each layer's measured wall time (per batch, loopback) on its counts.
+        """Non-negative least squares of each layer's measured wall time (per batch, under the link) beyond its link share, on its counts.
 
         `measured` maps layer names to {"wall_s": seconds per batch}; what the batch took
         beyond its priced layers (sharing the input, the dealer's bookkeeping) becomes the

@@ -45,12 +45,11 @@ from twinfer.optimizer.common.artifact import export_artifact
 from twinfer.optimizer.mofhei.block_pruning import PruneConfig, blocks_to_keep
 from twinfer.optimizer.mofhei.he_friendly import Split, avg_pool_like, forward_order, set_module
 from twinfer.optimizer.mofhei.mofhei import artifact_graph, model_graph, optimize_mofhei
-from twinfer.protocols.backends import backend_class
 from twinfer.protocols.backends.base import DEFAULT_FRACTION_BITS
 from twinfer.protocols.cost_model import graph_cost, prunable_layers, pruned_graph, total_cost
 from twinfer.protocols.ir.graph import Graph
 from twinfer.protocols.ir.onnx_import import graph_from_onnx
-from twinfer.protocols.ir.ranges import check_encoding, ranges_from_summary
+from twinfer.protocols.ir.ranges import encoding_report, ranges_from_summary
 from twinfer.protocols.ops.activation import ActivationSite, apply_sites
 
 from .latency import LatencyModel
@@ -281,8 +280,7 @@ def range_refusal(
         graph = artifact_graph(tmp)
         _, weights = graph_from_onnx(onnx.load(f"{tmp}/model.onnx"))
     ranges = ranges_from_summary(graph, graph.calibration["layers"], graph.input_range, graph.calibration["source"])
-    cls = backend_class(protocol)
-    report = check_encoding(graph, weights, ranges, fraction_bits, narrow_comparisons=cls.narrow_comparisons, pool_pad_bits=cls.pool_pad_bits)
+    report = encoding_report(graph, weights, ranges, fraction_bits, protocol)
     return report.message() if report.refused else None
 
 

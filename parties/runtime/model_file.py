@@ -17,14 +17,12 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from twinfer.protocols import artifact_format as af
-from twinfer.protocols.backends import backend_class
 from twinfer.protocols.ops.embedding import check_ids
 from twinfer.protocols.ir.graph import Graph, GraphError, check_input_range
 from twinfer.protocols.ir.onnx_import import graph_from_onnx
 from twinfer.protocols.ir.ranges import (
     EncodingReport,
-    ValueRanges,
-    check_encoding,
+    encoding_report,
     interval_ranges,
     observed_ranges,
     ranges_from_summary,
@@ -203,14 +201,6 @@ def check_output_path(path: str | Path | None) -> None:
 
 
 # -- the numeric range check (protocols/ir/ranges.py) --------------------------------------------
-
-
-def encoding_report(graph: Graph, weights: dict[str, np.ndarray], ranges: ValueRanges, fraction_bits: int, protocol: str) -> EncodingReport:
-    """check_encoding with what the backend's fixed point needs (its comparisons, its max-pool pad)."""
-    cls = backend_class(protocol)
-    return check_encoding(
-        graph, weights, ranges, fraction_bits, narrow_comparisons=cls.narrow_comparisons, pool_pad_bits=cls.pool_pad_bits
-    )
 
 
 def _warn(report: EncodingReport, who: str) -> None:

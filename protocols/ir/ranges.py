@@ -553,3 +553,14 @@ def check_encoding(
             if range_refused:
                 break  # fewer bits only lose more precision
     return EncodingReport(fraction_bits, ranges.source, probability, error, output_peak, findings, suggested)
+
+
+
+def encoding_report(graph: Graph, weights: dict[str, np.ndarray], ranges: ValueRanges, fraction_bits: int, protocol: str) -> EncodingReport:
+    """check_encoding with what `protocol`'s fixed point needs (its comparisons, its max-pool pad)."""
+    from ..backends import backend_class  # the backends package imports ops and ir: bound here, not at import
+
+    cls = backend_class(protocol)
+    return check_encoding(
+        graph, weights, ranges, fraction_bits, narrow_comparisons=cls.narrow_comparisons, pool_pad_bits=cls.pool_pad_bits
+    )
