@@ -74,6 +74,11 @@ class Metrics:
             out.add(counters)
         return out
 
+    def walls(self) -> dict[str, float]:
+        """Seconds spent in each layer so far."""
+        with self._lock:
+            return {name: c.wall_s for name, c in self.layers.items()}
+
     def reset(self) -> None:
         with self._lock:
             self.layers.clear()

@@ -218,6 +218,12 @@ def test_budgeted_artifact_predicts_the_cost_models_sum_and_runs_privately(data_
         assert row["bytes_online_measured"] == row["bytes_online_predicted"], row
         assert row["rounds_measured"] == row["rounds_predicted"], row
     assert client.batch_bytes_online == [total.bytes_online] * 3 and client.batch_rounds == [total.rounds] * 3
+    # Each batch's seconds per layer (what --calibrate-compute fits on): they add up to the session's.
+    assert len(client.batch_layer_wall_s) == 3 and set(client.batch_layer_wall_s[0]) >= {c.name for c in costs}
+    for name in client.batch_layer_wall_s[0]:
+        assert sum(b[name] for b in client.batch_layer_wall_s) == pytest.approx(client.layers[name]["wall_s"], rel=1e-9)
+    for walls, seconds in zip(client.batch_layer_wall_s, client.batch_latency_s):
+        assert 0 < sum(walls.values()) <= seconds
     assert cmp["total"]["latency_s_measured"] == statistics.median(client.batch_latency_s[1:])
     assert cmp["total"]["latency_s_measured"] >= predicted["total"]["link_s"]  # no run beats the link's lower bound
     print_predicted_beside_measured(cmp, Console(width=200))

@@ -298,7 +298,7 @@ def _latency_model(args: argparse.Namespace):
     return LatencyModel(args.protocol, profile.describe(), profile.rtt_s, profile.bandwidth_bps, DEFAULT_COMPUTE[args.protocol])
 
 
-def measure_compute(onnx_bytes: bytes, sample_shape: tuple[int, ...], link, batches: int = 4):
+def measure_compute(onnx_bytes: bytes, sample_shape: tuple[int, ...], link, batches: int = 6):
     """The compute model of `link` (a LatencyModel) fitted to one session of batch 1 on that link.
 
     Three local processes over gRPC, the link shaped in the transport (the dealer beside the
@@ -313,21 +313,23 @@ def measure_compute(onnx_bytes: bytes, sample_shape: tuple[int, ...], link, batc
     from twinfer.parties.wire.transport import TransportOptions
     from twinfer.protocols.cost_model import graph_cost
 
+    if batches < 3:
+        raise ValueError(f"a compute fit needs at least 3 batches (the first is not timed), got {batches}")
     inputs = np.random.default_rng(0).random((batches, *sample_shape), dtype=np.float32)
     profile = NetworkProfile(link.network, link.rtt_s, link.bandwidth_bps)
     options = TransportOptions(connect_timeout_s=120, recv_timeout_s=300, network=profile)
     client = run_local_session(onnx_bytes, inputs, 1, options=options, protocol=link.protocol)["client"]
-    latency = float(np.median(client.batch_latency_s[1:])) if batches > 1 else client.batch_latency_s[0]
-    # Layers are counted over the whole session, the first batch (which records the dealer's
-    # plan) included: scaled to a steady batch, so they and the batch's latency agree.
-    steady = latency / float(np.mean(client.batch_latency_s))
+    # The statistic a measured run reports (the median batch after the first), per layer too: the
+    # first batches wait for the dealer's keys inside their comparisons, which a session-wide
+    # average would bill to every comparison.
+    steady = client.batch_layer_wall_s[1:]
+    latency = float(np.median(client.batch_latency_s[1:]))
     graph = parse_model(onnx_bytes)[0]
     costs = graph_cost(graph, 1, link.protocol)
     links = {r["layer"]: r["link_s"] for r in dataclasses.replace(link, compute=ComputeModel()).layers(graph)}
-    measured = {
-        n: {"wall_s": max(0.0, c["wall_s"] / batches * steady - links.get(n, 0.0))}
-        for n, c in client.layers.items() if n not in ("", "share_weights")
-    }  # fmt: skip
+    # Not clipped at zero: a layer's message is often waited for in the next layer, which then
+    # looks slower by what this one looks faster; clipping would bill that time twice.
+    measured = {n: {"wall_s": float(np.median([b.get(n, 0.0) for b in steady])) - links.get(n, 0.0)} for n in steady[-1]}
     rest = latency - sum(links.values())
     return ComputeModel.fit(costs, measured, rest, f"fitted to a session under {link.network} on this machine ({link.protocol}, batch 1)")
 

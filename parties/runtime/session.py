@@ -149,6 +149,7 @@ class PartyReport:
     batch_bytes_online: list[int] = field(default_factory=list)
     batch_bytes_sent: list[int] = field(default_factory=list)
     batch_protocol_stats: list[dict[str, float]] = field(default_factory=list)  # the backend's own counters
+    batch_layer_wall_s: list[dict[str, float]] = field(default_factory=list)  # each batch's seconds per layer
     bytes_offline: int = 0
     relu_count: int = 0
     comparisons: int = 0
@@ -264,6 +265,7 @@ class _TwoPartySession:
         if self.dealer is not None:
             self.dealer.begin_batch(int(x.shape[0]), next_size)
         before = self.metrics.total()
+        walls_before = self.metrics.walls()
         start = time.perf_counter()
         with self.metrics.layer("share_input"):
             x_shared = backend.share(encode_input(graph, x), src=RANKS[CLIENT])  # ids -> one-hot on the client
@@ -284,6 +286,9 @@ class _TwoPartySession:
         self.report.relu_count += counts["relu_count"]
         self.report.comparisons += counts["comparisons"]
         self.report.batch_protocol_stats.append(backend.stats())
+        self.report.batch_layer_wall_s.append(
+            {n: w - walls_before.get(n, 0.0) for n, w in self.metrics.walls().items() if n not in ("", "share_weights")}
+        )
         return logits
 
     def _finish(self) -> PartyReport:
