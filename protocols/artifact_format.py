@@ -4,6 +4,9 @@ An artifact is a directory:
 
     model.onnx            the network, standard ONNX ops (a masked site exports as Relu)
     tensors.safetensors   public per-site structure: activation/<node>/mask, .../coeffs
+    calibration_peaks.safetensors   (with calibration) per node, the calibration samples'
+                          per-element peak |value| of its output (float32, one sample's shape,
+                          before the margin): the server's error estimate; older artifacts lack it
     manifest.json         counts, accuracies, data set, seed, versions, file digests
 
 The optimizer writes it and the server reads it; this module only describes and checks
@@ -27,7 +30,9 @@ FORMAT_VERSION = 1
 MODEL_FILE = "model.onnx"
 TENSORS_FILE = "tensors.safetensors"
 MANIFEST_FILE = "manifest.json"
+PEAKS_FILE = "calibration_peaks.safetensors"
 _SITE_PREFIX = "activation/"
+_PEAKS_PREFIX = "calibration/"  # the peaks' names in a bundle, beside the site tensors
 
 
 class ArtifactError(GraphError):
@@ -82,6 +87,38 @@ def check_manifest(manifest: Any, files: dict[str, bytes]) -> None:
             raise ArtifactError(f"{name} does not match the digest in {MANIFEST_FILE}: the artifact was modified")
 
 
+def artifact_files(manifest: Any) -> tuple[str, ...]:
+    """The files beside the manifest that a reader loads and checks against its digests."""
+    ranges = manifest.get("activation_ranges") if isinstance(manifest, dict) else None
+    named = ranges.get("peaks_file") if isinstance(ranges, dict) else None
+    if named is None:  # no calibration, or an artifact written before the peaks were stored
+        return (MODEL_FILE, TENSORS_FILE)
+    if named != PEAKS_FILE:  # a fixed name: a manifest never points a reader at another path
+        raise ArtifactError(f"{MANIFEST_FILE} 'activation_ranges' names peaks file {named!r}; expected '{PEAKS_FILE}'")
+    return (MODEL_FILE, TENSORS_FILE, PEAKS_FILE)
+
+
+def artifact_tensors(manifest: Any, files: dict[str, bytes]) -> dict[str, np.ndarray]:
+    """From the bytes of `artifact_files`, digests checked: the site tensors and, where the artifact
+    stores them, its calibration peaks under their bundle names (what `apply_manifest` takes)."""
+    check_manifest(manifest, files)
+    tensors = _load(files[TENSORS_FILE], TENSORS_FILE)
+    if any(k.startswith(_PEAKS_PREFIX) for k in tensors):
+        raise ArtifactError(f"{TENSORS_FILE} holds arrays named {_PEAKS_PREFIX}...; calibration peaks belong in {PEAKS_FILE}")
+    if PEAKS_FILE in files:
+        tensors |= {_PEAKS_PREFIX + k: v for k, v in _load(files[PEAKS_FILE], PEAKS_FILE).items()}
+    return tensors
+
+
+def _load(data: bytes, name: str) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load
+
+    try:
+        return load(data)
+    except Exception as err:  # safetensors raises its own error types for a corrupt file
+        raise ArtifactError(f"{name} is not a valid safetensors file: {err}") from None
+
+
 def apply_manifest(graph: Graph, manifest: dict[str, Any], tensors: dict[str, np.ndarray]) -> Graph:
     """The graph with the artifact's masked sites; its ReLU count must equal the manifest's."""
     sites = sites_from_tensors(manifest, tensors)
@@ -98,12 +135,13 @@ def apply_manifest(graph: Graph, manifest: dict[str, Any], tensors: dict[str, np
         raise ArtifactError(
             f"the model keeps {masked.relu_count()} ReLUs per sample, but the manifest says {manifest.get('relu_count')}"
         )
-    return apply_calibration(apply_comparison_bits(masked, manifest.get("comparison_bits", {})), manifest)
+    return apply_calibration(apply_comparison_bits(masked, manifest.get("comparison_bits", {})), manifest, tensors)
 
 
-def apply_calibration(graph: Graph, manifest: dict[str, Any]) -> Graph:
+def apply_calibration(graph: Graph, manifest: dict[str, Any], tensors: dict[str, np.ndarray] | None = None) -> Graph:
     """The manifest's declared input range (public: the client checks it) and the layer ranges
-    its calibration samples reached (the server's range check; never sent to the client)."""
+    its calibration samples reached, with their per-element peaks where `tensors` (from
+    `artifact_tensors`) has them (the server's range check; never sent to the client)."""
     if "input_range" in manifest:
         graph.input_range = check_input_range(manifest["input_range"], f"{MANIFEST_FILE} 'input_range'")
     ranges = manifest.get("activation_ranges")
@@ -112,9 +150,33 @@ def apply_calibration(graph: Graph, manifest: dict[str, Any]) -> Graph:
     if graph.input_range is None or not isinstance(ranges, dict) or not isinstance(ranges.get("layers"), dict):
         raise ArtifactError(f"{MANIFEST_FILE} 'activation_ranges' needs 'layers' (per node) and an 'input_range' beside it")
     source = f"calibration: {ranges.get('samples', '?')} samples x margin {ranges.get('margin', '?')}"
-    ranges_from_summary(graph, ranges["layers"], graph.input_range, source)  # every layer present and numeric
+    peaks = _calibration_peaks(graph, tensors or {}) if "peaks_file" in ranges else None
+    ranges_from_summary(graph, ranges["layers"], graph.input_range, source, peaks)  # every layer present and numeric
     graph.calibration = {"layers": ranges["layers"], "source": source, "input_range": graph.input_range}
+    if peaks is not None:
+        graph.calibration["peaks"] = peaks
     return graph
+
+
+def _calibration_peaks(graph: Graph, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per node, its stored peaks: float32, its output's shape, finite and >= 0; nothing else."""
+    stored = {k[len(_PEAKS_PREFIX) :]: v for k, v in tensors.items() if k.startswith(_PEAKS_PREFIX)}
+    peaks = {}
+    for node in graph.nodes:
+        array, shape = stored.pop(node.name, None), tuple(node.attrs["out_shape"])
+        if array is None:
+            raise ArtifactError(f"{PEAKS_FILE} lacks the peaks of layer '{node.name}', which the manifest's calibration covers")
+        if array.dtype != np.float32 or tuple(array.shape) != shape:
+            raise ArtifactError(
+                f"{PEAKS_FILE}: the peaks of layer '{node.name}' are {array.dtype} of shape {tuple(array.shape)}; "
+                f"expected float32 of shape {shape} (the layer's output)"
+            )
+        if not np.isfinite(array).all() or (array < 0).any():
+            raise ArtifactError(f"{PEAKS_FILE}: the peaks of layer '{node.name}' must be finite magnitudes (>= 0)")
+        peaks[node.name] = array
+    if stored:
+        raise ArtifactError(f"{PEAKS_FILE} holds peaks of layers the model lacks: {sorted(stored)[:3]}")
+    return peaks
 
 
 def apply_comparison_bits(graph: Graph, widths: Any) -> Graph:

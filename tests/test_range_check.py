@@ -262,3 +262,144 @@ def test_an_artifacts_summary_keeps_the_observed_peaks_per_channel_apart_from_th
     assert torch.allclose(restored.observed["c1"][:, 0, 0], per_channel.to(torch.float64), rtol=1e-5)
     older = {name: {k: v for k, v in entry.items() if k != "observed"} for name, entry in summary.items()}
     assert ranges_from_summary(graph, older, (float(x.min()), float(x.max())), "calibration").observed == {}  # peaks stand in
+
+
+# -- an artifact's per-element calibration peaks (calibration_peaks.safetensors) ------------------------------
+
+
+def _polynomial_net() -> torch.nn.Module:
+    """Three convs, each followed by a ReLU that the artifact turns into an all-polynomial site."""
+    torch.manual_seed(3)
+    layers = []
+    for i in range(3):
+        layers += [torch.nn.Conv2d(3 if i else 2, 3, 3, padding=1), torch.nn.ReLU()]
+    return torch.nn.Sequential(*layers).eval()
+
+
+def _peaked_inputs(n: int, seed: int) -> np.ndarray:
+    """Inputs whose magnitude grows across the image: a channel's peak is far above most of its elements'."""
+    ramp = torch.linspace(0.02, 3.0, 6).reshape(1, 1, 1, 6) * torch.linspace(0.1, 1.0, 6).reshape(1, 1, 6, 1)
+    return (torch.randn(n, 2, 6, 6, generator=torch.Generator().manual_seed(seed)) * ramp).numpy()
+
+
+@pytest.fixture
+def peaks_artifact(tmp_path):
+    """An artifact of `_polynomial_net` calibrated on `_peaked_inputs`; (directory, calibration samples)."""
+    import onnx
+
+    from twinfer.optimizer.common.artifact import write_artifact
+    from twinfer.protocols.ops.activation import ActivationSite
+
+    onnx_bytes = export_onnx(_polynomial_net(), torch.zeros(1, 2, 6, 6))
+    relus = [n.name for n in onnx.load_from_string(onnx_bytes).graph.node if n.op_type == "Relu"]
+    coeffs = np.array([[0.05, 0.5, 0.25], [0.0, 0.6, 0.2], [0.1, 0.4, 0.3]], np.float32)
+    sites = {name: ActivationSite(mask=np.zeros((3, 6, 6), bool), coeffs=coeffs) for name in relus}
+    calibration = _peaked_inputs(64, seed=4)
+    return write_artifact(tmp_path / "art", onnx_bytes, {}, sites=sites, calibration=calibration, widths=False), calibration
+
+
+def test_an_artifact_stores_per_element_peaks_and_the_server_rebuilds_them(peaks_artifact):
+    import json
+
+    from safetensors.numpy import load
+
+    from twinfer.parties.runtime.model_file import load_model
+    from twinfer.protocols import artifact_format as af
+    from twinfer.protocols.ir.ranges import calibration_ranges
+
+    out, calibration = peaks_artifact
+    manifest = json.loads((out / af.MANIFEST_FILE).read_text())
+    data = (out / af.PEAKS_FILE).read_bytes()
+    assert manifest["activation_ranges"]["peaks_file"] == af.PEAKS_FILE and manifest["sha256"][af.PEAKS_FILE] == af.digest(data)
+    assert all("observed" in entry for entry in manifest["activation_ranges"]["layers"].values())  # the summary stays
+    graph, weights = load_model(out)
+    assert set(load(data)) == {n.name for n in graph.nodes}
+    seen = observed_ranges(graph, weights, calibration)
+    restored = calibration_ranges(graph)
+    for node in graph.nodes:
+        assert restored.observed[node.output].shape == seen.observed[node.output].shape
+        assert torch.allclose(restored.observed[node.output], seen.observed[node.output], rtol=1e-6, atol=0), node.name
+        assert float(restored.peaks[node.output].max()) == pytest.approx(4 * float(seen.peaks[node.output].max()), rel=1e-5)
+
+
+def test_tampered_missing_or_misshapen_peaks_are_refused_naming_file_and_layer(peaks_artifact):
+    import json
+
+    from safetensors.numpy import load, save
+
+    from twinfer.parties.errors import ModelError
+    from twinfer.parties.runtime.model_file import load_model
+    from twinfer.protocols import artifact_format as af
+
+    out, _ = peaks_artifact
+    good = (out / af.PEAKS_FILE).read_bytes()
+    tampered = bytearray(good)
+    tampered[-1] ^= 1
+    (out / af.PEAKS_FILE).write_bytes(bytes(tampered))
+    with pytest.raises(ModelError, match="calibration_peaks.safetensors does not match the digest in manifest.json"):
+        load_model(out)
+    (out / af.PEAKS_FILE).unlink()
+    with pytest.raises(ModelError, match="lacks calibration_peaks.safetensors"):
+        load_model(out)
+    peaks = load(good)
+    layer = sorted(peaks)[1]
+    peaks[layer] = peaks[layer][:1]  # one channel: the digest fixed, so only the shape check can object
+    data = save(peaks)
+    (out / af.PEAKS_FILE).write_bytes(data)
+    manifest = json.loads((out / af.MANIFEST_FILE).read_text())
+    manifest["sha256"][af.PEAKS_FILE] = af.digest(data)
+    (out / af.MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(ModelError, match=rf"calibration_peaks.safetensors: the peaks of layer '{layer}' are float32 of shape \(1, 6, 6\); expected float32 of shape \(3, 6, 6\)"):
+        load_model(out)
+    del peaks[layer]
+    data = save(peaks)
+    (out / af.PEAKS_FILE).write_bytes(data)
+    manifest["sha256"][af.PEAKS_FILE] = af.digest(data)
+    (out / af.MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(ModelError, match=f"calibration_peaks.safetensors lacks the peaks of layer '{layer}'"):
+        load_model(out)
+
+
+def test_an_artifact_written_before_the_peaks_file_falls_back_to_per_channel_peaks(peaks_artifact):
+    import json
+
+    from twinfer.parties.runtime.model_file import check_model_range, load_model
+    from twinfer.protocols import artifact_format as af
+    from twinfer.protocols.ir.ranges import calibration_ranges
+
+    out, _ = peaks_artifact
+    manifest = json.loads((out / af.MANIFEST_FILE).read_text())
+    del manifest["activation_ranges"]["peaks_file"], manifest["sha256"][af.PEAKS_FILE]
+    (out / af.MANIFEST_FILE).write_text(json.dumps(manifest))
+    (out / af.PEAKS_FILE).unlink()
+    graph, weights = load_model(out)
+    assert "peaks" not in graph.calibration
+    restored = calibration_ranges(graph)
+    for node in graph.nodes:
+        per_channel = manifest["activation_ranges"]["layers"][node.name]["observed"]
+        observed = restored.observed[node.output]
+        assert torch.equal(observed, observed[:, :1, :1].expand_as(observed))  # one value per channel
+        assert observed[:, 0, 0].tolist() == pytest.approx(per_channel)
+    assert check_model_range(graph, weights, 16, "fss") is not None
+
+
+@pytest.mark.parametrize("protocol", protocols())
+def test_per_element_peaks_state_a_smaller_error_that_still_bounds_the_measured_one(peaks_artifact, protocol):
+    """Spreading a channel's peak over all its elements overstates each polynomial's slope; the
+    per-element peaks state less, still above what a two-party run errs by, and the optimizer's
+    verdict (its artifact_graph) is the server's."""
+    from twinfer.optimizer.mofhei.mofhei import artifact_graph
+    from twinfer.parties.runtime.model_file import check_model_range, load_model
+    from twinfer.protocols.ir.ranges import calibration_ranges, ranges_from_summary
+
+    out, calibration = peaks_artifact
+    graph, weights = load_model(out)
+    c = graph.calibration
+    per_channel = encoding_report(graph, weights, ranges_from_summary(graph, c["layers"], graph.input_range, c["source"]), 16, protocol)
+    server = check_model_range(graph, weights, 16, protocol)
+    assert server.refused == [] and server.error_bound < 0.75 * per_channel.error_bound  # 2x less here
+    optimizer = encoding_report(graph, weights, calibration_ranges(artifact_graph(out)), 16, protocol)
+    assert optimizer.error_bound == server.error_bound and optimizer.failure_probability == server.failure_probability
+    x = calibration[:4]
+    y = run_two_party(protocol, graph, weights, torch.from_numpy(x))[0].numpy()
+    assert np.abs(y - _reference(graph, weights, x)).max() <= server.error_bound

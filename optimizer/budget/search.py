@@ -42,14 +42,15 @@ from torch import nn
 
 from twinfer.optimizer.autorep.autorep import AutoRepConfig, BudgetError, optimize_relus
 from twinfer.optimizer.common.artifact import export_artifact
+from twinfer.optimizer.common.hooks import run_hooked
 from twinfer.optimizer.mofhei.block_pruning import PruneConfig, blocks_to_keep
-from twinfer.optimizer.mofhei.he_friendly import Split, avg_pool_like, forward_order, set_module
+from twinfer.optimizer.mofhei.he_friendly import FitConfig, Split, avg_pool_like, forward_order, set_module
 from twinfer.optimizer.mofhei.mofhei import artifact_graph, model_graph, optimize_mofhei
 from twinfer.protocols.backends.base import DEFAULT_FRACTION_BITS
 from twinfer.protocols.cost_model import graph_cost, prunable_layers, pruned_graph, total_cost
 from twinfer.protocols.ir.graph import Graph
 from twinfer.protocols.ir.onnx_import import graph_from_onnx
-from twinfer.protocols.ir.ranges import encoding_report, ranges_from_summary
+from twinfer.protocols.ir.ranges import calibration_ranges, encoding_report
 from twinfer.protocols.ops.activation import ActivationSite, apply_sites
 
 from .latency import LatencyModel
@@ -279,8 +280,7 @@ def range_refusal(
         export_artifact(model, example[:1], tmp, {}, calibration=calibration, margin=margin)
         graph = artifact_graph(tmp)
         _, weights = graph_from_onnx(onnx.load(f"{tmp}/model.onnx"))
-    ranges = ranges_from_summary(graph, graph.calibration["layers"], graph.input_range, graph.calibration["source"])
-    report = encoding_report(graph, weights, ranges, fraction_bits, protocol)
+    report = encoding_report(graph, weights, calibration_ranges(graph), fraction_bits, protocol)
     return report.message() if report.refused else None
 
 

@@ -45,23 +45,27 @@ def write_artifact(
     margin: float = 4.0,
     widths: bool = True,
 ) -> Path:
-    """Write model.onnx, tensors.safetensors and manifest.json; returns the directory.
+    """Write model.onnx, tensors.safetensors and manifest.json (and, with calibration,
+    calibration_peaks.safetensors); returns the directory.
 
     The manifest gets the format fields, the twinfer version, the sites it lists, the
     per-sample ReLU count of the compiled model and the files' digests. The model is compiled
     once here, so an artifact that would not load is never written. With `calibration`
     samples, the manifest declares their range as the model's input range and records what
-    they did in every layer, times `margin` (the server's range check; protocols/ir/ranges.py);
+    they did in every layer, times `margin` (the server's range check; protocols/ir/ranges.py),
+    and their per-element peaks before the margin (its error estimate) in a file of their own;
     with `widths` too, each comparison gets the narrowest width that holds `margin` times the
     largest value it compared on them, for backends that use it.
     """
     sites = sites or {}
     graph, weights = graph_from_onnx(onnx.load_from_string(onnx_bytes))
     masked = apply_sites(graph, sites)
-    if calibration is not None:
-        manifest = dict(manifest) | _calibration(masked, weights, calibration, margin, widths)
     arrays = dict(tensors or {}) | af.site_tensors(sites)
-    tensor_bytes = save(arrays) if arrays else save({})
+    files = {af.MODEL_FILE: onnx_bytes, af.TENSORS_FILE: save(arrays) if arrays else save({})}
+    if calibration is not None:
+        fragment, peaks = _calibration(masked, weights, calibration, margin, widths)
+        manifest = dict(manifest) | fragment
+        files[af.PEAKS_FILE] = save(peaks)
     full = dict(manifest) | {
         "format": af.FORMAT,
         "format_version": af.FORMAT_VERSION,
@@ -70,12 +74,13 @@ def write_artifact(
         "activations": [
             {"node": name, "kept": site.kept, "elements": int(site.mask.size)} for name, site in sites.items()
         ],
-        "sha256": {af.MODEL_FILE: af.digest(onnx_bytes), af.TENSORS_FILE: af.digest(tensor_bytes)},
+        "sha256": {name: af.digest(data) for name, data in files.items()},
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / af.MODEL_FILE).write_bytes(onnx_bytes)
-    (out / af.TENSORS_FILE).write_bytes(tensor_bytes)
+    (out / af.PEAKS_FILE).unlink(missing_ok=True)  # a rewrite without calibration leaves no stale peaks
+    for name, data in files.items():
+        (out / name).write_bytes(data)
     (out / af.MANIFEST_FILE).write_text(json.dumps(full, indent=2) + "\n")
     return out
 
@@ -105,7 +110,8 @@ def _activation_order(model: nn.Module, example: torch.Tensor) -> list[nn.Module
     return order
 
 
-def _calibration(graph, weights, calibration: np.ndarray, margin: float, widths: bool) -> dict[str, Any]:
+def _calibration(graph, weights, calibration: np.ndarray, margin: float, widths: bool) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The manifest's calibration fields, and the per-element peaks for af.PEAKS_FILE."""
     observed = observed_ranges(graph, weights, calibration)
     out: dict[str, Any] = {
         "input_range": [float(np.min(calibration)), float(np.max(calibration))],
@@ -113,12 +119,14 @@ def _calibration(graph, weights, calibration: np.ndarray, margin: float, widths:
             "samples": int(len(calibration)),
             "margin": margin,
             "layers": observed.scaled(margin).layer_summary(graph),
+            "peaks_file": af.PEAKS_FILE,
             "risk": f"the server checks the fixed-point encoding against {margin:g} x what these samples did in each "
             "layer; an input inside input_range that drives a layer past that is not caught before it runs",
         },
     }
+    peaks = observed.layer_peaks(graph)
     if not widths:
-        return out
+        return out, peaks
     return out | {
         "comparison_bits": widths_from_ranges(graph, observed.compared, margin),
         "comparison_calibration": {
@@ -128,7 +136,7 @@ def _calibration(graph, weights, calibration: np.ndarray, margin: float, widths:
             "risk": f"a comparison on n bits is exact while |value| < 2^(n-17); an input that drives a layer past "
             f"{margin:g} x the largest value its calibration samples did there can be compared wrongly, undetected",
         },
-    }
+    }, peaks
 
 
 def export_artifact(

@@ -20,7 +20,6 @@ from typing import Any
 
 import onnx
 import torch
-from safetensors.numpy import load as load_tensors
 from torch import nn
 
 from twinfer.optimizer.common.artifact import export_artifact
@@ -138,10 +137,10 @@ def artifact_graph(path: str | Path) -> Graph:
     if path.is_file():
         return graph_from_onnx(onnx.load_from_string(path.read_bytes()))[0]
     manifest = json.loads((path / af.MANIFEST_FILE).read_text())
-    files = {name: (path / name).read_bytes() for name in (af.MODEL_FILE, af.TENSORS_FILE)}
-    af.check_manifest(manifest, files)
+    files = {name: (path / name).read_bytes() for name in af.artifact_files(manifest)}
+    tensors = af.artifact_tensors(manifest, files)
     graph, _ = graph_from_onnx(onnx.load_from_string(files[af.MODEL_FILE]))
-    return af.apply_manifest(graph, manifest, load_tensors(files[af.TENSORS_FILE]))
+    return af.apply_manifest(graph, manifest, tensors)
 
 
 _FIELDS = ("params", "secure_mults", "bytes_online", "rounds", "relu_count", "poly_count")

@@ -22,10 +22,10 @@ from twinfer.protocols.ir.graph import Graph, GraphError, check_input_range
 from twinfer.protocols.ir.onnx_import import graph_from_onnx
 from twinfer.protocols.ir.ranges import (
     EncodingReport,
+    calibration_ranges,
     encoding_report,
     interval_ranges,
     observed_ranges,
-    ranges_from_summary,
 )
 
 from twinfer.parties.errors import InputError, LocalError, ModelError
@@ -77,20 +77,19 @@ def read_artifact(path: Path) -> bytes:
         manifest = json.loads((path / af.MANIFEST_FILE).read_text())
     except (OSError, ValueError) as err:
         raise ModelError(f"{path / af.MANIFEST_FILE} cannot be read as JSON: {err}") from None
+    try:
+        names = af.artifact_files(manifest)
+    except GraphError as err:
+        raise ModelError(f"artifact {path}: {err}") from None
     files = {}
-    for name in (af.MODEL_FILE, af.TENSORS_FILE):
+    for name in names:
         if not (path / name).exists():
             raise ModelError(f"artifact {path} lacks {name}")
         files[name] = (path / name).read_bytes()
-    try:
-        af.check_manifest(manifest, files)
-        from safetensors.numpy import load
-
-        tensors = load(files[af.TENSORS_FILE])
+    try:  # digests, then the site tensors and any calibration peaks (checked per layer when parsed)
+        tensors = af.artifact_tensors(manifest, files)
     except GraphError as err:
         raise ModelError(f"artifact {path}: {err}") from None
-    except Exception as err:  # safetensors raises its own error type for a corrupt file
-        raise ModelError(f"artifact {path}: {af.TENSORS_FILE} is not a valid safetensors file: {err}") from None
     return af.pack_bundle(files[af.MODEL_FILE], manifest, tensors)
 
 
@@ -228,7 +227,7 @@ def check_model_range(graph: Graph, weights: dict[str, np.ndarray], fraction_bit
     calibration = graph.calibration
     lo, hi = graph.input_range
     if calibration is not None and calibration["input_range"][0] <= lo and hi <= calibration["input_range"][1]:
-        ranges = ranges_from_summary(graph, calibration["layers"], graph.input_range, calibration["source"])
+        ranges = calibration_ranges(graph)
     else:  # no calibration, or a declared range wider than the calibration data's
         ranges = interval_ranges(graph, weights, graph.input_range)
     report = encoding_report(graph, weights, ranges, fraction_bits, protocol)

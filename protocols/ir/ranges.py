@@ -128,7 +128,7 @@ class ValueRanges:
     def layer_summary(self, graph: Graph) -> dict[str, dict[str, float]]:
         """Per node, as scalars (an artifact's manifest carries these): peak, truncated, truncated_sum, compared, floor,
         and observed (the samples' own peak before a margin, per channel: a layer-wide peak for every
-        element makes the error estimate far too pessimistic)."""
+        element makes the error estimate far too pessimistic; `layer_peaks` has them per element)."""
         out = {}
         for node in graph.nodes:
             entry = {"peak": float(self.peaks[node.output].max()) if self.peaks[node.output].numel() else 0.0}
@@ -142,24 +142,56 @@ class ValueRanges:
                 out[node.name]["observed"] = [float(f"{v:.6g}") for v in channels.tolist()]
         return out
 
+    def layer_peaks(self, graph: Graph) -> dict[str, np.ndarray]:
+        """Per node, the samples' own per-element peaks of its output (before a margin; one sample's
+        shape, float32): what an artifact stores beside its summary for the error estimate."""
+        observed = self.observed
+        return {n.name: np.ascontiguousarray(observed[n.output].numpy(), dtype=np.float32) for n in graph.nodes if n.output in observed}
 
-def ranges_from_summary(graph: Graph, summary: dict, input_range: tuple[float, float], source: str) -> ValueRanges:
+
+def ranges_from_summary(
+    graph: Graph, summary: dict, input_range: tuple[float, float], source: str,
+    element_peaks: dict[str, np.ndarray] | None = None,
+) -> ValueRanges:
     """The ValueRanges of `layer_summary`'s scalars (each element bounded by its layer's peak; the
-    input's observed peak, not summarised, is its declared range's)."""
+    input's observed peak, not summarised, is its declared range's). The error estimate's observed
+    peaks: `element_peaks` (node -> `layer_peaks`' array) where given, else the summary's
+    per-channel peaks, else (older artifacts) the layer peaks themselves."""
     peaks = {graph.input_name: torch.full(graph.input_shape, float(max(abs(input_range[0]), abs(input_range[1]))))}
     ranges = ValueRanges(source, input_range, peaks)
     for node in graph.nodes:
         entry = summary.get(node.name)
         if not isinstance(entry, dict) or not isinstance(entry.get("peak"), (int, float)):
             raise GraphError(f"the calibration ranges lack layer '{node.name}'")
-        peaks[node.output] = torch.full(tuple(node.attrs["out_shape"]), float(entry["peak"]))
-        observed = _channel_peaks(entry.get("observed"), tuple(node.attrs["out_shape"]))
+        shape = tuple(node.attrs["out_shape"])
+        peaks[node.output] = torch.full(shape, float(entry["peak"]))
+        observed = _element_peaks(node.name, element_peaks, shape) if element_peaks is not None else _channel_peaks(entry.get("observed"), shape)
         if observed is not None:  # artifacts written before have none: the peaks stand in
             ranges.observed[node.output] = observed
         for key, table in (("truncated", ranges.truncated), ("truncated_sum", ranges.truncated_sum), ("compared", ranges.compared), ("floor", ranges.floor)):
             if key in entry:
                 table[node.name] = float(entry[key])
     return ranges
+
+
+def calibration_ranges(graph: Graph) -> ValueRanges:
+    """The ValueRanges of an artifact's calibration (`graph.calibration`, set by
+    artifact_format.apply_calibration: its summary and, where stored, its per-element peaks) for
+    the graph's input range: the one way the server and the optimizer rebuild them."""
+    if graph.calibration is None:
+        raise GraphError("the model has no calibration ranges")
+    c = graph.calibration
+    return ranges_from_summary(graph, c["layers"], graph.input_range, c["source"], c.get("peaks"))
+
+
+def _element_peaks(name: str, peaks: dict[str, np.ndarray], shape: tuple[int, ...]) -> torch.Tensor:
+    """Layer `name`'s per-element peaks as float64; a GraphError naming it when absent or misshapen."""
+    array = peaks.get(name)
+    if array is None:
+        raise GraphError(f"the per-element calibration peaks lack layer '{name}'")
+    if tuple(array.shape) != shape:
+        raise GraphError(f"the per-element calibration peaks of layer '{name}' have shape {tuple(array.shape)}, expected {shape}")
+    return torch.from_numpy(np.asarray(array, dtype=np.float64).copy())
 
 
 def _channel_peaks(values, shape: tuple[int, ...]) -> torch.Tensor | None:
