@@ -66,12 +66,12 @@ class ComputeModel:
 
 
 # Fitted by `twinfer optimize --calibrate-compute` (ComputeModel.fit on one session under wan:
-# each layer's time beyond its share of the link) to the zoo's LeNet-5, batch 1, the median of
-# 4 batches after the first, on the 2-core development machine; another machine or link should
-# calibrate its own.
+# each layer's median time over the batches after the first, beyond its share of the link) to
+# latency_budget.py's LeNet-5, batch 1, 6 batches, the mean of two sessions, on the 2-core
+# development machine; another machine or link should calibrate its own.
 DEFAULT_COMPUTE: dict[str, ComputeModel] = {
-    "crypten": ComputeModel(0.0, 2.21e-3, 3.22e-6, 0.0, "defaults measured under wan on a 2-core development machine (crypten)"),
-    "fss": ComputeModel(0.0, 1.38e-4, 6.98e-6, 0.0, "defaults measured under wan on a 2-core development machine (fss)"),
+    "crypten": ComputeModel(0.0, 2.06e-3, 4.06e-6, 3.4e-3, "defaults measured under wan on a 2-core development machine (crypten)"),
+    "fss": ComputeModel(0.0, 0.0, 6.55e-6, 1.3e-3, "defaults measured under wan on a 2-core development machine (fss)"),
 }
 
 
