@@ -1,7 +1,7 @@
 """Optimizing the latency the user pays for, against the ReLU budget as a proxy, measured in one run.
 
     python benchmarks/latency_budget.py [--models lenet5 resnet_fmnist] [--protocols crypten,fss]
-        [--budgets 0.7 0.3] [--train-samples 4000] [--epochs 2] [--max-candidates 3] [--shaping transport]
+        [--budgets 0.7 0.3] [--train-samples 4000] [--epochs 2] [--max-candidates 4] [--shaping transport]
 
 For each model and backend, the base model's latency under the network profile (wan: 40 ms RTT,
 100 Mbit/s) is predicted (protocols' cost model + a compute term fitted, in this run, to a
@@ -9,8 +9,9 @@ session of the base model under that profile) and measured. Each --budgets value
 between the cheapest structure's predicted latency (0: every max-pool an average pool, every
 ReLU a polynomial) and the base model's (1). Each budget is met two ways, fine-tuned from the
 same base model on the same Fashion-MNIST samples with the same AutoReP settings:
-- cost-aware: `twinfer optimize --latency-budget` (optimizer/budget/search.py): which max-pools
-  become average pools and how many ReLUs stay, the most accurate on held-out training data;
+- cost-aware: `twinfer optimize --latency-budget --drop-relu-sites` (optimizer/budget/search.py):
+  which max-pools become average pools, which ReLU sites become polynomials or are dropped, and
+  how many ReLUs stay, the most accurate on held-out training data;
 - relu-budget: `twinfer optimize --relu-budget R` (AutoReP alone, max-pools kept), R the most
   ReLUs whose predicted latency fits the same budget (0 when even none does not: the row says so).
 Every model then runs privately (three processes over gRPC: dealer, server, client) under the
@@ -51,7 +52,7 @@ from twinfer.deploy.config.paths import cache_dir
 from twinfer.deploy.launch.local import run_local_session
 from twinfer.optimizer.autorep.autorep import AutoRepConfig, BudgetError, optimize_relus
 from twinfer.optimizer.budget.latency import LatencyModel
-from twinfer.optimizer.budget.search import Budget, LatencyBudgetError, most_relus, plan, range_refusal, search
+from twinfer.optimizer.budget.search import Budget, LatencyBudgetError, most_relus, plan, pruning_levels, range_refusal, search
 from twinfer.optimizer.common.artifact import export_artifact
 from twinfer.optimizer.common.training import evaluate_accuracy
 from twinfer.optimizer.common.validation import validation_split
@@ -162,6 +163,7 @@ def study(name: str, protocol: str, args, console: Console, work: Path) -> list[
     calibration = fit[0][:CALIBRATION]
     rows = [_row("base", base, calibration, latency, test, args, work / f"{name}-{protocol}-base", budget_s=None)]
     config = AutoRepConfig(relu_budget=0, epochs=args.epochs, lr=args.lr, seed=args.seed)
+    sparsities, pruning = pruning_levels(args.prune_blocks, args.epochs)
     for fraction in args.budgets:
         budget = Budget(cheapest_s + fraction * (full_s - cheapest_s))
         tag = f"{name}-{protocol}-{fraction:g}"
@@ -173,7 +175,8 @@ def study(name: str, protocol: str, args, console: Console, work: Path) -> list[
         try:
             found = search(
                 base, fit, val, latency, budget, autorep=config, max_candidates=args.max_candidates, progress=not args.quiet,
-                calibration=calibration if args.range_check else None,
+                sparsities=sparsities, pruning=pruning,
+                calibration=calibration if args.range_check else None, linearize=args.drop_relu_sites,
             )  # fmt: skip
         except (LatencyBudgetError, BudgetError) as err:  # recorded: this budget was not met
             rows.append({"method": "cost-aware", "budget_s": budget.latency_s, "error": str(err)})
@@ -181,14 +184,14 @@ def study(name: str, protocol: str, args, console: Console, work: Path) -> list[
         aware = _row(
             "cost-aware", found.model, calibration, latency, test, args, work / f"{tag}-aware",
             budget_s=budget.latency_s, structure=found.chosen.describe(), train_s=time.perf_counter() - started,
-            candidates=[{k: c.__dict__[k] for k in ("pools", "polynomial_sites", "relu_budget", "val_accuracy", "latency_s", "error")} for c in found.candidates],
+            candidates=[{k: c.__dict__[k] for k in ("pools", "sparsity", "polynomial_sites", "identity_sites", "relu_budget", "val_accuracy", "latency_s", "error")} for c in found.candidates],
         )  # fmt: skip
         rows.append(aware)
         relus = most_relus(base_graph, latency, budget)
         note = None if relus is not None else "the ReLU budget cannot reach this latency: even 0 ReLUs keep the max-pools"
         relus = 0 if relus is None else relus
         chosen = found.chosen
-        if not chosen.pools and not chosen.sparsity and not chosen.polynomial_sites and chosen.relu_budget == relus:
+        if not (chosen.pools or chosen.sparsity or chosen.polynomial_sites or chosen.identity_sites) and chosen.relu_budget == relus:
             # The search chose the baseline's own structure and ReLU budget: the same training, the same model.
             rows.append(aware | {"method": "relu-budget", "relu_budget": relus, "note": "the cost-aware search chose this same model"})
             continue
@@ -289,8 +292,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test-samples", type=int, default=5000)
     p.add_argument("--epochs", type=float, default=2.0)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--max-candidates", type=int, default=3)
-    p.add_argument("--private-batches", type=int, default=3, help="single-image batches per private run; all but the first are timed")
+    p.add_argument("--max-candidates", type=int, default=4)
+    p.add_argument(
+        "--drop-relu-sites", action=argparse.BooleanOptionalAction, default=True,
+        help="the cost-aware search may drop whole ReLU sites too (twinfer optimize --drop-relu-sites; default on)",
+    )  # fmt: skip
+    p.add_argument(
+        "--prune-blocks", type=float, default=None, metavar="S",
+        help="the cost-aware search may also block-prune, at S/2 and S (twinfer optimize --prune-blocks S); default: no pruning",
+    )  # fmt: skip
+    p.add_argument(
+        "--private-batches", type=int, default=5,
+        help="single-image batches per private run; the median of all but the first is reported (the second still waits on the dealer's first keys)",
+    )  # fmt: skip
     p.add_argument(
         "--shaping", default="transport", choices=["transport", "kernel"],
         help="transport: twinfer's own link shaping between client and server, the dealer beside the server (default); "

@@ -7,6 +7,7 @@ import json
 import statistics
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from rich.console import Console
@@ -17,8 +18,8 @@ from twinfer.deploy.cli.report import predicted_beside_measured, print_predicted
 from twinfer.deploy.launch.local import run_local_session
 from twinfer.optimizer.budget.latency import DEFAULT_COMPUTE, ComputeModel, LatencyModel
 from twinfer.optimizer.budget.search import (
-    Budget, LatencyBudgetError, most_relus, plan, pruned_structure, relu_sites, site_choices, with_average_pools,
-    with_relus_kept,
+    Budget, LatencyBudgetError, identity_choices, most_relus, plan, pruned_structure, relu_sites, site_choices,
+    site_damage, with_average_pools, with_relus_kept,
 )  # fmt: skip
 from twinfer.optimizer.mofhei.mofhei import artifact_graph, model_graph
 from twinfer.parties.runtime.model_file import parse_model, read_model_bytes
@@ -26,6 +27,7 @@ from twinfer.parties.wire.network_profile import PROFILES
 from twinfer.parties.wire.transport import TransportOptions
 from twinfer.protocols.cost_model import graph_cost, total_cost
 from twinfer.protocols.ir.onnx_export import export_onnx
+from twinfer.protocols.ir.onnx_import import graph_from_onnx
 from twinfer.protocols.ir.plain import run_plain
 
 WAN = PROFILES["wan"]
@@ -81,6 +83,8 @@ def test_an_unmeetable_budget_names_the_cheapest_predicted_latency(data_and_mode
     assert "every ReLU a polynomial" in err and "--prune-blocks" in err
     code = main(["optimize", "--model", str(model), "--data", str(data), "--latency-budget", "1", "--out", str(tmp_path / "a")])
     assert code == EXIT_USAGE and "--latency-budget needs --network" in capsys.readouterr().err
+    code = main(["optimize", "--model", str(model), "--data", str(data), "--relu-budget", "10", "--drop-relu-sites", "--out", str(tmp_path / "a")])
+    assert code == EXIT_USAGE and "--drop-relu-sites is a choice of the budget search" in capsys.readouterr().err
 
 
 def test_plan_fits_relus_to_the_budget_and_converts_pools_only_when_needed():
@@ -131,6 +135,72 @@ def test_on_wan_a_whole_site_becomes_a_polynomial_when_its_rounds_cost_more_than
     assert [c.polynomial_sites for c in unconverted if not c.relu_budget] == [(0, 1, 2)]  # none kept: all polynomial
     dropped = next(c for c in unconverted if c.relu_budget)
     assert len(dropped.polynomial_sites) == 1 and "all polynomial" in dropped.describe()
+
+
+def test_a_dropped_site_is_the_identity_and_costs_nothing():
+    """with_relus_kept(identity=...) prices the model whose ReLU module is nn.Identity: the same graph
+    (its plaintext run equals torch's), one secure op fewer, where a polynomial still pays a square."""
+    model, example, base = small()
+    others = sum(relu_sites(base).values()) - 8 * 6 * 6
+    dropped = with_relus_kept(base, others, identity=(1,))  # every other ReLU kept
+    identity = small_cnn()
+    identity[4] = torch.nn.Identity()
+    graph = model_graph(identity, example[:1])
+    assert [n.op for n in dropped.nodes] == [n.op if n.op != "Relu" else "MaskedRelu" for n in graph.nodes]
+    x = torch.randn(3, 1, SIDE, SIDE)
+    _, weights = graph_from_onnx(onnx.load_from_string(export_onnx(model, example[:1])))
+    plain = run_plain(dropped, {k: torch.from_numpy(v) for k, v in weights.items()}, x)
+    with torch.no_grad():
+        assert torch.allclose(plain, identity(x), atol=1e-5)
+        assert not torch.allclose(plain, model(x), atol=1e-3)
+    for protocol in ("crypten", "fss"):
+        poly = total_cost(graph_cost(with_relus_kept(base, 0), 1, protocol))
+        none = total_cost(graph_cost(with_relus_kept(base, 0, identity=(1,)), 1, protocol))
+        assert none.rounds < poly.rounds and none.bytes_online < poly.bytes_online and none.poly_count == poly.poly_count - 8 * 6 * 6
+    assert identity_choices([5, 6, 7]) == [(0,), (1,), (2,), (0, 1), (0, 2), (1, 2)]  # never every site: one linear map
+    # Which of equally priced sites to drop: the one whose ReLU removes the least of its input.
+    x = torch.randn(64, 1, SIDE, SIDE)
+    damage = site_damage(model, x.numpy())
+    assert len(damage) == 3 and all(0 <= d <= 1 for d in damage)
+    passthrough = small_cnn()
+    with torch.no_grad():
+        passthrough[3].bias.fill_(100.0)  # the second conv's outputs are all positive: its ReLU changes nothing
+    assert site_damage(passthrough, x.numpy())[1] == 0.0
+    assert all(len(c) <= 2 for c in identity_choices([1] * 9)) and len(identity_choices([1] * 9)) == 9 + 36
+
+
+def test_with_drop_relu_sites_the_search_trains_a_structure_the_relu_budget_cannot_reach():
+    """fss, wan: a polynomial costs a round like the ReLU it replaces, so only a dropped site saves one;
+    a budget a round under every-site-polynomial is met by dropping a site and keeping ReLUs elsewhere."""
+    from twinfer.optimizer.autorep.autorep import AutoRepConfig
+    from twinfer.optimizer.budget.search import search
+
+    model, example, base = small()
+    latency = wan("fss")
+    all_poly = latency.latency_s(with_relus_kept(base, 0))
+    one_dropped = latency.latency_s(with_relus_kept(base, sum(relu_sites(base).values()) - 16, identity=(2,)))
+    assert one_dropped < all_poly
+    budget = Budget((one_dropped + all_poly) / 2)
+    assert most_relus(base, latency, budget) is None  # no mask of the max-pooled model fits
+    feasible, _ = plan(model, example, latency, budget)
+    assert all(c.pools for c in feasible)  # without dropping, only converted pools fit
+    feasible, _ = plan(model, example, latency, budget, linearize=True)
+    kept_pools = [c for c in feasible if not c.pools]
+    assert kept_pools and all(c.identity_sites for c in kept_pools) and "dropped" in kept_pools[0].describe()
+    x, y = stripes(200)
+    x = (x - 127.5) / 64
+    found = search(
+        model, (x[:180], y[:180]), (x[180:], y[180:]), latency, budget, autorep=AutoRepConfig(relu_budget=0, epochs=2, batch_size=32),
+        max_candidates=len(feasible), linearize=True,
+    )  # fmt: skip
+    assert found.cheapest_latency_s < all_poly  # dropping all but one site is cheaper still
+    trained = [c for c in found.candidates if c.identity_sites and c.val_accuracy is not None]
+    assert trained, [c.describe() for c in found.candidates]
+    for c in trained:
+        assert c.latency_s <= budget.latency_s and c.latency_s <= c.estimate_latency_s + 1e-12
+    if found.chosen.identity_sites:
+        graph = model_graph(found.model, example[:1])
+        assert sum(n.op in ("Relu", "MaskedRelu") for n in graph.nodes) == 3 - len(found.chosen.identity_sites)
 
 
 def test_autorep_keeps_polynomial_sites_free_of_relus():

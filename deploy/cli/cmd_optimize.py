@@ -83,6 +83,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--protocol", default=DEFAULT_PROTOCOL, choices=protocols(), help="the backend whose cost model prices the layers")
     p.add_argument("--max-candidates", type=int, default=4, help="structures the budget search trains at most (default 4)")
     p.add_argument(
+        "--drop-relu-sites", action="store_true",
+        help="let the budget search also drop whole ReLU sites (the identity: no rounds at all, where a polynomial still "
+        "costs a square's round and bytes); the model strays further from the original, so training decides",
+    )  # fmt: skip
+    p.add_argument(
         "--calibrate-compute", action="store_true",
         help="measure the local compute per layer with one session of the model under --network (three processes) "
         "instead of the stored defaults; the prediction adds it to the link's lower bound",
@@ -229,6 +234,8 @@ def _check_options(args: argparse.Namespace) -> None:
     budgeted = args.latency_budget is not None or args.bytes_budget is not None
     if budgeted and (args.relu_budget is not None or args.convert is not None):
         raise ValueError("--latency-budget/--bytes-budget decide the ReLUs and the pooling themselves: drop --relu-budget and --convert")
+    if args.drop_relu_sites and not budgeted:
+        raise ValueError("--drop-relu-sites is a choice of the budget search: give --latency-budget or --bytes-budget")
     if args.calibrate_compute and args.network is None:
         raise ValueError("--calibrate-compute measures the compute under --network PROFILE: give one")
     if args.latency_budget is not None and args.network is None:
@@ -336,21 +343,16 @@ def measure_compute(onnx_bytes: bytes, sample_shape: tuple[int, ...], link, batc
 
 def _budget_search(model: nn.Module, train, args: argparse.Namespace, latency, manifest: dict) -> nn.Module:
     from twinfer.optimizer.autorep.autorep import AutoRepConfig
-    from twinfer.optimizer.budget.search import Budget, search
-    from twinfer.optimizer.mofhei.block_pruning import PruneConfig
-    from twinfer.optimizer.mofhei.he_friendly import FitConfig
+    from twinfer.optimizer.budget.search import Budget, pruning_levels, search
 
     budget = Budget(args.latency_budget, args.bytes_budget)
     config = AutoRepConfig(relu_budget=0, granularity=args.granularity, epochs=args.epochs, penalty=args.penalty, seed=args.seed)
-    sparsities = (0.0,) if args.prune_blocks is None else tuple(sorted({0.0, args.prune_blocks / 2, args.prune_blocks}))
-    # Pruning's stages scale with --epochs, as AutoReP's do: minutes on two cores, not MOFHEI's hours.
-    epochs = max(1, round(args.epochs))
-    pruning = PruneConfig(search=FitConfig(epochs=epochs, patience=2), settle=FitConfig(epochs=epochs, patience=2))
+    sparsities, pruning = pruning_levels(args.prune_blocks, args.epochs)
     fit, val = validation_split(*train, fraction=0.1, seed=args.seed, rounding="down", at_least=1)
     result = search(
         model, fit, val, latency, budget, autorep=config, sparsities=sparsities, pruning=pruning,
         max_candidates=args.max_candidates, progress=not args.json,
-        calibration=train[0][:CALIBRATION_SAMPLES], margin=args.comparison_margin,
+        calibration=train[0][:CALIBRATION_SAMPLES], margin=args.comparison_margin, linearize=args.drop_relu_sites,
     )  # fmt: skip
     manifest["methods"].append("budget")
     manifest["budget_search"] = result.manifest(budget, latency)

@@ -10,6 +10,12 @@ A candidate is a structure and a ReLU budget:
   pooling and pruning choice is planned with every site live and, when it lets AutoReP keep
   more ReLUs, with the set of whole-polynomial sites that lets it keep the most (every subset
   of a few sites, else the largest k sites): training decides which of the two is better;
+- with `linearize`, which ReLU sites are dropped (the identity: DeepReDuce's ReLU dropping): a
+  polynomial still costs a Beaver square, one round and its bytes (on fss as much online as
+  the ReLU it replaces), a dropped site nothing; planned like the polynomial sites (the set
+  that lets AutoReP keep the most ReLUs elsewhere, one site at least staying non-linear; of
+  equally priced sets, the one whose ReLUs remove the least of their inputs' energy on training
+  samples), a third plan per structure, which the ReLU budget alone cannot reach;
 - how many ReLUs AutoReP may keep: the most for which the structure's predicted latency under
   the backend's cost model and the link still fits (a binary search; every site that may keep
   ReLUs is charged the rounds of both its ReLU and its polynomial, so the trained model can
@@ -58,6 +64,8 @@ from .latency import LatencyModel
 _log = logging.getLogger(__name__)
 EXHAUSTIVE_POOLS = 4  # up to this many max-pools every subset is a structure; beyond, the last k (MOFHEI's order)
 EXHAUSTIVE_SITES = 6  # up to this many ReLU sites every subset may be all-polynomial; beyond, the largest k
+DROPPED_SITES = 2  # beyond EXHAUSTIVE_SITES sites, at most this many are dropped together
+DAMAGE_SAMPLES = 256  # training samples that rank equally priced sites to drop
 
 
 class LatencyBudgetError(ValueError):
@@ -99,6 +107,7 @@ class Candidate:
     bytes_online: int | None = None
     relu_count: int | None = None
     error: str | None = None
+    identity_sites: tuple[int, ...] = ()  # ReLU sites (forward order) dropped: the identity, no secure op
 
     @property
     def kept_fraction(self) -> float:
@@ -108,7 +117,8 @@ class Candidate:
         pools = f"max-pool {', '.join(self.pools)} -> average" if self.pools else "max-pools kept"
         prune = f", {self.sparsity:.0%} of blocks pruned" if self.sparsity else ""
         poly = f", ReLU sites {list(self.polynomial_sites)} all polynomial" if self.polynomial_sites else ""
-        return f"{pools}{prune}{poly}, at most {self.relu_budget} of {self.relu_total} ReLUs"
+        dropped = f", ReLU sites {list(self.identity_sites)} dropped" if self.identity_sites else ""
+        return f"{pools}{prune}{poly}{dropped}, at most {self.relu_budget} of {self.relu_total} ReLUs"
 
 
 @dataclass
@@ -171,15 +181,55 @@ def site_choices(sizes: list[int]) -> list[tuple[int, ...]]:
     return [tuple(sorted(largest[:k])) for k in range(len(sizes) + 1)]
 
 
-def with_relus_kept(graph: Graph, kept: int, polynomial: tuple[int, ...] = ()) -> Graph:
+def identity_choices(sizes: list[int]) -> list[tuple[int, ...]]:
+    """Which sites may be dropped together: every subset of a few but all of them (a model without a
+    non-linearity is one linear map), else up to DROPPED_SITES at a time."""
+    n = len(sizes)
+    largest = n - 1 if n <= EXHAUSTIVE_SITES else min(DROPPED_SITES, n - 1)
+    return [c for k in range(1, largest + 1) for c in itertools.combinations(range(n), k)]
+
+
+def site_damage(model: nn.Module, samples: np.ndarray) -> list[float]:
+    """Per ReLU site (forward order), what dropping it changes on `samples`: the share of its input's
+    energy that the ReLU removes, sum(min(x, 0)^2) / sum(x^2) (0: it passes everything already)."""
+    relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
+    out: list[float] = []
+
+    def hook(_m, inputs, _o):
+        x = inputs[0].double()
+        out.append(float(x.clamp(max=0).square().sum() / x.square().sum().clamp(min=1e-30)))
+
+    run_hooked(model.eval(), torch.as_tensor(samples, dtype=torch.float32), relus, hook)
+    return out
+
+
+def without_sites(graph: Graph, names: set[str]) -> Graph:
+    """`graph` without the named activation nodes: each consumer reads the node's input instead."""
+    renamed: dict[str, str] = {}
+    nodes = []
+    for node in graph.nodes:
+        inputs = [renamed.get(i, i) for i in node.inputs]
+        if node.name in names:
+            renamed[node.output] = inputs[0]
+            continue
+        nodes.append(replace(node, inputs=tuple(inputs)))
+    output = renamed.get(graph.output_name, graph.output_name)
+    return Graph(graph.input_name, graph.input_shape, output, nodes, dict(graph.weight_shapes), graph.input_range, graph.calibration)
+
+
+def with_relus_kept(graph: Graph, kept: int, polynomial: tuple[int, ...] = (), identity: tuple[int, ...] = ()) -> Graph:
     """`graph` with `kept` ReLUs spread in proportion over its sites but the `polynomial` ones
-    (indices, graph order), which keep none; with 0 < kept < all, every other site keeps at
-    least one and replaces at least one (the most rounds any mask can cost)."""
+    (indices, graph order), which keep none, and the `identity` ones, which are dropped; with
+    0 < kept < all, every other site keeps at least one and replaces at least one (the most
+    rounds any mask can cost)."""
     sites = relu_sites(graph)
-    live = {name: e for i, (name, e) in enumerate(sites.items()) if i not in polynomial}
+    dropped = {name for i, name in enumerate(sites) if i in identity}
+    live = {name: e for i, (name, e) in enumerate(sites.items()) if i not in polynomial and name not in dropped}
     total = sum(live.values())
     masks = {}
     for name, elements in sites.items():
+        if name in dropped:
+            continue
         k = round(kept * elements / total) if total and name in live else 0
         if 0 < kept < total and name in live:
             k = min(max(k, 1), elements - 1) if elements > 1 else 1
@@ -187,7 +237,7 @@ def with_relus_kept(graph: Graph, kept: int, polynomial: tuple[int, ...] = ()) -
         mask = np.zeros(int(np.prod(node.attrs["out_shape"])), dtype=bool)
         mask[: min(k, elements)] = True
         masks[name] = ActivationSite(mask=mask.reshape(node.attrs["out_shape"]), coeffs=np.zeros((1, 3), np.float32))
-    return apply_sites(graph, masks)
+    return without_sites(apply_sites(graph, masks), dropped)
 
 
 def _price(graph: Graph, latency: LatencyModel) -> tuple[float, int]:
@@ -196,45 +246,71 @@ def _price(graph: Graph, latency: LatencyModel) -> tuple[float, int]:
     return latency.seconds(costs), total_cost(costs).bytes_online
 
 
-def most_relus(graph: Graph, latency: LatencyModel, budget: Budget, polynomial: tuple[int, ...] = ()) -> int | None:
-    """The most ReLUs `graph` may keep within `budget`, none at the `polynomial` sites (None: not even with none)."""
-    total = sum(e for i, e in enumerate(relu_sites(graph).values()) if i not in polynomial)
-    if budget.fits(*_price(with_relus_kept(graph, total, polynomial), latency)):
+def most_relus(
+    graph: Graph, latency: LatencyModel, budget: Budget, polynomial: tuple[int, ...] = (), identity: tuple[int, ...] = ()
+) -> int | None:
+    """The most ReLUs `graph` may keep within `budget`, none at the `polynomial` sites, the `identity`
+    sites dropped (None: not even with none)."""
+    total = sum(e for i, e in enumerate(relu_sites(graph).values()) if i not in polynomial and i not in identity)
+    if budget.fits(*_price(with_relus_kept(graph, total, polynomial, identity), latency)):
         return total
-    if not budget.fits(*_price(with_relus_kept(graph, 0), latency)):
+    if not budget.fits(*_price(with_relus_kept(graph, 0, identity=identity), latency)):
         return None
     lo, hi = 0, total - 1  # lo fits; find the largest that does
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if budget.fits(*_price(with_relus_kept(graph, mid, polynomial), latency)):
+        if budget.fits(*_price(with_relus_kept(graph, mid, polynomial, identity), latency)):
             lo = mid
         else:
             hi = mid - 1
     return lo
 
 
-def _site_plans(graph: Graph, latency: LatencyModel, budget: Budget) -> list[tuple[int, tuple[int, ...]]]:
-    """(ReLU budget, all-polynomial sites) to train for one structure: every site live, and the set of
-    all-polynomial sites that lets AutoReP keep the most ReLUs when that is another. Which of the two
-    is more accurate is for training to say: a whole site without ReLUs saves rounds, not accuracy."""
-    sites = len(relu_sites(graph))
-    live = most_relus(graph, latency, budget)
-    best: tuple[int, int, tuple[int, ...]] | None = None  # (ReLUs kept, -sites made polynomial, which)
-    for poly in site_choices(list(relu_sites(graph).values())):
-        kept = most_relus(graph, latency, budget, poly)
-        if kept is not None and (best is None or (kept, -len(poly)) > best[:2]):
-            best = (kept, -len(poly), poly)
+Plan = tuple[int, tuple[int, ...], tuple[int, ...]]  # (ReLU budget, all-polynomial sites, dropped sites)
+
+
+def _most_kept(
+    graph: Graph, latency: LatencyModel, budget: Budget, choices: list[tuple[int, ...]], dropped: bool, damage: list[float] | None = None
+) -> Plan | None:
+    """Of `choices` (sites made polynomial, or dropped), the one that lets AutoReP keep the most ReLUs
+    (ties: fewer sites, then, dropped, the least `damage`: sites of one size cost the same)."""
+    best: tuple[int, int, float, tuple[int, ...]] | None = None
+    for sites in choices:
+        kept = most_relus(graph, latency, budget, () if dropped else sites, sites if dropped else ())
+        key = (kept, -len(sites), -sum(damage[i] for i in sites) if dropped and damage else 0.0, sites)
+        if kept is not None and (best is None or key[:3] > best[:3]):
+            best = key
     if best is None:
-        return []
+        return None
+    return (best[0], (), best[3]) if dropped else (best[0], best[3], ())
+
+
+def _site_plans(graph: Graph, latency: LatencyModel, budget: Budget, linearize: bool = False, damage: list[float] | None = None) -> list[Plan]:
+    """Plans to train for one structure: every site live; the set of all-polynomial sites that lets
+    AutoReP keep the most ReLUs when that is another; with `linearize`, the set of dropped sites that
+    does, when it keeps more still. Which is more accurate is for training to say: a whole site
+    without ReLUs saves rounds, not accuracy."""
+    sizes = list(relu_sites(graph).values())
+    if damage is not None and len(damage) != len(sizes):  # not one per site (a model already masked): no ranking
+        damage = None
+    live = most_relus(graph, latency, budget)
+    best = _most_kept(graph, latency, budget, site_choices(sizes), dropped=False)
     # No ReLU at all: every site a polynomial, which AutoReP then need not search for.
-    plans = [(live, () if live else tuple(range(sites)))] if live is not None else []
-    if best[0] > (live or 0):
-        plans.append((best[0], best[2]))
+    plans: list[Plan] = [(live, () if live else tuple(range(len(sizes))), ())] if live is not None else []
+    if best is not None and best[0] > (live or 0):
+        plans.append(best)
+    dropped = _most_kept(graph, latency, budget, identity_choices(sizes), dropped=True, damage=damage) if linearize else None
+    if dropped is not None and (not plans or dropped[0] > max(p[0] for p in plans)):
+        plans.append(dropped)
     return plans
 
 
-def plan(model: nn.Module, example: torch.Tensor, latency: LatencyModel, budget: Budget, sparsities: tuple[float, ...] = (0.0,)) -> tuple[list[Candidate], float]:
-    """Every structure priced; (the ones that fit, each with its ReLU budget; the cheapest latency)."""
+def plan(
+    model: nn.Module, example: torch.Tensor, latency: LatencyModel, budget: Budget, sparsities: tuple[float, ...] = (0.0,),
+    linearize: bool = False, damage: list[float] | None = None,
+) -> tuple[list[Candidate], float]:
+    """Every structure priced; (the ones that fit, each with its ReLU budget; the cheapest latency of any).
+    `damage`: site_damage per ReLU site, which of equally priced sites to drop."""
     feasible: list[Candidate] = []
     cheapest = math.inf
     cheapest_what = ""
@@ -244,16 +320,20 @@ def plan(model: nn.Module, example: torch.Tensor, latency: LatencyModel, budget:
         for sparsity in sparsities:
             graph = pruned_structure(base, sparsity)
             total = sum(relu_sites(graph).values())
-            floor_s, floor_b = _price(with_relus_kept(graph, 0), latency)
-            fewest_bytes = min(fewest_bytes, floor_b)
-            if floor_s < cheapest:
-                cheapest = floor_s
-                cheapest_what = f"{len(pools)} of the max-pools as average pools, every ReLU a polynomial" + (
-                    f", {sparsity:.0%} of blocks pruned" if sparsity else ""
-                )
-            for kept, poly in _site_plans(graph, latency, budget):
-                est_s, est_b = _price(with_relus_kept(graph, kept, poly), latency)
-                feasible.append(Candidate(pools, sparsity, poly, kept, total, est_s, est_b))
+            floors = [((), "every ReLU a polynomial")]
+            if linearize:
+                floors += [(c, f"ReLU sites {list(c)} dropped, the others polynomials") for c in identity_choices(list(relu_sites(graph).values()))]
+            for dropped, what in floors:
+                floor_s, floor_b = _price(with_relus_kept(graph, 0, identity=dropped), latency)
+                fewest_bytes = min(fewest_bytes, floor_b)
+                if floor_s < cheapest:
+                    cheapest = floor_s
+                    cheapest_what = f"{len(pools)} of the max-pools as average pools, {what}" + (
+                        f", {sparsity:.0%} of blocks pruned" if sparsity else ""
+                    )
+            for kept, poly, dropped in _site_plans(graph, latency, budget, linearize, damage):
+                est_s, est_b = _price(with_relus_kept(graph, kept, poly, dropped), latency)
+                feasible.append(Candidate(pools, sparsity, poly, kept, total, est_s, est_b, identity_sites=dropped))
     if not feasible:
         limit = f"latency budget of {budget.latency_s:g} s" if budget.latency_s is not None else ""
         if budget.bytes_online is not None:
@@ -265,6 +345,16 @@ def plan(model: nn.Module, example: torch.Tensor, latency: LatencyModel, budget:
             + ("; allow --prune-blocks" if sparsities == (0.0,) else "")
         )
     return feasible, cheapest
+
+
+def pruning_levels(target: float | None, epochs: float) -> tuple[tuple[float, ...], PruneConfig | None]:
+    """The block-pruning sparsities the search prices for `--prune-blocks target` (none, half of it, all
+    of it) and the pruning schedule: its stages scale with the epochs, as AutoReP's do (minutes on two
+    cores, not MOFHEI's hours)."""
+    if target is None:
+        return (0.0,), None
+    rounds = max(1, round(epochs))
+    return tuple(sorted({0.0, target / 2, target})), PruneConfig(search=FitConfig(epochs=rounds, patience=2), settle=FitConfig(epochs=rounds, patience=2))
 
 
 def range_refusal(
@@ -307,6 +397,7 @@ def search(
     progress: bool = False,
     calibration: np.ndarray | None = None,
     margin: float = 4.0,
+    linearize: bool = False,
 ) -> SearchResult:
     """Train the structures that fit and return the most accurate on `val` whose exact predicted cost fits.
 
@@ -316,7 +407,8 @@ def search(
     if max_candidates < 1:
         raise ValueError(f"--max-candidates must be at least 1, got {max_candidates}")
     example = torch.as_tensor(fit[0][:2], dtype=torch.float32)
-    feasible, cheapest = plan(model, example, latency, budget, sparsities)
+    damage = site_damage(model, fit[0][:DAMAGE_SAMPLES]) if linearize else None
+    feasible, cheapest = plan(model, example, latency, budget, sparsities, linearize, damage)
     teacher = model.eval()
     best: tuple[float, Candidate, nn.Module] | None = None
     for cand in spread(feasible, max_candidates):
@@ -328,6 +420,8 @@ def search(
             ).model
         config = replace(autorep, relu_budget=min(cand.relu_budget, cand.relu_total))
         relus = [n for n in forward_order(structure, example) if isinstance(structure.get_submodule(n), nn.ReLU)]
+        for i in cand.identity_sites:
+            set_module(structure, relus[i], nn.Identity())
         try:
             result = optimize_relus(
                 structure, fit, val, config, progress=progress, distill_from=teacher,
