@@ -17,8 +17,8 @@ same base model on the same Fashion-MNIST samples with the same AutoReP settings
 Every model then runs privately (three processes over gRPC: dealer, server, client) under the
 profile, shaped in twinfer's transport between client and server with the dealer beside the
 server, as deploy/bench/latency.py does (--shaping kernel: tbf and the delay relay of
-deploy/netem instead, where the client's dealer traffic, about 2 KB per ReLU on fss, crosses
-the shaped link too and is not in the online prediction). Latency is the median batch (of one
+deploy/netem instead, where the client's dealer traffic, about 1 KB per ReLU on fss, crosses
+the shaped link too, and the prediction adds it: `--keys-over-link`). Latency is the median batch (of one
 image) after the first. Test accuracy is on the first --test-samples of the
 Fashion-MNIST test split. Every row records the server's numeric-range check verdict on the artifact
 calibrated on 500 training images (margin 4) and the measured logits against plaintext PyTorch.
@@ -155,7 +155,8 @@ def study(name: str, protocol: str, args, console: Console, work: Path) -> list[
     fit, val = validation_split(*train, fraction=0.1, seed=args.seed, rounding="down", at_least=1)
     example = torch.zeros(1, *SHAPE)
     console.print(f"[bold]{name} on {protocol}[/]: compute fitted to a session of the base model under {args.network} ...")
-    link = LatencyModel(protocol, args.profile.describe(), args.profile.rtt_s, args.profile.bandwidth_bps)
+    # Kernel shaping puts the client's dealer traffic on the shaped link: priced (keys_over_link).
+    link = LatencyModel(protocol, args.profile.describe(), args.profile.rtt_s, args.profile.bandwidth_bps, keys_over_link=args.shaping == "kernel")
     latency = replace(link, compute=measure_compute(export_onnx(base, example), SHAPE, link))
     base_graph = model_graph(base, example)
     full_s = latency.latency_s(base_graph)

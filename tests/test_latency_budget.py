@@ -85,6 +85,8 @@ def test_an_unmeetable_budget_names_the_cheapest_predicted_latency(data_and_mode
     assert code == EXIT_USAGE and "--latency-budget needs --network" in capsys.readouterr().err
     code = main(["optimize", "--model", str(model), "--data", str(data), "--relu-budget", "10", "--drop-relu-sites", "--out", str(tmp_path / "a")])
     assert code == EXIT_USAGE and "--drop-relu-sites is a choice of the budget search" in capsys.readouterr().err
+    code = main(["optimize", "--model", str(model), "--data", str(data), "--bytes-budget", "10", "--keys-over-link", "--out", str(tmp_path / "a")])
+    assert code == EXIT_USAGE and "--keys-over-link prices the dealer's bytes on --network" in capsys.readouterr().err
 
 
 def test_plan_fits_relus_to_the_budget_and_converts_pools_only_when_needed():
@@ -201,6 +203,27 @@ def test_with_drop_relu_sites_the_search_trains_a_structure_the_relu_budget_cann
     if found.chosen.identity_sites:
         graph = model_graph(found.model, example[:1])
         assert sum(n.op in ("Relu", "MaskedRelu") for n in graph.nodes) == 3 - len(found.chosen.identity_sites)
+
+
+def test_keys_over_the_link_put_a_floor_under_the_latency():
+    """keys_over_link: a batch takes at least the client's half of the dealer's bytes over the link
+    (fss prices them; crypten does not, and is unchanged)."""
+    _, _, base = small()
+    costs = graph_cost(base, 1, "fss")
+    floors = []
+    for bandwidth in (1e6, 1e9):
+        online = LatencyModel("fss", "link", 0.040, bandwidth, DEFAULT_COMPUTE["fss"])
+        remote = LatencyModel("fss", "link", 0.040, bandwidth, DEFAULT_COMPUTE["fss"], keys_over_link=True)
+        keys_s = sum(c.bytes_offline for c in costs) / 2 * 8 / bandwidth
+        assert remote.latency_s(base) == pytest.approx(max(online.latency_s(base), keys_s), rel=1e-12)
+        report = remote.report(base)
+        assert report["keys_over_link"] and "offline_link_s" in report["formula"]
+        assert report["total"]["offline_link_s"] == pytest.approx(keys_s)
+        assert report["total"]["latency_s"] == pytest.approx(remote.latency_s(base), rel=1e-12)
+        floors.append(remote.latency_s(base) > online.latency_s(base))
+    assert floors == [True, False]  # a thin link: the keys decide; a fast one: the rounds do
+    crypten = [LatencyModel("crypten", "l", 0.040, 1e6, DEFAULT_COMPUTE["crypten"], k).latency_s(base) for k in (False, True)]
+    assert crypten[0] == crypten[1]
 
 
 def test_autorep_keeps_polynomial_sites_free_of_relus():

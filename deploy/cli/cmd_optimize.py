@@ -88,6 +88,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "costs a square's round and bytes); the model strays further from the original, so training decides",
     )  # fmt: skip
     p.add_argument(
+        "--keys-over-link", action="store_true",
+        help="the client reaches the dealer over --network too (not beside it): a batch then takes at least the "
+        "transfer of the client's correlations (about 1 KB per ReLU on fss), which the prediction adds",
+    )  # fmt: skip
+    p.add_argument(
         "--calibrate-compute", action="store_true",
         help="measure the local compute per layer with one session of the model under --network (three processes) "
         "instead of the stored defaults; the prediction adds it to the link's lower bound",
@@ -236,6 +241,8 @@ def _check_options(args: argparse.Namespace) -> None:
         raise ValueError("--latency-budget/--bytes-budget decide the ReLUs and the pooling themselves: drop --relu-budget and --convert")
     if args.drop_relu_sites and not budgeted:
         raise ValueError("--drop-relu-sites is a choice of the budget search: give --latency-budget or --bytes-budget")
+    if args.keys_over_link and args.network is None:
+        raise ValueError("--keys-over-link prices the dealer's bytes on --network PROFILE: give one")
     if args.calibrate_compute and args.network is None:
         raise ValueError("--calibrate-compute measures the compute under --network PROFILE: give one")
     if args.latency_budget is not None and args.network is None:
@@ -302,7 +309,9 @@ def _latency_model(args: argparse.Namespace):
     if args.network is None and args.bytes_budget is None:
         return None
     profile = parse_profile(args.network or "loopback")
-    return LatencyModel(args.protocol, profile.describe(), profile.rtt_s, profile.bandwidth_bps, DEFAULT_COMPUTE[args.protocol])
+    return LatencyModel(
+        args.protocol, profile.describe(), profile.rtt_s, profile.bandwidth_bps, DEFAULT_COMPUTE[args.protocol], args.keys_over_link
+    )
 
 
 def measure_compute(onnx_bytes: bytes, sample_shape: tuple[int, ...], link, batches: int = 6):

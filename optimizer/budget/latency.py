@@ -13,6 +13,11 @@ in the same per-layer counts, whose coefficients are measured: fitted to what a 
 model under the link spent in each layer beyond the link's share (`ComputeModel.fit`; `twinfer
 optimize --calibrate-compute` runs one), or the defaults below, measured on a 2-core
 development machine.
+With `keys_over_link` (a dealer the client reaches over the same link, as in a deployment
+where the dealer is not beside it), a batch also waits for the client's correlations: half of
+the dealer's priced offline bytes (one ReLU key per party; measured: 23.28 of 46.61 MB per
+LeNet-5 inference on fss), which stream while the previous batch runs, so a model takes at
+least their transfer time: latency_s = max(the sum above, offline bytes / 2 / bandwidth).
 The optimizer never starts parties itself (it does not import parties/): the caller passes the
 link's numbers and, when calibrated, the measured layers.
 """
@@ -84,6 +89,7 @@ class LatencyModel:
     rtt_s: float
     bandwidth_bps: float | None
     compute: ComputeModel = ComputeModel()
+    keys_over_link: bool = False  # the dealer's correlations reach the client over this link too
 
     def layers(self, graph: Graph, batch: int = 1) -> list[dict[str, Any]]:
         """Per layer (the cost model's, output opening last): counts, link, compute and latency seconds."""
@@ -104,12 +110,21 @@ class LatencyModel:
 
     def seconds(self, costs: list[LayerCost]) -> float:
         """Predicted seconds of the cost model's layers (one inference)."""
-        return sum(self._row(c)["latency_s"] for c in costs) + self.compute.s_per_inference
+        online = sum(self._row(c)["latency_s"] for c in costs) + self.compute.s_per_inference
+        return max(online, self.offline_link_s(costs)) if self.keys_over_link else online
+
+    def offline_link_s(self, costs: list[LayerCost]) -> float:
+        """Seconds the client's half of the dealer's bytes take over the link (0 where unpriced or unlimited)."""
+        offline = [c.bytes_offline for c in costs]
+        if self.bandwidth_bps is None or any(b is None for b in offline):
+            return 0.0
+        return sum(offline) / 2 * 8 / self.bandwidth_bps
 
     def report(self, graph: Graph) -> dict[str, Any]:
         """The manifest's `cost_predicted`: every layer and the total, batch 1, labelled as predicted."""
-        rows = self.layers(graph)
-        total = total_cost(graph_cost(graph, 1, self.protocol))
+        costs = graph_cost(graph, 1, self.protocol)
+        rows = [self._row(c) for c in costs]
+        total = total_cost(costs)
         return {
             "predicted": True,
             "protocol": self.protocol,
@@ -118,8 +133,10 @@ class LatencyModel:
             "bandwidth_bps": self.bandwidth_bps,
             "batch": 1,
             "compute": asdict(self.compute),
+            "keys_over_link": self.keys_over_link,
             "formula": "latency_s = rounds * rtt/2 + bytes_one_way * 8 / bandwidth + compute_s per layer, "
-            "plus compute.s_per_inference once",
+            "plus compute.s_per_inference once"
+            + ("; at least offline_link_s (the client's half of the dealer's bytes over the link)" if self.keys_over_link else ""),
             "layers": rows,
             "total": {
                 "rounds": total.rounds,
@@ -130,6 +147,7 @@ class LatencyModel:
                 "comparisons": total.comparisons,
                 "link_s": sum(r["link_s"] for r in rows),
                 "compute_s": sum(r["compute_s"] for r in rows) + self.compute.s_per_inference,
-                "latency_s": sum(r["latency_s"] for r in rows) + self.compute.s_per_inference,
+                "offline_link_s": self.offline_link_s(costs),
+                "latency_s": self.seconds(costs),
             },
         }
