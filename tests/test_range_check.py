@@ -101,6 +101,58 @@ def test_the_failure_probability_sums_each_truncation(cnn, fashion_test):
         assert report.failure_probability == pytest.approx(total * 2.0 ** (2 * f - 64), rel=1e-4)
 
 
+# c0, c1, c2 per channel: |c2| < 1 of both signs, and a constant channel (c2 = 0) that must stay exact
+_SITE_COEFFS = [[0.05, 0.5, 0.08], [0.1, 0.4, -0.3], [0.5, 0.0, 0.0]]
+_SITE_KEPT = [0, 5, 17]  # in channels 0 and 1 (16 elements each): channel 2 is polynomial throughout
+
+
+def _masked_site(keep: list[int]):
+    from twinfer.protocols.ir.graph import Node
+
+    attrs = {"out_shape": [3, 4, 4], "keep": keep, "elements": len(keep), "coeffs": _SITE_COEFFS}
+    return _graph((3, 4, 4), [Node("site", "MaskedRelu", ("x",), "y", (), attrs)], {})
+
+
+def _site_terms(magnitude: np.ndarray, keep: list[int]) -> tuple[float, float]:
+    """(old, new) truncated sums of the site's polynomial positions for inputs of these |x| (one sample's shape):
+    old: x^2, then c2 x^2, then c1 x; new: z = sqrt(|c2|) x, z^2 = |c2| x^2, then c1 x (the sign is a negation)."""
+    c = np.repeat(np.abs(np.asarray(_SITE_COEFFS)), 16, axis=0)
+    rest = np.setdiff1d(np.arange(48), keep)
+    x, c1, c2 = magnitude.reshape(-1)[rest], c[rest, 1], c[rest, 2]
+    old = float((x * x + c2 * x * x + c1 * x).sum())
+    new = float((np.sqrt(c2) * x + c2 * x * x + c1 * x).sum())
+    return old, new
+
+
+@pytest.mark.parametrize("keep", [_SITE_KEPT, []], ids=["fused", "polynomial_only"])
+def test_a_masked_site_truncates_the_scaled_square_not_x_squared(keep):
+    """The site squares z = sqrt(|c2|) x: it truncates |c2| x^2 where squaring x truncated x^2 and then
+    c2 x^2 again, so at |x| = 10 and |c2| <= 0.3 its failure probability is several times smaller."""
+    graph = _masked_site(keep)
+    signs = np.where(np.random.default_rng(3).random((8, 3, 4, 4)) < 0.5, -1.0, 1.0)
+    x = (10 * signs).astype(np.float32)
+    old, new = _site_terms(np.full((3, 4, 4), 10.0), keep)
+    assert 5 < old / new < 10  # per element (1 + |c2|) x^2 + |c1 x| against (sqrt|c2| + |c2| |x| + |c1|) |x|
+    seen = observed_ranges(graph, {}, x)
+    assert seen.truncated_sum["site"] == pytest.approx(new, rel=1e-6)
+    for f in (16, 12):
+        assert check_encoding(graph, {}, seen, f).failure_probability == pytest.approx(new * 2.0 ** (2 * f - 64), rel=1e-6)
+    bound = interval_ranges(graph, {}, (-10.0, 10.0))  # the sound bound counts the same terms
+    assert bound.truncated_sum["site"] == pytest.approx(new, rel=1e-6)
+
+
+@pytest.mark.parametrize("protocol", protocols())
+@pytest.mark.parametrize("keep", [_SITE_KEPT, []], ids=["fused", "polynomial_only"])
+def test_a_masked_site_with_the_scaled_square_computes_within_the_stated_error(protocol, keep):
+    graph = _masked_site(keep)
+    x = (torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(5)) * 4).numpy()
+    report = encoding_report(graph, {}, observed_ranges(graph, {}, x), 16, protocol)
+    assert report.refused == [], report.message()
+    y = run_two_party(protocol, graph, {}, torch.from_numpy(x))[0].numpy()
+    error = np.abs(y - _reference(graph, {}, x)).max()
+    assert 0 < error <= report.error_bound, (error, report.error_bound)
+    assert np.all(y[:, 2] == 0.5)  # c2 = 0 (and c1 = 0): z = 0, so its square is an exact 0
+
 # -- what it refuses, and how it says so ------------------------------------------------------------------
 
 

@@ -230,8 +230,9 @@ def _truncations(node, args: list[torch.Tensor], w: list[torch.Tensor], out: tor
     if node.op == MASKED_RELU:
         x = args[0].reshape(len(args[0]), -1).to(torch.float64)
         mask, _, c1, c2 = _poly_layout(node, tuple(node.attrs["out_shape"]))
-        r = x[:, ~mask]
-        return [r * r, c2[~mask] * r * r, c1[~mask] * r]
+        r, c2 = x[:, ~mask], c2[~mask]
+        # z = sqrt(|c2|) x, its square |c2| x^2 (the sign goes in by an exact negation), c1 x
+        return [c2.abs().sqrt() * r, c2.abs() * r * r, c1[~mask] * r]
     return []
 
 
@@ -332,8 +333,8 @@ def interval_ranges(graph: Graph, weights: dict[str, np.ndarray], input_range: t
                 p_lo, p_hi = _poly_interval(a, b, c0, c1, c2)
                 y_lo = torch.where(mask, a.clamp(min=0), p_lo).reshape(shape)
                 y_hi = torch.where(mask, b.clamp(min=0), p_hi).reshape(shape)
-                m = torch.maximum(a.abs(), b.abs())[:, ~mask]
-                truncated = [m * m, c2[~mask].abs() * m * m, c1[~mask].abs() * m]
+                m, k2 = torch.maximum(a.abs(), b.abs())[:, ~mask], c2[~mask].abs()
+                truncated = [k2.sqrt() * m, k2 * m * m, c1[~mask].abs() * m]  # as _truncations: z, z^2, c1 x
             elif node.op == "Embedding":
                 table = w[0]
                 out_shape = (1, *node.attrs["out_shape"])
@@ -474,8 +475,12 @@ def _error_estimate(graph: Graph, weights: dict[str, np.ndarray], ranges: ValueR
     truncation errs by less than u per share (mean square at most 2u^2/3, T). Affine:
     m' = W^2 m + E sum_fanin(|x| + e)^2 + E (bias) + T, the errors of distinct inputs taken as
     independent; ReLU, Clip: m' <= m; max-pool: the window's sum; shapes: moved; Add and
-    averaging: RMS errors add (Minkowski, whatever their correlation); polynomial: (|c1| +
-    2|c2||x|)^2 m + |c2|^2 m^2 + E (1 + |x|^2 + |x|^4) + T (|c2|^2 + 2); lookup: E + T.
+    averaging: RMS errors add (Minkowski, whatever their correlation); polynomial, evaluated as
+    sign(c2) z^2 + c1 x + c0 with z = s x, s = sqrt(|c2|) encoded (E): z errs by s e_x +
+    e_s |x| + t_z, mean square m_z = |c2| m + E |x|^2 + T, and z^2 by 2|z| that plus its
+    square, so (|c1| + 2|c2||x|)^2 m (x's error through both terms) + m_z^2 + E (1 + |x|^2 +
+    4|c2||x|^4) (c0, c1, s) + T (4|c2||x|^2 + 2) (z through 2|z|, z^2, c1 x; the negation
+    is exact); lookup: E + T.
     |x| is each element's peak over the samples where the ranges were observed, before any
     margin (a polynomial's slope at margin x its peak compounds site after site into estimates
     thousands of times what runs show), else its bound: the error of inputs like the samples.
@@ -518,7 +523,9 @@ def _error_estimate(graph: Graph, weights: dict[str, np.ndarray], ranges: ValueR
                 mask, _, c1, c2 = _poly_layout(node, tuple(shape[1:]))
                 x, d = p[0].reshape(1, -1), m[0].reshape(1, -1)
                 xe = x + d.sqrt()
-                poly = (c1.abs() + 2 * c2.abs() * x) ** 2 * d + c2 * c2 * d * d + enc * (1 + xe**2 + xe**4) + trunc * (c2 * c2 + 2)
+                k2 = c2.abs()
+                mz = k2 * d + enc * xe**2 + trunc  # z = s x: s's encoding, x's error, z's truncation
+                poly = (c1.abs() + 2 * k2 * x) ** 2 * d + mz * mz + enc * (1 + xe**2 + 4 * k2 * xe**4) + trunc * (4 * k2 * xe**2 + 2)
                 out = torch.where(mask, d, poly).reshape(shape)
             elif node.op == "Embedding":
                 out = torch.full((1, *node.attrs["out_shape"]), enc + trunc, dtype=torch.float64)

@@ -12,9 +12,13 @@ they travel in the graph's attributes, not with the secret weights.
 Secure evaluation of a masked site (AutoReP's gather, which its public code leaves out):
 1. gather the kept positions (a local index_select on shares) and run the backend's ReLU on
    that smaller tensor only: these are the only elements that pay for a secure comparison;
-2. gather the other positions and evaluate the polynomial: one Beaver square, then
-   multiplications by public coefficients and a public addition (local); the square and the
-   ReLU are independent, so a backend that can opens both in one round (fss does);
+2. gather the other positions and evaluate the polynomial as sign(c2) (s x)^2 + c1 x + c0
+   with s = sqrt(|c2|): z = s x (a public factor, local), one Beaver square of z, an exact
+   local negation where c2 < 0, then c1 x and c0 (local). A local truncation fails with a
+   probability proportional to the value truncated, so squaring s x truncates |c2| x^2
+   where squaring x would truncate x^2 (1/|c2| times as much: 12x at c2 = 0.08) and then
+   c2 x^2 again; c2 = 0 gives z = 0 and an exact 0. The square and the ReLU are
+   independent, so a backend that can opens both in one round (fss does);
 3. concatenate and scatter both parts back with the inverse permutation (local).
 
 Clip(x, lo, hi) with public bounds (ReLU6 is Clip(0, 6)) is lo + relu(x - lo) - relu(x - hi):
@@ -135,9 +139,25 @@ def plain_masked_relu(x: torch.Tensor, node: Node) -> torch.Tensor:
 
 
 
-def _polynomial(square, x, coeffs: torch.Tensor):
-    """c0 + c1 x + c2 x^2 per channel, from the square already made (public coefficients: local)."""
-    return square * coeffs[:, 2] + x * coeffs[:, 1] + coeffs[:, 0]
+def _scaled(x, coeffs: torch.Tensor):
+    """z = sqrt(|c2|) x per element (a public factor: local): what the polynomial squares."""
+    return x * coeffs[:, 2].abs().sqrt()
+
+
+def _polynomial(square, x, coeffs: torch.Tensor, backend):
+    """c0 + c1 x + c2 x^2 per channel from square = |c2| x^2 (public coefficients: local).
+
+    sign(c2) goes in by negation, which is exact on shares, not as an encoded -1 factor,
+    which would truncate |c2| x^2 once more."""
+    negative = coeffs[:, 2] < 0
+    if bool(negative.all()):
+        signed = -square
+    elif bool(negative.any()):
+        n = len(negative)
+        signed = backend.cat([square, -square], dim=1).index_select(1, torch.arange(n) + n * negative.long())
+    else:
+        signed = square
+    return signed + x * coeffs[:, 1] + coeffs[:, 0]
 
 
 def _relu(x, ctx: SecureContext, node: Node, relu_layer: bool = True):
@@ -196,13 +216,13 @@ class MaskedRelu(Op):
         if len(keep) and len(rest):  # independent: a backend may open both in one round
             kept, r = flat.index_select(1, keep), flat.index_select(1, rest)
             ctx.count(comparisons=kept.nelement(), relu=kept.nelement())
-            relu, square = ctx.backend.relu_and_square(kept, r, comparison_bits(node))
-            joined = ctx.backend.cat([relu, _polynomial(square, r, coeffs)], dim=1)
+            relu, square = ctx.backend.relu_and_square(kept, _scaled(r, coeffs), comparison_bits(node))
+            joined = ctx.backend.cat([relu, _polynomial(square, r, coeffs, ctx.backend)], dim=1)
         elif len(keep):
             joined = _relu(flat.index_select(1, keep), ctx, node)
         else:
             r = flat.index_select(1, rest)
-            joined = _polynomial(ctx.backend.square(r), r, coeffs)
+            joined = _polynomial(ctx.backend.square(_scaled(r, coeffs)), r, coeffs, ctx.backend)
         return joined.index_select(1, inverse).reshape(x.shape)
 
     def cost(self, node, io, pricing):
