@@ -364,5 +364,5 @@ def test_compute_fit_recovers_known_coefficients_and_the_unpriced_rest():
     for field in ("s_per_byte", "s_per_round", "s_per_comparison"):
         assert getattr(fitted, field) == pytest.approx(getattr(truth, field), rel=1e-6)
     assert fitted.s_per_inference == pytest.approx(0.004, rel=1e-6)
-    with pytest.raises(ValueError, match="at least 3 measured layers"):
+    with pytest.raises(ValueError, match="at least 3 measured stretches"):
         ComputeModel.fit(costs, {costs[0].name: {"wall_s": 0.1}}, 0.1, "too few")
