@@ -88,7 +88,7 @@ def _stretches(costs: list[LayerCost]) -> list[list[LayerCost]]:
 # each stretch of layers' median time over the batches after the first, beyond its share of the
 # link) to latency_budget.py's LeNet-5, batch 1, 6 batches, the mean of two sessions, on the
 # 2-core development machine; another machine or link should calibrate its own. They predict
-# ResNetFMNIST's base model within 3% too (crypten 2.44 s for 2.45 measured, fss 0.50 for 0.48).
+# ResNetFMNIST's base model within 4% too (crypten 2.44 s for 2.45 measured, fss 0.50 for 0.48).
 DEFAULT_COMPUTE: dict[str, ComputeModel] = {
     "crypten": ComputeModel(0.0, 1.95e-3, 0.0, 1.2e-3, "defaults measured under wan on a 2-core development machine (crypten)"),
     "fss": ComputeModel(0.0, 2.37e-3, 1.99e-6, 6.3e-3, "defaults measured under wan on a 2-core development machine (fss)"),
