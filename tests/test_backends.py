@@ -184,3 +184,35 @@ def test_fss_relu_keys_in_chunks_still_one_round(monkeypatch):
     costs = graph_cost(graph, batch=3, protocol="fss")
     assert online == sum(c.bytes_online for c in costs[:-1]) and offline == total_cost(costs[:-1]).bytes_offline
     assert costs[0].rounds == 2  # the 2x2 tree: two levels, each one round however many chunks
+
+
+def _exact_plan(graph: Graph, weights: dict[str, np.ndarray], x: torch.Tensor, protocol: str) -> Graph:
+    from twinfer.protocols.backends import backend_class as cls_of
+    from twinfer.protocols.ir.encoding import apply_truncations, plan_truncations
+    from twinfer.protocols.ir.ranges import observed_ranges
+
+    seen = observed_ranges(graph, weights, x.numpy())
+    return apply_truncations(graph, plan_truncations(graph, seen, 16, "exact", fuses=cls_of(protocol).fuses_truncation))
+
+
+@pytest.mark.parametrize("protocol", protocols())
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_exact_truncation_matches_plaintext_and_its_cost(protocol, case):
+    """Every layer that truncates does so from the dealer's keys: the same answers, and the rounds and
+    bytes the cost model prices (fss: a conv's exact truncation rides in its ReLU's round)."""
+    input_shape, nodes, weights = CASES[case]
+    x = torch.randn(3, *input_shape, generator=torch.Generator().manual_seed(7)) * 2
+    graph = _exact_plan(_graph(input_shape, nodes, weights), weights, x, protocol)
+    exact = {n.name: n.attrs["truncation"] for n in graph.nodes if "truncation" in n.attrs}
+    assert exact or case in ("clip_one_bound",)  # every case but a lone clip truncates something
+    expected = run_plain(graph, {k: torch.from_numpy(v) for k, v in weights.items()}, x)
+    y, counts, bytes_online, bytes_offline = run_two_party(protocol, graph, weights, x)
+    assert torch.max(torch.abs(y - expected)).item() < TOLERANCE, (y, expected)
+    layers = graph_cost(graph, batch=3, protocol=protocol)[:-1]
+    assert bytes_online == sum(c.bytes_online for c in layers)
+    assert counts["rounds"] == sum(c.rounds for c in layers)
+    offline = total_cost(layers).bytes_offline
+    if offline is not None:
+        assert bytes_offline == offline
+    if protocol == "fss" and case == "conv_relu":
+        assert exact["conv"].get("fused") and counts["rounds"] == 2  # the conv's opening, then the fused ReLU's

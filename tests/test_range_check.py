@@ -16,8 +16,9 @@ from twinfer.protocols.backends import protocols
 from twinfer.protocols.backends.fss import ring
 from twinfer.protocols.ir.onnx_export import export_onnx
 from twinfer.protocols.ir.plain import run_plain
-from twinfer.protocols.ir.ranges import check_encoding, interval_ranges, observed_ranges
-from twinfer.parties.runtime.model_file import encoding_report, parse_model
+from twinfer.protocols.ir.encoding import check_encoding, encoding_report
+from twinfer.protocols.ir.ranges import interval_ranges, observed_ranges
+from twinfer.parties.runtime.model_file import parse_model
 
 
 @pytest.fixture(scope="module")
@@ -167,8 +168,8 @@ def test_a_scale_the_truncation_cannot_take_is_refused_naming_the_layer(cnn, fas
     report = check_encoding(graph, weights, observed_ranges(graph, weights, fashion_test[0][:16] * 1e4), 16)
     assert [f.node for f in report.refused] == ["/features/features.0/Conv"]
     text = report.message()
-    assert "layer '/features/features.0/Conv' (Conv)" in text and "fails (off by 2^32) with probability |y| 2^-32" in text
-    assert f"{report.failure_probability:.2g} per sample" in text and "above the 0.0001 allowed" in text
+    assert "layer '/features/features.0/Conv' (Conv)" in text and "fails (off by 2^48 units) with probability |y| 2^-64" in text
+    assert f"{report.failure_probability:.2g} per sample" in text and "above the 0.0001 allowed: use --truncation auto or exact" in text
     assert report.suggested_bits == 12 and "--fraction-bits 12" in text
     # where fewer bits hold the values, nothing is refused, and the stated error grows 2^16/2^12-fold
     fewer = check_encoding(graph, weights, observed_ranges(graph, weights, fashion_test[0][:16] * 1e4), 12)
@@ -206,10 +207,15 @@ def test_narrow_comparisons_and_max_pool_padding_are_checked():
 
 
 def test_a_sound_bound_warns_where_only_its_looseness_crosses(resnet):
-    """The interval bound of the resnet over [0, 1] is far above what images do: a warning, not a refusal."""
+    """The interval bound of the resnet over [0, 1] is far above what images do: with local truncations only,
+    a warning, not a refusal; by default the layers carrying that risk truncate exactly instead."""
     graph, weights = resnet
-    report = encoding_report(graph, weights, interval_ranges(graph, weights, (0.0, 1.0)), 16, "crypten")
-    assert report.refused == [] and report.warnings and "per sample over the model" in report.warnings[0].problem
+    bound = interval_ranges(graph, weights, (0.0, 1.0))
+    local = encoding_report(graph, weights, bound, 16, "crypten", truncation="local")
+    assert local.refused == [] and local.warnings and "per sample over the layers truncated locally" in local.warnings[0].problem
+    auto = encoding_report(graph, weights, bound, 16, "crypten")
+    assert auto.refused == [] and auto.warnings == [] and auto.truncations
+    assert auto.failure_probability <= 1e-4 < local.failure_probability
 
 
 # -- fractional bits as a session parameter -------------------------------------------------------------
@@ -283,8 +289,11 @@ def test_parties_with_other_fraction_bits_are_refused_by_name():
     party._agree_encoding(np.array([12]), SERVER)  # the same: accepted
     with pytest.raises(ProtocolError, match="the server encodes with 16 fractional bits but this client with 12: every party"):
         party._agree_encoding(np.array([16]), SERVER)
-    for bad in (0, 31, 2.5):
-        with pytest.raises(ValueError, match="fraction bits must be an integer from 1 to 30"):
+    auto = ClientParty(np.zeros((1, 4), np.float32), 1, dataclasses.replace(config, fraction_bits="auto"))
+    auto._agree_encoding(np.array([9]), SERVER)  # 'auto' takes the server's
+    assert auto.fraction_bits == 9
+    for bad in (0, 31, 2.5, "16"):
+        with pytest.raises(ValueError, match="fraction bits must be 'auto' or an integer from 1 to 30"):
             PartyConfig(role="client", session_id="s", fraction_bits=bad)
 
 
@@ -432,7 +441,7 @@ def test_an_artifact_written_before_the_peaks_file_falls_back_to_per_channel_pea
         observed = restored.observed[node.output]
         assert torch.equal(observed, observed[:, :1, :1].expand_as(observed))  # one value per channel
         assert observed[:, 0, 0].tolist() == pytest.approx(per_channel)
-    assert check_model_range(graph, weights, 16, "fss") is not None
+    assert check_model_range(graph, weights, 16, "fss")[0].refused == []
 
 
 @pytest.mark.parametrize("protocol", protocols())
@@ -448,8 +457,8 @@ def test_per_element_peaks_state_a_smaller_error_that_still_bounds_the_measured_
     graph, weights = load_model(out)
     c = graph.calibration
     per_channel = encoding_report(graph, weights, ranges_from_summary(graph, c["layers"], graph.input_range, c["source"]), 16, protocol)
-    server = check_model_range(graph, weights, 16, protocol)
-    assert server.refused == [] and server.error_bound < 0.75 * per_channel.error_bound  # 2x less here
+    server, held = check_model_range(graph, weights, 16, protocol)
+    assert held == graph.input_range and server.refused == [] and server.error_bound < 0.75 * per_channel.error_bound  # 2x less here
     optimizer = encoding_report(graph, weights, calibration_ranges(artifact_graph(out)), 16, protocol)
     assert optimizer.error_bound == server.error_bound and optimizer.failure_probability == server.failure_probability
     x = calibration[:4]

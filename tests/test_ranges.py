@@ -40,10 +40,10 @@ def test_ranges_follow_what_each_comparison_sees():
     x = np.array([[1.0, -2.0, 0.5, 1.5]], np.float32)  # fc: x * 3 = (3, -6, 1.5, 4.5)
     ranges = comparison_ranges(graph, weights, x)
     assert ranges["relu"] == pytest.approx(6.0)  # ReLU: its input
-    assert ranges["cap"] == pytest.approx(4.5 + 6.0)  # Clip: input plus the farther bound
+    assert ranges["cap"] == pytest.approx(6.0)  # Clip: its differences to the bounds, r - 0 and r - 6 (r = 0 gives -6)
     assert ranges["pool"] == pytest.approx(2 * 4.5)  # max-pool: differences of window values
     widths = comparison_widths(graph, weights, x, margin=4.0)
-    assert widths == {"relu": width_for(6.0, 4), "cap": width_for(10.5, 4), "pool": width_for(9.0, 4)}
+    assert widths == {"relu": width_for(6.0, 4), "cap": width_for(6.0, 4), "pool": width_for(9.0, 4)}
     padded, w = _graph(padding=(1, 1))
     assert comparison_widths(padded, w, x)["pool"] == 64  # compared against its padding value
 

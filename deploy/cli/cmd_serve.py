@@ -45,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     template = PartyConfig(
         role=SERVER, session_id="-", listen=args.listen, dealer_address=args.dealer, options=transport_options(args),
         tls=tls_identity(args, SERVER),
-        protocol=args.protocol, fraction_bits=args.fraction_bits, input_range=args.input_range, insecure=args.insecure,
+        protocol=args.protocol, fraction_bits=args.fraction_bits, truncation=args.truncation, input_range=args.input_range,
+        insecure=args.insecure,
     )  # fmt: skip
     check_listen(args.listen, template.tls, args.insecure, SERVER)  # before the model is read: the cheaper mistake first
     server = StandingServer(

@@ -7,7 +7,8 @@ import argparse
 import numpy as np
 
 from twinfer.protocols.backends import DEFAULT_PROTOCOL, protocols
-from twinfer.protocols.backends.base import DEFAULT_FRACTION_BITS, FRACTION_BITS_RANGE, check_fraction_bits
+from twinfer.protocols.backends.base import AUTO, DEFAULT_FRACTION_BITS, FRACTION_BITS_RANGE, check_session_bits
+from twinfer.protocols.ir.encoding import TRUNCATION_POLICIES
 from twinfer.parties.wire.network_profile import parse_profile
 from twinfer.parties.runtime.session import CLIENT, DEALER, SERVER
 from twinfer.parties.wire.transport import TransportOptions
@@ -27,9 +28,10 @@ def positive_int(text: str) -> int:
     return value
 
 
-def fraction_bits(text: str) -> int:
+def fraction_bits(text: str) -> int | str:
+    """An argparse type: --fraction-bits auto or an integer in range."""
     try:
-        return check_fraction_bits(int(text))
+        return check_session_bits(text if text == AUTO else int(text))
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err).replace("fraction bits", "--fraction-bits")) from None
 
@@ -84,9 +86,17 @@ def add_transport_args(parser: argparse.ArgumentParser) -> None:
     )
     lo, hi = FRACTION_BITS_RANGE
     parser.add_argument(
-        "--fraction-bits", type=fraction_bits, default=DEFAULT_FRACTION_BITS,
-        help=f"fixed point: fractional bits of every shared value ({lo}-{hi}, default {DEFAULT_FRACTION_BITS}); fewer hold "
-        "larger values (products must stay below 2^(63-2f)) at a coarser last place 2^-f; every party of a session the same",
+        "--fraction-bits", type=fraction_bits, default=AUTO,
+        help=f"fixed point: fractional bits of every shared value, 'auto' (the default: the largest up to "
+        f"{DEFAULT_FRACTION_BITS} that holds every value within the error target, chosen by the server's check; a client "
+        f"takes the server's) or {lo}-{hi}; fewer hold larger values (products must stay below 2^(63-2f)) at a coarser "
+        "last place 2^-f",
+    )  # fmt: skip
+    parser.add_argument(
+        "--truncation", default="auto", choices=TRUNCATION_POLICIES,
+        help="server: how products are scaled back: 'auto' (the default: exact, from the dealer's keys, in the layers "
+        "where the free local truncation's risk of a wrong answer is worth a round; none on fss where a ReLU follows), "
+        "'local' (free; wrong with probability |y|/2^64 per value) or 'exact' (every layer)",
     )  # fmt: skip
     parser.add_argument(
         "--insecure-trusted-first-party",
@@ -126,6 +136,7 @@ def run_private_inference(args, model: ModelLike, inputs: np.ndarray) -> Inferen
         insecure_trusted_first_party=args.insecure_trusted_first_party,
         protocol=args.protocol,
         fraction_bits=args.fraction_bits,
+        truncation=args.truncation,
         input_range=getattr(args, "input_range", None),
         insecure=getattr(args, "insecure", False),
         ray_options=ray_options_from_args(args),

@@ -38,11 +38,7 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, Any]]:
         ("comparisons (ReLU, max-pool, clip)", summary["comparisons"]),
         ("protocol", summary["protocol"]),
     ] + (
-        [
-            ("fixed point", f"{summary['fraction_bits']} fractional bits"),
-            (f"stated error ({summary['stated_error_sigmas']:g} sigma)", f"{summary['stated_error']:.3g}"),
-            ("truncation failure risk per sample", f"{summary['truncation_failure_per_sample']:.1e}"),
-        ]
+        encoding_rows(summary)
         if "fraction_bits" in summary
         else []
     ) + (
@@ -54,6 +50,23 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, Any]]:
         if "network" in summary
         else []
     )
+
+
+def encoding_rows(summary: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The session's fixed point as its server settled it (SessionEncoding.summary)."""
+    kinds = summary["truncation"]
+    exact = summary["exact_truncations"]
+    lo, hi = summary["input_range_held"]
+    rows = [
+        ("fixed point", f"{summary['fraction_bits']} fractional bits"),
+        ("stated error", f"{summary['stated_error']:.3g} ({summary['stated_error_source']})"),
+        ("truncation", f"exact in {exact} of {len(kinds)} layers, local elsewhere" if exact else f"local in all {len(kinds)} layers"),
+        ("truncation failure risk per sample", f"{summary['truncation_failure_per_sample']:.1e}"),
+        ("inputs the server holds", f"[{lo:g}, {hi:g}]"),
+    ]
+    if summary.get("fraction_bits_chosen"):
+        rows.insert(1, ("fraction bits chosen", summary["fraction_bits_chosen"]))
+    return rows
 
 
 def predicted_beside_measured(predicted: dict[str, Any], layers: dict[str, dict], batch_latency_s: list[float]) -> dict[str, Any]:

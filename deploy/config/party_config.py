@@ -51,7 +51,8 @@ FIELDS: dict[str, Field] = {
     "dealer_network": Field(str, "shape the dealer's links"),
     "insecure_trusted_first_party": Field(bool, "INSECURE: no dealer; the server makes the randomness"),
     "protocol": Field(str, "the secure backend (crypten or fss); every party of a session the same"),
-    "fraction_bits": Field(int, "fixed-point fractional bits; every party of a session the same"),
+    "fraction_bits": Field((int, str), "fixed-point fractional bits, 'auto' or a number; every party of a session the same"),
+    "truncation": Field(str, "server: auto, local or exact (how products are scaled back)"),
     "input_range": Field((str, list), "server: the values the model is declared for, 'LO,HI' or [LO, HI]"),
     "insecure": Field(bool, "INSECURE: allow a non-loopback listener without TLS and a short session id"),
 }

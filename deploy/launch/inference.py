@@ -9,9 +9,12 @@ from typing import Any
 import numpy as np
 import torch
 
+import dataclasses
+
 from twinfer.protocols.backends import DEFAULT_PROTOCOL
-from twinfer.protocols.backends.base import DEFAULT_FRACTION_BITS, check_fraction_bits
-from twinfer.protocols.ir.ranges import ERROR_SIGMAS, EncodingReport
+from twinfer.protocols.backends.base import AUTO, check_session_bits
+from twinfer.protocols.ir.encoding import TRUNCATION_POLICIES, EncodingReport, SessionEncoding
+from twinfer.protocols.ir.graph import Graph
 from twinfer.parties.errors import InputError
 from twinfer.parties.wire.network_profile import NetworkProfile
 from twinfer.parties.runtime.model_file import (
@@ -21,14 +24,12 @@ from twinfer.parties.runtime.model_file import (
     parse_model,
     read_model_bytes,
 )
-from twinfer.parties.runtime.session import server_graph
 from twinfer.parties.runtime.session import CLIENT, DEALER, SERVER, PartyReport
 from twinfer.parties.wire.tls import TlsIdentity
 from twinfer.parties.wire.transport import TransportOptions
 from twinfer.protocols.ir.onnx_export import export_onnx
 
 from .ray_launcher import RayOptions, run_parties
-from .wiring import party_config
 
 ModelLike = str | Path | bytes | torch.nn.Module
 
@@ -70,16 +71,9 @@ class InferenceResult:
         } | self._encoding() | self._bound()
 
     def _encoding(self) -> dict[str, Any]:
-        """The fixed point the run used and what the range check stated for these inputs."""
-        e = self.encoding
-        if e is None:
-            return {}
-        return {
-            "fraction_bits": e.fraction_bits,
-            "stated_error": e.error_bound,  # ERROR_SIGMAS x the estimated RMS error of a logit
-            "stated_error_sigmas": ERROR_SIGMAS,
-            "truncation_failure_per_sample": e.failure_probability,
-        }
+        """The fixed point the run used, as the server told the client: the error it states, each
+        layer's truncation, the inputs it holds (SessionEncoding.summary)."""
+        return dict(self.client.encoding or {})
 
     def _bound(self) -> dict[str, Any]:
         """Measured latency of the last batch against the network's lower bound."""
@@ -124,31 +118,34 @@ def private_inference(
     tls_dir: str | Path | None = None,
     progress: bool = False,
     protocol: str = DEFAULT_PROTOCOL,
-    fraction_bits: int = DEFAULT_FRACTION_BITS,
+    fraction_bits: int | str = AUTO,
+    truncation: str = "auto",
     input_range: tuple[float, float] | None = None,
     insecure: bool = False,
 ) -> InferenceResult:
     """Run the model privately on `inputs`: the server holds the model, the client the inputs.
 
     `tls_dir`: a folder from `twinfer certs`; every link then runs over mutual TLS.
-    `fraction_bits`: the fixed point's precision (fewer: larger values, coarser). Before any
-    party starts, the inputs are checked (real numbers, the model's shape and declared input
-    range) and so is what they do in every layer against the encoding (protocols/ir/ranges.py):
-    an InputError naming the layer, never a wrong answer.
+    `fraction_bits`: the fixed point's precision ('auto': chosen for these inputs, the largest up
+    to 16 that holds every value; fewer: larger values, coarser). `truncation`: 'auto' (exact
+    where the local truncation's risk pays for it), 'local' or 'exact'. Before any party starts,
+    the inputs are checked (real numbers, the model's shape and declared input range) and so is
+    what they do in every layer against the encoding (protocols/ir/encoding.py), the error
+    stated from a simulation of the fixed point on them: an InputError naming the layer, never
+    a wrong answer. The server adopts that encoding.
     `input_range`: declare the model's input range (else an artifact's). `insecure`: allow
     parties to listen on non-loopback addresses (a Ray cluster) without TLS.
     """
     inputs = check_input_array(inputs)
-    check_fraction_bits(fraction_bits)
+    check_session_bits(fraction_bits)
+    if truncation not in TRUNCATION_POLICIES:
+        raise ValueError(f"truncation must be one of {', '.join(TRUNCATION_POLICIES)}, got {truncation!r}")
     if batch_size is not None and batch_size < 1:
         raise InputError(f"batch size must be at least 1, got {batch_size}")
     data = model_bytes(model, tuple(inputs.shape[1:]) if inputs.ndim > 1 else (1,))
     graph, weights = parse_model(data, source=str(model) if isinstance(model, (str, Path)) else "model")
+    report, encoding = check_session(graph, weights, inputs, protocol, fraction_bits, truncation, input_range)
     options = options or TransportOptions()
-    config = party_config(SERVER, "-", options, protocol=protocol, fraction_bits=fraction_bits, input_range=input_range)
-    graph = server_graph(graph, weights, config)  # the server's own check, with the declared range
-    check_input_fits(graph, inputs)
-    encoding = check_inputs_encode(graph, weights, inputs, fraction_bits, protocol)
     batch = batch_size or len(inputs)
     tls = tls_identities(tls_dir) if tls_dir is not None else None
     reports = run_parties(
@@ -161,9 +158,10 @@ def private_inference(
         tls=tls,
         progress=progress,
         protocol=protocol,
-        fraction_bits=fraction_bits,
+        fraction_bits=encoding.fraction_bits,
         input_range=input_range,
         insecure=insecure,
+        encoding=encoding,
     )
     return InferenceResult(
         logits=reports[CLIENT].logits,
@@ -171,8 +169,24 @@ def private_inference(
         batch_size=batch,
         relu_per_sample=graph.relu_count(),
         network=options.network,
-        encoding=encoding,
+        encoding=report,
     )
+
+
+def check_session(
+    graph: Graph, weights: dict[str, np.ndarray], inputs: np.ndarray, protocol: str, fraction_bits: int | str = AUTO,
+    truncation: str = "auto", input_range: tuple[float, float] | None = None,
+) -> tuple[EncodingReport, SessionEncoding]:
+    """Where one process holds model and inputs, before any party starts: the inputs against the
+    model (shape, finite, declared range) and what they do in every layer at the session's fixed
+    point; the encoding the server then adopts (its input range: the declared one, else these
+    inputs'). An InputError naming the problem when refused."""
+    if input_range is not None:
+        graph = dataclasses.replace(graph, input_range=input_range)
+    check_input_fits(graph, inputs)
+    report = check_inputs_encode(graph, weights, inputs, fraction_bits, protocol, truncation)
+    held = graph.input_range or (float(np.min(inputs)), float(np.max(inputs)))
+    return report, SessionEncoding.of(report, held)
 
 
 def tls_identities(directory: str | Path) -> dict[str, TlsIdentity]:

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from twinfer.protocols.backends import DEFAULT_PROTOCOL
-from twinfer.protocols.backends.base import DEFAULT_FRACTION_BITS
+from twinfer.protocols.backends.base import AUTO
+from twinfer.protocols.ir.encoding import SessionEncoding
 from twinfer.parties.errors import PeerError, PeerTimeoutError, TwinferError
 from twinfer.parties.runtime.session import CLIENT, DEALER, SERVER, PartyConfig, PartyReport
 from twinfer.parties.wire.transport import TransportOptions
@@ -256,9 +257,12 @@ def run_local_session(
     prefetch_ahead: bool = False,
     timeout_s: float = 900.0,
     protocol: str = DEFAULT_PROTOCOL,
-    fraction_bits: int = DEFAULT_FRACTION_BITS,
+    fraction_bits: int | str = AUTO,
+    truncation: str = "auto",
+    encoding: SessionEncoding | None = None,
 ) -> dict[str, PartyReport]:
-    """Dealer, server and client in three spawned processes on loopback; reports by role."""
+    """Dealer, server and client in three spawned processes on loopback; reports by role.
+    `encoding`: what a check of these inputs settled (inference.check_session), for the server to adopt."""
     options = options or TransportOptions()
     ctx = mp.get_context("spawn")
     session = new_session_id()
@@ -267,7 +271,7 @@ def run_local_session(
     def spawn(role: str, **addresses: str | None) -> SpawnedParty:
         config = party_config(
             role, session, options, prefetch=prefetch, prefetch_ahead=prefetch_ahead, protocol=protocol, fraction_bits=fraction_bits,
-            **addresses,
+            truncation=truncation, encoding=encoding, **addresses,
         )
         return SpawnedParty(ctx, role, config, payloads[role])
 

@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 
 from twinfer.protocols.backends import DEFAULT_PROTOCOL
-from twinfer.protocols.backends.base import DEFAULT_FRACTION_BITS
+from twinfer.protocols.backends.base import AUTO
+from twinfer.protocols.ir.encoding import SessionEncoding
 from twinfer.parties.errors import PeerError, PeerTimeoutError, TwinferError
 from twinfer.parties.runtime.session import CLIENT, DEALER, SERVER, PartyConfig, PartyReport
 from twinfer.parties.wire.tls import TlsIdentity
@@ -305,15 +306,17 @@ def run_parties(
     tls: dict[str, TlsIdentity] | None = None,
     progress: bool = False,
     protocol: str = DEFAULT_PROTOCOL,
-    fraction_bits: int = DEFAULT_FRACTION_BITS,
+    fraction_bits: int | str = AUTO,
     input_range: tuple[float, float] | None = None,
     insecure: bool = False,
+    encoding: SessionEncoding | None = None,
 ) -> dict[str, PartyReport]:
-    """Launch server, client and dealer actors, wire them, run one session; reports by role."""
+    """Launch server, client and dealer actors, wire them, run one session; reports by role.
+    `encoding`: what the launcher's check settled on these inputs, which the server adopts."""
     return run_sessions(
         onnx_bytes, [inputs], batch_size=batch_size, options=options,
         insecure_trusted_first_party=insecure_trusted_first_party, ray_options=ray_options, tls=tls, progress=progress,
-        protocol=protocol, fraction_bits=fraction_bits, input_range=input_range, insecure=insecure,
+        protocol=protocol, fraction_bits=fraction_bits, input_range=input_range, insecure=insecure, encoding=encoding,
     )[0]  # fmt: skip
 
 
@@ -329,9 +332,10 @@ def run_sessions(
     progress: bool = False,
     timeout_s: float = 3600.0,
     protocol: str = DEFAULT_PROTOCOL,
-    fraction_bits: int = DEFAULT_FRACTION_BITS,
+    fraction_bits: int | str = AUTO,
     input_range: tuple[float, float] | None = None,
     insecure: bool = False,
+    encoding: SessionEncoding | None = None,
 ) -> list[dict[str, PartyReport]]:
     """One server, client and dealer actor running one session per input array, all at once.
 
@@ -342,7 +346,7 @@ def run_sessions(
     with party_pool(
         onnx_bytes, options=options, insecure_trusted_first_party=insecure_trusted_first_party,
         ray_options=ray_options, tls=tls, max_sessions=len(inputs), protocol=protocol, fraction_bits=fraction_bits,
-        input_range=input_range, insecure=insecure,
+        input_range=input_range, insecure=insecure, encoding=encoding,
     ) as pool:  # fmt: skip
         return pool.run(inputs, batch_size=batch_size, progress=progress, timeout_s=timeout_s)
 
@@ -357,9 +361,10 @@ def party_pool(
     tls: dict[str, TlsIdentity] | None = None,
     max_sessions: int = 16,
     protocol: str = DEFAULT_PROTOCOL,
-    fraction_bits: int = DEFAULT_FRACTION_BITS,
+    fraction_bits: int | str = AUTO,
     input_range: tuple[float, float] | None = None,
     insecure: bool = False,
+    encoding: SessionEncoding | None = None,
 ) -> Iterator[PartyPool]:
     """Three placed, wired party actors that serve run() calls until the block ends."""
     import ray
@@ -379,7 +384,8 @@ def party_pool(
         roles = [SERVER, CLIENT] + ([] if insecure_trusted_first_party else [DEALER])
         actors = {role: remote.options(**per_role.get(role, {})).remote(role) for role in roles}
         pool = PartyPool(
-            actors, options, insecure_trusted_first_party, tls, max_sessions, placed, protocol, fraction_bits, input_range, insecure
+            actors, options, insecure_trusted_first_party, tls, max_sessions, placed, protocol, fraction_bits, input_range, insecure,
+            encoding,
         )
         # Where every node is this machine (the embedded instance, a cluster on one host), the
         # parties listen on loopback only; else on their nodes' addresses.
@@ -418,9 +424,10 @@ class PartyPool:
     max_sessions: int
     placement: str = ""
     protocol: str = DEFAULT_PROTOCOL
-    fraction_bits: int = DEFAULT_FRACTION_BITS
+    fraction_bits: int | str = AUTO
     input_range: tuple[float, float] | None = None
     insecure: bool = False
+    encoding: SessionEncoding | None = None
 
     def run(
         self, inputs: list[np.ndarray], *, batch_size: int, progress: bool = False, timeout_s: float = 3600.0
@@ -436,7 +443,8 @@ class PartyPool:
     def _template(self, role: str, **addresses: str | None) -> PartyConfig:
         return party_config(
             role, "-", self.options, insecure_trusted_first_party=self.insecure_tfp, tls=self.tls, protocol=self.protocol,
-            fraction_bits=self.fraction_bits, input_range=self.input_range, insecure=self.insecure, **addresses,
+            fraction_bits=self.fraction_bits, input_range=self.input_range, insecure=self.insecure, encoding=self.encoding,
+            **addresses,
         )  # fmt: skip
 
     def start(self, onnx_bytes: bytes, listen_host: str | None = None) -> None:

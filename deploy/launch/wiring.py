@@ -22,7 +22,8 @@ import numpy as np
 
 from twinfer.parties.errors import PeerError, TwinferError
 from twinfer.protocols.backends import DEFAULT_PROTOCOL
-from twinfer.protocols.backends.base import DEFAULT_FRACTION_BITS
+from twinfer.protocols.backends.base import AUTO
+from twinfer.protocols.ir.encoding import SessionEncoding
 from twinfer.parties.runtime.session import CLIENT, DEALER, SERVER, PartyConfig, PartyReport
 from twinfer.parties.wire.tls import TlsIdentity
 from twinfer.parties.wire.transport import TransportOptions
@@ -54,15 +55,20 @@ def party_config(
     dealer_address: str | None = None,
     server_address: str | None = None,
     protocol: str = DEFAULT_PROTOCOL,
-    fraction_bits: int = DEFAULT_FRACTION_BITS,
+    fraction_bits: int | str = AUTO,
+    truncation: str = "auto",
     input_range: tuple[float, float] | None = None,
     insecure: bool = False,
+    encoding: SessionEncoding | None = None,
 ) -> PartyConfig:
-    """One role's PartyConfig; `tls` holds every role's identity (or is None: no TLS)."""
+    """One role's PartyConfig; `tls` holds every role's identity (or is None: no TLS). `encoding`:
+    what the launcher's own check settled (the server adopts it; the client takes the server's bits)."""
+    server = role == SERVER
     return PartyConfig(
         role=role, session_id=session_id, options=options, insecure_trusted_first_party=insecure_trusted_first_party,
         dealer_prefetch=prefetch, prefetch_ahead=prefetch_ahead, tls=tls[role] if tls else None, dealer_address=dealer_address, server_address=server_address,
-        protocol=protocol, fraction_bits=fraction_bits, input_range=input_range if role == SERVER else None, insecure=insecure,
+        protocol=protocol, fraction_bits=fraction_bits, truncation=truncation, input_range=input_range if server else None, insecure=insecure,
+        encoding=encoding if server else None,
     )  # fmt: skip
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from twinfer.protocols.backends import DEFAULT_PROTOCOL
-from twinfer.protocols.backends.base import DEFAULT_FRACTION_BITS
+from twinfer.protocols.backends.base import AUTO
 from twinfer.parties.runtime.serving import SessionOpener
 from twinfer.parties.runtime.session import CLIENT, ClientParty, PartyConfig, PartyReport
 from twinfer.parties.wire.tls import TlsIdentity
@@ -38,7 +38,7 @@ class Client:
         dealer: str,
         tls: str | Path | TlsIdentity | None = None,
         protocol: str = DEFAULT_PROTOCOL,
-        fraction_bits: int = DEFAULT_FRACTION_BITS,
+        fraction_bits: int | str = AUTO,
         options: TransportOptions | None = None,
         timeout_s: float | None = None,
     ) -> None:

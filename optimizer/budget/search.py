@@ -52,11 +52,12 @@ from twinfer.optimizer.common.hooks import run_hooked
 from twinfer.optimizer.mofhei.block_pruning import PruneConfig, blocks_to_keep
 from twinfer.optimizer.mofhei.he_friendly import FitConfig, Split, avg_pool_like, forward_order, set_module
 from twinfer.optimizer.mofhei.mofhei import artifact_graph, model_graph, optimize_mofhei
-from twinfer.protocols.backends.base import DEFAULT_FRACTION_BITS
+from twinfer.protocols.backends.base import AUTO
 from twinfer.protocols.cost_model import graph_cost, prunable_layers, pruned_graph, total_cost
 from twinfer.protocols.ir.graph import Graph
 from twinfer.protocols.ir.onnx_import import graph_from_onnx
-from twinfer.protocols.ir.ranges import calibration_ranges, encoding_report
+from twinfer.protocols.ir.encoding import encoding_report
+from twinfer.protocols.ir.ranges import calibration_ranges
 from twinfer.protocols.ops.activation import ActivationSite, apply_sites
 
 from .latency import LatencyModel
@@ -359,7 +360,7 @@ def pruning_levels(target: float | None, epochs: float) -> tuple[tuple[float, ..
 
 def range_refusal(
     model: nn.Module, example: torch.Tensor, calibration: np.ndarray, protocol: str, margin: float = 4.0,
-    fraction_bits: int = DEFAULT_FRACTION_BITS,
+    fraction_bits: int | str = AUTO,
 ) -> str | None:
     """Why the server would refuse `model`'s artifact (calibrated on `calibration`), or None.
 

@@ -137,14 +137,14 @@ class ServerHost(_Host):
 
     def __init__(self, graph: Graph, weights: dict[str, np.ndarray], template: PartyConfig, max_sessions: int = 16) -> None:
         graph.check_weights(weights)
-        graph = server_graph(graph, weights, template)  # refused here, before listening, if it cannot be encoded
+        graph, encoding = server_graph(graph, weights, template)  # refused here, before listening, if it cannot be encoded
         super().__init__(template, max_sessions)
-        self.graph, self.weights = graph, weights
+        self.graph, self.weights, self.encoding = graph, weights, encoding
 
     def open(self, session_id: str) -> ServerParty:
         """Expect a client for `session_id` from now on and serve it in its own thread."""
         self._reserve(session_id)
-        party = ServerParty(self.graph, self.weights, self.config(session_id), listener=self.listener)
+        party = ServerParty(self.graph, self.weights, self.config(session_id), listener=self.listener, encoding=self.encoding)
         self._submit(session_id, party.run)
         return party
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -20,13 +21,8 @@ from twinfer.protocols import artifact_format as af
 from twinfer.protocols.ops.embedding import check_ids
 from twinfer.protocols.ir.graph import Graph, GraphError, check_input_range
 from twinfer.protocols.ir.onnx_import import graph_from_onnx
-from twinfer.protocols.ir.ranges import (
-    EncodingReport,
-    calibration_ranges,
-    encoding_report,
-    interval_ranges,
-    observed_ranges,
-)
+from twinfer.protocols.ir.encoding import SIMULATED_SAMPLES, EncodingReport, SessionEncoding, encoding_report, simulated_error
+from twinfer.protocols.ir.ranges import FAILURE_PROBABILITY, FRACTION_BITS, calibration_ranges, interval_ranges, observed_ranges
 
 from twinfer.parties.errors import InputError, LocalError, ModelError
 
@@ -174,6 +170,20 @@ def check_declared_range(graph: Graph, inputs: np.ndarray, origin: str = "") -> 
         )
 
 
+def check_held_range(encoding: SessionEncoding, inputs: np.ndarray, origin: str = "") -> None:
+    """Refuse inputs outside what the server's model holds at the session's fixed point (an
+    InputError before any share is sent: its answer could be wrong)."""
+    lo, hi = encoding.input_range
+    low, high = float(np.min(inputs)), float(np.max(inputs))
+    if low < lo or high > hi:
+        raise InputError(
+            f"input values span [{low:.6g}, {high:.6g}], outside [{lo:.6g}, {hi:.6g}], what the server's model holds at "
+            f"{encoding.fraction_bits} fractional bits ({encoding.chosen or 'its declared input range'}): the answer could be "
+            "wrong, so nothing is sent; scale the input into that range, or have the server declare a wider --input-range",
+            origin=origin,
+        )
+
+
 def parse_input_range(text: str | None) -> tuple[float, float] | None:
     """--input-range LO,HI as two floats (a ValueError saying what is expected)."""
     if text is None:
@@ -199,7 +209,7 @@ def check_output_path(path: str | Path | None) -> None:
         raise LocalError(f"--output {path}: {'the file' if path.exists() else f'folder {folder}'} is not writable by this user")
 
 
-# -- the numeric range check (protocols/ir/ranges.py) --------------------------------------------
+# -- the numeric range check (protocols/ir/ranges.py, encoding.py) ---------------------------------
 
 
 def _warn(report: EncodingReport, who: str) -> None:
@@ -207,31 +217,80 @@ def _warn(report: EncodingReport, who: str) -> None:
         log.warning("%s: %s", who, report.message(report.warnings))
 
 
-def check_inputs_encode(graph: Graph, weights: dict[str, np.ndarray], inputs: np.ndarray, fraction_bits: int, protocol: str) -> EncodingReport:
+def check_inputs_encode(
+    graph: Graph, weights: dict[str, np.ndarray], inputs: np.ndarray, fraction_bits: int | str, protocol: str, truncation: str = "auto"
+) -> EncodingReport:
     """Before any party starts, where one process holds model and input (twinfer infer, demo):
-    what these very inputs do in every layer, held against the session's encoding. An
-    InputError naming the layer when refused; warnings are logged."""
-    report = encoding_report(graph, weights, observed_ranges(graph, weights, inputs, source=f"these {len(inputs)} inputs"), fraction_bits, protocol)
+    what these very inputs do in every layer, held against the session's encoding ('auto':
+    chosen here), the error stated from a simulation of the fixed point on them. An InputError
+    naming the layer when refused; warnings are logged."""
+    simulated = min(len(inputs), SIMULATED_SAMPLES)
+    source = f"these {len(inputs)} inputs" if simulated == len(inputs) else f"these {len(inputs)} inputs (the first {simulated} simulated)"
+    seen = observed_ranges(graph, weights, inputs, source=source)
+    error = simulated_error(graph, weights, inputs, protocol)
+    report = encoding_report(graph, weights, seen, fraction_bits, protocol, truncation=truncation, error=error, error_source="simulated")
     if report.refused:
         raise InputError(f"the input is refused before any share is sent: {report.message()}")
     _warn(report, "input")
     return report
 
 
-def check_model_range(graph: Graph, weights: dict[str, np.ndarray], fraction_bits: int, protocol: str) -> EncodingReport | None:
-    """The server's check, before it shares anything: the artifact's calibration ranges (times
-    their margin) where it has some, else a sound interval bound from the declared input range;
-    None when the model declares no input range. A ModelError naming the layer when refused."""
+def check_model_range(
+    graph: Graph, weights: dict[str, np.ndarray], fraction_bits: int | str, protocol: str, truncation: str = "auto"
+) -> tuple[EncodingReport, tuple[float, float]]:
+    """The server's check, before it shares anything, and the inputs its model holds: the
+    declared range, checked with the artifact's calibration ranges (times their margin) where
+    they cover it, else a sound interval bound; a model that declares none holds the widest
+    symmetric range its checks accept with local truncations only (`widest_range`). A
+    ModelError naming the layer when refused."""
     if graph.input_range is None:
-        return None
+        return widest_range(graph, weights, fraction_bits, protocol)
     calibration = graph.calibration
     lo, hi = graph.input_range
     if calibration is not None and calibration["input_range"][0] <= lo and hi <= calibration["input_range"][1]:
         ranges = calibration_ranges(graph)
     else:  # no calibration, or a declared range wider than the calibration data's
         ranges = interval_ranges(graph, weights, graph.input_range)
-    report = encoding_report(graph, weights, ranges, fraction_bits, protocol)
+    report = encoding_report(graph, weights, ranges, fraction_bits, protocol, truncation=truncation)
     if report.refused:
-        raise ModelError(f"the model is refused for inputs in [{graph.input_range[0]:g}, {graph.input_range[1]:g}]: {report.message()}")
+        raise ModelError(f"the model is refused for inputs in [{lo:g}, {hi:g}]: {report.message()}")
     _warn(report, "model")
-    return report
+    return report, (lo, hi)
+
+
+WIDEST_LIMITS = (2.0**-8, 2.0**40)  # the symmetric input ranges widest_range tries, |x| up to
+
+
+def widest_range(graph: Graph, weights: dict[str, np.ndarray], fraction_bits: int | str, protocol: str) -> tuple[EncodingReport, tuple[float, float]]:
+    """A model without a declared input range: the widest [-a, a] (to 3 significant digits) whose
+    sound interval bound passes the check at the session's bits (16 if 'auto') with every
+    truncation local and its risk within the limit, so that serving it costs nothing extra. A
+    client's input outside it is refused; --input-range declares another."""
+    bits = FRACTION_BITS if fraction_bits == "auto" else int(fraction_bits)
+
+    def check(a: float) -> EncodingReport | None:
+        report = encoding_report(graph, weights, interval_ranges(graph, weights, (-a, a)), bits, protocol, truncation="local")
+        return None if report.refused or report.failure_probability > FAILURE_PROBABILITY else report
+
+    lo, hi = WIDEST_LIMITS
+    best = check(lo)
+    if best is None:
+        raise ModelError(
+            f"the model declares no input range, and even inputs within +-{lo:g} are refused at {bits} fractional bits: "
+            f"{encoding_report(graph, weights, interval_ranges(graph, weights, (-lo, lo)), bits, protocol, truncation='local').message()}"
+        )
+    a = lo
+    while a < hi and (report := check(min(a * 4, hi))) is not None:  # grow, then bisect the last step
+        a, best = min(a * 4, hi), report
+    top = min(a * 4, hi)
+    for _ in range(12):
+        if top / a < 1.001:
+            break
+        middle = math.sqrt(a * top)
+        report = check(middle)
+        a, top, best = (middle, top, report) if report is not None else (a, middle, best)
+    held = float(f"{a:.3g}") if float(f"{a:.3g}") <= a else float(f"{a * 0.999:.3g}")
+    best.chosen = (best.chosen or f"{bits} fractional bits") + (
+        f"; the model declares no input range: it holds [-{held:g}, {held:g}], the widest its checks accept"
+    )
+    return best, (-held, held)

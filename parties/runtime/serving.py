@@ -59,6 +59,9 @@ class SessionEnd:
     peer: str | None = None
     error_id: str | None = None
     error: str | None = None
+    fraction_bits: int | None = None  # the session's fixed point and the error its server stated
+    stated_error: float | None = None
+    exact_truncations: int | None = None
 
     @classmethod
     def of(cls, session_id: str, role: str, outcome: PartyReport | BaseException, started: float, peer: str | None) -> SessionEnd:
@@ -70,6 +73,10 @@ class SessionEnd:
             end.rounds = int(sum(outcome.batch_rounds))
             end.bytes_online = int(sum(outcome.batch_bytes_online))
             end.bytes_offline = int(outcome.bytes_offline)
+            if outcome.encoding is not None:
+                end.fraction_bits = outcome.encoding["fraction_bits"]
+                end.stated_error = outcome.encoding["stated_error"]
+                end.exact_truncations = outcome.encoding["exact_truncations"]
         else:
             end.outcome = outcome.kind if isinstance(outcome, TwinferError) else "error"
             end.error_id = getattr(outcome, "error_id", None)

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from twinfer.protocols.backends import DEFAULT_PROTOCOL, Backend, backend_class, protocols
-from twinfer.protocols.backends.base import DEFAULT_FRACTION_BITS, BackendError, check_fraction_bits
+from twinfer.protocols.backends.base import AUTO, BackendError, check_session_bits
+from twinfer.protocols.ir.encoding import TRUNCATION_POLICIES, SessionEncoding, apply_truncations
 from twinfer.protocols.ir.graph import Graph, GraphError, check_input_range
 from twinfer.protocols.ir.validation import graph_from_json
 from twinfer.protocols.ops.embedding import check_ids, encode_input
@@ -33,7 +34,7 @@ from twinfer.parties.dealer.service import DealerServicer, add_dealer_servicer
 from twinfer.parties.dealer.client import DealerClient
 from twinfer.parties.errors import InputError, PeerError, ProtocolError, TwinferError
 from twinfer.parties.metrics import Metrics
-from twinfer.parties.runtime.model_file import check_declared_range, check_input_array, check_model_range
+from twinfer.parties.runtime.model_file import check_declared_range, check_held_range, check_input_array, check_model_range
 from twinfer.parties.wire.tls import TlsIdentity
 from twinfer.parties.wire.transport import GrpcTransport, PeerServicer, TransportOptions, add_peer_servicer, start_server
 
@@ -56,13 +57,20 @@ class PartyConfig:
     prefetch_ahead: bool = False
     tls: TlsIdentity | None = None  # mutual TLS on every link this party opens or accepts
     protocol: str = DEFAULT_PROTOCOL  # the secure backend; both parties of a session must agree
-    fraction_bits: int = DEFAULT_FRACTION_BITS  # fixed-point precision; both parties of a session must agree
+    # fixed-point precision: 'auto' (the server's check chooses; a client takes the server's) or a number
+    # both parties of a session must agree on
+    fraction_bits: int | str = AUTO
+    truncation: str = "auto"  # server: which layers truncate exactly (protocols/ir/encoding.py: auto, local, exact)
     input_range: tuple[float, float] | None = None  # server: the inputs the model is declared for (else the artifact's)
     insecure: bool = False  # allow listening on a non-loopback address without TLS
+    # server: the encoding its launcher settled on the very inputs (`twinfer infer`), instead of its own check
+    encoding: SessionEncoding | None = None
 
     def __post_init__(self) -> None:
         backend_class(self.protocol)  # an unknown protocol is refused before anything starts
-        check_fraction_bits(self.fraction_bits)
+        check_session_bits(self.fraction_bits)
+        if self.truncation not in TRUNCATION_POLICIES:
+            raise ValueError(f"truncation must be one of {', '.join(TRUNCATION_POLICIES)}, got {self.truncation!r}")
         if self.input_range is not None:
             try:
                 object.__setattr__(self, "input_range", check_input_range(self.input_range))
@@ -156,6 +164,7 @@ class PartyReport:
     protocol: str = DEFAULT_PROTOCOL
     layers: dict[str, dict] = field(default_factory=dict)
     logits: np.ndarray | None = None
+    encoding: dict | None = None  # the session's fixed point as the server settled it (SessionEncoding.summary)
 
 
 def _node_name() -> str:
@@ -193,6 +202,7 @@ class _TwoPartySession:
         self.dealer: DealerClient | None = None
         self.report = PartyReport(role=config.role, pid=os.getpid(), node=_node_name(), protocol=config.protocol)
         self.backend: Backend | None = None
+        self.fraction_bits: int | str = config.fraction_bits  # a client with 'auto' takes the server's
         backend_class(config.protocol).prepare()  # imports happen here, not inside the measured setup
 
     def _connect_dealer(self) -> None:
@@ -224,12 +234,18 @@ class _TwoPartySession:
             )
 
     def _agree_encoding(self, theirs: np.ndarray, peer: str) -> None:
-        """Refuse a peer with other fractional bits: the two would read each other's shares at another scale."""
+        """Refuse a peer with other fractional bits: the two would read each other's shares at another scale.
+        The server states the session's (0 from a client: it takes the server's, --fraction-bits auto)."""
         bits = int(theirs[0]) if theirs.shape == (1,) else None
-        if bits != self.config.fraction_bits:
+        if bits == 0 and self.role == SERVER:
+            return
+        if self.fraction_bits == AUTO and bits is not None and self.role == CLIENT:
+            self.fraction_bits = bits
+            return
+        if bits != self.fraction_bits:
             raise ProtocolError(
-                f"the {peer} encodes with {bits} fractional bits but this {self.role} with {self.config.fraction_bits}: "
-                "every party of a session must use the same --fraction-bits",
+                f"the {peer} encodes with {bits} fractional bits but this {self.role} with {self.fraction_bits}: "
+                "every party of a session must use the same --fraction-bits (or 'auto' on the client)",
                 origin=self.role,
             )
 
@@ -240,13 +256,12 @@ class _TwoPartySession:
 
     def _send_protocol(self) -> None:
         self.transport.send("protocol", np.frombuffer(self.config.protocol.encode(), dtype=np.uint8))
-        self.transport.send("fraction_bits", np.array([self.config.fraction_bits], dtype=np.int64))
+        bits = 0 if self.fraction_bits == AUTO else int(self.fraction_bits)
+        self.transport.send("fraction_bits", np.array([bits], dtype=np.int64))
 
     def _start_backend(self) -> None:
         torch.set_num_threads(1)  # two parties on one machine: 10x slower with default threads
-        self.backend = backend_class(self.config.protocol).create(
-            self.rank, self.transport, self.dealer, fraction_bits=self.config.fraction_bits
-        )
+        self.backend = backend_class(self.config.protocol).create(self.rank, self.transport, self.dealer, fraction_bits=self.fraction_bits)
         self.backend.start()
         self.report.torch_threads = torch.get_num_threads()
 
@@ -323,15 +338,19 @@ class _TwoPartySession:
         raise NotImplementedError
 
 
-def server_graph(graph: Graph, weights: dict[str, np.ndarray], config: PartyConfig) -> Graph:
-    """The graph a server serves: with the configured input range (else the artifact's), checked
-    against the session's encoding before anything is shared (a ModelError naming the layer)."""
+def server_graph(graph: Graph, weights: dict[str, np.ndarray], config: PartyConfig) -> tuple[Graph, SessionEncoding]:
+    """The graph a server serves and the encoding it tells its clients: checked against the
+    model's input range (the configured one, else the artifact's, else the widest its checks
+    accept) before anything is shared, each layer's truncation in its attributes (a ModelError
+    naming the layer when refused); or the encoding its launcher settled on the very inputs."""
     if config.input_range is not None:
         graph = dataclasses.replace(graph, input_range=config.input_range)
-    report = check_model_range(graph, weights, config.fraction_bits, config.protocol)
-    if report is None:
-        log.info("the model declares no input range: the server cannot bound its activations (see --input-range)")
-    return graph
+    if config.encoding is not None:
+        encoding = config.encoding
+        held = graph.input_range if graph.input_range is not None else encoding.input_range
+        return dataclasses.replace(apply_truncations(graph, encoding.truncations()), input_range=held), encoding
+    report, held = check_model_range(graph, weights, config.fraction_bits, config.protocol, config.truncation)
+    return dataclasses.replace(apply_truncations(graph, report.truncations), input_range=held), SessionEncoding.of(report, held)
 
 
 class ServerParty(_TwoPartySession):
@@ -340,16 +359,20 @@ class ServerParty(_TwoPartySession):
     role, rank = SERVER, RANKS[SERVER]
 
     def __init__(
-        self, graph: Graph, weights: dict[str, np.ndarray], config: PartyConfig, listener: PartyListener | None = None
+        self, graph: Graph, weights: dict[str, np.ndarray], config: PartyConfig, listener: PartyListener | None = None,
+        encoding: SessionEncoding | None = None,
     ) -> None:
-        """`listener`: a listener shared with other sessions of this process (whose host checked the
-        graph: server_graph); else one of its own."""
+        """`listener`: a listener shared with other sessions of this process, and `encoding` the one its
+        host settled (server_graph, with `graph`); else one of its own, and its own check."""
         graph.check_weights(weights)
-        if listener is None:
-            graph = server_graph(graph, weights, config)
+        if encoding is None:
+            graph, encoding = server_graph(graph, weights, config)
         super().__init__(config)
         self.graph = graph
         self.weights = weights
+        self.encoding = encoding
+        self.fraction_bits = encoding.fraction_bits
+        self.report.encoding = encoding.summary()
         self._own_listener = listener is None
         self.listener = listener or PartyListener(SERVER, config.listen, config.options, config.tls, config.insecure)
         self.listener.peers.expect(self.transport)
@@ -361,6 +384,7 @@ class ServerParty(_TwoPartySession):
         self.transport.wait_accepted()
         self._send_protocol()
         self.transport.send("graph", np.frombuffer(self.graph.to_json().encode(), dtype=np.uint8))
+        self.transport.send("encoding", np.frombuffer(self.encoding.to_json().encode(), dtype=np.uint8))
         self._agree(CLIENT)
         plan = self.transport.recv("plan")
         if plan.shape != (2,) or plan[0] < 1 or plan[1] < 1:
@@ -408,6 +432,20 @@ class ClientParty(_TwoPartySession):
             raise InputError(f"input must be a batch of samples (N x ...), got shape {inputs.shape}")
         return inputs
 
+    def _receive_encoding(self) -> SessionEncoding:
+        raw = self.transport.recv("encoding")
+        try:
+            encoding = SessionEncoding.from_json(raw.tobytes().decode())
+        except (GraphError, UnicodeDecodeError) as err:
+            raise ProtocolError(f"the server sent an unusable session encoding: {err}", origin=self.role) from None
+        if encoding.fraction_bits != self.fraction_bits:
+            raise ProtocolError(
+                f"the server states {encoding.fraction_bits} fractional bits in its encoding but {self.fraction_bits} at the handshake",
+                origin=self.role,
+            )
+        self.report.encoding = encoding.summary()
+        return encoding
+
     def _receive_graph(self) -> Graph:
         raw = self.transport.recv("graph")
         try:
@@ -421,6 +459,7 @@ class ClientParty(_TwoPartySession):
         self.transport.dial(self.config.server_address, tls=self.config.tls)
         self._agree(SERVER)
         self.graph = graph = self._receive_graph()
+        encoding = self._receive_encoding()
         if tuple(self.inputs.shape[1:]) != graph.input_shape:
             raise InputError(
                 f"input samples have shape {tuple(self.inputs.shape[1:])}, but the model expects "
@@ -432,6 +471,7 @@ class ClientParty(_TwoPartySession):
         except ValueError as err:
             raise InputError(str(err), origin=self.role) from None
         check_declared_range(graph, self.inputs, origin=self.role)  # before any share is sent
+        check_held_range(encoding, self.inputs, origin=self.role)
         self._send_protocol()
         self.transport.send("plan", np.array([len(self.inputs), self.batch_size], dtype=np.int64))
         self._start_backend()

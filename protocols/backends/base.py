@@ -27,11 +27,19 @@ DEFAULT_FRACTION_BITS = 16
 FRACTION_BITS_RANGE = (1, 30)  # a product carries 2f fractional bits before truncation: 2f < 63
 
 
+AUTO = "auto"  # a session's fractional bits chosen by the server's check (protocols/ir/encoding.py)
+
+
+def check_session_bits(bits: object) -> int | str:
+    """A session's --fraction-bits: 'auto' or an integer in FRACTION_BITS_RANGE (a ValueError otherwise)."""
+    return AUTO if bits == AUTO else check_fraction_bits(bits)
+
+
 def check_fraction_bits(bits: object) -> int:
     """`bits` as an int in FRACTION_BITS_RANGE, or a ValueError that says what is allowed."""
     lo, hi = FRACTION_BITS_RANGE
     if not isinstance(bits, int) or isinstance(bits, bool) or not lo <= bits <= hi:
-        raise ValueError(f"fraction bits must be an integer from {lo} to {hi} (default {DEFAULT_FRACTION_BITS}), got {bits!r}")
+        raise ValueError(f"fraction bits must be 'auto' or an integer from {lo} to {hi}, got {bits!r}")
     return bits
 OPEN_BYTES = 2 * RING_BYTES  # one opened element: send my share, receive theirs
 SERVER_RANK, CLIENT_RANK = 0, 1
@@ -42,6 +50,55 @@ class BackendError(ValueError):
     array of the wrong shape. The party reports it as a protocol error on every party."""
 
 
+TRUNCATION_KINDS = ("local", "exact")
+
+
+@dataclass(frozen=True)
+class Truncation:
+    """How a secure op truncates (or divides) the values it must scale back, chosen per layer.
+
+    `local`: the two-party local truncation (SecureML): free, off by one unit in the last place,
+    and wrong by a whole 2^(64 - s) with probability |y| / 2^64 for a value y (ring units).
+    `exact`: from the dealer's keys (a comparison on the masked value's low `bits` bits: LLAMA,
+    SIGMA): one round, never wrong while |y| < 2^(bits - 1) ring units, off by one unit at most.
+    `fused`: an exact truncation a backend may leave to the comparison that reads the value
+    next (fss opens a product for its ReLU anyway, so truncating there costs no round).
+    Both round stochastically: the result is floor(y / 2^s) + 1 with probability frac(y / 2^s).
+    """
+
+    kind: str = "local"
+    bits: int = 64
+    fused: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in TRUNCATION_KINDS:
+            raise ValueError(f"truncation kind must be one of {TRUNCATION_KINDS}, got {self.kind!r}")
+        if not isinstance(self.bits, int) or isinstance(self.bits, bool) or not 2 <= self.bits <= 64:
+            raise ValueError(f"truncation width must be an integer from 2 to 64, got {self.bits!r}")
+        if self.fused and self.kind != "exact":
+            raise ValueError("only an exact truncation can be fused into the comparison that follows")
+
+    @property
+    def exact(self) -> bool:
+        return self.kind == "exact"
+
+    def as_attr(self) -> dict:
+        """The node attribute `truncation` (public structure: it travels to the client)."""
+        return {"kind": self.kind, "bits": self.bits} | ({"fused": True} if self.fused else {})
+
+    @classmethod
+    def from_attr(cls, value: Any) -> "Truncation":
+        """A node's `truncation` attribute (JSON from the peer: checked); absent means local."""
+        if value is None:
+            return LOCAL
+        if not isinstance(value, dict) or set(value) - {"kind", "bits", "fused"}:
+            raise ValueError(f"a truncation attribute is {{'kind', 'bits'[, 'fused']}}, got {value!r}")
+        return cls(value.get("kind", "local"), value.get("bits", 64), bool(value.get("fused", False)))
+
+
+LOCAL = Truncation()
+
+
 @dataclass(frozen=True)
 class Cost:
     """Cost of one protocol step: one party's online bytes (sent + received), rounds, and the
@@ -50,6 +107,11 @@ class Cost:
     bytes_online: int = 0
     rounds: int = 0
     bytes_offline: int | None = None
+
+    def __add__(self, other: "Cost") -> "Cost":
+        """Two steps one after the other: their bytes and rounds add up."""
+        offline = None if self.bytes_offline is None or other.bytes_offline is None else self.bytes_offline + other.bytes_offline
+        return Cost(self.bytes_online + other.bytes_online, self.rounds + other.rounds, offline)
 
 
 @dataclass(frozen=True)
@@ -103,11 +165,14 @@ class Pricing(abc.ABC):
     def max_pool(self, windows: int, n: int, bits: int = 64) -> Cost:
         """The maximum of each of `windows` windows of n elements."""
 
+    @abc.abstractmethod
+    def truncation(self, n: int, truncation: "Truncation") -> Cost:
+        """Truncating (or dividing) n values as `truncation` says: local is free; an exact one opens
+        the masked values (one round) with the dealer's keys, unless it is fused into a comparison."""
+
     def relu_and_square(self, relus: int, squares: int, bits: int = 64) -> Cost:
         """A masked site's ReLUs and squares (`Backend.relu_and_square`): one after the other here."""
-        a, b = self.relu(relus, bits), self.square(squares)
-        offline = None if a.bytes_offline is None or b.bytes_offline is None else a.bytes_offline + b.bytes_offline
-        return Cost(a.bytes_online + b.bytes_online, a.rounds + b.rounds, offline)
+        return self.relu(relus, bits) + self.square(squares)
 
 
 class Backend(abc.ABC):
@@ -124,6 +189,11 @@ class Backend(abc.ABC):
     # padded max-pool pads with (-2^pool_pad_bits ring units: an input below it loses to the pad).
     narrow_comparisons: ClassVar[bool] = False
     pool_pad_bits: ClassVar[int] = 62
+    # How a public value (a polynomial's coefficient, an addend) is encoded: "nearest" (round(x 2^f))
+    # or "toward_zero" (CrypTen's encoder: int(x 2^f)); the fixed-point simulation mimics it.
+    public_rounding: ClassVar[str] = "nearest"
+    # Whether an exact truncation can be left to the ReLU that reads the product (Truncation.fused).
+    fuses_truncation: ClassVar[bool] = False
 
     rank: int
 
@@ -170,41 +240,50 @@ class Backend(abc.ABC):
     def cat(self, parts: list[Any], dim: int) -> Any:
         """Concatenate shared tensors (local)."""
 
-    # -- products (one Beaver product each) -----------------------------------------------------------
+    # -- products (one Beaver product each); every product and division is truncated as `truncation` says --
 
     @abc.abstractmethod
-    def conv2d(self, x: Any, w: Any, *, stride: tuple, padding: tuple, dilation: tuple, groups: int) -> Any: ...
+    def conv2d(
+        self, x: Any, w: Any, *, stride: tuple, padding: tuple, dilation: tuple, groups: int, truncation: Truncation = LOCAL
+    ) -> Any: ...
 
     @abc.abstractmethod
-    def matmul(self, x: Any, w: Any) -> Any: ...
+    def matmul(self, x: Any, w: Any, truncation: Truncation = LOCAL) -> Any: ...
 
     @abc.abstractmethod
-    def linear(self, x: Any, w: Any) -> Any:
+    def linear(self, x: Any, w: Any, truncation: Truncation = LOCAL) -> Any:
         """x W^T for a weight W stored as the layer stores it (outputs first)."""
 
     @abc.abstractmethod
-    def mul(self, x: Any, y: Any) -> Any:
+    def mul(self, x: Any, y: Any, truncation: Truncation = LOCAL) -> Any:
         """Elementwise product of two shared tensors (broadcasting)."""
 
     @abc.abstractmethod
-    def square(self, x: Any) -> Any: ...
+    def square(self, x: Any, truncation: Truncation = LOCAL) -> Any: ...
+
+    @abc.abstractmethod
+    def scale(self, x: Any, factor: torch.Tensor, truncation: Truncation = LOCAL) -> Any:
+        """x times a public tensor (broadcasting), encoded at the session's fixed point: local but
+        for its truncation."""
 
     # -- comparisons ------------------------------------------------------------------------------------
 
     @abc.abstractmethod
     def relu(self, x: Any, bits: int | None = None) -> Any:
         """ReLU of every element; `bits`: the comparison width a backend may use (None: the full
-        ring, exact for every value; fewer bits are exact while |x| < 2^(bits - 1) ring units)."""
+        ring, exact for every value; fewer bits are exact while |x| < 2^(bits - 1) ring units).
+        `x` may still hold a product whose exact truncation was left to it (Truncation.fused)."""
 
-    def relu_and_square(self, x: Any, y: Any, bits: int | None = None) -> tuple[Any, Any]:
+    def relu_and_square(self, x: Any, y: Any, bits: int | None = None, truncation: Truncation = LOCAL) -> tuple[Any, Any]:
         """(ReLU of x, square of y), independent of each other (a masked site's kept and other
         positions); a backend that can open both in the same round overrides this."""
-        return self.relu(x, bits), self.square(y)
+        return self.relu(x, bits), self.square(y, truncation)
 
     @abc.abstractmethod
     def max_pool2d(self, x: Any, *, kernel: tuple, stride: tuple, padding: tuple, bits: int | None = None) -> Any: ...
 
-    # -- local -----------------------------------------------------------------------------------------
+    # -- local (but for the division's truncation) -----------------------------------------------------
 
     @abc.abstractmethod
-    def avg_pool2d(self, x: Any, *, kernel: tuple, stride: tuple, padding: tuple) -> Any: ...
+    def avg_pool2d(self, x: Any, *, kernel: tuple, stride: tuple, padding: tuple, truncation: Truncation = LOCAL) -> Any:
+        """The window sums divided by the window's size (a public integer), truncated as `truncation` says."""

@@ -99,6 +99,18 @@ def check_input_range(value: Any, what: str = "input range") -> tuple[float, flo
     return lo, hi
 
 
+def check_finite(value: np.ndarray, what: str) -> None:
+    """A weight or constant the fixed point cannot encode (NaN, +-inf) is refused, named: run, it
+    would come back as logits of about 1e9 and no error."""
+    finite = np.isfinite(value)
+    if not finite.all():
+        where = tuple(int(i) for i in np.argwhere(~finite)[0])
+        raise GraphError(
+            f"{what} holds {int((~finite).sum())} NaN or infinite value(s) (first at index {list(where)}: {value[where]}); "
+            "the model cannot be run privately: fix or retrain it, and export it again"
+        )
+
+
 def resolve_reshape(shape: tuple[int, ...], target: list[int]) -> tuple[int, ...]:
     """ONNX Reshape semantics: 0 copies the input dimension, -1 is inferred."""
     return tuple(shape[i] if d == 0 else d for i, d in enumerate(target))

@@ -14,7 +14,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..ops import onnx_importer, supported_onnx_ops
-from .graph import Graph, GraphError, Node, UnsupportedOpError
+from .graph import Graph, GraphError, Node, UnsupportedOpError, check_finite
 from .plain import annotate_shapes
 from .validation import validate_graph
 
@@ -29,6 +29,8 @@ class Importer:
     def __init__(self, model: onnx.ModelProto) -> None:
         self.model = model
         self.init = {t.name: numpy_helper.to_array(t).astype(np.float32, copy=True) for t in model.graph.initializer}
+        for name, value in self.init.items():
+            check_finite(value, f"initializer '{name}'")
         self.ints: dict[str, np.ndarray] = {
             t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT64
         }
@@ -112,6 +114,8 @@ def graph_from_onnx(model: onnx.ModelProto) -> tuple[Graph, dict[str, np.ndarray
         nodes=importer.nodes,
         weight_shapes={k: tuple(v.shape) for k, v in importer.weights.items()},
     )
+    for key, value in importer.weights.items():  # also what import derived, such as a folded BatchNorm's
+        check_finite(value, f"weight '{key}'")
     validate_graph(graph)
     annotate_shapes(graph, importer.weights)
     return graph, importer.weights

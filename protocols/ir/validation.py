@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from ..ops import op_for
+from ..ops.registry import check_truncation
 from .graph import Graph, GraphError, Node, check_input_range
 
 
@@ -20,6 +21,7 @@ def validate_graph(graph: Graph) -> None:
             if w not in graph.weight_shapes:
                 raise GraphError(f"node '{node.name}' uses weight '{w}' that the graph does not declare")
         op.check(node, graph)
+        check_truncation(node)
         known.add(node.output)
     if graph.output_name not in known:
         raise GraphError(f"the graph never produces its output '{graph.output_name}'")

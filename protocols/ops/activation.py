@@ -13,8 +13,10 @@ Secure evaluation of a masked site (AutoReP's gather, which its public code leav
 1. gather the kept positions (a local index_select on shares) and run the backend's ReLU on
    that smaller tensor only: these are the only elements that pay for a secure comparison;
 2. gather the other positions and evaluate the polynomial as sign(c2) (s x)^2 + c1 x + c0
-   with s = sqrt(|c2|): z = s x (a public factor, local), one Beaver square of z, an exact
-   local negation where c2 < 0, then c1 x and c0 (local). A local truncation fails with a
+   with s = sqrt(|c2|): z = s x and c1 x (public factors, local but for their one truncation
+   call), one Beaver square of z, an exact local negation where c2 < 0, then c0 (local). With
+   an exact truncation (the layer's `truncation` attribute) the products' truncation costs a
+   round before the square's and one after it. A local truncation fails with a
    probability proportional to the value truncated, so squaring s x truncates |c2| x^2
    where squaring x would truncate x^2 (1/|c2| times as much: 12x at c2 = 0.08) and then
    c2 x^2 again; c2 = 0 gives z = 0 and an exact 0. The square and the ReLU are
@@ -34,8 +36,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..backends.base import Truncation
 from ..ir.graph import Graph, GraphError, Node
-from .registry import CostInputs, LayerCost, Op, SecureContext, check_comparison_bits, comparison_bits, register
+from .registry import CostInputs, LayerCost, Op, SecureContext, check_comparison_bits, comparison_bits, register, truncation_of
 
 OP = "MaskedRelu"
 
@@ -138,14 +141,16 @@ def plain_masked_relu(x: torch.Tensor, node: Node) -> torch.Tensor:
     return torch.where(mask, torch.relu(flat), poly).reshape(x.shape)
 
 
+def _terms(x, coeffs: torch.Tensor, backend, truncation):
+    """z = sqrt(|c2|) x and c1 x per element (public factors), in one truncation: what the
+    polynomial squares and what it adds."""
+    n = coeffs.shape[0]
+    both = backend.scale(backend.cat([x, x], dim=1), torch.cat([coeffs[:, 2].abs().sqrt(), coeffs[:, 1]]), truncation)
+    return both.index_select(1, torch.arange(n)), both.index_select(1, torch.arange(n, 2 * n))
 
-def _scaled(x, coeffs: torch.Tensor):
-    """z = sqrt(|c2|) x per element (a public factor: local): what the polynomial squares."""
-    return x * coeffs[:, 2].abs().sqrt()
 
-
-def _polynomial(square, x, coeffs: torch.Tensor, backend):
-    """c0 + c1 x + c2 x^2 per channel from square = |c2| x^2 (public coefficients: local).
+def _polynomial(square, linear, coeffs: torch.Tensor, backend):
+    """c0 + c1 x + c2 x^2 per channel from square = |c2| x^2 and linear = c1 x (local).
 
     sign(c2) goes in by negation, which is exact on shares, not as an encoded -1 factor,
     which would truncate |c2| x^2 once more."""
@@ -157,7 +162,14 @@ def _polynomial(square, x, coeffs: torch.Tensor, backend):
         signed = backend.cat([square, -square], dim=1).index_select(1, torch.arange(n) + n * negative.long())
     else:
         signed = square
-    return signed + x * coeffs[:, 1] + coeffs[:, 0]
+    return signed + linear + coeffs[:, 0]
+
+
+def fused_truncation(graph: Graph, node: Node) -> Truncation | None:
+    """The exact truncation of the product a ReLU reads, where it is fused into that ReLU's round."""
+    producer = next((n for n in graph.nodes if n.output == node.inputs[0]), None)
+    truncation = truncation_of(producer) if producer is not None else None
+    return truncation if truncation is not None and truncation.fused else None
 
 
 def _relu(x, ctx: SecureContext, node: Node, relu_layer: bool = True):
@@ -165,6 +177,17 @@ def _relu(x, ctx: SecureContext, node: Node, relu_layer: bool = True):
     n = int(x.nelement())
     ctx.count(comparisons=n, relu=n if relu_layer else 0)
     return ctx.backend.relu(x, comparison_bits(node))
+
+
+def _poly_interval(lo: torch.Tensor, hi: torch.Tensor, c0, c1, c2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Range of c0 + c1 x + c2 x^2 over [lo, hi], elementwise: the endpoints and, inside, the vertex."""
+    p = lambda x: c0 + c1 * x + c2 * x * x  # noqa: E731
+    candidates = [p(lo), p(hi)]
+    vertex = torch.where(c2 != 0, -c1 / (2 * torch.where(c2 != 0, c2, torch.ones_like(c2))), lo)
+    inside = (vertex > lo) & (vertex < hi)
+    candidates.append(torch.where(inside, p(vertex), candidates[0]))
+    stack = torch.stack(candidates)
+    return stack.amin(dim=0), stack.amax(dim=0)
 
 
 class Relu(Op):
@@ -182,7 +205,8 @@ class Relu(Op):
 
     def cost(self, node, io: CostInputs, pricing) -> LayerCost:
         n = io.batch * io.out(node)
-        step = pricing.relu(n, comparison_bits(node))
+        fused = fused_truncation(io.graph, node)
+        step = pricing.relu(n, comparison_bits(node), fused) if fused is not None else pricing.relu(n, comparison_bits(node))
         return LayerCost(
             node.name, node.op, secure_mults=n, bytes_online=step.bytes_online, rounds=step.rounds, relu_count=n, comparisons=n,
             bytes_offline=step.bytes_offline,
@@ -211,25 +235,43 @@ class MaskedRelu(Op):
 
     def secure(self, node, args, w, ctx):
         x = args[0]
+        backend, truncation = ctx.backend, truncation_of(node)
         keep, rest, coeffs, inverse = _layout(node)
         flat = x.reshape(x.shape[0], -1)
         if len(keep) and len(rest):  # independent: a backend may open both in one round
             kept, r = flat.index_select(1, keep), flat.index_select(1, rest)
             ctx.count(comparisons=kept.nelement(), relu=kept.nelement())
-            relu, square = ctx.backend.relu_and_square(kept, _scaled(r, coeffs), comparison_bits(node))
-            joined = ctx.backend.cat([relu, _polynomial(square, r, coeffs, ctx.backend)], dim=1)
+            z, linear = _terms(r, coeffs, backend, truncation)
+            relu, square = backend.relu_and_square(kept, z, comparison_bits(node), truncation)
+            joined = backend.cat([relu, _polynomial(square, linear, coeffs, backend)], dim=1)
         elif len(keep):
             joined = _relu(flat.index_select(1, keep), ctx, node)
         else:
-            r = flat.index_select(1, rest)
-            joined = _polynomial(ctx.backend.square(_scaled(r, coeffs)), r, coeffs, ctx.backend)
+            z, linear = _terms(flat.index_select(1, rest), coeffs, backend, truncation)
+            joined = _polynomial(backend.square(z, truncation), linear, coeffs, backend)
         return joined.index_select(1, inverse).reshape(x.shape)
+
+    def interval(self, node, args, w, ctx):
+        """The secure structure's bound (z^2 and c1 x bounded apart), tightened by the polynomial's exact range."""
+        out = self.secure(node, args, w, ctx)
+        x = args[0]
+        keep, rest, coeffs, _ = _layout(node)
+        lo, hi = x.lo.reshape(x.lo.shape[0], -1), x.hi.reshape(x.hi.shape[0], -1)
+        c = coeffs.to(torch.float64)
+        tight_lo, tight_hi = lo.clamp(min=0), hi.clamp(min=0)
+        p_lo, p_hi = _poly_interval(lo[:, rest], hi[:, rest], c[:, 0], c[:, 1], c[:, 2])
+        tight_lo[:, rest], tight_hi[:, rest] = p_lo, p_hi
+        return out.intersect(tight_lo.reshape(x.lo.shape), tight_hi.reshape(x.hi.shape))
 
     def cost(self, node, io, pricing):
         out = io.out(node)
         kept = int(node.attrs["elements"])
         relu, poly = io.batch * kept, io.batch * (out - kept)
-        step = pricing.relu_and_square(relu, poly, comparison_bits(node))
+        truncation = truncation_of(node)
+        # exact: z = s x and c1 x truncated in one round before that of the ReLUs and squares, z^2 after it
+        step = pricing.truncation(2 * poly, truncation) + pricing.relu_and_square(relu, poly, comparison_bits(node)) + (
+            pricing.truncation(poly, truncation)
+        )
         return LayerCost(
             node.name,
             node.op,
@@ -314,6 +356,12 @@ class Clip(Op):
             node.name, node.op, secure_mults=n, bytes_online=step.bytes_online, rounds=step.rounds, comparisons=n,
             bytes_offline=step.bytes_offline,
         )
+
+    def interval(self, node, args, w, ctx):
+        """The two ReLUs' bound, tightened to the clamp of the input's (they share x)."""
+        out = self.secure(node, args, w, ctx)
+        lo, hi = _bounds(node)
+        return out.intersect(torch.clamp(args[0].lo, lo, hi), torch.clamp(args[0].hi, lo, hi))
 
     def module(self, node, w):
         return Clamp(*_bounds(node))

@@ -27,7 +27,7 @@ import torch
 
 from ..backends import DEFAULT_PROTOCOL, pricing_for
 from ..ir.graph import Graph, GraphError, Node
-from .registry import LayerCost, Op, register, size
+from .registry import LayerCost, Op, register, size, truncation_of
 
 EMBEDDING_OP = "Embedding"
 
@@ -61,11 +61,28 @@ class Embedding(Op):
 
     def secure(self, node, args, w, ctx):
         """Steps 2-4: [one_hot] (N x F x R) times [table] (R x d), one Beaver product."""
-        return ctx.backend.matmul(args[0], w[0])
+        return ctx.backend.matmul(args[0], w[0], truncation_of(node))
+
+    def interval(self, node, args, w, ctx):
+        """A looked-up row lies within the table's column ranges (the product's sum over the
+        one-hot's bounds would add up every row); that row is what the product truncates."""
+        table = w[0].lo
+        shape = (1, *node.attrs["out_shape"])
+        out = type(w[0])(table.amin(dim=0).expand(shape), table.amax(dim=0).expand(shape))
+        ctx.backend.records.truncate(out.magnitude, truncation=truncation_of(node))
+        return out
+
+    def error(self, node, args, w, ctx):
+        """A looked-up row carries its own encoding error (the worst row's) and the truncation's."""
+        table = w[0]
+        shape = (1, *node.attrs["out_shape"])
+        peak, ms = table.peak.amax(dim=0).expand(shape), table.ms.amax(dim=0).expand(shape)
+        return ctx.backend.value(peak, ms + ctx.backend.truncation_ms)
 
     def cost(self, node, io, pricing):
         rows, dim = int(node.attrs["rows"]), int(node.attrs["dim"])
-        step = pricing.product(*lookup_opened(io.batch, io.x, rows, dim), io.batch * io.out(node))
+        outputs = io.batch * io.out(node)
+        step = pricing.product(*lookup_opened(io.batch, io.x, rows, dim), outputs) + pricing.truncation(outputs, truncation_of(node))
         params = sum(size(io.weight(k)) for k in node.weights)
         mults = io.batch * io.out(node) * rows
         return LayerCost(

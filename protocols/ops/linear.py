@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ir.graph import GraphError, Node
-from .registry import CostInputs, LayerCost, Op, SecureContext, register, size
+from .registry import CostInputs, LayerCost, Op, SecureContext, register, size, truncation_of
 
 
 class Affine(nn.Module):
@@ -33,7 +33,8 @@ class Affine(nn.Module):
 
 def _product_cost(node: Node, io: CostInputs, pricing, activations: int, weights: int, mults: int) -> LayerCost:
     params = sum(size(io.weight(w)) for w in node.weights)
-    step = pricing.product(activations, weights, io.batch * io.out(node))
+    outputs = io.batch * io.out(node)
+    step = pricing.product(activations, weights, outputs) + pricing.truncation(outputs, truncation_of(node))
     return LayerCost(
         node.name, node.op, params=params, secure_mults=mults, bytes_online=step.bytes_online, rounds=step.rounds,
         bytes_offline=step.bytes_offline,
@@ -59,8 +60,9 @@ class Conv(Op):
     def secure(self, node, args, w, ctx: SecureContext):
         a = node.attrs
         y = ctx.backend.conv2d(
-            args[0], w[0], stride=tuple(a["stride"]), padding=tuple(a["padding"]), dilation=tuple(a["dilation"]), groups=a["group"]
-        )
+            args[0], w[0], stride=tuple(a["stride"]), padding=tuple(a["padding"]), dilation=tuple(a["dilation"]), groups=a["group"],
+            truncation=truncation_of(node),
+        )  # fmt: skip
         return y + w[1].reshape(1, -1, 1, 1) if len(w) > 1 else y
 
     def cost(self, node, io, pricing):
@@ -85,7 +87,7 @@ class Gemm(Op):
         return F.linear(args[0], w[0], w[1] if len(w) > 1 else None)
 
     def secure(self, node, args, w, ctx):
-        y = ctx.backend.linear(args[0], w[0])
+        y = ctx.backend.linear(args[0], w[0], truncation_of(node))
         return y + w[1] if len(w) > 1 else y
 
     cost = Conv.cost
@@ -105,7 +107,7 @@ class AffineOp(Op):
         return args[0] * w[0] + w[1]
 
     def secure(self, node, args, w, ctx):
-        return ctx.backend.mul(args[0], w[0]) + w[1]
+        return ctx.backend.mul(args[0], w[0], truncation_of(node)) + w[1]
 
     def cost(self, node, io, pricing):
         scale = size(io.weight(node.weights[0]))

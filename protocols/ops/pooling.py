@@ -9,11 +9,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ir.graph import GraphError
-from .registry import LayerCost, Op, check_comparison_bits, comparison_bits, register
+from .registry import LayerCost, Op, check_comparison_bits, comparison_bits, register, truncation_of
 
 
 def _pool_args(node) -> dict[str, Any]:
     return {"kernel": tuple(node.attrs["kernel"]), "stride": tuple(node.attrs["stride"]), "padding": tuple(node.attrs["padding"])}
+
+
+def _division_cost(node, io, pricing) -> LayerCost:
+    """An average pool divides its window sums locally but for an exact truncation's round."""
+    step = pricing.truncation(io.batch * io.out(node), truncation_of(node))
+    return LayerCost(node.name, node.op, bytes_online=step.bytes_online, rounds=step.rounds, bytes_offline=step.bytes_offline)
 
 
 class MaxPool(Op):
@@ -57,7 +63,10 @@ class AveragePool(Op):
         return F.avg_pool2d(args[0], kernel_size=a["kernel"], stride=a["stride"], padding=a["padding"])
 
     def secure(self, node, args, w, ctx):
-        return ctx.backend.avg_pool2d(args[0], **_pool_args(node))
+        return ctx.backend.avg_pool2d(args[0], **_pool_args(node), truncation=truncation_of(node))
+
+    def cost(self, node, io, pricing):
+        return _division_cost(node, io, pricing)
 
     def module(self, node, w):
         a = node.attrs
@@ -73,7 +82,10 @@ class GlobalAveragePool(Op):
 
     def secure(self, node, args, w, ctx):
         kernel = tuple(args[0].shape[2:])
-        return ctx.backend.avg_pool2d(args[0], kernel=kernel, stride=kernel, padding=(0, 0))
+        return ctx.backend.avg_pool2d(args[0], kernel=kernel, stride=kernel, padding=(0, 0), truncation=truncation_of(node))
+
+    def cost(self, node, io, pricing):
+        return _division_cost(node, io, pricing)
 
     def module(self, node, w):
         return nn.AdaptiveAvgPool2d(1)

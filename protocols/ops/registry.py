@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import torch
 
+from ..backends.base import Truncation
 from ..ir.graph import Graph, GraphError, Node, UnsupportedOpError
 
 if TYPE_CHECKING:  # the backend interface is only a type here
@@ -113,6 +114,19 @@ class Op:
     def annotate(self, node: Node, out: torch.Tensor) -> None:
         """Record attributes known once the op ran on one sample (out_shape is set for all)."""
 
+    # The range methods (the way Opacus registers a grad sampler per layer type): run by the
+    # range check (protocols/ir/ranges.py) on the analysis backends of protocols/numeric/, which
+    # record what the secure evaluation truncates and compares. By default the op's own secure
+    # evaluation, so that what it truncates is written once; an op refines a loose result.
+
+    def interval(self, node: Node, args: list[Any], w: list[Any], ctx: SecureContext) -> Any:
+        """A sound bound of the output (an IntervalValue) for inputs within `args`' bounds."""
+        return self.secure(node, args, w, ctx)
+
+    def error(self, node: Node, args: list[Any], w: list[Any], ctx: SecureContext) -> Any:
+        """The output's magnitude and mean-square error (an ErrorValue) from its inputs'."""
+        return self.secure(node, args, w, ctx)
+
 
 FULL_BITS = 64  # a comparison on the whole ring: exact for every value
 
@@ -121,6 +135,18 @@ def comparison_bits(node: Node) -> int:
     """The width a comparison op compares on: its `bits` attribute (the artifact's, from the
     activation ranges `twinfer optimize` saw), else the full ring."""
     return int(node.attrs.get("bits") or FULL_BITS)
+
+
+def truncation_of(node: Node) -> Truncation:
+    """How the node truncates its products (its `truncation` attribute: the session's plan), local if unset."""
+    return Truncation.from_attr(node.attrs.get("truncation"))
+
+
+def check_truncation(node: Node) -> None:
+    try:
+        truncation_of(node)
+    except ValueError as err:
+        raise GraphError(f"node '{node.name}' ({node.op}): {err}") from None
 
 
 def check_comparison_bits(node: Node) -> None:

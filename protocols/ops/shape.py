@@ -12,7 +12,7 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from ..ir.graph import GraphError, Node, resolve_reshape
+from ..ir.graph import GraphError, Node, check_finite, resolve_reshape
 from .registry import Op, register, register_onnx
 
 
@@ -115,6 +115,8 @@ def _import_constant(imp, node, a):
     if value is None:
         raise GraphError(f"node '{node.name}' (Constant) has no tensor value")
     array = numpy_helper.to_array(value)
+    if array.dtype.kind == "f":
+        check_finite(array, f"constant '{node.output[0]}' (node '{node.name}')")
     imp.init[node.output[0]] = array.astype(np.float32)
     if value.data_type == onnx.TensorProto.INT64:
         imp.ints[node.output[0]] = array

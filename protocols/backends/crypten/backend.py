@@ -11,9 +11,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import numpy as np
 import torch
 
-from ..base import DEFAULT_FRACTION_BITS, Backend, check_fraction_bits
+from ..base import DEFAULT_FRACTION_BITS, LOCAL, Backend, BackendError, Truncation, check_fraction_bits
+from ..fss.correlations import TRUNC
+from ..fss.pricing import KEY_CHUNK
+from ..fss.truncation import TruncKey, trunc_eval, trunc_masked_share
 from . import correlations, patches
 from .pricing import CryptenPricing
 
@@ -23,6 +27,7 @@ class CryptenBackend(Backend):
     pricing = CryptenPricing()
     correlations = correlations.CORRELATIONS
     pool_pad_bits = 24  # CrypTen pads max-pool windows with -2^24 ring units (common/functions/pooling.py)
+    public_rounding = "toward_zero"  # CrypTen's encoder: int(x 2^f)
 
     def __init__(self, rank: int, communicator: Any, dealer: Any | None, fraction_bits: int = DEFAULT_FRACTION_BITS) -> None:
         self.rank = rank
@@ -84,7 +89,7 @@ class CryptenBackend(Backend):
             self._constants[id(x)] = (x, b_index, b, delta)
         return x
 
-    def _fixed_b_product(self, op: str, x: Any, w: Any, **kwargs) -> Any | None:
+    def _fixed_b_product(self, op: str, x: Any, w: Any, truncation: Truncation, **kwargs) -> Any | None:
         """Beaver (1991) with the constant's mask fixed for the session: open only E = X - A.
 
         Party i holds c_i + op(E, B_i) + op(A_i, D), and party 0 also op(E, D), with D = W - B
@@ -110,10 +115,44 @@ class CryptenBackend(Backend):
             z = z + correlations.ring_product(op, e, delta, kwargs)
         result = xs.clone()
         result.share = z
-        result = result.div_(result.encoder.scale)
         out = x.clone()
-        out._tensor = result
+        out._tensor = self._truncate(result, result.encoder.scale, truncation)
         return out
+
+    def _truncate(self, value: Any, divisor: int, truncation: Truncation) -> Any:
+        """An ArithmeticSharedTensor divided by a public integer: CrypTen's local division (each
+        share divided, toward zero), or exactly: the fss backend's protocol (fss/truncation.py)
+        on this party's share, its masked value opened in one exchange, keys from the dealer."""
+        if not truncation.exact:
+            return value.div_(divisor)
+        share = value.share
+        n = share.nelement()
+        if n:
+            flat = share.reshape(-1).contiguous().numpy().view(np.uint64)
+            keys = [self._trunc_key(min(KEY_CHUNK, n - start), truncation.bits, divisor) for start in range(0, n, KEY_CHUNK)]
+            mine = np.concatenate([trunc_masked_share(k, flat[i * KEY_CHUNK : i * KEY_CHUNK + k.n_elements]) for i, k in enumerate(keys)])
+            u = self._communicator.all_reduce(torch.from_numpy(mine.view(np.int64))).numpy().view(np.uint64)
+            out = np.concatenate([trunc_eval(self.rank, k, u[i * KEY_CHUNK : i * KEY_CHUNK + k.n_elements]) for i, k in enumerate(keys)])
+            value.share = torch.from_numpy(out.view(np.int64)).reshape(share.shape)
+        return value
+
+    def _trunc_key(self, n: int, bits: int, divisor: int) -> TruncKey:
+        index = self._dealer.next_index()
+        blob = self._dealer.request(TRUNC, json.dumps({"n": n, "bits": bits, "divisor": divisor}), index)["key"]
+        try:
+            key = TruncKey.from_bytes(blob)
+        except ValueError as err:
+            raise BackendError(f"crypten backend got a malformed truncation key from the dealer: {err}") from None
+        if key.party != self.rank or key.n_elements != n or key.bits != bits or key.divisor != divisor:
+            raise BackendError(
+                f"crypten backend got a truncation key for party {key.party}, {key.n_elements} elements at {key.bits} bits / "
+                f"{key.divisor}; it asked for party {self.rank}, {n} at {bits} bits / {divisor}"
+            )
+        return key
+
+    def _local_only(self, truncation: Truncation, what: str) -> None:
+        if truncation.exact and self._dealer is None:
+            raise BackendError(f"crypten backend: {what} asks for an exact truncation, which needs a dealer (not the trusted first party)")
 
     def reveal(self, x: Any, dst: int) -> torch.Tensor | None:
         # The ring elements, decoded here: CrypTen's decoder misreads some negative values, by
@@ -124,25 +163,49 @@ class CryptenBackend(Backend):
     def cat(self, parts: list[Any], dim: int) -> Any:
         return self._crypten.cat(parts, dim=dim)
 
-    def conv2d(self, x, w, *, stride, padding, dilation, groups):
+    def conv2d(self, x, w, *, stride, padding, dilation, groups, truncation=LOCAL):
         kwargs = {"stride": list(stride), "padding": list(padding), "dilation": list(dilation), "groups": int(groups)}
-        fixed = self._fixed_b_product("conv2d", x, w, **kwargs)
+        fixed = self._fixed_b_product("conv2d", x, w, truncation, **kwargs)
+        self._local_only(truncation, "a convolution")
         return fixed if fixed is not None else x.conv2d(w, stride=stride, padding=padding, dilation=dilation, groups=groups)
 
-    def linear(self, x, w):
-        fixed = self._fixed_b_product("linear", x, w)
+    def linear(self, x, w, truncation=LOCAL):
+        fixed = self._fixed_b_product("linear", x, w, truncation)
+        self._local_only(truncation, "a linear layer")
         return fixed if fixed is not None else x.matmul(w.t())
 
-    def matmul(self, x, w):
-        fixed = self._fixed_b_product("matmul", x, w)
+    def matmul(self, x, w, truncation=LOCAL):
+        fixed = self._fixed_b_product("matmul", x, w, truncation)
+        self._local_only(truncation, "a product")
         return fixed if fixed is not None else x.matmul(w)
 
-    def mul(self, x, y):
-        fixed = self._fixed_b_product("mul", x, y)
+    def mul(self, x, y, truncation=LOCAL):
+        fixed = self._fixed_b_product("mul", x, y, truncation)
+        self._local_only(truncation, "a product")
         return fixed if fixed is not None else x * y
 
-    def square(self, x):
-        return x.square()
+    def square(self, x, truncation=LOCAL):
+        if not truncation.exact:
+            return x.square()
+        self._local_only(truncation, "a square")
+        from crypten.mpc.primitives import beaver  # CrypTen's Beaver square, before its local division
+
+        square = beaver.square(x._tensor)
+        square.encoder = x._tensor.encoder  # CrypTen's square comes out unscaled (scale 1); its value carries 2f bits
+        out = x.clone()
+        out._tensor = self._truncate(square, x._tensor.encoder.scale, truncation)
+        return out
+
+    def scale(self, x, factor, truncation=LOCAL):
+        if not truncation.exact:
+            return x * factor  # CrypTen encodes the factor (toward zero) and divides locally
+        self._local_only(truncation, "a public factor")
+        tensor = x._tensor
+        product = tensor.clone()
+        product.share = tensor.share * tensor.encoder.encode(torch.as_tensor(factor))
+        out = x.clone()
+        out._tensor = self._truncate(product, tensor.encoder.scale, truncation)
+        return out
 
     def relu(self, x, bits=None):
         return x.relu()  # CrypTen compares on the full 64-bit ring: a narrower width changes nothing
@@ -150,5 +213,15 @@ class CryptenBackend(Backend):
     def max_pool2d(self, x, *, kernel, stride, padding, bits=None):
         return x.max_pool2d(kernel, padding=padding, stride=stride)
 
-    def avg_pool2d(self, x, *, kernel, stride, padding):
-        return x.avg_pool2d(kernel, stride=stride, padding=padding)
+    def avg_pool2d(self, x, *, kernel, stride, padding, truncation=LOCAL):
+        if not truncation.exact:
+            return x.avg_pool2d(kernel, stride=stride, padding=padding)
+        self._local_only(truncation, "an average pool")
+        tensor = x._tensor
+        sums = tensor.clone()  # the window sums of this party's share (local), then one exact division
+        data = torch.nn.functional.pad(tensor.share, (padding[1], padding[1], padding[0], padding[0]))
+        windows = data.unfold(2, kernel[0], stride[0]).unfold(3, kernel[1], stride[1])
+        sums.share = windows.reshape(*windows.shape[:4], -1).sum(dim=-1)
+        out = x.clone()
+        out._tensor = self._truncate(sums, int(np.prod(kernel)), truncation)
+        return out

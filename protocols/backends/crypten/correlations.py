@@ -22,7 +22,11 @@ import torch
 
 from ...roles import SERVER
 from ..base import CorrelationKind, DealerSeeds
+from ..fss.correlations import CORRELATIONS as _FSS_CORRELATIONS
+from ..fss.correlations import TRUNC
 from . import patches
+
+EXACT_TRUNCATION = next(kind for kind in _FSS_CORRELATIONS if kind.name == TRUNC)
 
 # Kinds of tuple CrypTen's TTP provider requests (crypten.mpc.provider.ttp_provider.TTP_FUNCTIONS).
 KINDS = ("additive", "square", "binary", "wraps", "B2A")
@@ -149,4 +153,5 @@ def _make_fixed_b(seeds: DealerSeeds, index: int, role: str, args: list, kwargs:
     return {"share": (c - fixed_b_draws(gens[1], tuple(c.shape))).contiguous().numpy()}
 
 
-CORRELATIONS = tuple(_kind(k) for k in KINDS) + (CorrelationKind(FIXED_B, REQUESTERS, _decode_fixed_b, _make_fixed_b),)
+# An exact truncation is the fss backend's protocol on CrypTen's shares: the same dealer kind.
+CORRELATIONS = tuple(_kind(k) for k in KINDS) + (CorrelationKind(FIXED_B, REQUESTERS, _decode_fixed_b, _make_fixed_b), EXACT_TRUNCATION)

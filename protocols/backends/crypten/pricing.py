@@ -19,13 +19,16 @@ is an exchange (send my share, receive theirs), 16 bytes of one party's count.
    argmax that max_pool2d discards, an equality test per window element (6 ANDs + B2A: 13
    words, 7 rounds) and another `weighted_index` over the n elements. `maxpool_words` counts it
    (2x2: 370 words, 46 rounds per window).
+4. An exact truncation (a layer's choice) is twinfer's dealer-keyed one (fss/truncation.py) on
+   CrypTen's shares: its masked values opened (2 words), one round.
 """
 
 from __future__ import annotations
 
 import math
 
-from ..base import OPEN_BYTES, Cost, Pricing
+from ..base import OPEN_BYTES, Cost, Pricing, Truncation
+from ..fss.pricing import exact_truncation
 
 RELU_WORDS = 2 + 4 * 6 + 1 + 2  # adder AND, 6 SPK levels, B2A bit, final product
 RELU_ROUNDS = 1 + 6 + 1 + 1
@@ -84,3 +87,7 @@ class CryptenPricing(Pricing):
     def max_pool(self, windows: int, n: int, bits: int = 64) -> Cost:
         words, rounds = maxpool_words(windows, n)
         return Cost(words * OPEN_BYTES, rounds)
+
+    def truncation(self, n: int, truncation: Truncation) -> Cost:
+        """An exact truncation is the fss backend's protocol (truncation.py) on CrypTen's shares; never fused."""
+        return exact_truncation(n, truncation)

@@ -19,6 +19,10 @@ server) and rank 1 (the client). Per op:
 5. Max-pool: a tree of max(a, b) = b + ReLU(a - b), one ReLU call per level (2 rounds for a
    2x2 window). Average pooling: a local window sum divided by k, locally as a truncation is.
 6. Reveal: the other party sends its share.
+7. Truncation, per layer (Truncation): local (SecureML, free, wrong with probability |y| / 2^64),
+   or exact from the dealer's keys (truncation.py: open y + r, one round); a product's exact
+   truncation that only a ReLU reads is left to it (`FssShare.pending`) and done in the ReLU's
+   one opening with a fused key, so it costs no round.
 
 The backend holds its transport (send/recv/metrics) and its dealer client (the party's seed
 and its requests); it never reaches for a global.
@@ -33,27 +37,39 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..base import DEFAULT_FRACTION_BITS, Backend, BackendError, SERVER_RANK, check_fraction_bits
+from ..base import DEFAULT_FRACTION_BITS, LOCAL, Backend, BackendError, SERVER_RANK, Truncation, check_fraction_bits
 from . import ring
-from .correlations import BEAVER, CORRELATIONS, RELU, SQUARE, product, stream
+from .correlations import BEAVER, CORRELATIONS, RELU, SQUARE, TRUNC, TRUNC_RELU, product, stream
 from .pricing import KEY_CHUNK, FssPricing
 from .prg import AesCtrPrg
 from .relu import ReluKey, masked_share, relu_eval
+from .truncation import TruncKey, TruncReluKey, trunc_eval, trunc_masked_share, trunc_relu_eval, trunc_relu_masked_share
 
 _A, _C = 0, 1
 _POOL_PAD = -(1 << 46)  # a public value below any activation the range check lets through (2^(46-f) in real units)
 
 
 class FssShare:
-    """One party's additive share (int64, fixed point) of a tensor, with the local operations."""
+    """One party's additive share (int64, fixed point) of a tensor, with the local operations.
 
-    __slots__ = ("data", "party", "constant", "frac")
+    `pending`: a product still at 2f fractional bits whose exact truncation, of that width, is
+    left to the ReLU that reads it (Truncation.fused); None for a value at the session's bits."""
 
-    def __init__(self, data: torch.Tensor, party: int, constant: "_Constant | None" = None, frac: int = ring.FRACTION_BITS) -> None:
-        self.data, self.party, self.constant, self.frac = data, party, constant, frac
+    __slots__ = ("data", "party", "constant", "frac", "pending")
 
-    def _new(self, data: torch.Tensor) -> "FssShare":
-        return FssShare(data, self.party, frac=self.frac)
+    def __init__(
+        self, data: torch.Tensor, party: int, constant: "_Constant | None" = None, frac: int = ring.FRACTION_BITS,
+        pending: int | None = None,
+    ) -> None:
+        self.data, self.party, self.constant, self.frac, self.pending = data, party, constant, frac, pending
+
+    def _new(self, data: torch.Tensor, frac: int | None = None) -> "FssShare":
+        return FssShare(data, self.party, frac=self.frac if frac is None else frac, pending=self.pending)
+
+    def _aligned(self, other: "FssShare") -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Both operands at the larger of their fractional bits (a left shift is exact)."""
+        frac = max(self.frac, other.frac)
+        return self.data << (frac - self.frac), other.data << (frac - other.frac), frac
 
     def _public(self, value: Any) -> torch.Tensor:
         """A public value as this party's share of it: party 0 holds it all."""
@@ -62,14 +78,20 @@ class FssShare:
 
     def __add__(self, other: Any) -> "FssShare":
         if isinstance(other, FssShare):
-            return self._new(self.data + other.data)
+            a, b, frac = self._aligned(other)
+            out = self._new(a + b, frac)
+            out.pending = self.pending or other.pending
+            return out
         return self._new(self.data + self._public(other))
 
     __radd__ = __add__
 
     def __sub__(self, other: Any) -> "FssShare":
         if isinstance(other, FssShare):
-            return self._new(self.data - other.data)
+            a, b, frac = self._aligned(other)
+            out = self._new(a - b, frac)
+            out.pending = self.pending or other.pending
+            return out
         return self._new(self.data - self._public(other))
 
     def __neg__(self) -> "FssShare":
@@ -125,6 +147,7 @@ class FssBackend(Backend):
     aes_seed = True
     narrow_comparisons = True  # a ReLU's DCF keys are made for the node's `bits`
     pool_pad_bits = 46  # _POOL_PAD
+    fuses_truncation = True  # a product's exact truncation rides in its ReLU's opening (truncation.py)
 
     def __init__(self, rank: int, transport: Any, dealer: Any, bits: int = 64, fraction_bits: int = DEFAULT_FRACTION_BITS) -> None:
         if dealer is None:
@@ -183,6 +206,7 @@ class FssBackend(Backend):
         return _Constant(b_index, self._open("fss.open_constant", w.data - b), b)
 
     def reveal(self, x: FssShare, dst: int) -> torch.Tensor | None:
+        self._settled(x, "the output")
         self.transport.metrics.count_round()
         if self.rank != dst:
             self.transport.send("fss.reveal", x.data.contiguous().numpy())
@@ -195,7 +219,8 @@ class FssBackend(Backend):
 
     # -- products -----------------------------------------------------------------------------------
 
-    def _beaver(self, op: str, x: FssShare, w: FssShare, attrs: dict[str, Any]) -> FssShare:
+    def _beaver(self, op: str, x: FssShare, w: FssShare, attrs: dict[str, Any], truncation: Truncation) -> FssShare:
+        self._settled(x, op)
         const = w.constant
         if const is None:
             raise BackendError(f"fss backend multiplies an activation by a session constant (a weight); {op} got two activations")
@@ -214,30 +239,57 @@ class FssBackend(Backend):
         else:
             out = product(op, e, b, attrs) + product(op, a, f, attrs)
             z = out + stream(self.dealer.key, index, _C, tuple(out.shape))
-        return self._wrap(ring.truncate(z, self.rank, self.fraction_bits))
+        if truncation.fused:  # left at 2f bits to the ReLU that reads it, which truncates it exactly
+            return FssShare(z, self.rank, frac=2 * self.fraction_bits, pending=truncation.bits)
+        return self._truncate(z, 1 << self.fraction_bits, truncation)
 
-    def conv2d(self, x, w, *, stride, padding, dilation, groups):
+    def _settled(self, x: FssShare, what: str) -> None:
+        """A value whose exact truncation was left to a ReLU must reach that ReLU, nothing else."""
+        if x.pending is not None or x.frac != self.fraction_bits:
+            raise BackendError(f"fss backend: {what} got a product still awaiting its fused truncation; only a ReLU may read it")
+
+    def _truncate(self, z: torch.Tensor, divisor: int, truncation: Truncation) -> FssShare:
+        """This party's share of z / divisor: locally (SecureML), or exactly from the dealer's keys
+        in one round (truncation.py), in chunks of at most KEY_CHUNK elements."""
+        if not truncation.exact:
+            return self._wrap(ring.divide(z, self.rank, divisor))
+        n = z.nelement()
+        if n == 0:
+            return self._wrap(z)
+        flat = ring.to_numpy_u64(z.reshape(-1))
+        keys = [self._trunc_key(min(KEY_CHUNK, n - start), truncation.bits, divisor) for start in range(0, n, KEY_CHUNK)]
+        mine = np.concatenate([trunc_masked_share(k, flat[i * KEY_CHUNK : i * KEY_CHUNK + k.n_elements]) for i, k in enumerate(keys)])
+        u = ring.to_numpy_u64(self._open("fss.trunc", ring.from_numpy_u64(mine)))
+        out = np.concatenate([trunc_eval(self.rank, k, u[i * KEY_CHUNK : i * KEY_CHUNK + k.n_elements]) for i, k in enumerate(keys)])
+        return self._wrap(ring.from_numpy_u64(out).reshape(z.shape))
+
+    def conv2d(self, x, w, *, stride, padding, dilation, groups, truncation=LOCAL):
         attrs = {"stride": list(stride), "padding": list(padding), "dilation": list(dilation), "groups": int(groups)}
-        return self._beaver("conv2d", x, w, attrs)
+        return self._beaver("conv2d", x, w, attrs, truncation)
 
-    def matmul(self, x, w):
-        return self._beaver("matmul", x, w, {})
+    def matmul(self, x, w, truncation=LOCAL):
+        return self._beaver("matmul", x, w, {}, truncation)
 
-    def linear(self, x, w):
-        return self._beaver("linear", x, w, {})
+    def linear(self, x, w, truncation=LOCAL):
+        return self._beaver("linear", x, w, {}, truncation)
 
-    def mul(self, x, y):
-        return self._beaver("mul", x, y, {})
+    def mul(self, x, y, truncation=LOCAL):
+        return self._beaver("mul", x, y, {}, truncation)
 
-    def square(self, x: FssShare) -> FssShare:
+    def scale(self, x: FssShare, factor: torch.Tensor, truncation: Truncation = LOCAL) -> FssShare:
+        self._settled(x, "a public factor")
+        return self._truncate(x.data * ring.encode(torch.as_tensor(factor), self.fraction_bits), 1 << self.fraction_bits, truncation)
+
+    def square(self, x: FssShare, truncation: Truncation = LOCAL) -> FssShare:
+        self._settled(x, "a square")
         index, r = self._square_mask(x)
-        return self._square_from(x, index, r, self._open("fss.square", x.data - r))
+        return self._square_from(x, index, r, self._open("fss.square", x.data - r), truncation)
 
     def _square_mask(self, x: FssShare) -> tuple[int, torch.Tensor]:
         index = self.dealer.next_index()
         return index, stream(self.dealer.key, index, _A, tuple(x.shape))
 
-    def _square_from(self, x: FssShare, index: int, r: torch.Tensor, e: torch.Tensor) -> FssShare:
+    def _square_from(self, x: FssShare, index: int, r: torch.Tensor, e: torch.Tensor, truncation: Truncation) -> FssShare:
         """x^2 from the opened e = x - r: e^2 + 2 e r + r^2 (the server's share of r^2 from the dealer)."""
         shape = tuple(x.shape)
         if self.rank == SERVER_RANK:
@@ -245,7 +297,7 @@ class FssBackend(Backend):
             z = e * e + 2 * e * r + s
         else:
             z = 2 * e * r + stream(self.dealer.key, index, _C, shape)
-        return self._wrap(ring.truncate(z, self.rank, self.fraction_bits))
+        return self._truncate(z, 1 << self.fraction_bits, truncation)
 
     # -- comparisons ------------------------------------------------------------------------------
 
@@ -253,19 +305,40 @@ class FssBackend(Backend):
         """One round for the whole tensor; its keys come in chunks of at most KEY_CHUNK elements,
         so no single correlation (and no dealer buffer) grows with the layer."""
         if x.nelement() == 0:
-            return x
+            return self._wrap(x.data >> (x.frac - self.fraction_bits)) if x.pending is not None else x
+        if x.pending is not None:
+            return self._truncated_relu(x)
+        self._settled(x, "a ReLU")
         keys, mine = self._relu_masked(x, bits)
         return self._relu_from(x, keys, self._open("fss.relu", mine))
 
-    def relu_and_square(self, x: FssShare, y: FssShare, bits: int | None = None) -> tuple[FssShare, FssShare]:
+    def _truncated_relu(self, x: FssShare) -> FssShare:
+        """ReLU of a product's exact truncation in the one opening of the ReLU (truncation.py), the
+        keys at the product's width: its fused truncation costs no round of its own."""
+        n, shift = x.nelement(), x.frac - self.fraction_bits
+        flat = ring.to_numpy_u64(x.data.reshape(-1))
+        keys = []
+        for start in range(0, n, KEY_CHUNK):
+            count = min(KEY_CHUNK, n - start)
+            keys.append(self._key(TRUNC_RELU, {"n": count, "bits": x.pending, "shift": shift}, TruncReluKey, count, x.pending))
+        mine = np.concatenate([trunc_relu_masked_share(k, flat[i * KEY_CHUNK : i * KEY_CHUNK + k.n_elements]) for i, k in enumerate(keys)])
+        u = ring.to_numpy_u64(self._open("fss.trunc_relu", ring.from_numpy_u64(mine)))
+        out = np.concatenate([trunc_relu_eval(self.rank, k, u[i * KEY_CHUNK : i * KEY_CHUNK + k.n_elements]) for i, k in enumerate(keys)])
+        return self._wrap(ring.from_numpy_u64(out).reshape(x.shape))
+
+    def relu_and_square(
+        self, x: FssShare, y: FssShare, bits: int | None = None, truncation: Truncation = LOCAL
+    ) -> tuple[FssShare, FssShare]:
         """x + r and y - s go in one message: a masked site's comparisons and squares share a round."""
         if x.nelement() == 0 or y.nelement() == 0:
-            return super().relu_and_square(x, y, bits)
+            return super().relu_and_square(x, y, bits, truncation)
+        self._settled(x, "a ReLU")
+        self._settled(y, "a square")
         keys, mine = self._relu_masked(x, bits)
         index, r = self._square_mask(y)
         opened = self._open("fss.relu_square", torch.cat([mine, (y.data - r).reshape(-1)]))
         n = x.nelement()
-        return self._relu_from(x, keys, opened[:n]), self._square_from(y, index, r, opened[n:].reshape(y.shape))
+        return self._relu_from(x, keys, opened[:n]), self._square_from(y, index, r, opened[n:].reshape(y.shape), truncation)
 
     def _relu_masked(self, x: FssShare, bits: int | None) -> tuple[list[ReluKey], torch.Tensor]:
         """This party's keys for x (in chunks of at most KEY_CHUNK) and its share of x + r, flat."""
@@ -283,20 +356,31 @@ class FssBackend(Backend):
         return self._wrap(ring.from_numpy_u64(out).reshape(x.shape))
 
     def _relu_key(self, n: int, bits: int) -> ReluKey:
+        return self._key(RELU, {"n": n, "bits": bits}, ReluKey, n, bits)
+
+    def _trunc_key(self, n: int, bits: int, divisor: int) -> TruncKey:
+        key = self._key(TRUNC, {"n": n, "bits": bits, "divisor": divisor}, TruncKey, n, bits)
+        if key.divisor != divisor:
+            raise BackendError(f"fss backend got a truncation key dividing by {key.divisor}; it asked for {divisor}")
+        return key
+
+    def _key(self, kind: str, request: dict, key_type: type, n: int, bits: int) -> Any:
+        """This party's key of `kind` for n elements at width `bits`, checked against what it asked for."""
         index = self.dealer.next_index()
-        blob = self.dealer.request(RELU, json.dumps({"n": n, "bits": bits}), index)["key"]
+        blob = self.dealer.request(kind, json.dumps(request), index)["key"]
         try:
-            key = ReluKey.from_bytes(blob)  # a view: the key is read, never copied again
+            key = key_type.from_bytes(blob)  # a view: the key is read, never copied again
         except ValueError as err:
-            raise BackendError(f"fss backend got a malformed ReLU key from the dealer: {err}") from None
+            raise BackendError(f"fss backend got a malformed {kind} key from the dealer: {err}") from None
         if key.party != self.rank or key.n_elements != n or key.bits != bits:
             raise BackendError(
-                f"fss backend got a ReLU key for party {key.party}, {key.n_elements} elements at {key.bits} bits from the "
+                f"fss backend got a {kind} key for party {key.party}, {key.n_elements} elements at {key.bits} bits from the "
                 f"dealer; it asked for party {self.rank}, {n} elements at {bits} bits"
             )
         return key
 
     def max_pool2d(self, x: FssShare, *, kernel, stride, padding, bits: int | None = None) -> FssShare:
+        self._settled(x, "a max-pool")
         windows = self._windows(x, kernel, stride, padding, _POOL_PAD)  # (N, C, OH, OW, k)
         values = [windows[..., i] for i in range(windows.shape[-1])]
         while len(values) > 1:  # one ReLU call per level of the tree
@@ -307,9 +391,10 @@ class FssBackend(Backend):
             values = list(b + r) + values[2 * pairs :]
         return self._wrap(values[0].contiguous())
 
-    def avg_pool2d(self, x: FssShare, *, kernel, stride, padding) -> FssShare:
+    def avg_pool2d(self, x: FssShare, *, kernel, stride, padding, truncation: Truncation = LOCAL) -> FssShare:
+        self._settled(x, "an average pool")
         windows = self._windows(x, kernel, stride, padding, 0)
-        return self._wrap(ring.divide(windows.sum(dim=-1), self.rank, int(np.prod(kernel))))
+        return self._truncate(windows.sum(dim=-1), int(np.prod(kernel)), truncation)
 
     def _windows(self, x: FssShare, kernel, stride, padding, pad_value: int) -> torch.Tensor:
         data = x.data

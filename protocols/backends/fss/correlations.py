@@ -14,6 +14,8 @@ for what depends on both parties' masks:
    s_0 = r^2 - s_1 (fixed point: r^2 carries 32 fractional bits until truncated).
 3. ReLU keys (BCG+21; `relu.py`): the dealer keys n DCFs from its own stream of index k and
    sends each party its own key (the correction words go to both).
+4. Faithful truncation keys (division by a public d) and fused truncation-and-ReLU keys
+   (`truncation.py`): made and sent as ReLU keys are.
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ from ..base import CorrelationKind, DealerSeeds
 from . import ring
 from .prg import AesCtrPrg, ctr_uint64
 from .relu import relu_keys
+from .truncation import trunc_keys, trunc_relu_keys
 
 BEAVER, SQUARE, RELU = "fss.beaver", "fss.square", "fss.relu"
+TRUNC, TRUNC_RELU = "fss.trunc", "fss.trunc_relu"
 PRODUCT_OPS = ("conv2d", "linear", "matmul", "mul")
 MAX_ELEMENTS = 2**27  # as for CrypTen's tuples: 1 GiB of int64 per array
 _STREAMS = 4  # streams per correlation index: A (or r), C (or s), spare, spare
@@ -117,8 +121,60 @@ def _make_relu(seeds: DealerSeeds, index: int, role: str, args: list, kwargs: di
     return {role: {"key": np.frombuffer(key.to_bytes(), dtype=np.uint8)} for role, key in zip((SERVER, CLIENT), keys)}
 
 
+def _int_args(kind: str, args_json: str, names: tuple[str, ...]) -> list[int]:
+    """The named integer fields of a request (JSON ints only: a float or a bool is refused)."""
+    try:
+        a = json.loads(args_json)
+        values = [a[name] for name in names]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"malformed {kind} request: {err!r}") from None
+    for name, v in zip(names, values):
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise ValueError(f"malformed {kind} request: {name} must be an integer, got {v!r}")
+    return values
+
+
+def _check_n_bits(kind: str, n: int, bits: int) -> None:
+    if not 0 <= n <= MAX_ELEMENTS or not 2 <= bits <= 64:
+        raise ValueError(f"{kind}: n must be in [0, {MAX_ELEMENTS}] and bits in [2, 64], got n={n} bits={bits}")
+
+
+def _decode_trunc(args_json: str) -> tuple[list, dict]:
+    n, bits, divisor = _int_args(TRUNC, args_json, ("n", "bits", "divisor"))
+    _check_n_bits(TRUNC, n, bits)
+    if not 1 <= divisor < 2**64:
+        raise ValueError(f"{TRUNC}: divisor must be in [1, 2^64), got {divisor}")
+    return [n, bits, divisor], {}
+
+
+def _decode_trunc_relu(args_json: str) -> tuple[list, dict]:
+    n, bits, shift = _int_args(TRUNC_RELU, args_json, ("n", "bits", "shift"))
+    _check_n_bits(TRUNC_RELU, n, bits)
+    if not 1 <= shift <= bits - 1:
+        raise ValueError(f"{TRUNC_RELU}: shift must be in [1, bits - 1] = [1, {bits - 1}], got {shift}")
+    return [n, bits, shift], {}
+
+
+def _paired_keys(keys: tuple) -> dict[str, dict[str, np.ndarray]]:
+    return {role: {"key": np.frombuffer(key.to_bytes(), dtype=np.uint8)} for role, key in zip((SERVER, CLIENT), keys)}
+
+
+def _make_trunc(seeds: DealerSeeds, index: int, role: str, args: list, kwargs: dict) -> dict[str, dict[str, np.ndarray]]:
+    """Both parties' division keys, from the dealer's own stream of this index."""
+    n, bits, divisor = args
+    return _paired_keys(trunc_keys(n, bits, divisor, AesCtrPrg(seeds.dealer, stream=index)))
+
+
+def _make_trunc_relu(seeds: DealerSeeds, index: int, role: str, args: list, kwargs: dict) -> dict[str, dict[str, np.ndarray]]:
+    """Both parties' truncated-ReLU keys, from the dealer's own stream of this index."""
+    n, bits, shift = args
+    return _paired_keys(trunc_relu_keys(n, bits, shift, AesCtrPrg(seeds.dealer, stream=index)))
+
+
 CORRELATIONS = (
     CorrelationKind(BEAVER, (SERVER,), _decode_beaver, _make_beaver),
     CorrelationKind(SQUARE, (SERVER,), _decode_square, _make_square),
     CorrelationKind(RELU, (SERVER, CLIENT), _decode_relu, _make_relu, paired=True),
+    CorrelationKind(TRUNC, (SERVER, CLIENT), _decode_trunc, _make_trunc, paired=True),
+    CorrelationKind(TRUNC_RELU, (SERVER, CLIENT), _decode_trunc_relu, _make_trunc_relu, paired=True),
 )

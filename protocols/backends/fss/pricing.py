@@ -7,17 +7,23 @@
 4. A max-pool over windows of n is a tree of n - 1 ReLUs per window, ceil(log2 n) rounds.
 5. A masked site's ReLUs (kept positions) and squares (the others) share their one round.
 
+6. An exact truncation opens its masked values: 16 bytes per element, one round; fused into the
+   ReLU that reads the product, no bytes or round of its own.
+
 Offline (the dealer's bytes to both parties, per batch): the server's share of each product
 (C_0: one ring element per output) and of each square (s_0); each party's ReLU key, a header
-per call and `key_bytes_per_relu` per element (`relu.py`). The weight masks are session set-up.
+per call and `key_bytes_per_relu` per element (`relu.py`); each party's truncation key
+(`truncation.py`: `key_bytes_per_trunc`, or `key_bytes_per_trunc_relu` for a fused ReLU, whose
+key replaces the ReLU's). The weight masks are session set-up.
 """
 
 from __future__ import annotations
 
 import math
 
-from ..base import OPEN_BYTES, RING_BYTES, Cost, Pricing
+from ..base import OPEN_BYTES, RING_BYTES, Cost, Pricing, Truncation
 from .relu import key_bytes_per_relu, relu_key_header_bytes
+from .truncation import key_bytes_per_trunc, key_bytes_per_trunc_relu, trunc_header_bytes, trunc_relu_header_bytes
 
 KEY_CHUNK = 1 << 18  # ReLU keys per dealer request, at most: bounds the dealer's and a reply's memory
 
@@ -31,6 +37,14 @@ def _chunks(n: int) -> int:
     return -(-n // KEY_CHUNK)
 
 
+def exact_truncation(n: int, truncation: Truncation) -> Cost:
+    """n exact truncations in one round (their masked values opened), keyed in chunks as ReLUs are;
+    a fused one is priced with the ReLU it is fused into. Both backends run the same protocol."""
+    if not truncation.exact or truncation.fused or not n:
+        return Cost(bytes_offline=0)
+    return Cost(OPEN_BYTES * n, 1, 2 * (_chunks(n) * trunc_header_bytes() + n * key_bytes_per_trunc(truncation.bits)))
+
+
 class FssPricing(Pricing):
     def product(self, activations: int, weights: int, outputs: int) -> Cost:
         return Cost(OPEN_BYTES * activations, 1, RING_BYTES * outputs)
@@ -38,8 +52,16 @@ class FssPricing(Pricing):
     def square(self, n: int) -> Cost:
         return Cost(OPEN_BYTES * n, 1, RING_BYTES * n) if n else Cost(bytes_offline=0)
 
-    def relu(self, n: int, bits: int = 64) -> Cost:
-        return Cost(OPEN_BYTES * n, 1, _keys(n, _chunks(n), bits)) if n else Cost(bytes_offline=0)
+    def relu(self, n: int, bits: int = 64, fused: Truncation | None = None) -> Cost:
+        """`fused`: the exact truncation of the product the ReLU reads, in the same round (larger keys)."""
+        if not n:
+            return Cost(bytes_offline=0)
+        if fused is not None:
+            return Cost(OPEN_BYTES * n, 1, 2 * (_chunks(n) * trunc_relu_header_bytes() + n * key_bytes_per_trunc_relu(fused.bits)))
+        return Cost(OPEN_BYTES * n, 1, _keys(n, _chunks(n), bits))
+
+    def truncation(self, n: int, truncation: Truncation) -> Cost:
+        return exact_truncation(n, truncation)
 
     def relu_and_square(self, relus: int, squares: int, bits: int = 64) -> Cost:
         """Both opened in one message: the round of either, the bytes and keys of both."""
