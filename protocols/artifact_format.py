@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 
 from .ir.graph import Graph, GraphError, check_input_range
-from .ir.ranges import COMPARISON_OPS, ranges_from_summary
+from .ir.ranges import ranges_from_summary
 from .ops.activation import ActivationSite, apply_sites
-from .ops.registry import check_comparison_bits
+from .ops.registry import check_comparison_bits, op_for
 
 FORMAT = "twinfer-artifact"
 FORMAT_VERSION = 1
@@ -186,7 +186,7 @@ def apply_comparison_bits(graph: Graph, widths: Any) -> Graph:
     by_name = {n.name: n for n in graph.nodes}
     for name, bits in widths.items():
         node = by_name.get(name)
-        if node is None or node.op not in COMPARISON_OPS:
+        if node is None or not op_for(node).compares:
             raise ArtifactError(f"manifest 'comparison_bits' names '{name}', which is not a comparison in the model")
         node.attrs["bits"] = bits
         try:

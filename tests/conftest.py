@@ -38,6 +38,12 @@ def tiny_resnet(cache: Path) -> torch.nn.Module:
 
 
 @pytest.fixture(scope="session")
+def pixel_cnn(cache: Path) -> torch.nn.Module:
+    """A CNN on raw 0-255 pixels, BatchNorm after each ReLU (Fashion-MNIST x 255)."""
+    return load_or_train_demo_model("pixel_cnn", cache / "models", progress=False)
+
+
+@pytest.fixture(scope="session")
 def onnx_files(tmp_path_factory, fashion_cnn, tiny_resnet) -> dict[str, Path]:
     """Both demo models as standard ONNX files (TorchScript exporter, BatchNorm kept as nodes)."""
     from twinfer.protocols.ir.onnx_export import export_onnx

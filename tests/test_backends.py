@@ -216,3 +216,41 @@ def test_exact_truncation_matches_plaintext_and_its_cost(protocol, case):
         assert bytes_offline == offline
     if protocol == "fss" and case == "conv_relu":
         assert exact["conv"].get("fused") and counts["rounds"] == 2  # the conv's opening, then the fused ReLU's
+
+
+def test_crypten_exact_truncation_is_exact_where_its_local_division_fails():
+    """10^6 share pairs of 47-bit products whose shares straddle the ring's signed ends, where CrypTen's
+    local division of each share is off by 2^48 units: the exact truncation (the dealer's keys, one
+    exchange) is within one unit on every one, on CrypTen's own shares."""
+    from twinfer.protocols.backends.base import Truncation
+    from twinfer.protocols.backends.crypten.patches import load_crypten
+
+    load_crypten()  # crypten imports only with twinfer's torch 2.x fixes
+    from crypten.mpc.primitives.arithmetic import ArithmeticSharedTensor
+
+    n, shift = 10**6, 16
+    rng = np.random.default_rng(5)
+    y = rng.integers(2**40, 2**46, n, dtype=np.int64) * rng.choice(np.array([-1, 1], dtype=np.int64), n)
+    x0 = (np.int64(-(2**63)) + rng.integers(0, 2**46, n, dtype=np.int64)).astype(np.int64)
+    x0 = np.where(y < 0, -x0 - 1, x0)  # a negative value's shares straddle the other end
+    x1 = (y.view(np.uint64) - x0.view(np.uint64)).view(np.int64)
+    shares = (x0, x1)
+    transports = MemoryTransport.pair("exact-crypten", timeout_s=120.0)
+    dealer = LocalDealer()
+
+    def party(rank: int):
+        backend = backend_class("crypten").create(rank, transports[rank], dealer.party(rank), 16)
+        backend.start()
+        try:
+            local = ArithmeticSharedTensor.from_shares(torch.from_numpy(shares[rank].copy()), precision=16).div_(2**shift).reveal()
+            exact = backend._truncate(ArithmeticSharedTensor.from_shares(torch.from_numpy(shares[rank].copy()), precision=16), 2**shift,
+                                      Truncation("exact", 48)).reveal()  # fmt: skip
+            return local.numpy(), exact.numpy()
+        finally:
+            backend.stop()
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        local, exact = [f.result(timeout=300) for f in [pool.submit(party, r) for r in (0, 1)]][1]
+    floor = y >> shift
+    assert (np.abs(local - floor) > 1).mean() > 0.3  # the local division fails on these: the test could fail
+    assert np.abs(exact - floor).max() <= 1

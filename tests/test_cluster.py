@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from tests.helpers.stated import assert_within_stated_error
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -40,7 +41,7 @@ def test_three_nodes_one_party_each(cluster, onnx_files, fashion_cnn, fashion_te
     nodes = {role: report.node for role, report in result.reports.items()}
     assert len(set(nodes.values())) == 3, nodes
     assert set(nodes.values()) == set(cluster[1].values())
-    assert np.abs(result.logits - _reference(fashion_cnn, images)).max() < 0.01
+    assert_within_stated_error(result.logits, _reference(fashion_cnn, images), result.summary())
 
 
 def test_named_nodes_by_custom_resource_over_tls(cluster, tmp_path, onnx_files, fashion_cnn, fashion_test):
@@ -62,7 +63,7 @@ def test_named_nodes_by_custom_resource_over_tls(cluster, tmp_path, onnx_files, 
     by_role = {p["role"]: p["node"] for p in out["parties"]}
     node_of = cluster[1]
     assert by_role == {role: node_of[f"twinfer_{role}"] for role in ("server", "client", "dealer")}
-    assert np.abs(np.array(out["logits"]) - _reference(fashion_cnn, images)).max() < 0.01
+    assert_within_stated_error(out["logits"], _reference(fashion_cnn, images), out)
 
 
 def test_unknown_node_is_a_clear_error(cluster, onnx_files, fashion_test):
@@ -88,5 +89,5 @@ def test_eight_concurrent_sessions_on_one_party_pair(cluster, onnx_files, fashio
     assert all(len(p) == 1 for p in pids.values()), pids  # one process per role served every session
     for i, reports in enumerate(sessions):
         # Each session got its own input's logits: cross-talk would mix samples up.
-        assert np.abs(reports["client"].logits - reference[2 * i : 2 * i + 2]).max() < 0.01, i
+        assert_within_stated_error(reports["client"].logits, reference[2 * i : 2 * i + 2], reports["client"].encoding)
         assert reports["server"].logits is None

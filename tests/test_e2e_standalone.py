@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from helpers.party_processes import Parties
+from tests.helpers.stated import assert_within_stated_error
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -53,7 +54,7 @@ def test_resnet_with_batchnorm_roles_and_accuracy(parties, tmp_path, onnx_files,
     with torch.no_grad():
         reference = tiny_resnet(torch.from_numpy(images)).numpy()
     assert (logits.argmax(1) == reference.argmax(1)).all()
-    assert np.abs(logits - reference).max() < 0.01
+    assert_within_stated_error(logits, reference, client["encoding"])
     assert client["torch_threads"] == 1
     # Per-layer counters add up to the per-batch totals (nothing is counted twice or lost).
     in_batches = {k: v for k, v in client["layers"].items() if k not in ("", "share_weights")}
@@ -116,7 +117,7 @@ def test_insecure_trusted_first_party_only_when_asked(parties, tmp_path, onnx_fi
     assert client["bytes_offline"] == 0  # no dealer involved
     with torch.no_grad():
         reference = fashion_cnn(torch.from_numpy(images)).numpy()
-    assert np.abs(np.array(client["logits"]) - reference).max() < 0.01
+    assert_within_stated_error(client["logits"], reference, client["encoding"])
     # Without the flag a dealer is required: there is no silent fallback to TFP.
     lone = Parties(tmp_path, session="lone-" + secrets.token_hex(16))
     try:

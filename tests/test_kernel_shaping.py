@@ -61,6 +61,7 @@ while True:
 # Runs in the client namespace: pings through the relay, then bulk up and down; prints JSON.
 CLIENT_SCRIPT = r"""
 import json, socket, sys, time
+from tests.helpers.stated import assert_within_stated_error
 host, port = sys.argv[1].rsplit(":", 1)
 pings, warmup, bulk = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 
@@ -386,6 +387,6 @@ def test_private_inference_across_namespaces(tmp_path, onnx_files, fashion_cnn, 
     assert set(list_namespaces()) == before
     with torch.no_grad():
         reference = fashion_cnn(torch.from_numpy(images)).numpy()
-    assert np.abs(report.logits - reference).max() < 0.01
+    assert_within_stated_error(report.logits, reference, report.encoding)
     rounds, sent, online = report.batch_rounds[-1], report.batch_bytes_sent[-1], report.batch_bytes_online[-1]
     assert report.batch_latency_s[-1] >= profile.lower_bound_s(rounds, max(sent, online - sent))

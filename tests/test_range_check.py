@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.test_backends import CASES, _graph, run_two_party
-from twinfer.protocols.backends import protocols
+from twinfer.protocols.backends import backend_class, protocols
 from twinfer.protocols.backends.fss import ring
 from twinfer.protocols.ir.onnx_export import export_onnx
 from twinfer.protocols.ir.plain import run_plain
@@ -464,3 +464,35 @@ def test_per_element_peaks_state_a_smaller_error_that_still_bounds_the_measured_
     x = calibration[:4]
     y = run_two_party(protocol, graph, weights, torch.from_numpy(x))[0].numpy()
     assert np.abs(y - _reference(graph, weights, x)).max() <= server.error_bound
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_op_error_estimate_bounds_the_simulated_fixed_point_and_is_not_vacuous(case):
+    """Each op's error method (its secure structure on error moments) against the fixed point itself,
+    run on sampled inputs: the estimate holds what three simulated runs err by, within 100x of it."""
+    from twinfer.protocols.ir.ranges import error_estimate, simulate
+
+    input_shape, nodes, weights = CASES[case]
+    graph = _graph(input_shape, nodes, weights)
+    x = (np.random.default_rng(3).random((32, *input_shape)) * 4 - 2).astype(np.float32)
+    seen = observed_ranges(graph, weights, x)
+    reference = _reference(graph, weights, x)
+    for f in (10, 16):
+        estimate = error_estimate(graph, weights, seen, f)
+        measured = max(np.abs(simulate(graph, weights, x, f, seed=s).outputs - reference).max() for s in range(3))
+        assert measured <= estimate <= 100 * max(measured, 2.0**-f), (f, measured, estimate)
+
+
+def test_the_simulation_is_what_the_parties_compute(cnn, fashion_test):
+    """The fixed point without the shares errs as the two-party run does: the same deterministic encodings,
+    truncations rounding stochastically; their errors are of one size (a factor 3 either way)."""
+    from twinfer.protocols.ir.ranges import simulate
+
+    graph, weights = cnn
+    x = fashion_test[0][:16]
+    reference = _reference(graph, weights, x)
+    for protocol in protocols():
+        simulated = np.abs(simulate(graph, weights, x, 12, public_rounding=backend_class(protocol).public_rounding).outputs - reference).max()
+        y = run_two_party(protocol, graph, weights, torch.from_numpy(x), fraction_bits=12)[0].numpy()
+        measured = np.abs(y - reference).max()
+        assert simulated / 3 <= measured <= 3 * simulated, (protocol, simulated, measured)

@@ -22,12 +22,13 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers.stated import assert_within_stated_error
 from twinfer import Client
 from twinfer.deploy.serve.client import worker_address
 from twinfer.deploy.serve.processes import alive, child_pids, metrics_url, standing_command, start_standing
 from twinfer.parties.errors import AuthError, BusyError, PeerError, ProtocolError
 from twinfer.parties.runtime.serving import SessionOpener
-from twinfer.parties.runtime.session import ClientParty, PartyConfig
+from twinfer.parties.runtime.session import ClientParty, PartyConfig, PartyReport
 from twinfer.parties.wire.tls import TlsIdentity
 from twinfer.parties.wire.transport import TransportOptions, open_channel
 
@@ -81,9 +82,11 @@ def _client(address: str, dealer, certs) -> Client:
     return Client(address, dealer=dealer[1], tls=certs, options=OPTIONS)
 
 
-def _assert_plaintext(logits: np.ndarray, expected: np.ndarray) -> None:
+def _assert_plaintext(report: PartyReport | dict, expected: np.ndarray) -> None:
+    """A client's report (or its JSON) equals plaintext within the error its session stated."""
+    logits = np.asarray(report["logits"] if isinstance(report, dict) else report.logits)
     assert logits.shape == expected.shape
-    assert np.abs(logits - expected).max() < 0.01
+    assert_within_stated_error(logits, expected, report["encoding"] if isinstance(report, dict) else report.encoding)
     assert (logits.argmax(1) == expected.argmax(1)).all()
 
 
@@ -155,9 +158,10 @@ class Background:
         return self.results
 
 
-def _infer(address: str, dealer, certs, images: np.ndarray, batch_size: int | None = None) -> np.ndarray:
+def _infer(address: str, dealer, certs, images: np.ndarray, batch_size: int | None = None) -> PartyReport:
+    """One session of a fresh Client: its report (logits, the encoding its server stated)."""
     with _client(address, dealer, certs) as client:
-        return client.infer(images, batch_size=batch_size)
+        return client.session(images, batch_size=batch_size)
 
 
 def _session_lines(party) -> list[dict]:
@@ -179,8 +183,7 @@ def test_ten_clients_in_sequence_each_equal_to_plaintext(served, dealer, certs, 
     with _client(served[1], dealer, certs) as client:
         sessions = set()
         for i in range(10):
-            logits = client.infer(images[2 * i : 2 * i + 2])
-            _assert_plaintext(logits, expected[2 * i : 2 * i + 2])
+            _assert_plaintext(client.session(images[2 * i : 2 * i + 2]), expected[2 * i : 2 * i + 2])
             sessions.add(client.last_session)
     assert len(sessions) == 10 and all(re.fullmatch(r"[0-9a-f]{32}", s) for s in sessions)  # 128 bits, fresh each time
 
@@ -189,9 +192,9 @@ def test_four_clients_at_once_each_equal_to_plaintext(served, dealer, certs, ref
     images, expected = reference
     _wait_running(served[0], lambda n: n == 0)  # the last session of the sequence has been counted
     results = Background(_infer, [(served[1], dealer, certs, images[4 * i : 4 * i + 4], 2) for i in range(4)]).join()
-    for i, logits in enumerate(results):
-        assert not isinstance(logits, Exception), logits
-        _assert_plaintext(logits, expected[4 * i : 4 * i + 4])
+    for i, report in enumerate(results):
+        assert not isinstance(report, Exception), report
+        _assert_plaintext(report, expected[4 * i : 4 * i + 4])
     ends = _session_lines(served[0])
     assert {e["peer"] is not None for e in ends[-4:]} == {True}
 
@@ -210,7 +213,29 @@ def test_twinfer_query_from_the_command_line(served, dealer, certs, reference, t
     assert query.returncode == 0, query.stderr
     report = json.loads(query.stdout.strip().splitlines()[-1])
     assert re.fullmatch(r"[0-9a-f]{32}", report["session"]) and report["role"] == "client"
-    _assert_plaintext(np.load(out), expected[:2])
+    _assert_plaintext(report | {"logits": np.load(out)}, expected[:2])
+
+
+def test_a_query_beyond_what_the_served_model_holds_is_refused_before_sharing(served, dealer, certs, reference, tmp_path):
+    """The model declares no input range: the server holds the widest its checks accept and says so at
+    the handshake; a query of inputs beyond it exits 4 naming that range, and its session is logged
+    as an input error; the session log of a good one carries the error its server stated."""
+    import json
+
+    images, expected = reference
+    _assert_plaintext(_infer(served[1], dealer, certs, images[:2]), expected[:2])
+    np.save(tmp_path / "big.npy", images[:2] * 1e4)
+    query = subprocess.run(
+        standing_command("query", "--server", served[1], "--dealer", dealer[1], "--input", str(tmp_path / "big.npy"),
+                         "--tls", str(certs), *COMMON),
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert query.returncode == 4, query.stderr
+    assert "what the server's model holds at 16 fractional bits" in query.stderr and "Traceback" not in query.stderr
+    _wait_running(served[0], lambda n: n == 0)  # both sessions have ended and been logged
+    ok = [e for e in _session_lines(served[0]) if e["outcome"] == "ok"]
+    assert ok and all(e["stated_error"] > 0 and e["fraction_bits"] == 16 for e in ok)
+    assert json.dumps(ok[-1])  # the log line is plain JSON
 
 
 def test_past_max_sessions_is_busy_and_made_up_or_replayed_ids_are_refused(served, dealer, certs, reference, tmp_path):
@@ -241,7 +266,7 @@ def test_past_max_sessions_is_busy_and_made_up_or_replayed_ids_are_refused(serve
         # Three tickets dialed at once (before --accept-timeout), each an ordinary session.
         for report in Background(lambda t: party(t.session_id, t.port).run(), [(t,) for t in tickets[:3]]).join():
             assert not isinstance(report, Exception), report
-            _assert_plaintext(report.logits, expected[:2])
+            _assert_plaintext(report, expected[:2])
         with pytest.raises(ProtocolError, match=tickets[0].session_id):  # replayed: the dealer and the worker refuse it
             party(tickets[0].session_id, tickets[0].port).run()
         made_up = secrets.token_hex(16)
@@ -292,9 +317,9 @@ def test_sigterm_drains_a_running_session_then_exits_zero(served, dealer, certs,
     assert party.proc.poll() is None and session.running()  # draining: the session runs on
     with _client(served[1], dealer, certs) as late, pytest.raises(BusyError, match="shutting down"):
         late.infer(images[:2])
-    (logits,) = session.join()
-    assert not isinstance(logits, Exception), logits
-    _assert_plaintext(logits, expected)
+    (report,) = session.join()
+    assert not isinstance(report, Exception), report
+    _assert_plaintext(report, expected)
     assert party.proc.wait(timeout=60) == 0, party.stderr()
     assert _wait_gone(workers) == []  # no worker (nor multiprocessing helper) left behind
 
@@ -317,12 +342,12 @@ def test_a_dead_worker_is_replaced_and_sigkill_of_the_server_ends_its_client(tmp
         deadline = time.monotonic() + 90
         while True:  # busy until its replacement listens
             try:
-                logits = _infer(address, dealer, certs, images[:2])
+                report = _infer(address, dealer, certs, images[:2])
                 break
             except BusyError:
                 assert time.monotonic() < deadline, "the dead worker was not replaced"
                 time.sleep(0.5)
-        _assert_plaintext(logits, expected[:2])
+        _assert_plaintext(report, expected[:2])
         assert first not in _worker_pids(party.proc.pid) and len(_worker_pids(party.proc.pid)) == 1
         socket.create_connection(("127.0.0.1", worker_port), timeout=5).close()  # the replacement took the same port
         workers = child_pids(party.proc.pid)

@@ -16,6 +16,7 @@ from twinfer.parties.metrics import Metrics
 from twinfer.parties.runtime.session import PartyConfig, PartyListener
 from twinfer.parties.wire.tls import TlsIdentity
 from twinfer.parties.wire.transport import GrpcTransport, TransportOptions, open_channel
+from tests.helpers.stated import assert_within_stated_error
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -120,7 +121,7 @@ def test_session_over_tls_after_an_intruder_with_the_wrong_role_was_refused(cert
             host.close()
     with torch.no_grad():
         reference = fashion_cnn(torch.from_numpy(images)).numpy()
-    assert np.abs(report.logits - reference).max() < 0.01
+    assert_within_stated_error(report.logits, reference, report.encoding)
 
 
 @pytest.mark.parametrize(

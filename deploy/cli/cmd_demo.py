@@ -10,7 +10,7 @@ import torch
 from rich.console import Console
 
 from twinfer.optimizer.data.datasets import load_fashion_mnist
-from twinfer.optimizer.zoo.demo_models import load_or_train_demo_model
+from twinfer.optimizer.zoo.demo_models import INPUT_SCALE, load_or_train_demo_model
 
 from ..config.paths import cache_dir
 from .options import add_insecure_arg, add_transport_args, positive_int, run_private_inference
@@ -19,7 +19,10 @@ from .report import print_table, summary_rows
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="train a small Fashion-MNIST CNN and run private inference on test images")
-    p.add_argument("--model", default="fashion_cnn", choices=["fashion_cnn", "tiny_resnet"])
+    p.add_argument(
+        "--model", default="fashion_cnn", choices=["fashion_cnn", "tiny_resnet", "pixel_cnn"],
+        help="fashion_cnn (default), tiny_resnet (BatchNorm after a ReLU, a residual add), pixel_cnn (raw 0-255 pixels)",
+    )  # fmt: skip
     p.add_argument("--samples", type=positive_int, default=64, help="test images to classify privately (default 64)")
     p.add_argument("--batch", type=positive_int, default=32, help="images per private batch (default 32)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -43,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     console = Console(stderr=args.json)
     model = load_or_train_demo_model(args.model, cache_dir() / "models", progress=not args.json)
     images, labels = load_fashion_mnist("test")
-    images, labels = images[: args.samples], labels[: args.samples]
+    images, labels = images[: args.samples] * INPUT_SCALE.get(args.model, 1.0), labels[: args.samples]
     with torch.no_grad():
         reference = model(torch.from_numpy(images)).numpy()
     console.print(f"[bold]{args.model}[/bold]: {args.samples} Fashion-MNIST test images, private inference over gRPC")

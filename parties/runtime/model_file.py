@@ -7,6 +7,7 @@ files read with allow_pickle=False.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -21,7 +22,16 @@ from twinfer.protocols import artifact_format as af
 from twinfer.protocols.ops.embedding import check_ids
 from twinfer.protocols.ir.graph import Graph, GraphError, check_input_range
 from twinfer.protocols.ir.onnx_import import graph_from_onnx
-from twinfer.protocols.ir.encoding import SIMULATED_SAMPLES, EncodingReport, SessionEncoding, encoding_report, simulated_error
+from twinfer.protocols.ir.encoding import (
+    SIMULATED_SAMPLES,
+    EncodingReport,
+    SessionEncoding,
+    encoding_report,
+    narrower_ranges,
+    simulated_error,
+    synthetic_inputs,
+    synthetic_ranges,
+)
 from twinfer.protocols.ir.ranges import FAILURE_PROBABILITY, FRACTION_BITS, calibration_ranges, interval_ranges, observed_ranges
 
 from twinfer.parties.errors import InputError, LocalError, ModelError
@@ -240,57 +250,85 @@ def check_model_range(
 ) -> tuple[EncodingReport, tuple[float, float]]:
     """The server's check, before it shares anything, and the inputs its model holds: the
     declared range, checked with the artifact's calibration ranges (times their margin) where
-    they cover it, else a sound interval bound; a model that declares none holds the widest
-    symmetric range its checks accept with local truncations only (`widest_range`). A
-    ModelError naming the layer when refused."""
+    they cover it, else a sound interval bound (with what inputs drawn from the range do for
+    the truncations' risk); the error stated from a simulation of the fixed point on such
+    inputs. A model that declares no range holds the widest symmetric one its checks accept
+    with local truncations (`widest_range`). A ModelError naming the layer when refused."""
     if graph.input_range is None:
         return widest_range(graph, weights, fraction_bits, protocol)
-    calibration = graph.calibration
     lo, hi = graph.input_range
-    if calibration is not None and calibration["input_range"][0] <= lo and hi <= calibration["input_range"][1]:
-        ranges = calibration_ranges(graph)
-    else:  # no calibration, or a declared range wider than the calibration data's
-        ranges = interval_ranges(graph, weights, graph.input_range)
-    report = encoding_report(graph, weights, ranges, fraction_bits, protocol, truncation=truncation)
+    report = _check_range(graph, weights, (lo, hi), fraction_bits, protocol, truncation)
     if report.refused:
         raise ModelError(f"the model is refused for inputs in [{lo:g}, {hi:g}]: {report.message()}")
     _warn(report, "model")
     return report, (lo, hi)
 
 
+def _check_range(
+    graph: Graph, weights: dict[str, np.ndarray], input_range: tuple[float, float], fraction_bits: int | str, protocol: str,
+    truncation: str, error: bool = True,
+) -> EncodingReport:
+    calibration = graph.calibration
+    lo, hi = input_range
+    inputs, typical = synthetic_ranges(graph, weights, input_range)
+    if calibration is not None and calibration["input_range"][0] <= lo and hi <= calibration["input_range"][1]:
+        ranges, typical = calibration_ranges(graph), None
+    else:  # no calibration, or a declared range wider than the calibration data's
+        ranges = interval_ranges(graph, weights, input_range)
+    simulated = simulated_error(graph, weights, inputs, protocol) if error else (lambda bits: 0.0)
+    return encoding_report(
+        graph, weights, ranges, fraction_bits, protocol, truncation=truncation, error=simulated, error_source="simulated", typical=typical,
+    )  # fmt: skip
+
+
+def server_encoding(
+    graph: Graph, weights: dict[str, np.ndarray], fraction_bits: int | str, protocol: str, truncation: str = "auto"
+) -> SessionEncoding:
+    """What a server tells its clients (check_model_range's verdict), with the error it states for
+    narrower ranges too (ERROR_SCALES of the range it holds), which a client picks from by its own input."""
+    report, held = check_model_range(graph, weights, fraction_bits, protocol, truncation)
+    errors = []
+    for lo, hi in narrower_ranges(held):  # one simulation each, of fewer inputs: this is paid at every server start
+        inputs = synthetic_inputs(graph, (lo, hi), n=NARROWER_SAMPLES)
+        errors.append((lo, hi, simulated_error(graph, weights, inputs, protocol, runs=1)(report.fraction_bits)))
+    return dataclasses.replace(SessionEncoding.of(report, held), errors=tuple(errors))
+
+
+NARROWER_SAMPLES = 16
+
+
 WIDEST_LIMITS = (2.0**-8, 2.0**40)  # the symmetric input ranges widest_range tries, |x| up to
 
 
 def widest_range(graph: Graph, weights: dict[str, np.ndarray], fraction_bits: int | str, protocol: str) -> tuple[EncodingReport, tuple[float, float]]:
-    """A model without a declared input range: the widest [-a, a] (to 3 significant digits) whose
-    sound interval bound passes the check at the session's bits (16 if 'auto') with every
-    truncation local and its risk within the limit, so that serving it costs nothing extra. A
-    client's input outside it is refused; --input-range declares another."""
+    """A model without a declared input range: the widest [-a, a] (to 3 significant digits) at
+    which nothing is refused at the session's bits (16 if 'auto') with every truncation local and
+    their risk within the limit, so that serving it costs nothing extra. A client's input outside
+    it is refused; --input-range declares another (then exact truncations where they pay)."""
     bits = FRACTION_BITS if fraction_bits == "auto" else int(fraction_bits)
 
-    def check(a: float) -> EncodingReport | None:
-        report = encoding_report(graph, weights, interval_ranges(graph, weights, (-a, a)), bits, protocol, truncation="local")
-        return None if report.refused or report.failure_probability > FAILURE_PROBABILITY else report
+    def accepted(a: float) -> bool:  # the outputs' precision is checked once, at the end: it is what costs
+        report = _check_range(graph, weights, (-a, a), bits, protocol, "local", error=False)
+        return not report.refused and report.failure_probability <= FAILURE_PROBABILITY
 
     lo, hi = WIDEST_LIMITS
-    best = check(lo)
-    if best is None:
-        raise ModelError(
-            f"the model declares no input range, and even inputs within +-{lo:g} are refused at {bits} fractional bits: "
-            f"{encoding_report(graph, weights, interval_ranges(graph, weights, (-lo, lo)), bits, protocol, truncation='local').message()}"
-        )
+    if not accepted(lo):
+        report = _check_range(graph, weights, (-lo, lo), bits, protocol, "local")
+        raise ModelError(f"the model declares no input range, and even inputs within +-{lo:g} are refused: {report.message()}")
     a = lo
-    while a < hi and (report := check(min(a * 4, hi))) is not None:  # grow, then bisect the last step
-        a, best = min(a * 4, hi), report
+    while a < hi and accepted(min(a * 4, hi)):  # grow, then bisect the last step
+        a = min(a * 4, hi)
     top = min(a * 4, hi)
-    for _ in range(12):
-        if top / a < 1.001:
+    for _ in range(8):
+        if top / a < 1.01:
             break
         middle = math.sqrt(a * top)
-        report = check(middle)
-        a, top, best = (middle, top, report) if report is not None else (a, middle, best)
-    held = float(f"{a:.3g}") if float(f"{a:.3g}") <= a else float(f"{a * 0.999:.3g}")
-    best.chosen = (best.chosen or f"{bits} fractional bits") + (
-        f"; the model declares no input range: it holds [-{held:g}, {held:g}], the widest its checks accept"
+        a, top = (middle, top) if accepted(middle) else (a, middle)
+    held = float(f"{a:.3g}") if float(f"{a:.3g}") <= a else float(f"{a * 0.995:.3g}")
+    report = _check_range(graph, weights, (-held, held), bits, protocol, "local")
+    if report.refused:
+        raise ModelError(f"the model declares no input range, and within +-{held:g} its outputs are refused: {report.message()}")
+    report.chosen = (report.chosen or f"{bits} fractional bits") + (
+        f"; the model declares no input range: it holds [-{held:g}, {held:g}], the widest its checks accept with local truncations"
     )
-    return best, (-held, held)
+    return report, (-held, held)

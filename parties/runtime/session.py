@@ -34,7 +34,7 @@ from twinfer.parties.dealer.service import DealerServicer, add_dealer_servicer
 from twinfer.parties.dealer.client import DealerClient
 from twinfer.parties.errors import InputError, PeerError, ProtocolError, TwinferError
 from twinfer.parties.metrics import Metrics
-from twinfer.parties.runtime.model_file import check_declared_range, check_held_range, check_input_array, check_model_range
+from twinfer.parties.runtime.model_file import check_declared_range, check_held_range, check_input_array, server_encoding
 from twinfer.parties.wire.tls import TlsIdentity
 from twinfer.parties.wire.transport import GrpcTransport, PeerServicer, TransportOptions, add_peer_servicer, start_server
 
@@ -349,8 +349,8 @@ def server_graph(graph: Graph, weights: dict[str, np.ndarray], config: PartyConf
         encoding = config.encoding
         held = graph.input_range if graph.input_range is not None else encoding.input_range
         return dataclasses.replace(apply_truncations(graph, encoding.truncations()), input_range=held), encoding
-    report, held = check_model_range(graph, weights, config.fraction_bits, config.protocol, config.truncation)
-    return dataclasses.replace(apply_truncations(graph, report.truncations), input_range=held), SessionEncoding.of(report, held)
+    encoding = server_encoding(graph, weights, config.fraction_bits, config.protocol, config.truncation)
+    return dataclasses.replace(apply_truncations(graph, encoding.truncations()), input_range=encoding.input_range), encoding
 
 
 class ServerParty(_TwoPartySession):
@@ -472,6 +472,7 @@ class ClientParty(_TwoPartySession):
             raise InputError(str(err), origin=self.role) from None
         check_declared_range(graph, self.inputs, origin=self.role)  # before any share is sent
         check_held_range(encoding, self.inputs, origin=self.role)
+        self.report.encoding = encoding.for_inputs(self.inputs).summary()  # the error stated for inputs like these
         self._send_protocol()
         self.transport.send("plan", np.array([len(self.inputs), self.batch_size], dtype=np.int64))
         self._start_backend()

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..backends.base import FRACTION_BITS_RANGE, Truncation
+from ..ops import op_for
 from ..ops.registry import FULL_BITS, comparison_bits
 from .graph import Graph, GraphError, Node, check_input_range
 from .ranges import FRACTION_BITS, SOUND_SLACK, FAILURE_PROBABILITY, ValueRanges, error_estimate
@@ -124,49 +125,53 @@ def local_failures(graph: Graph, ranges: ValueRanges, f: int) -> dict[str, float
     return out
 
 
-def _fusable(graph: Graph) -> set[str]:
-    """Layers whose output only a ReLU reads: an exact truncation can be left to that ReLU's round."""
-    readers: dict[str, list] = {}
+def _fusable(graph: Graph) -> dict[str, str]:
+    """Layer -> the one reader that may take its exact truncation into its own round (a ReLU)."""
+    readers: dict[str, list[Node]] = {}
     for node in graph.nodes:
         for name in node.inputs:
             readers.setdefault(name, []).append(node)
-    return {
-        n.name for n in graph.nodes
-        if n.output != graph.output_name and [r.op for r in readers.get(n.output, [])] == ["Relu"]
-    }  # fmt: skip
+    out = {}
+    for node in graph.nodes:
+        them = readers.get(node.output, [])
+        if node.output != graph.output_name and len(them) == 1 and op_for(them[0]).takes_fused_truncation:
+            out[node.name] = them[0].name
+    return out
 
 
-def plan_truncations(graph: Graph, ranges: ValueRanges, f: int, policy: str = "auto", *, fuses: bool = False) -> dict[str, Truncation]:
+def plan_truncations(
+    graph: Graph, ranges: ValueRanges, f: int, policy: str = "auto", *, fuses: bool = False, typical: ValueRanges | None = None
+) -> dict[str, Truncation]:
     """The layers to truncate exactly at f fractional bits, with the width each needs.
 
     'local': none; 'exact': every layer that truncates; 'auto': the layers whose local
     truncations carry the most risk, until the risk left is below EXACT_BELOW per sample. Where
     the backend `fuses` and only a ReLU reads the layer, its exact truncation is left to that
-    ReLU (no round of its own; the width then also holds what the ReLU compares)."""
+    ReLU (no round of its own; the width then also holds what the ReLU compares). The risk is
+    `typical`'s (what likely inputs do) where given, the widths always `ranges`' (all they must hold)."""
     if policy not in TRUNCATION_POLICIES:
         raise ValueError(f"truncation policy must be one of {', '.join(TRUNCATION_POLICIES)}, got {policy!r}")
-    risks = local_failures(graph, ranges, f)
+    typical = typical or ranges
+    risks = local_failures(graph, typical, f)
     if policy == "local":
         chosen: list[str] = []
     elif policy == "exact":
         chosen = list(risks)
     else:
-        target = EXACT_BELOW * (SOUND_SLACK if ranges.sound else 1.0)
+        target = EXACT_BELOW * (SOUND_SLACK if typical.sound else 1.0)
         left, chosen = sum(risks.values()), []
         for name in sorted(risks, key=risks.get, reverse=True):
             if left <= target:
                 break
             chosen.append(name)
             left -= risks[name]
-    fusable = _fusable(graph) if fuses else set()
-    by_output = {n.output: n for n in graph.nodes}
-    relu_of = {by_output[r.inputs[0]].name: r.name for r in graph.nodes if r.op == "Relu" and r.inputs[0] in by_output}
+    fusable = _fusable(graph) if fuses else {}
     plan = {}
     for name in chosen:
         bits = max(_ring_width(ranges.truncated.get(name, 0.0), 2 * f), _ring_width(ranges.divided.get(name, 0.0), f))
         fused = name in fusable and name in ranges.truncated and name not in ranges.divided
         if fused:
-            bits = max(bits, _ring_width(ranges.compared.get(relu_of[name], 0.0), 2 * f))
+            bits = max(bits, _ring_width(ranges.compared.get(fusable[name], 0.0), 2 * f))
         plan[name] = Truncation("exact", bits, fused)
     return plan
 
@@ -184,7 +189,7 @@ def apply_truncations(graph: Graph, plan: dict[str, Truncation]) -> Graph:
 
 def _findings(
     graph: Graph, ranges: ValueRanges, f: int, narrow_comparisons: bool, pool_pad_bits: int, max_failure: float,
-    plan: dict[str, Truncation],
+    plan: dict[str, Truncation], typical: ValueRanges,
 ) -> tuple[list[Finding], float]:
     """The deterministic overflows, the exact truncations' widths and the local truncations'
     failure probability at f fractional bits."""
@@ -193,7 +198,7 @@ def _findings(
     input_peak = float(ranges.peaks[graph.input_name].max())
     if input_peak >= value_limit:
         findings.append(Finding(graph.input_name, "input", f"input values reach {input_peak:.3g}; the encoding holds |x| < 2^{63 - f} = {value_limit:.3g}", True))
-    risks = local_failures(graph, ranges, f)
+    risks = local_failures(graph, typical, f)
     for node in graph.nodes:
         peak = float(ranges.peaks[node.output].max()) if ranges.peaks[node.output].numel() else 0.0
         if peak >= value_limit:
@@ -228,14 +233,14 @@ def _findings(
                         f"-2^{pool_pad_bits - f} this backend pads max-pool windows with", True)
             )  # fmt: skip
     probability = float(sum(risks.values()))
-    refuse_above = max_failure * (SOUND_SLACK if ranges.sound else 1.0)
+    refuse_above = max_failure * (SOUND_SLACK if typical.sound else 1.0)
     if probability > max_failure:
         worst = max(risks, key=risks.get)
         node = next(n for n in graph.nodes if n.name == worst)
         findings.append(
             Finding(
                 node.name, node.op,
-                f"products reach {max(ranges.truncated.get(worst, 0.0), ranges.divided.get(worst, 0.0)):.3g} before truncation; "
+                f"products reach {max(typical.truncated.get(worst, 0.0), typical.divided.get(worst, 0.0)):.3g} before truncation; "
                 f"the local two-party truncation of a value y fails (off by 2^{64 - f} units) with probability |y| 2^-64 (ring "
                 f"units), which sums to {probability:.2g} per sample over the layers truncated locally "
                 f"({risks[worst] / probability:.0%} from this layer), above the {max_failure:g} allowed: use --truncation auto "
@@ -284,9 +289,11 @@ def check_encoding(
     public_rounding: str = "nearest",
     error: ErrorFn | None = None,
     error_source: str = "estimated",
+    typical: ValueRanges | None = None,
 ) -> EncodingReport:
     """Hold `ranges` against what f fractional bits handle, with the truncations `truncation`
-    plans (plan_truncations); see the module docstring.
+    plans (plan_truncations); see the module docstring. `typical`: what likely inputs do (the
+    local truncations' risk, the outputs' size), where `ranges` is a sound bound on all of them.
 
     Refused: a value the encoding cannot hold, a product that wraps, an exact truncation or a
     comparison too narrow, a padded max-pool input at the pad, a failure probability per sample
@@ -295,12 +302,13 @@ def check_encoding(
     exceeds 10% of their size. A warning: a stated error above 1% of it. `error(f)`: the stated
     error at f (a simulation's), else error_estimate's.
     """
-    error = error or (lambda bits: error_estimate(graph, weights, ranges, bits, public_rounding))
-    output_peak = float(ranges.peaks[graph.output_name].max())
+    typical = typical or ranges
+    error = error or (lambda bits: error_estimate(graph, weights, typical, bits, public_rounding))
+    output_peak = float(typical.peaks[graph.output_name].max())
 
     def at(bits: int) -> tuple[list[Finding], float, dict[str, Truncation], float, Finding | None]:
-        plan = plan_truncations(graph, ranges, bits, truncation, fuses=fuses)
-        found, probability = _findings(graph, ranges, bits, narrow_comparisons, pool_pad_bits, max_failure, plan)
+        plan = plan_truncations(graph, ranges, bits, truncation, fuses=fuses, typical=typical)
+        found, probability = _findings(graph, ranges, bits, narrow_comparisons, pool_pad_bits, max_failure, plan, typical)
         stated = error(bits)
         return found, probability, plan, stated, _precision(graph, stated, output_peak, bits, error_source)
 
@@ -310,8 +318,9 @@ def check_encoding(
     if any(x.refuse for x in findings):
         suggested = _suggest(fraction_bits, any(x.refuse for x in findings if x is not precision), at)
     layers = {name: "local" for name in local_failures(graph, ranges, fraction_bits)}
+    source = ranges.source if typical is ranges else f"{typical.source}; {ranges.source}"
     return EncodingReport(
-        fraction_bits, ranges.source, probability, stated, output_peak, findings, suggested, plan, layers, error_source,
+        fraction_bits, source, probability, stated, output_peak, findings, suggested, plan, layers, error_source,
     )  # fmt: skip
 
 
@@ -334,45 +343,64 @@ def _suggest(f: int, range_refused: bool, at) -> int | None:
 AUTO = "auto"
 
 
-def choose_fraction_bits(graph: Graph, weights: dict[str, np.ndarray], ranges: ValueRanges, check) -> EncodingReport:
+def choose_fraction_bits(graph: Graph, ranges: ValueRanges, check: Callable[[int], EncodingReport], policy: str = "auto") -> EncodingReport:
     """--fraction-bits auto: the largest f up to the default (16) at which every value fits and
-    the stated error is within 1% of the outputs' size; fewer bits where values need the range,
-    more (up to 30) where the default is too coarse. `check(f)` is the check at f."""
+    the stated error is within 1% of the outputs' size, and, with --truncation auto, every
+    truncation can stay local (their risk below EXACT_BELOW: the fixed point for free); failing
+    that, the largest such f with exact truncations where they pay; above 16 where the outputs
+    need finer bits. `check(f)` is the check at f (cached here: a simulation may be behind it)."""
     lo, hi = FRACTION_BITS_RANGE
-    first = check(FRACTION_BITS)
-    if not first.findings:
-        first.chosen = f"the default {FRACTION_BITS} holds every value with a stated error of {first.error_bound:.3g}"
-        return first
-    range_refused = any(x.refuse and not _is_precision(x, graph) for x in first.findings)
-    if range_refused:
-        for bits in range(FRACTION_BITS - 1, lo - 1, -1):
-            report = check(bits)
-            if not report.refused:
-                report.chosen = f"{FRACTION_BITS} bits cannot hold these values ({first.refused[0].problem.split(';')[0]}); {bits} is the most that can"
+    reports: dict[int, EncodingReport] = {}
+
+    def at(bits: int) -> EncodingReport:
+        if bits not in reports:
+            reports[bits] = check(bits)
+        return reports[bits]
+
+    def descending(accept: Callable[[EncodingReport], bool]) -> EncodingReport | None:
+        for bits in range(FRACTION_BITS, lo - 1, -1):
+            report = at(bits)
+            if accept(report):
                 return report
-            if all(_is_precision(x, graph) for x in report.refused):
-                break  # fewer bits only lose more precision
-        return first
-    best = first
+            if report.findings and all(_is_precision(x) for x in report.findings):
+                return None  # only the precision fails: fewer bits are coarser still
+        return None
+
+    said = lambda r: f"a stated error of {r.error_bound:.3g}"  # noqa: E731
+    if policy == "auto" and (free := descending(lambda r: not r.findings and not r.truncations)) is not None:
+        free.chosen = (
+            f"the default {FRACTION_BITS} holds every value with {said(free)}, every truncation local"
+            if free.fraction_bits == FRACTION_BITS else
+            f"the most that hold every value with every truncation local (16 bits would need exact ones) and {said(free)}"
+        )  # fmt: skip
+        return free
+    if (clean := descending(lambda r: not r.findings)) is not None:
+        exact = f", exact truncation in {len(clean.truncations)} layers" if clean.truncations else ""
+        clean.chosen = f"the most that hold every value with {said(clean)} (within 1% of the outputs){exact}"
+        return clean
+    default = at(FRACTION_BITS)
     for bits in range(FRACTION_BITS + 1, hi + 1):  # the default is too coarse for these outputs: finer
-        report = check(bits)
-        if any(x.refuse and not _is_precision(x, graph) for x in report.findings):
-            break
-        best = report
+        report = at(bits)
         if not report.findings:
+            report.chosen = f"the default {FRACTION_BITS} states {default.error_bound:.3g}, above 1% of the outputs; {bits} states {report.error_bound:.3g}"
+            return report
+        if any(x.refuse and not _is_precision(x) for x in report.findings):
             break
-    if best is not first or not first.refused:
-        best.chosen = f"the default {FRACTION_BITS} states an error of {first.error_bound:.3g}; {best.fraction_bits} states {best.error_bound:.3g}"
-    return best
+    for bits in range(FRACTION_BITS, lo - 1, -1):  # nothing is clean: the most bits refusing nothing, with its warnings
+        if not at(bits).refused:
+            at(bits).chosen = f"the most that refuse nothing ({at(bits).warnings[0].problem.split(':')[0]})"
+            return at(bits)
+    return default
 
 
-def _is_precision(finding: Finding, graph: Graph) -> bool:
+def _is_precision(finding: Finding) -> bool:
     return "outputs may be off by about" in finding.problem
 
 
 def encoding_report(
     graph: Graph, weights: dict[str, np.ndarray], ranges: ValueRanges, fraction_bits: int | str, protocol: str, *,
     truncation: str = "auto", error: Callable[[int], float] | None = None, error_source: str = "estimated",
+    typical: ValueRanges | None = None,
 ) -> EncodingReport:
     """check_encoding with what `protocol`'s fixed point needs (its comparisons, its max-pool pad,
     its public encoding, whether it fuses a truncation into a ReLU); `fraction_bits` 'auto' chooses."""
@@ -381,11 +409,11 @@ def encoding_report(
     cls = backend_class(protocol)
     options = dict(
         narrow_comparisons=cls.narrow_comparisons, pool_pad_bits=cls.pool_pad_bits, truncation=truncation, fuses=cls.fuses_truncation,
-        public_rounding=cls.public_rounding, error=error, error_source=error_source,
+        public_rounding=cls.public_rounding, error=error, error_source=error_source, typical=typical,
     )  # fmt: skip
     check = lambda bits: check_encoding(graph, weights, ranges, bits, **options)  # noqa: E731
     if fraction_bits == AUTO:
-        return choose_fraction_bits(graph, weights, ranges, check)
+        return choose_fraction_bits(graph, ranges, check, truncation)
     return check(int(fraction_bits))
 
 
@@ -403,6 +431,9 @@ class SessionEncoding:
     truncation: dict[str, str]  # layer -> 'local' / 'exact (n bits)' / 'exact, fused (n bits)'
     chosen: str = ""  # why these fractional bits, where they were chosen
     plan: dict[str, dict] = field(default_factory=dict)  # layer -> its Truncation attribute (the graph carries it to the client)
+    # (lo, hi, error): the error stated for inputs within narrower ranges than input_range: a client
+    # states that of the narrowest holding its own input (which the server never sees)
+    errors: tuple[tuple[float, float, float], ...] = ()
 
     @classmethod
     def of(cls, report: EncodingReport, input_range: tuple[float, float]) -> "SessionEncoding":
@@ -415,10 +446,18 @@ class SessionEncoding:
     def truncations(self) -> dict[str, Truncation]:
         return {name: Truncation.from_attr(attr) for name, attr in self.plan.items()}
 
+    def for_inputs(self, inputs: np.ndarray) -> "SessionEncoding":
+        """The encoding with the error stated for the narrowest of `errors`' ranges holding these inputs."""
+        low, high = float(np.min(inputs)), float(np.max(inputs))
+        for lo, hi, error in sorted(self.errors, key=lambda e: e[1] - e[0]):
+            if lo <= low and high <= hi:
+                return dataclasses.replace(self, stated_error=error, error_source=f"simulated on inputs drawn from [{lo:.3g}, {hi:.3g}]")
+        return self
+
     def to_json(self) -> str:
         """The handshake's message (the plan travels in the graph's attributes)."""
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "plan"}
-        return json.dumps(fields | {"input_range": list(self.input_range)})
+        return json.dumps(fields | {"input_range": list(self.input_range), "errors": [list(e) for e in self.errors]})
 
     @classmethod
     def from_json(cls, text: str) -> "SessionEncoding":
@@ -429,13 +468,15 @@ class SessionEncoding:
                 int(raw["fraction_bits"]), check_input_range(raw["input_range"], "the encoding's input_range"),
                 float(raw["stated_error"]), str(raw["error_source"]), float(raw["failure_probability"]),
                 {str(k): str(v) for k, v in dict(raw["truncation"]).items()}, str(raw.get("chosen", "")),
+                errors=tuple((float(lo), float(hi), float(error)) for lo, hi, error in raw.get("errors", [])),
             )  # fmt: skip
         except GraphError:
             raise
         except (KeyError, TypeError, ValueError) as err:
             raise GraphError(f"malformed session encoding: {err}") from None
         lo, hi = FRACTION_BITS_RANGE
-        if not lo <= encoding.fraction_bits <= hi or not (encoding.stated_error >= 0) or not (0 <= encoding.failure_probability <= 1):
+        bad_errors = any(not (lo < hi and error >= 0) for lo, hi, error in encoding.errors)
+        if not lo <= encoding.fraction_bits <= hi or not (encoding.stated_error >= 0) or not (0 <= encoding.failure_probability <= 1) or bad_errors:
             raise GraphError(f"session encoding out of range: {raw}")
         return encoding
 
@@ -459,7 +500,9 @@ SIMULATED_MARGIN = 2.0  # the stated error: this many times the largest error th
 SIMULATED_SAMPLES = 1024  # inputs simulated at most (the first ones)
 
 
-def simulated_error(graph: Graph, weights: dict[str, np.ndarray], inputs: np.ndarray, protocol: str) -> Callable[[int], float]:
+def simulated_error(
+    graph: Graph, weights: dict[str, np.ndarray], inputs: np.ndarray, protocol: str, runs: int = SIMULATIONS
+) -> Callable[[int], float]:
     """f -> the stated error of these inputs at f fractional bits: SIMULATED_MARGIN x the largest
     |output - plaintext| over SIMULATIONS runs of the fixed point (ranges.simulate: everything but
     the shares, whose randomness only draws each truncation's rounding), at least one last place."""
@@ -478,7 +521,7 @@ def simulated_error(graph: Graph, weights: dict[str, np.ndarray], inputs: np.nda
     def error(bits: int) -> float:
         if bits not in cache:
             worst = 0.0
-            for seed in range(SIMULATIONS):
+            for seed in range(runs):
                 run = simulate(graph, weights, x, bits, public_rounding=cls.public_rounding, pool_pad_bits=cls.pool_pad_bits, seed=seed)
                 diff = np.abs(run.outputs.astype(np.float64) - reference)
                 worst = max(worst, float(diff.max()) if np.isfinite(diff).all() else math.inf)
@@ -487,3 +530,46 @@ def simulated_error(graph: Graph, weights: dict[str, np.ndarray], inputs: np.nda
 
     return error
 
+
+
+ERROR_SCALES = tuple(2.0**-k for k in range(1, 9))  # the narrower ranges a server states an error for (SessionEncoding.errors)
+SYNTHETIC_SAMPLES = 32  # uniform draws from a range, besides its two ends and its middle as constant inputs
+SYNTHETIC_MARGIN = 2.0  # what such inputs do, times this: the typical ranges of a model without calibration
+
+
+def narrower_ranges(input_range: tuple[float, float]) -> list[tuple[float, float]]:
+    """The ranges a server states an error for besides the one it holds: ERROR_SCALES of it, and of
+    its non-negative part where it straddles 0 (images, say)."""
+    lo, hi = input_range
+    out = [(lo * s, hi * s) for s in ERROR_SCALES]
+    if lo < 0 < hi:
+        out += [(0.0, hi * s) for s in (1.0, *ERROR_SCALES)]
+    return out
+
+
+def synthetic_inputs(graph: Graph, input_range: tuple[float, float], n: int = SYNTHETIC_SAMPLES, seed: int = 0) -> np.ndarray:
+    """Inputs a server without samples can simulate: uniform in the range per element, and the
+    range's two ends and middle as constant inputs (an embedding model: integer ids)."""
+    from ..ops.embedding import embedding_node
+
+    lo, hi = (float(v) for v in input_range)
+    rng = np.random.default_rng(seed)
+    shape = (n, *graph.input_shape)
+    node = embedding_node(graph)
+    if node is not None:
+        first, last = max(0, math.ceil(lo)), min(int(node.attrs["rows"]) - 1, math.floor(hi))
+        return rng.integers(first, max(first, last) + 1, shape).astype(np.float32)
+    ends = np.stack([np.full(graph.input_shape, v, np.float32) for v in (lo, hi, (lo + hi) / 2)])
+    return np.concatenate([rng.uniform(lo, hi, shape).astype(np.float32), ends])
+
+
+def synthetic_ranges(graph: Graph, weights: dict[str, np.ndarray], input_range: tuple[float, float]) -> tuple[np.ndarray, ValueRanges]:
+    """The synthetic inputs of a range and what they do, times SYNTHETIC_MARGIN: the typical ranges
+    of a server that has no calibration samples."""
+    from .ranges import observed_ranges
+
+    inputs = synthetic_inputs(graph, input_range)
+    lo, hi = input_range
+    seen = observed_ranges(graph, weights, inputs, source=f"{len(inputs)} inputs drawn from [{lo:g}, {hi:g}]")
+    seen.input_range = (lo, hi)
+    return inputs, seen.scaled(SYNTHETIC_MARGIN)

@@ -48,7 +48,6 @@ from ..ops.registry import FULL_BITS
 from .graph import Graph, GraphError
 
 FRACTION_BITS = DEFAULT_FRACTION_BITS  # both backends' default fixed-point encoding
-COMPARISON_OPS = ("Relu", "MaskedRelu", "Clip", "MaxPool")
 
 
 def comparison_ranges(graph: Graph, weights: dict[str, np.ndarray], samples: np.ndarray, batch: int = 256) -> dict[str, float]:
@@ -74,8 +73,9 @@ def widths_from_ranges(graph: Graph, compared: dict[str, float], margin: float =
         raise ValueError(f"the margin multiplies the observed range and must be at least 1, got {margin}")
     by_name = {n.name: n for n in graph.nodes}
     return {
-        name: FULL_BITS if _is_padded_pool(by_name[name]) else width_for(peak, margin) for name, peak in compared.items()
-    }
+        name: FULL_BITS if op_for(by_name[name]).compares_with_padding(by_name[name]) else width_for(peak, margin)
+        for name, peak in compared.items()
+    }  # fmt: skip
 
 
 FAILURE_PROBABILITY = 1e-4  # most an inference of one sample may risk a failed local truncation (check_encoding)
@@ -199,10 +199,6 @@ def _channel_peaks(values, shape: tuple[int, ...]) -> torch.Tensor | None:
         return None
     peaks = torch.tensor(values, dtype=torch.float64)
     return peaks.reshape(channels, *([1] * (len(shape) - 1))).expand(shape).clone() if len(shape) >= 2 else peaks.expand(shape).clone()
-
-
-def _is_padded_pool(node) -> bool:
-    return node.op == "MaxPool" and any(node.attrs.get("padding", [0]))
 
 
 # -- the passes: every op's secure evaluation (or range method) on an analysis backend ------------

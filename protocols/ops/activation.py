@@ -193,6 +193,8 @@ def _poly_interval(lo: torch.Tensor, hi: torch.Tensor, c0, c1, c2) -> tuple[torc
 class Relu(Op):
     name = "Relu"
     channelwise = True
+    compares = True
+    takes_fused_truncation = True
 
     def plain(self, node, args, w):
         return torch.relu(args[0])
@@ -225,6 +227,7 @@ class Relu(Op):
 class MaskedRelu(Op):
     name = OP
     channelwise = True
+    compares = True
 
     def check(self, node, graph):
         check_attrs(node)
@@ -317,6 +320,7 @@ class Clip(Op):
 
     name = "Clip"
     channelwise = True
+    compares = True
 
     def check(self, node, graph):
         lo, hi = _bounds(node)

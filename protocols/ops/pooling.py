@@ -27,6 +27,10 @@ class MaxPool(Op):
 
     name = "MaxPool"
     channelwise = True
+    compares = True
+
+    def compares_with_padding(self, node) -> bool:
+        return any(node.attrs.get("padding", [0]))
 
     def plain(self, node, args, w):
         a = node.attrs

@@ -93,6 +93,14 @@ class Op:
     name: ClassVar[str]
     # Ops whose outputs keep the channel axis of their first input (block pruning follows them).
     channelwise: ClassVar[bool] = False
+    # Ops that compare (their `bits` attribute is a comparison width), and those that may take their
+    # input's exact truncation into their own opening (Truncation.fused: the backend's ReLU).
+    compares: ClassVar[bool] = False
+    takes_fused_truncation: ClassVar[bool] = False
+
+    def compares_with_padding(self, node: Node) -> bool:
+        """Whether the node compares values against a padding constant, so needs the full width."""
+        return False
 
     def check(self, node: Node, graph: Graph) -> None:
         """Validate the node's attributes (a graph received as JSON is not trusted)."""
