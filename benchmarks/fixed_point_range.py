@@ -3,6 +3,7 @@ bits chosen, each layer's truncation, and what exact truncation costs against lo
 
     python benchmarks/fixed_point_range.py [--models fashion_cnn tiny_resnet pixel_cnn] [--protocols crypten,fss]
         [--samples 16] [--scales 1 1e4 1e6 1e9] [--network wan] [--out results/fixed_point_range.json]
+        [--markdown docs/benchmarks/fixed_point_range.md]
 
 Every private run is three local processes over gRPC on loopback (dealer, server, client), with
 the encoding `twinfer infer` settles for these very inputs (deploy/launch/inference.py:
@@ -17,7 +18,7 @@ the fixed point on them), against the plaintext model in float64:
    (shaped in the transport): what exact truncation costs in rounds, bytes and latency.
 
 pixel_cnn takes raw 0-255 pixels (Fashion-MNIST x 255), its BatchNorms after its ReLUs.
-Prints the tables, then the JSON (also --out).
+Prints the tables, then the JSON (also --out); --markdown writes the tables for docs/.
 """
 
 from __future__ import annotations
@@ -179,6 +180,45 @@ def print_tables(result: dict, console: Console) -> None:
     console.print(t)
 
 
+def markdown(result: dict, command: str) -> str:
+    """The tables as markdown, for docs/benchmarks/ (written by the run, never by hand)."""
+    lines = [
+        "# Fixed point: stated against measured error, and what exact truncation costs", "",
+        f"Written by `{command}` (every figure measured in that run; 2-core machine, loopback, three local processes).", "",
+        "| model | protocol | bits | stated err | measured err | stated / measured | truncation | rounds (16 bits, local) | "
+        "MB online (16, local) | MB offline (16, local) | latency s (16, local) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["models"]:
+        d, p = r["default"], r["previous_16_local"]
+        lines.append(
+            f"| {r['model']} | {r['protocol']} | {r['fraction_bits']} | {r['stated_error']:.3g} | {d['measured_error']:.3g} | "
+            f"{_ratio(r['stated_error'], d['measured_error'])} | {_layers(r['truncation'])} | {d['rounds']} ({p['rounds']}) | "
+            f"{d['mb_online']:.1f} ({p['mb_online']:.1f}) | {d['mb_offline']:.1f} ({p['mb_offline']:.1f}) | "
+            f"{d['latency_s']:.2f} ({p['latency_s']:.2f}) |"
+        )
+    lines += ["", "Why these bits, and each layer's truncation:", ""]
+    for r in result["models"]:
+        kinds = ", ".join(f"`{k}` {v}" for k, v in r["truncation"].items())
+        lines.append(f"- {r['model']} / {r['protocol']}: {r['chosen']}. {kinds}")
+    lines += ["", "The demo CNN on its test images times a scale (bits auto):", "",
+              "| protocol | scale | bits | stated err | measured err | truncation |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for r in result["scales"]:
+        if "refused" in r:
+            lines.append(f"| {r['protocol']} | {r['scale']:g} | - | refused before any share is sent | - | - |")
+        else:
+            lines.append(f"| {r['protocol']} | {r['scale']:g} | {r['fraction_bits']} | {r['stated_error']:.3g} | {r['measured_error']:.3g} | {r['truncation']} |")
+    network = result["exact_cost"][0]["network"] or "loopback"
+    lines += ["", f"The demo CNN at 16 bits, every truncation exact against every one local, under {network}:", "",
+              "| protocol | truncation | layers | rounds | MB online | MB offline | latency s | measured err |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in result["exact_cost"]:
+        lines.append(
+            f"| {r['protocol']} | {r['truncation']} | {r['layers']} | {r['rounds']} | {r['mb_online']:.2f} | {r['mb_offline']:.2f} | "
+            f"{r['latency_s']:.2f} | {r['measured_error']:.3g} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["fashion_cnn", "tiny_resnet", "pixel_cnn"])
@@ -187,6 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 1e4, 1e6, 1e9])
     parser.add_argument("--network", default="wan", help="the link of the exact-truncation cost table (default wan)")
     parser.add_argument("--out", default=None, help="also write the JSON here")
+    parser.add_argument("--markdown", default=None, help="also write the tables as markdown here (docs/benchmarks/fixed_point_range.md)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     console = Console(width=160, stderr=True)
@@ -197,6 +238,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
+    if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(markdown(result, "python benchmarks/fixed_point_range.py " + " ".join(argv if argv is not None else sys.argv[1:])))
 
 
 if __name__ == "__main__":

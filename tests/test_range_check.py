@@ -496,3 +496,23 @@ def test_the_simulation_is_what_the_parties_compute(cnn, fashion_test):
         y = run_two_party(protocol, graph, weights, torch.from_numpy(x), fraction_bits=12)[0].numpy()
         measured = np.abs(y - reference).max()
         assert simulated / 3 <= measured <= 3 * simulated, (protocol, simulated, measured)
+
+
+def test_the_session_encoding_travels_as_checked_json_and_a_client_picks_its_narrowest_range():
+    from twinfer.protocols.ir.encoding import SessionEncoding
+    from twinfer.protocols.ir.graph import GraphError
+
+    encoding = SessionEncoding(
+        12, (-8.0, 8.0), 0.5, "simulated on 35 inputs drawn from [-8, 8]", 1e-7, {"conv": "exact, fused (40 bits)", "fc": "local"},
+        "why", {"conv": {"kind": "exact", "bits": 40, "fused": True}}, ((-1.0, 1.0, 0.05), (0.0, 1.0, 0.02), (-4.0, 4.0, 0.2)),
+    )  # fmt: skip
+    back = SessionEncoding.from_json(encoding.to_json())
+    assert back.plan == {} and dataclasses.replace(back, plan=encoding.plan) == encoding  # the plan travels in the graph
+    assert back.for_inputs(np.array([0.1, 0.9])).stated_error == 0.02  # the narrowest range holding them
+    assert back.for_inputs(np.array([-0.5, 0.9])).stated_error == 0.05
+    assert back.for_inputs(np.array([-7.0, 0.0])).stated_error == 0.5  # only the held range holds it
+    assert "inputs drawn from [0, 1]" in back.for_inputs(np.array([0.5])).error_source
+    for bad in ('{"fraction_bits": 99}', "not json", encoding.to_json().replace('"failure_probability": 1e-07', '"failure_probability": 7')):
+        with pytest.raises(GraphError):
+            SessionEncoding.from_json(bad)
+    assert back.summary()["exact_truncations"] == 1 and back.summary()["input_range_held"] == [-8.0, 8.0]
