@@ -127,7 +127,7 @@ def test_a_good_input_on_the_party_path_is_within_the_error_stated_for_its_range
     assert code == 0, err
     encoding = report["encoding"]
     error = assert_within_stated_error(np.load(tmp_path / "y.npy"), _reference(fashion_cnn, images), encoding)
-    assert encoding["stated_error"] <= 10 * error and "inputs within" in encoding["stated_error_source"]
+    assert encoding["stated_error"] <= 10 * error and "simulated on inputs drawn from [0, " in encoding["stated_error_source"]
 
 
 def test_a_non_finite_weight_is_refused_when_the_model_is_loaded(tmp_path, fashion_test):

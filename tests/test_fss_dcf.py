@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tests.helpers.masks import ChosenMasks
 from twinfer.protocols.backends.fss.dcf import DcfKey, dcf_eval, dcf_keygen, key_bytes_per_element
 from twinfer.protocols.backends.fss.prg import AesCtrPrg
 from twinfer.protocols.backends.fss.relu import (
@@ -215,21 +216,6 @@ def test_relu_exact_at_64_bits() -> None:
     assert np.array_equal(_run(x, 64, rng, "drelu"), (x >= 0).astype(np.int64))
 
 
-class _ChosenMasks(AesCtrPrg):
-    """A PRG whose first draw (the ReLU mask r) is chosen: masks on the edges of the ring."""
-
-    def __init__(self, r: np.ndarray) -> None:
-        super().__init__(bytes(16))
-        self._r = r
-
-    def uint64(self, shape):
-        if self._r is not None:
-            r, self._r = self._r, None
-            assert r.shape == ((shape,) if isinstance(shape, int) else tuple(shape))
-            return r.copy()
-        return super().uint64(shape)
-
-
 @pytest.mark.parametrize("bits", [64, 16])
 def test_relu_exact_for_masks_on_the_edges(bits: int) -> None:
     edge_r = [0, 1, (1 << (bits - 1)) - 1, 1 << (bits - 1), (1 << (bits - 1)) + 1, (1 << bits) - 1, (1 << 64) - 1, 1 << 63]
@@ -237,7 +223,7 @@ def test_relu_exact_for_masks_on_the_edges(bits: int) -> None:
     xs = np.array([0, -1, 1, lim - 1, -lim, -lim + 1, lim // 2, -lim // 2], np.int64)
     x = np.tile(xs, len(edge_r))
     r = np.repeat(np.array(edge_r, U64), xs.size)
-    assert np.array_equal(_run(x, bits, _ChosenMasks(r)), np.maximum(x, 0))
+    assert np.array_equal(_run(x, bits, ChosenMasks(r)), np.maximum(x, 0))
 
 
 @pytest.mark.parametrize("bits", [16, 2])

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers.masks import ChosenMasks
 from twinfer.protocols.backends.base import DealerSeeds
 from twinfer.protocols.backends.fss import ring
 from twinfer.protocols.backends.fss.correlations import CORRELATIONS, TRUNC, TRUNC_RELU
@@ -35,21 +36,6 @@ U64 = np.uint64
 def _prg(tag: int) -> AesCtrPrg:
     # fixed seeds: the tests are reproducible (production seeds come from os.urandom)
     return AesCtrPrg(bytes([tag]) * 16)
-
-
-class _ChosenMasks(AesCtrPrg):
-    """A PRG whose first draw (the mask r of a key generation) is chosen."""
-
-    def __init__(self, r: np.ndarray, tag: int = 0) -> None:
-        super().__init__(bytes([tag]) * 16)
-        self._r = r
-
-    def uint64(self, shape):
-        if self._r is not None:
-            r, self._r = self._r, None
-            assert r.shape == ((shape,) if isinstance(shape, int) else tuple(shape))
-            return r.copy()
-        return super().uint64(shape)
 
 
 def _values(rng: AesCtrPrg, size: int, bits: int) -> np.ndarray:
@@ -155,7 +141,7 @@ def test_trunc_at_the_extremes_and_masks_on_the_edges(bits: int) -> None:
     rng = _prg(100 + bits)
     divisors = sorted({1, 2, 3, 7, 1 << min(16, bits - 1), 1 << (bits - 1), (1 << bits) - 1, (1 << bits) % (1 << 64) or 3, (1 << 64) - 1})
     for d in divisors:
-        keys = trunc_keys(y.size, bits, d, _ChosenMasks(r, bits))
+        keys = trunc_keys(y.size, bits, d, ChosenMasks(r, bits))
         q = _trunc(*keys, *_split(y, rng))
         err = [abs(int(a) * d - int(b)) for a, b in zip(q.tolist(), y.tolist())]
         assert max(err) <= d - 1 + d // 2, d
@@ -163,7 +149,7 @@ def test_trunc_at_the_extremes_and_masks_on_the_edges(bits: int) -> None:
             assert np.array_equal(q, _faithful(y, r, d.bit_length() - 1)), d
     assert np.array_equal(_trunc(*trunc_keys(y.size, bits, 1, rng), *_split(y, rng)), y)  # d = 1: q = y
     for s in sorted({1, min(16, bits - 1), bits - 2 or 1, bits - 1}):
-        keys = trunc_relu_keys(y.size, bits, s, _ChosenMasks(r, bits))
+        keys = trunc_relu_keys(y.size, bits, s, ChosenMasks(r, bits))
         assert np.array_equal(_trunc_relu(*keys, *_split(y, rng)), np.maximum(_faithful(y, r, s), 0)), s
 
 
@@ -212,8 +198,8 @@ def test_trunc_relu_equals_relu_of_trunc_under_the_same_mask() -> None:
     rng = _prg(50)
     y = _signed_mix(bits, s, 20_000, rng)
     r = rng.uint64(y.size)
-    q = _trunc(*trunc_keys(y.size, bits, 1 << s, _ChosenMasks(r, 1)), *_split(y, rng))
-    t = _trunc_relu(*trunc_relu_keys(y.size, bits, s, _ChosenMasks(r, 2)), *_split(y, rng))
+    q = _trunc(*trunc_keys(y.size, bits, 1 << s, ChosenMasks(r, 1)), *_split(y, rng))
+    t = _trunc_relu(*trunc_relu_keys(y.size, bits, s, ChosenMasks(r, 2)), *_split(y, rng))
     assert np.array_equal(t, np.maximum(q, 0))
 
 

@@ -21,6 +21,7 @@ import torch
 from twinfer.deploy.netem.kernel_shaping import KernelLink, check_kernel_shaping_available, list_namespaces, tbf_args
 from twinfer.deploy.netem.tcp_delay_relay import bound_address, split_address, start_relay
 from twinfer.parties.wire.network_profile import parse_profile
+from tests.helpers.stated import assert_within_stated_error
 
 PROFILE = "rtt=40ms,bw=100mbit"
 RTT_S, BANDWIDTH_BPS = 0.040, 100e6
@@ -61,7 +62,6 @@ while True:
 # Runs in the client namespace: pings through the relay, then bulk up and down; prints JSON.
 CLIENT_SCRIPT = r"""
 import json, socket, sys, time
-from tests.helpers.stated import assert_within_stated_error
 host, port = sys.argv[1].rsplit(":", 1)
 pings, warmup, bulk = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 

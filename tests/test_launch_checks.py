@@ -5,6 +5,8 @@ processes is in test_e2e_standalone.py, the scaled demo CNN through Ray in test_
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import socket
 import subprocess
@@ -139,21 +141,33 @@ def test_inputs_outside_the_declared_range_are_refused_naming_it(artifact, fashi
 
 
 def test_a_server_range_its_encoding_cannot_hold_is_refused_before_it_listens(capsys, artifact, tmp_path):
+    """At 16 bits with local truncations, [0, 1e6] is refused naming what holds it; at the defaults the
+    server holds it, with fewer bits or exact truncations, and says which."""
     from twinfer.parties.runtime.model_file import load_model
     from twinfer.parties.runtime.host import ServerHost
 
     graph, weights = load_model(artifact)
-    config = PartyConfig(role="server", session_id="-", options=FAST, dealer_address="127.0.0.1:9", input_range=(0.0, 1e6))
+    config = PartyConfig(
+        role="server", session_id="-", options=FAST, dealer_address="127.0.0.1:9", input_range=(0.0, 1e6), fraction_bits=16,
+        truncation="local",
+    )  # fmt: skip
     with pytest.raises(ModelError) as info:  # the interval bound: the artifact's calibration covers [0, 1] only
         ServerHost(graph, weights, config)
     text = str(info.value)
     assert "refused for inputs in [0, 1e+06]" in text and "interval bound for inputs in [0, 1e+06]" in text
-    assert "layer '/features/features.3/Conv' (Conv)" in text and "per sample over the model" in text and "--fraction-bits 10" in text
+    assert "layer '/features/" in text and "per sample over the layers truncated locally" in text and "--truncation auto" in text
     code, err = _run(
         capsys, "party", "--role", "server", "--session", new_session_id(), "--model", str(artifact), "--dealer", "127.0.0.1:9",
-        "--input-range", "0,1e6",
+        "--input-range", "0,1e6", "--fraction-bits", "16", "--truncation", "local",
     )  # fmt: skip
-    assert code == 3 and "[model " in err and "per sample over the model" in err and "Traceback" not in err
+    assert code == 3 and "[model " in err and "per sample over the layers truncated locally" in err and "Traceback" not in err
+    host = ServerHost(graph, weights, dataclasses.replace(config, fraction_bits="auto", truncation="auto"))
+    try:
+        encoding = host.encoding
+        assert encoding.input_range == (0.0, 1e6) and "the most that hold every value" in encoding.chosen
+        assert encoding.fraction_bits < 16 or any(k.startswith("exact") for k in encoding.truncation.values())
+    finally:
+        host.close()
     code, err = _run(capsys, "party", "--role", "server", "--session", new_session_id(), "--model", str(artifact), "--input-range", "1,0")
     assert code == 2 and "LO < HI" in err
 

@@ -216,28 +216,6 @@ def test_twinfer_query_from_the_command_line(served, dealer, certs, reference, t
     _assert_plaintext(report | {"logits": np.load(out)}, expected[:2])
 
 
-def test_a_query_beyond_what_the_served_model_holds_is_refused_before_sharing(served, dealer, certs, reference, tmp_path):
-    """The model declares no input range: the server holds the widest its checks accept and says so at
-    the handshake; a query of inputs beyond it exits 4 naming that range, and its session is logged
-    as an input error; the session log of a good one carries the error its server stated."""
-    import json
-
-    images, expected = reference
-    _assert_plaintext(_infer(served[1], dealer, certs, images[:2]), expected[:2])
-    np.save(tmp_path / "big.npy", images[:2] * 1e4)
-    query = subprocess.run(
-        standing_command("query", "--server", served[1], "--dealer", dealer[1], "--input", str(tmp_path / "big.npy"),
-                         "--tls", str(certs), *COMMON),
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert query.returncode == 4, query.stderr
-    assert "what the server's model holds at 16 fractional bits" in query.stderr and "Traceback" not in query.stderr
-    _wait_running(served[0], lambda n: n == 0)  # both sessions have ended and been logged
-    ok = [e for e in _session_lines(served[0]) if e["outcome"] == "ok"]
-    assert ok and all(e["stated_error"] > 0 and e["fraction_bits"] == 16 for e in ok)
-    assert json.dumps(ok[-1])  # the log line is plain JSON
-
-
 def test_past_max_sessions_is_busy_and_made_up_or_replayed_ids_are_refused(served, dealer, certs, reference, tmp_path):
     images, expected = reference
     client_tls = TlsIdentity.from_dir(certs, "client")
@@ -298,6 +276,28 @@ def test_metrics_and_the_log_count_what_ran(served):
     ends = _session_lines(served[0])
     assert len(ends) == 19 and sum(e["outcome"] == "ok" for e in ends) == 18
     assert {"session", "role", "peer", "latency_s", "rounds", "bytes_online", "outcome"} <= set(ends[0])
+
+
+def test_a_query_beyond_what_the_served_model_holds_is_refused_before_sharing(served, dealer, certs, reference, tmp_path):
+    """The model declares no input range: the server holds the widest its checks accept and says so at
+    the handshake; a query of inputs beyond it exits 4 naming that range, and its session is logged
+    as an input error; the session log of a good one carries the error its server stated."""
+    import json
+
+    images, expected = reference
+    _assert_plaintext(_infer(served[1], dealer, certs, images[:2]), expected[:2])
+    np.save(tmp_path / "big.npy", images[:2] * 1e4)
+    query = subprocess.run(
+        standing_command("query", "--server", served[1], "--dealer", dealer[1], "--input", str(tmp_path / "big.npy"),
+                         "--tls", str(certs), *COMMON),
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert query.returncode == 4, query.stderr
+    assert "what the server's model holds at 16 fractional bits" in query.stderr and "Traceback" not in query.stderr
+    _wait_running(served[0], lambda n: n == 0)  # both sessions have ended and been logged
+    ok = [e for e in _session_lines(served[0]) if e["outcome"] == "ok"]
+    assert ok and all(e["stated_error"] > 0 and e["fraction_bits"] == 16 for e in ok)
+    assert json.dumps(ok[-1])  # the log line is plain JSON
 
 
 def test_sigterm_drains_a_running_session_then_exits_zero(served, dealer, certs, reference):

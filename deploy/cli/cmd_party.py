@@ -159,7 +159,7 @@ def _run_party(args: argparse.Namespace) -> dict:
         graph, weights = load_model(args.model)
         server = config(listen=args.listen, dealer_address=args.dealer, input_range=args.input_range)
         host = ServerHost(graph, weights, server, max_sessions=len(sessions))
-        log_encoding(host.encoding)
+        log.info("serving at %s", host.encoding.describe())
         return _serve(args, host, sessions)
     _require(args, "server", "input")
     if len(sessions) > 1:
@@ -173,17 +173,6 @@ def _run_party(args: argparse.Namespace) -> dict:
         except OSError as err:
             raise LocalError(f"cannot write the logits to --output {args.output}: {err}") from None
     return {sessions[0]: report}
-
-
-def log_encoding(encoding) -> None:
-    """What a server tells its clients, once, at start: the fixed point, the inputs it holds, its stated error."""
-    exact = [name for name, kind in encoding.truncation.items() if kind.startswith("exact")]
-    lo, hi = encoding.input_range
-    log.info(
-        "serving at %d fractional bits (%s); inputs held: [%g, %g]; stated error %.3g (%s); %d of %d layers truncate exactly",
-        encoding.fraction_bits, encoding.chosen or "as configured", lo, hi, encoding.stated_error, encoding.error_source, len(exact),
-        len(encoding.truncation),
-    )  # fmt: skip
 
 
 def _serve(args: argparse.Namespace, host, sessions: list[str]) -> dict:

@@ -67,7 +67,8 @@ class StandingServer:
             raise ValueError(f"--max-sessions must be between 1 and {MAX_SESSIONS * workers} for {workers} worker(s), got {max_sessions}")
         check_listen(listen, template.tls, template.insecure, SERVER)
         graph, weights = parse_model(model)
-        server_graph(graph, weights, template)  # a model this encoding cannot serve is refused before any worker starts
+        _, encoding = server_graph(graph, weights, template)  # a model this encoding cannot serve is refused before any worker starts
+        log.info("serving at %s", encoding.describe())
         if worker_port_base is not None and not 1 <= worker_port_base <= 65535 - workers + 1:
             raise ValueError(f"--worker-ports must leave room for {workers} port(s) below 65536, got {worker_port_base}")
         self.model, self.template, self.listen = model, template, listen

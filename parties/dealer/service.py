@@ -74,7 +74,7 @@ class DealerSession:
 class DealerServicer:
     """Serves seeds and tuples for the sessions it was told to expect."""
 
-    def __init__(self, idle_timeout_s: float = 600.0, *, check_role_certs: bool = False) -> None:
+    def __init__(self, idle_timeout_s: float = 600.0, *, check_role_certs: bool = False, accept_timeout_s: float | None = None) -> None:
         # With mutual TLS: a caller's certificate must name the role it asks as, and only the
         # server (party 0) may ask for tuples.
         self.check_role_certs = check_role_certs
@@ -82,6 +82,8 @@ class DealerServicer:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self.idle_timeout_s = idle_timeout_s
+        # before any party has taken its seed, a session waits as a listener waits for its peer to dial in
+        self.accept_timeout_s = max(idle_timeout_s, accept_timeout_s or 0.0)
 
     def open_session(self, session_id: str) -> None:
         with self._lock:
@@ -268,7 +270,8 @@ class DealerServicer:
                 if session.finished:
                     return session
                 idle = time.monotonic() - session.last_active
-                if idle > self.idle_timeout_s or time.monotonic() > deadline:
+                limit = self.idle_timeout_s if session.seeded else self.accept_timeout_s
+                if idle > limit or time.monotonic() > deadline:
                     session.error = pb.Error(
                         error_id=new_error_id(),
                         kind="timeout",

@@ -24,6 +24,8 @@ from twinfer.protocols.ir.graph import Graph, GraphError, check_input_range
 from twinfer.protocols.ir.onnx_import import graph_from_onnx
 from twinfer.protocols.ir.encoding import (
     SIMULATED_SAMPLES,
+    SYNTHETIC_SAMPLES,
+    is_precision,
     EncodingReport,
     SessionEncoding,
     encoding_report,
@@ -240,9 +242,23 @@ def check_inputs_encode(
     error = simulated_error(graph, weights, inputs, protocol)
     report = encoding_report(graph, weights, seen, fraction_bits, protocol, truncation=truncation, error=error, error_source="simulated")
     if report.refused:
-        raise InputError(f"the input is refused before any share is sent: {report.message()}")
+        hint = ""
+        if report.suggested_bits is None and any(not is_precision(x) for x in report.refused):
+            divisor = _fitting_divisor(graph, weights, inputs, protocol, truncation)
+            hint = f" (divided by {divisor:g}, these inputs would fit)" if divisor else ""
+        raise InputError(f"the input is refused before any share is sent: {report.message()}{hint}")
     _warn(report, "input")
     return report
+
+
+def _fitting_divisor(graph: Graph, weights: dict[str, np.ndarray], inputs: np.ndarray, protocol: str, truncation: str) -> float | None:
+    """The smallest power of 2 the inputs divided by would pass the check at some fractional bits
+    (the error estimated, not simulated: this is a hint), or None up to 2^60."""
+    for k in range(1, 61):
+        seen = observed_ranges(graph, weights, inputs / 2.0**k, source="scaled inputs")
+        if not encoding_report(graph, weights, seen, "auto", protocol, truncation=truncation).refused:
+            return 2.0**k
+    return None
 
 
 def check_model_range(
@@ -268,13 +284,16 @@ def _check_range(
     graph: Graph, weights: dict[str, np.ndarray], input_range: tuple[float, float], fraction_bits: int | str, protocol: str,
     truncation: str, error: bool = True,
 ) -> EncodingReport:
+    """The check of `input_range` (error: its simulated stated error, else none: a search's step)."""
     calibration = graph.calibration
     lo, hi = input_range
-    inputs, typical = synthetic_ranges(graph, weights, input_range)
     if calibration is not None and calibration["input_range"][0] <= lo and hi <= calibration["input_range"][1]:
-        ranges, typical = calibration_ranges(graph), None
-    else:  # no calibration, or a declared range wider than the calibration data's
-        ranges = interval_ranges(graph, weights, input_range)
+        # what the calibration samples did is what inputs do: its per-op estimate (inputs drawn uniformly
+        # from the range drive an optimized model's polynomials far past where they were fitted)
+        report = encoding_report(graph, weights, calibration_ranges(graph), fraction_bits, protocol, truncation=truncation)
+        return report if error else dataclasses.replace(report, findings=[x for x in report.findings if not is_precision(x)])
+    inputs, typical = synthetic_ranges(graph, weights, input_range, SYNTHETIC_SAMPLES if error else SEARCH_SAMPLES)
+    ranges = interval_ranges(graph, weights, input_range)  # a sound bound on what every input of the range does
     simulated = simulated_error(graph, weights, inputs, protocol) if error else (lambda bits: 0.0)
     return encoding_report(
         graph, weights, ranges, fraction_bits, protocol, truncation=truncation, error=simulated, error_source="simulated", typical=typical,
@@ -285,16 +304,18 @@ def server_encoding(
     graph: Graph, weights: dict[str, np.ndarray], fraction_bits: int | str, protocol: str, truncation: str = "auto"
 ) -> SessionEncoding:
     """What a server tells its clients (check_model_range's verdict), with the error it states for
-    narrower ranges too (ERROR_SCALES of the range it holds), which a client picks from by its own input."""
+    narrower ranges too (ERROR_SCALES of the range it holds) where it simulated its stated error,
+    which a client picks from by its own input."""
     report, held = check_model_range(graph, weights, fraction_bits, protocol, truncation)
     errors = []
-    for lo, hi in narrower_ranges(held):  # one simulation each, of fewer inputs: this is paid at every server start
+    for lo, hi in narrower_ranges(held) if report.error_source == "simulated" else ():  # one simulation each, of fewer inputs: this is paid at every server start
         inputs = synthetic_inputs(graph, (lo, hi), n=NARROWER_SAMPLES)
         errors.append((lo, hi, simulated_error(graph, weights, inputs, protocol, runs=1)(report.fraction_bits)))
     return dataclasses.replace(SessionEncoding.of(report, held), errors=tuple(errors))
 
 
 NARROWER_SAMPLES = 16
+SEARCH_SAMPLES = 8  # synthetic inputs per step of widest_range's search
 
 
 WIDEST_LIMITS = (2.0**-8, 2.0**40)  # the symmetric input ranges widest_range tries, |x| up to
@@ -319,8 +340,8 @@ def widest_range(graph: Graph, weights: dict[str, np.ndarray], fraction_bits: in
     while a < hi and accepted(min(a * 4, hi)):  # grow, then bisect the last step
         a = min(a * 4, hi)
     top = min(a * 4, hi)
-    for _ in range(8):
-        if top / a < 1.01:
+    for _ in range(4):  # within 10%
+        if top / a < 1.1:
             break
         middle = math.sqrt(a * top)
         a, top = (middle, top) if accepted(middle) else (a, middle)

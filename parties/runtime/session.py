@@ -34,7 +34,7 @@ from twinfer.parties.dealer.service import DealerServicer, add_dealer_servicer
 from twinfer.parties.dealer.client import DealerClient
 from twinfer.parties.errors import InputError, PeerError, ProtocolError, TwinferError
 from twinfer.parties.metrics import Metrics
-from twinfer.parties.runtime.model_file import check_declared_range, check_held_range, check_input_array, server_encoding
+from twinfer.parties.runtime.model_file import check_held_range, check_input_array, server_encoding
 from twinfer.parties.wire.tls import TlsIdentity
 from twinfer.parties.wire.transport import GrpcTransport, PeerServicer, TransportOptions, add_peer_servicer, start_server
 
@@ -133,7 +133,9 @@ class PartyListener:
             self.peers = PeerServicer(peer_roles=(CLIENT,) if tls is not None else None, role=SERVER)
             servicers = [(self.peers, add_peer_servicer)]
         else:
-            self.dealer = dealer or DealerServicer(idle_timeout_s=options.recv_timeout_s, check_role_certs=tls is not None)
+            self.dealer = dealer or DealerServicer(
+                idle_timeout_s=options.recv_timeout_s, check_role_certs=tls is not None, accept_timeout_s=options.accept_timeout_s
+            )
             servicers = [(self.dealer, add_dealer_servicer)]
         self._server, self.port = start_server(servicers + list(extra), listen, options, tls)
         self.address = f"{listen.rsplit(':', 1)[0]}:{self.port}"
@@ -470,8 +472,7 @@ class ClientParty(_TwoPartySession):
             check_ids(graph, self.inputs)  # an embedding model's input: integer ids in range
         except ValueError as err:
             raise InputError(str(err), origin=self.role) from None
-        check_declared_range(graph, self.inputs, origin=self.role)  # before any share is sent
-        check_held_range(encoding, self.inputs, origin=self.role)
+        check_held_range(encoding, self.inputs, origin=self.role)  # before any share is sent
         self.report.encoding = encoding.for_inputs(self.inputs).summary()  # the error stated for inputs like these
         self._send_protocol()
         self.transport.send("plan", np.array([len(self.inputs), self.batch_size], dtype=np.int64))

@@ -362,7 +362,7 @@ def choose_fraction_bits(graph: Graph, ranges: ValueRanges, check: Callable[[int
             report = at(bits)
             if accept(report):
                 return report
-            if report.findings and all(_is_precision(x) for x in report.findings):
+            if report.findings and all(is_precision(x) for x in report.findings):
                 return None  # only the precision fails: fewer bits are coarser still
         return None
 
@@ -384,7 +384,7 @@ def choose_fraction_bits(graph: Graph, ranges: ValueRanges, check: Callable[[int
         if not report.findings:
             report.chosen = f"the default {FRACTION_BITS} states {default.error_bound:.3g}, above 1% of the outputs; {bits} states {report.error_bound:.3g}"
             return report
-        if any(x.refuse and not _is_precision(x) for x in report.findings):
+        if any(x.refuse and not is_precision(x) for x in report.findings):
             break
     for bits in range(FRACTION_BITS, lo - 1, -1):  # nothing is clean: the most bits refusing nothing, with its warnings
         if not at(bits).refused:
@@ -393,7 +393,8 @@ def choose_fraction_bits(graph: Graph, ranges: ValueRanges, check: Callable[[int
     return default
 
 
-def _is_precision(finding: Finding) -> bool:
+def is_precision(finding: Finding) -> bool:
+    """Whether a finding is the outputs' precision (more bits fix it), not a range (fewer bits do)."""
     return "outputs may be off by about" in finding.problem
 
 
@@ -480,6 +481,15 @@ class SessionEncoding:
             raise GraphError(f"session encoding out of range: {raw}")
         return encoding
 
+    def describe(self) -> str:
+        """One line for a server's log at start: the fixed point, the inputs it holds, its stated error."""
+        exact = sum(kind.startswith("exact") for kind in self.truncation.values())
+        lo, hi = self.input_range
+        return (
+            f"{self.fraction_bits} fractional bits ({self.chosen or 'as configured'}); inputs held: [{lo:g}, {hi:g}]; "
+            f"stated error {self.stated_error:.3g} ({self.error_source}); {exact} of {len(self.truncation)} layers truncate exactly"
+        )
+
     def summary(self) -> dict[str, Any]:
         """The figures every run's summary and --json carry."""
         exact = sum(kind.startswith("exact") for kind in self.truncation.values())
@@ -563,12 +573,14 @@ def synthetic_inputs(graph: Graph, input_range: tuple[float, float], n: int = SY
     return np.concatenate([rng.uniform(lo, hi, shape).astype(np.float32), ends])
 
 
-def synthetic_ranges(graph: Graph, weights: dict[str, np.ndarray], input_range: tuple[float, float]) -> tuple[np.ndarray, ValueRanges]:
+def synthetic_ranges(
+    graph: Graph, weights: dict[str, np.ndarray], input_range: tuple[float, float], n: int = SYNTHETIC_SAMPLES
+) -> tuple[np.ndarray, ValueRanges]:
     """The synthetic inputs of a range and what they do, times SYNTHETIC_MARGIN: the typical ranges
     of a server that has no calibration samples."""
     from .ranges import observed_ranges
 
-    inputs = synthetic_inputs(graph, input_range)
+    inputs = synthetic_inputs(graph, input_range, n)
     lo, hi = input_range
     seen = observed_ranges(graph, weights, inputs, source=f"{len(inputs)} inputs drawn from [{lo:g}, {hi:g}]")
     seen.input_range = (lo, hi)

@@ -97,10 +97,20 @@ class FixedPointBackend(AnalysisBackend):
         shift = frac - self.fraction_bits
         return RingValue(self._round(y, 1 << shift), self.fraction_bits, self)
 
-    def _product(self, fn, x: RingValue, w: RingValue, truncation: Truncation, terms: int) -> RingValue:
-        """fn(x, w) exact in the ring: in float64 where every partial sum stays below 2^53, else in limbs."""
-        bound = fn(x.v.abs().to(torch.float64), w.v.abs().to(torch.float64))
-        if bound.numel() and float(bound.max()) < _EXACT_FLOAT:
+    def _product(self, fn, x: RingValue, w: RingValue, truncation: Truncation, terms: int, summed: int | None = None) -> RingValue:
+        """fn(x, w) exact in the ring: in float64 where every partial sum stays below 2^53, else in
+        limbs. `summed`: the axis of w each output sums over (None: each output sums one term, or
+        w's rows, conv and linear); the bound is max |x| times the most |w| any output sums."""
+        if not x.nelement():
+            return self._truncated(fn(x.v.to(torch.float64), w.v.to(torch.float64)).to(torch.int64), x.frac + w.frac, truncation)
+        a = w.v.abs().to(torch.float64)
+        if summed is not None:
+            widest = a.sum(dim=summed).max()
+        elif terms:
+            widest = a.reshape(a.shape[0], -1).sum(dim=1).max()
+        else:
+            widest = a.max()
+        if float(x.v.abs().max()) * float(widest) < _EXACT_FLOAT:
             y = fn(x.v.to(torch.float64), w.v.to(torch.float64)).to(torch.int64)
         else:
             approx = fn(x.v.to(torch.float64), w.v.to(torch.float64))
@@ -116,7 +126,7 @@ class FixedPointBackend(AnalysisBackend):
         return self._product(fn, x, w, truncation, int(w.v[0].numel()))
 
     def matmul(self, x, w, truncation=LOCAL):
-        return self._product(torch.matmul, x, w, truncation, int(x.v.shape[-1]))
+        return self._product(torch.matmul, x, w, truncation, int(x.v.shape[-1]), summed=0)
 
     def linear(self, x, w, truncation=LOCAL):
         return self._product(F.linear, x, w, truncation, int(x.v.shape[-1]))

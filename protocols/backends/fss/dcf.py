@@ -145,6 +145,23 @@ class DcfKey:
         return cls(party, bits, **arrays)
 
 
+class KeyOfDcf:
+    """What a key built on a DCF (ReLU, truncation) shares: its element count and its blob."""
+
+    dcf: DcfKey
+
+    @property
+    def n_elements(self) -> int:
+        return self.dcf.n_elements
+
+    def blob_parts(self) -> list[bytes | memoryview]:
+        raise NotImplementedError
+
+    def to_bytes(self) -> bytes:
+        """The header, the share arrays, then the DCF key blob (`blob_parts`, joined)."""
+        return b"".join(self.blob_parts())
+
+
 def word_views(arrays: tuple[np.ndarray, ...]) -> list[memoryview]:
     """The arrays' bytes as little-endian uint64, without a copy where they already are: joined
     into a blob, they are copied once."""

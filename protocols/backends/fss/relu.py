@@ -29,7 +29,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from .dcf import HEADER_BYTES as DCF_HEADER_BYTES
-from .dcf import DcfKey, dcf_eval, dcf_keygen, key_bytes_per_element, read_header, word_views
+from .dcf import DcfKey, KeyOfDcf, dcf_eval, dcf_keygen, key_bytes_per_element, read_header, word_views
 from .prg import AesCtrPrg
 
 U64 = np.uint64
@@ -43,7 +43,7 @@ _KINDS = {1: "drelu", 2: "relu"}
 
 
 @dataclass(frozen=True, eq=False)
-class ReluKey:
+class ReluKey(KeyOfDcf):
     """One party's keys for N ReLUs (or DReLUs) at comparison width `bits`.
 
     dcf: the DCF key on bits - 1 bits (payload 2 words for ReLU, 1 for DReLU); r, msb_r,
@@ -76,17 +76,11 @@ class ReluKey:
         """'relu' or 'drelu'."""
         return _KINDS[self.dcf.payload_words]
 
-    @property
-    def n_elements(self) -> int:
-        return self.dcf.n_elements
 
     @property
     def nbytes(self) -> int:
         return _HEADER.size + 8 * (self.r.size + self.msb_r.size + self.msb_r_r.size) + self.dcf.nbytes
 
-    def to_bytes(self) -> bytes:
-        """Header (magic, version, party, bits, kind, N), the share arrays, then the DCF key blob."""
-        return b"".join(self.blob_parts())
 
     def blob_parts(self) -> list[bytes | memoryview]:
         """The pieces of `to_bytes()` without copying the arrays: joined, each is copied once."""

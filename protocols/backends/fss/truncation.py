@@ -65,7 +65,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from .dcf import HEADER_BYTES as DCF_HEADER_BYTES
-from .dcf import DcfKey, dcf_eval, dcf_keygen, key_bytes_per_element, read_header, word_views
+from .dcf import DcfKey, KeyOfDcf, dcf_eval, dcf_keygen, key_bytes_per_element, read_header, word_views
 from .prg import AesCtrPrg
 
 U64 = np.uint64
@@ -129,7 +129,7 @@ def _read_dcf(blob: memoryview, what: str, N: int, bits: int, words: int) -> Dcf
 
 
 @dataclass(frozen=True, eq=False)
-class TruncKey:
+class TruncKey(KeyOfDcf):
     """One party's keys for N divisions by `divisor` of values of `bits` bits.
 
     dcf: the DCF key on `bits` bits, payload 1 word (shares of [u_lo < r_lo]); r, quotient: (N,)
@@ -153,18 +153,12 @@ class TruncKey:
                              f"got {self.dcf.bits} bits, {self.dcf.payload_words} words")  # fmt: skip
         _check_arrays("truncation key", self, ("r", "quotient"))
 
-    @property
-    def n_elements(self) -> int:
-        return self.dcf.n_elements
 
     @property
     def nbytes(self) -> int:
         """Size of `to_bytes()`."""
         return _TRUNC_HEADER.size + 16 * self.n_elements + self.dcf.nbytes
 
-    def to_bytes(self) -> bytes:
-        """Header (magic, version, party, bits, divisor, N), r, quotient, then the DCF key blob."""
-        return b"".join(self.blob_parts())
 
     def blob_parts(self) -> list[bytes | memoryview]:
         """The pieces of `to_bytes()` without copying the arrays: joined, each is copied once."""
@@ -281,7 +275,7 @@ def trunc_eval(party: int, key: TruncKey, u: ArrayLike) -> np.ndarray:
 
 
 @dataclass(frozen=True, eq=False)
-class TruncReluKey:
+class TruncReluKey(KeyOfDcf):
     """One party's keys for N values ReLU(y / 2^shift), truncated faithfully, of `bits` bits.
 
     dcf: the DCF key on bits - 1 bits, payload (1, r_t, (1 - 2 r_t) R'); r, r_top, quotient,
@@ -308,18 +302,12 @@ class TruncReluKey:
                              f"got {self.dcf.bits} bits, {self.dcf.payload_words} words")  # fmt: skip
         _check_arrays("truncated-ReLU key", self, _RELU_ARRAYS)
 
-    @property
-    def n_elements(self) -> int:
-        return self.dcf.n_elements
 
     @property
     def nbytes(self) -> int:
         """Size of `to_bytes()`."""
         return _TRUNC_RELU_HEADER.size + 32 * self.n_elements + self.dcf.nbytes
 
-    def to_bytes(self) -> bytes:
-        """Header (magic, version, party, bits, shift, N), the four share arrays, then the DCF key blob."""
-        return b"".join(self.blob_parts())
 
     def blob_parts(self) -> list[bytes | memoryview]:
         """The pieces of `to_bytes()` without copying the arrays: joined, each is copied once."""
