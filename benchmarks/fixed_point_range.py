@@ -3,7 +3,7 @@ bits chosen, each layer's truncation, and what exact truncation costs against lo
 
     python benchmarks/fixed_point_range.py [--models fashion_cnn tiny_resnet pixel_cnn] [--protocols crypten,fss]
         [--samples 16] [--scales 1 1e4 1e6 1e9] [--network wan] [--out results/fixed_point_range.json]
-        [--markdown docs/benchmarks/fixed_point_range.md]
+        [--report docs/benchmarks/fixed_point_range.md]
 
 Every private run is three local processes over gRPC on loopback (dealer, server, client), with
 the encoding `twinfer infer` settles for these very inputs (deploy/launch/inference.py:
@@ -18,7 +18,7 @@ the fixed point on them), against the plaintext model in float64:
    (shaped in the transport): what exact truncation costs in rounds, bytes and latency.
 
 pixel_cnn takes raw 0-255 pixels (Fashion-MNIST x 255), its BatchNorms after its ReLUs.
-Prints the tables, then the JSON (also --out); --markdown writes the tables for docs/.
+Prints the tables, then the JSON (also --out); --report writes the tables as Markdown for docs/.
 """
 
 from __future__ import annotations
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 1e4, 1e6, 1e9])
     parser.add_argument("--network", default="wan", help="the link of the exact-truncation cost table (default wan)")
     parser.add_argument("--out", default=None, help="also write the JSON here")
-    parser.add_argument("--markdown", default=None, help="also write the tables as markdown here (docs/benchmarks/fixed_point_range.md)")
+    parser.add_argument("--report", default=None, help="also write the tables as markdown here (docs/benchmarks/fixed_point_range.md)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     console = Console(width=160, stderr=True)
@@ -238,9 +238,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
-    if args.markdown:
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(markdown(result, "python benchmarks/fixed_point_range.py " + " ".join(argv if argv is not None else sys.argv[1:])))
+    if args.report:
+        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.report).write_text(markdown(result, "python benchmarks/fixed_point_range.py " + " ".join(argv if argv is not None else sys.argv[1:])))
 
 
 if __name__ == "__main__":

@@ -198,7 +198,7 @@ def test_the_client_refuses_outside_the_declared_range_and_every_party_ends_with
     graph, weights = load_model(artifact)
     outcomes = _one_session(graph, weights, fashion_test[0][:2] * 3)
     failure = outcomes["client"]
-    assert isinstance(failure, InputError) and "outside the model's declared input range [0, 1]" in str(failure)
+    assert isinstance(failure, InputError) and "outside [0, 1], what the server's model holds" in str(failure)
     assert {o.error_id for o in outcomes.values()} == {failure.error_id}
 
 

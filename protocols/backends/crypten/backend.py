@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from ..base import DEFAULT_FRACTION_BITS, LOCAL, Backend, BackendError, Truncation, check_fraction_bits
-from ..fss.correlations import TRUNC
+from ..fss.correlations import TRUNC, fetch_key
+from ..fss.dcf import over_chunks
 from ..fss.pricing import KEY_CHUNK
 from ..fss.truncation import TruncKey, trunc_eval, trunc_masked_share
 from . import correlations, patches
@@ -128,26 +129,20 @@ class CryptenBackend(Backend):
         share = value.share
         n = share.nelement()
         if n:
-            flat = share.reshape(-1).contiguous().numpy().view(np.uint64)
             keys = [self._trunc_key(min(KEY_CHUNK, n - start), truncation.bits, divisor) for start in range(0, n, KEY_CHUNK)]
-            mine = np.concatenate([trunc_masked_share(k, flat[i * KEY_CHUNK : i * KEY_CHUNK + k.n_elements]) for i, k in enumerate(keys)])
+            mine = over_chunks(keys, share.reshape(-1).contiguous().numpy().view(np.uint64), trunc_masked_share)
             u = self._communicator.all_reduce(torch.from_numpy(mine.view(np.int64))).numpy().view(np.uint64)
-            out = np.concatenate([trunc_eval(self.rank, k, u[i * KEY_CHUNK : i * KEY_CHUNK + k.n_elements]) for i, k in enumerate(keys)])
+            out = over_chunks(keys, u, lambda key, chunk: trunc_eval(self.rank, key, chunk))
             value.share = torch.from_numpy(out.view(np.int64)).reshape(share.shape)
         return value
 
     def _trunc_key(self, n: int, bits: int, divisor: int) -> TruncKey:
-        index = self._dealer.next_index()
-        blob = self._dealer.request(TRUNC, json.dumps({"n": n, "bits": bits, "divisor": divisor}), index)["key"]
         try:
-            key = TruncKey.from_bytes(blob)
-        except ValueError as err:
-            raise BackendError(f"crypten backend got a malformed truncation key from the dealer: {err}") from None
-        if key.party != self.rank or key.n_elements != n or key.bits != bits or key.divisor != divisor:
-            raise BackendError(
-                f"crypten backend got a truncation key for party {key.party}, {key.n_elements} elements at {key.bits} bits / "
-                f"{key.divisor}; it asked for party {self.rank}, {n} at {bits} bits / {divisor}"
-            )
+            key = fetch_key(self._dealer, TRUNC, {"n": n, "bits": bits, "divisor": divisor}, TruncKey, self.rank, n, bits)
+        except BackendError as err:
+            raise BackendError(f"crypten backend {err}") from None
+        if key.divisor != divisor:
+            raise BackendError(f"crypten backend got a truncation key dividing by {key.divisor}; it asked for {divisor}")
         return key
 
     def _local_only(self, truncation: Truncation, what: str) -> None:

@@ -39,7 +39,8 @@ import torch
 
 from ..base import DEFAULT_FRACTION_BITS, LOCAL, Backend, BackendError, SERVER_RANK, Truncation, check_fraction_bits
 from . import ring
-from .correlations import BEAVER, CORRELATIONS, RELU, SQUARE, TRUNC, TRUNC_RELU, product, stream
+from .correlations import BEAVER, CORRELATIONS, RELU, SQUARE, TRUNC, TRUNC_RELU, fetch_key, product, stream
+from .dcf import over_chunks
 from .pricing import KEY_CHUNK, FssPricing
 from .prg import AesCtrPrg
 from .relu import ReluKey, masked_share, relu_eval
@@ -256,11 +257,10 @@ class FssBackend(Backend):
         n = z.nelement()
         if n == 0:
             return self._wrap(z)
-        flat = ring.to_numpy_u64(z.reshape(-1))
         keys = [self._trunc_key(min(KEY_CHUNK, n - start), truncation.bits, divisor) for start in range(0, n, KEY_CHUNK)]
-        mine = np.concatenate([trunc_masked_share(k, flat[i * KEY_CHUNK : i * KEY_CHUNK + k.n_elements]) for i, k in enumerate(keys)])
+        mine = over_chunks(keys, ring.to_numpy_u64(z.reshape(-1)), trunc_masked_share)
         u = ring.to_numpy_u64(self._open("fss.trunc", ring.from_numpy_u64(mine)))
-        out = np.concatenate([trunc_eval(self.rank, k, u[i * KEY_CHUNK : i * KEY_CHUNK + k.n_elements]) for i, k in enumerate(keys)])
+        out = over_chunks(keys, u, lambda key, chunk: trunc_eval(self.rank, key, chunk))
         return self._wrap(ring.from_numpy_u64(out).reshape(z.shape))
 
     def conv2d(self, x, w, *, stride, padding, dilation, groups, truncation=LOCAL):
@@ -316,14 +316,11 @@ class FssBackend(Backend):
         """ReLU of a product's exact truncation in the one opening of the ReLU (truncation.py), the
         keys at the product's width: its fused truncation costs no round of its own."""
         n, shift = x.nelement(), x.frac - self.fraction_bits
-        flat = ring.to_numpy_u64(x.data.reshape(-1))
-        keys = []
-        for start in range(0, n, KEY_CHUNK):
-            count = min(KEY_CHUNK, n - start)
-            keys.append(self._key(TRUNC_RELU, {"n": count, "bits": x.pending, "shift": shift}, TruncReluKey, count, x.pending))
-        mine = np.concatenate([trunc_relu_masked_share(k, flat[i * KEY_CHUNK : i * KEY_CHUNK + k.n_elements]) for i, k in enumerate(keys)])
+        counts = [min(KEY_CHUNK, n - start) for start in range(0, n, KEY_CHUNK)]
+        keys = [self._key(TRUNC_RELU, {"n": c, "bits": x.pending, "shift": shift}, TruncReluKey, c, x.pending) for c in counts]
+        mine = over_chunks(keys, ring.to_numpy_u64(x.data.reshape(-1)), trunc_relu_masked_share)
         u = ring.to_numpy_u64(self._open("fss.trunc_relu", ring.from_numpy_u64(mine)))
-        out = np.concatenate([trunc_relu_eval(self.rank, k, u[i * KEY_CHUNK : i * KEY_CHUNK + k.n_elements]) for i, k in enumerate(keys)])
+        out = over_chunks(keys, u, lambda key, chunk: trunc_relu_eval(self.rank, key, chunk))
         return self._wrap(ring.from_numpy_u64(out).reshape(x.shape))
 
     def relu_and_square(
@@ -344,15 +341,12 @@ class FssBackend(Backend):
         """This party's keys for x (in chunks of at most KEY_CHUNK) and its share of x + r, flat."""
         n = x.nelement()
         bits = bits or self.bits
-        flat = ring.to_numpy_u64(x.data.reshape(-1))
         keys = [self._relu_key(min(KEY_CHUNK, n - start), bits) for start in range(0, n, KEY_CHUNK)]
-        mine = np.concatenate([masked_share(k, flat[i * KEY_CHUNK : i * KEY_CHUNK + k.n_elements]) for i, k in enumerate(keys)])
-        return keys, ring.from_numpy_u64(mine)
+        return keys, ring.from_numpy_u64(over_chunks(keys, ring.to_numpy_u64(x.data.reshape(-1)), masked_share))
 
     def _relu_from(self, x: FssShare, keys: list[ReluKey], x_hat: torch.Tensor) -> FssShare:
         """ReLU(x) from the opened x + r: each chunk's DCF evaluated locally."""
-        xh = ring.to_numpy_u64(x_hat)
-        out = np.concatenate([relu_eval(self.rank, k, xh[i * KEY_CHUNK : i * KEY_CHUNK + k.n_elements]) for i, k in enumerate(keys)])
+        out = over_chunks(keys, ring.to_numpy_u64(x_hat), lambda key, chunk: relu_eval(self.rank, key, chunk))
         return self._wrap(ring.from_numpy_u64(out).reshape(x.shape))
 
     def _relu_key(self, n: int, bits: int) -> ReluKey:
@@ -365,19 +359,11 @@ class FssBackend(Backend):
         return key
 
     def _key(self, kind: str, request: dict, key_type: type, n: int, bits: int) -> Any:
-        """This party's key of `kind` for n elements at width `bits`, checked against what it asked for."""
-        index = self.dealer.next_index()
-        blob = self.dealer.request(kind, json.dumps(request), index)["key"]
+        """This party's key of `kind` for n elements at width `bits` (correlations.fetch_key)."""
         try:
-            key = key_type.from_bytes(blob)  # a view: the key is read, never copied again
-        except ValueError as err:
-            raise BackendError(f"fss backend got a malformed {kind} key from the dealer: {err}") from None
-        if key.party != self.rank or key.n_elements != n or key.bits != bits:
-            raise BackendError(
-                f"fss backend got a {kind} key for party {key.party}, {key.n_elements} elements at {key.bits} bits from the "
-                f"dealer; it asked for party {self.rank}, {n} elements at {bits} bits"
-            )
-        return key
+            return fetch_key(self.dealer, kind, request, key_type, self.rank, n, bits)
+        except BackendError as err:
+            raise BackendError(f"fss backend {err}") from None
 
     def max_pool2d(self, x: FssShare, *, kernel, stride, padding, bits: int | None = None) -> FssShare:
         self._settled(x, "a max-pool")

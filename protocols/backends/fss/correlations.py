@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ...roles import CLIENT, SERVER
-from ..base import CorrelationKind, DealerSeeds
+from ..base import BackendError, CorrelationKind, DealerSeeds
 from . import ring
 from .prg import AesCtrPrg, ctr_uint64
 from .relu import relu_keys
@@ -178,3 +178,20 @@ CORRELATIONS = (
     CorrelationKind(TRUNC, (SERVER, CLIENT), _decode_trunc, _make_trunc, paired=True),
     CorrelationKind(TRUNC_RELU, (SERVER, CLIENT), _decode_trunc_relu, _make_trunc_relu, paired=True),
 )
+
+
+def fetch_key(dealer, kind: str, request: dict, key_type: type, party: int, n: int, bits: int):
+    """This party's key of `kind` for n elements at width `bits` from its dealer client (a view of
+    the reply: read, never copied again), checked against what it asked for; BackendError if not."""
+    index = dealer.next_index()
+    blob = dealer.request(kind, json.dumps(request), index)["key"]
+    try:
+        key = key_type.from_bytes(blob)
+    except ValueError as err:
+        raise BackendError(f"got a malformed {kind} key from the dealer: {err}") from None
+    if key.party != party or key.n_elements != n or key.bits != bits:
+        raise BackendError(
+            f"got a {kind} key for party {key.party}, {key.n_elements} elements at {key.bits} bits from the dealer; "
+            f"it asked for party {party}, {n} elements at {bits} bits"
+        )
+    return key

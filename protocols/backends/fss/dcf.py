@@ -162,6 +162,16 @@ class KeyOfDcf:
         return b"".join(self.blob_parts())
 
 
+def over_chunks(keys: list[KeyOfDcf], values: np.ndarray, fn) -> np.ndarray:
+    """fn(key, its chunk of `values`) over consecutive chunks of the keys' sizes, concatenated (a
+    layer's keys come in chunks; each evaluates its own)."""
+    out, start = [], 0
+    for key in keys:
+        out.append(fn(key, values[start : start + key.n_elements]))
+        start += key.n_elements
+    return np.concatenate(out)
+
+
 def word_views(arrays: tuple[np.ndarray, ...]) -> list[memoryview]:
     """The arrays' bytes as little-endian uint64, without a copy where they already are: joined
     into a blob, they are copied once."""
