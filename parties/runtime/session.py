@@ -40,6 +40,8 @@ from twinfer.parties.wire.transport import GrpcTransport, PeerServicer, Transpor
 
 log = logging.getLogger(__name__)
 
+STOP_WAIT_S = 5.0  # past the grace, how long closing a listener waits for gRPC to stop serving
+
 
 @dataclass(frozen=True)
 class PartyConfig:
@@ -141,7 +143,12 @@ class PartyListener:
         self.address = f"{listen.rsplit(':', 1)[0]}:{self.port}"
 
     def close(self, grace: float = 1.0) -> None:
-        self._server.stop(grace=grace)
+        """Stop listening: calls in flight get `grace` seconds, then are cancelled.
+
+        Returns once gRPC has stopped serving, so that a late call (a peer's Close racing this
+        exit) is refused by gRPC's core instead of reaching a half-torn-down process.
+        """
+        self._server.stop(grace=grace).wait(grace + STOP_WAIT_S)
 
 
 @dataclass
