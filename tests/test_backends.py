@@ -188,11 +188,11 @@ def test_fss_relu_keys_in_chunks_still_one_round(monkeypatch):
 
 def _exact_plan(graph: Graph, weights: dict[str, np.ndarray], x: torch.Tensor, protocol: str) -> Graph:
     from twinfer.protocols.backends import backend_class as cls_of
-    from twinfer.protocols.ir.encoding import apply_truncations, plan_truncations
+    from twinfer.protocols.ir.encoding import apply_plan, plan_truncations
     from twinfer.protocols.ir.ranges import observed_ranges
 
     seen = observed_ranges(graph, weights, x.numpy())
-    return apply_truncations(graph, plan_truncations(graph, seen, 16, "exact", fuses=cls_of(protocol).fuses_truncation))
+    return apply_plan(graph, plan_truncations(graph, seen, 16, "exact", fuses=cls_of(protocol).fuses_truncation))
 
 
 @pytest.mark.parametrize("protocol", protocols())

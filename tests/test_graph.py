@@ -108,7 +108,7 @@ def test_graph_json_round_trip_carries_no_weights(fashion_cnn):
     text = graph.to_json()
     back = graph_from_json(text)
     assert back.to_json() == text
-    assert back.relu_count() == graph.relu_count() == 8 * 28 * 28 + 16 * 14 * 14 + 64
+    assert back.relu_count() == graph.relu_count() == 8 * 14 * 14 + 16 * 7 * 7 + 64  # each ReLU after its max-pool (rewrite.py)
     # Only shapes travel: no weight value appears in the public description.
     assert str(float(next(iter(weights.values())).ravel()[0]))[:8] not in text
     with pytest.raises(GraphError, match="malformed"):
@@ -134,3 +134,35 @@ def test_input_checks(tmp_path, fashion_cnn):
         load_input(pickled)
     with pytest.raises(InputError, match="does not exist"):
         load_input(tmp_path / "none.npy")
+
+
+def test_exact_rewrites_save_comparisons_and_change_no_output(fashion_cnn, fashion_test):
+    """A ReLU read only by a max-pool moves after it (the demo CNN: 16,528 comparisons per image -> 9,472);
+    a ReLU of a ReLU, and one before a clip that floors at 0, are dropped; the outputs stay the same."""
+    from twinfer.protocols.cost_model import graph_cost, total_cost
+    from twinfer.protocols.ir.graph import Graph, Node
+    from twinfer.protocols.ir.plain import annotate_shapes, run_plain
+    from twinfer.protocols.ir.rewrite import fewer_comparisons
+    from twinfer.protocols.ir.validation import validate_graph
+
+    data = export_onnx(fashion_cnn, torch.zeros(1, 1, 28, 28))
+    before, weights = graph_from_onnx(onnx.load_from_string(data), rewrite=False)
+    after, _ = graph_from_onnx(onnx.load_from_string(data))
+    x = torch.from_numpy(fashion_test[0][:8])
+    tw = {k: torch.from_numpy(v) for k, v in weights.items()}
+    assert torch.equal(run_plain(before, tw, x), run_plain(after, tw, x))
+    assert total_cost(graph_cost(before, 1)).comparisons == 16528 and total_cost(graph_cost(after, 1)).comparisons == 9472
+    assert [n.attrs["rewrite"] for n in after.nodes if "rewrite" in n.attrs] == [
+        "moved after max-pool '/features/features.2/MaxPool'", "moved after max-pool '/features/features.5/MaxPool'",
+    ]  # fmt: skip
+    nodes = [
+        Node("a", "Relu", ("x",), "r1"), Node("b", "Relu", ("r1",), "r2"), Node("c", "Relu", ("r2",), "r3"),
+        Node("cap", "Clip", ("r3",), "y", (), {"min": 0.0, "max": 6.0}),
+    ]
+    graph = Graph("x", (4,), "y", nodes, {})
+    validate_graph(graph)
+    annotate_shapes(graph, {})
+    rewritten = fewer_comparisons(graph)
+    assert [n.name for n in rewritten.nodes] == ["cap"] and rewritten.nodes[0].inputs == ("x",)
+    z = torch.randn(16, 4) * 10
+    assert torch.equal(run_plain(graph, {}, z), run_plain(rewritten, {}, z))

@@ -58,7 +58,7 @@ def write_artifact(
     largest value it compared on them, for backends that use it.
     """
     sites = sites or {}
-    graph, weights = graph_from_onnx(onnx.load_from_string(onnx_bytes))
+    graph, weights = graph_from_onnx(onnx.load_from_string(onnx_bytes), rewrite=False)
     masked = apply_sites(graph, sites)
     arrays = dict(tensors or {}) | af.site_tensors(sites)
     files = {af.MODEL_FILE: onnx_bytes, af.TENSORS_FILE: save(arrays) if arrays else save({})}

@@ -44,7 +44,7 @@ class GraphModule(nn.Module):
 
     @classmethod
     def from_onnx(cls, onnx_bytes: bytes) -> "GraphModule":
-        graph, weights = graph_from_onnx(onnx.load_from_string(onnx_bytes))
+        graph, weights = graph_from_onnx(onnx.load_from_string(onnx_bytes), rewrite=False)  # as exported: its ReLUs become sites
         return cls(graph, weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -139,7 +139,7 @@ def artifact_graph(path: str | Path) -> Graph:
     manifest = json.loads((path / af.MANIFEST_FILE).read_text())
     files = {name: (path / name).read_bytes() for name in af.artifact_files(manifest)}
     tensors = af.artifact_tensors(manifest, files)
-    graph, _ = graph_from_onnx(onnx.load_from_string(files[af.MODEL_FILE]))
+    graph, _ = graph_from_onnx(onnx.load_from_string(files[af.MODEL_FILE]), rewrite=False)
     return af.apply_manifest(graph, manifest, tensors)
 
 

@@ -46,10 +46,15 @@ def parse_model(data: bytes, source: str = "model") -> tuple[Graph, dict[str, np
     if af.is_bundle(data):
         try:
             onnx_bytes, manifest, tensors = af.unpack_bundle(data)
-            graph, weights = parse_model(onnx_bytes, source=f"{source}/{af.MODEL_FILE}")
+            graph, weights = _compile(onnx_bytes, f"{source}/{af.MODEL_FILE}", rewrite=False)  # masks fit the graph as exported
             return af.apply_manifest(graph, manifest, tensors), weights
         except GraphError as err:
             raise ModelError(f"{source}: {err}") from None
+    return _compile(data, source, rewrite=True)
+
+
+def _compile(data: bytes, source: str, rewrite: bool) -> tuple[Graph, dict[str, np.ndarray]]:
+    """Serialized ONNX compiled (onnx_import.graph_from_onnx); a ModelError naming `source` if it cannot be."""
     try:
         model = onnx.load_from_string(data)
     except (DecodeError, ValueError, RuntimeError) as err:
@@ -57,7 +62,7 @@ def parse_model(data: bytes, source: str = "model") -> tuple[Graph, dict[str, np
     if not model.graph.node:
         raise ModelError(f"{source} is not a valid ONNX model: it has no nodes")
     try:
-        return graph_from_onnx(model)
+        return graph_from_onnx(model, rewrite=rewrite)
     except GraphError as err:
         raise ModelError(f"{source}: {err}") from None
 

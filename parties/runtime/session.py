@@ -23,7 +23,7 @@ import torch
 
 from twinfer.protocols.backends import DEFAULT_PROTOCOL, Backend, backend_class, protocols
 from twinfer.protocols.backends.base import AUTO, BackendError, check_session_bits
-from twinfer.protocols.ir.encoding import TRUNCATION_POLICIES, SessionEncoding, apply_truncations
+from twinfer.protocols.ir.encoding import TRUNCATION_POLICIES, SessionEncoding, apply_plan
 from twinfer.protocols.ir.graph import Graph, GraphError, check_input_range
 from twinfer.protocols.ir.validation import graph_from_json
 from twinfer.protocols.ops.embedding import check_ids, encode_input
@@ -357,9 +357,9 @@ def server_graph(graph: Graph, weights: dict[str, np.ndarray], config: PartyConf
     if config.encoding is not None:
         encoding = config.encoding
         held = graph.input_range if graph.input_range is not None else encoding.input_range
-        return dataclasses.replace(apply_truncations(graph, encoding.truncations()), input_range=held), encoding
+        return dataclasses.replace(apply_plan(graph, encoding.truncations(), encoding.widths), input_range=held), encoding
     encoding = server_encoding(graph, weights, config.fraction_bits, config.protocol, config.truncation)
-    return dataclasses.replace(apply_truncations(graph, encoding.truncations()), input_range=encoding.input_range), encoding
+    return dataclasses.replace(apply_plan(graph, encoding.truncations(), encoding.widths), input_range=encoding.input_range), encoding
 
 
 class ServerParty(_TwoPartySession):

@@ -68,6 +68,7 @@ class EncodingReport:
     truncation_layers: dict[str, str] = field(default_factory=dict)  # every layer that truncates -> 'local'
     error_source: str = "estimated"
     chosen: str = ""
+    widths: dict[str, int] = field(default_factory=dict)  # comparisons narrowed from the ranges (narrow-comparison backends)
 
     @property
     def refused(self) -> list[Finding]:
@@ -176,20 +177,36 @@ def plan_truncations(
     return plan
 
 
-def apply_truncations(graph: Graph, plan: dict[str, Truncation]) -> Graph:
-    """A copy of `graph` whose layers carry their truncation (the `truncation` attribute; public)."""
+def plan_widths(graph: Graph, ranges: ValueRanges, f: int) -> dict[str, int]:
+    """A width for each comparison that has none yet (an artifact's stay): what holds twice the
+    largest value `ranges` say it compares, at f fractional bits; the full ring where it compares
+    against a padding constant. For backends that compare on a node's width (fss), the keys of a
+    comparison shrink with it."""
+    out = {}
+    for node in graph.nodes:
+        if node.name in ranges.compared and not node.attrs.get("bits"):
+            out[node.name] = FULL_BITS if op_for(node).compares_with_padding(node) else _ring_width(ranges.compared[node.name], f)
+    return out
+
+
+def apply_plan(graph: Graph, truncations: dict[str, Truncation], widths: dict[str, int] | None = None) -> Graph:
+    """A copy of `graph` whose layers carry their truncation (the `truncation` attribute) and their
+    comparison width (`bits`), both public structure that travels to the client."""
+    widths = widths or {}
     nodes = []
     for node in graph.nodes:
         attrs = {k: v for k, v in node.attrs.items() if k != "truncation"}
-        if node.name in plan:
-            attrs["truncation"] = plan[node.name].as_attr()
+        if node.name in truncations:
+            attrs["truncation"] = truncations[node.name].as_attr()
+        if node.name in widths:
+            attrs["bits"] = int(widths[node.name])
         nodes.append(Node(node.name, node.op, node.inputs, node.output, node.weights, attrs))
     return dataclasses.replace(graph, nodes=nodes)
 
 
 def _findings(
     graph: Graph, ranges: ValueRanges, f: int, narrow_comparisons: bool, pool_pad_bits: int, max_failure: float,
-    plan: dict[str, Truncation], typical: ValueRanges,
+    plan: dict[str, Truncation], typical: ValueRanges, widths: dict[str, int],
 ) -> tuple[list[Finding], float]:
     """The deterministic overflows, the exact truncations' widths and the local truncations'
     failure probability at f fractional bits."""
@@ -220,7 +237,7 @@ def _findings(
                             "units", True)
                 )  # fmt: skip
         if node.name in ranges.compared and not _reads_fused(graph, node, plan):
-            bits = comparison_bits(node) if narrow_comparisons else FULL_BITS
+            bits = widths.get(node.name, comparison_bits(node)) if narrow_comparisons else FULL_BITS
             limit = 2.0 ** (bits - 1 - f)
             if ranges.compared[node.name] >= limit:
                 findings.append(
@@ -308,10 +325,11 @@ def check_encoding(
 
     def at(bits: int) -> tuple[list[Finding], float, dict[str, Truncation], float, Finding | None]:
         plan = plan_truncations(graph, ranges, bits, truncation, fuses=fuses, typical=typical)
-        found, probability = _findings(graph, ranges, bits, narrow_comparisons, pool_pad_bits, max_failure, plan, typical)
+        found, probability = _findings(graph, ranges, bits, narrow_comparisons, pool_pad_bits, max_failure, plan, typical, widths(bits))
         stated = error(bits)
         return found, probability, plan, stated, _precision(graph, stated, output_peak, bits, error_source)
 
+    widths = (lambda bits: plan_widths(graph, ranges, bits)) if narrow_comparisons else (lambda bits: {})  # noqa: E731
     findings, probability, plan, stated, precision = at(fraction_bits)
     findings += [precision] if precision is not None else []
     suggested = None
@@ -321,6 +339,7 @@ def check_encoding(
     source = ranges.source if typical is ranges else f"{typical.source}; {ranges.source}"
     return EncodingReport(
         fraction_bits, source, probability, stated, output_peak, findings, suggested, plan, layers, error_source,
+        widths=widths(fraction_bits),
     )  # fmt: skip
 
 
@@ -435,13 +454,14 @@ class SessionEncoding:
     # (lo, hi, error): the error stated for inputs within narrower ranges than input_range: a client
     # states that of the narrowest holding its own input (which the server never sees)
     errors: tuple[tuple[float, float, float], ...] = ()
+    widths: dict[str, int] = field(default_factory=dict)  # layer -> its comparison width (the graph carries it to the client)
 
     @classmethod
     def of(cls, report: EncodingReport, input_range: tuple[float, float]) -> "SessionEncoding":
         return cls(
             report.fraction_bits, tuple(input_range), report.error_bound, report.error_said(),
             report.failure_probability, report.truncation_kinds(), report.chosen,
-            {name: t.as_attr() for name, t in report.truncations.items()},
+            {name: t.as_attr() for name, t in report.truncations.items()}, widths=dict(report.widths),
         )  # fmt: skip
 
     def truncations(self) -> dict[str, Truncation]:
@@ -457,7 +477,7 @@ class SessionEncoding:
 
     def to_json(self) -> str:
         """The handshake's message (the plan travels in the graph's attributes)."""
-        fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "plan"}
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("plan", "widths")}
         return json.dumps(fields | {"input_range": list(self.input_range), "errors": [list(e) for e in self.errors]})
 
     @classmethod

@@ -16,6 +16,7 @@ from onnx import numpy_helper
 from ..ops import onnx_importer, supported_onnx_ops
 from .graph import Graph, GraphError, Node, UnsupportedOpError, check_finite
 from .plain import annotate_shapes
+from .rewrite import fewer_comparisons
 from .validation import validate_graph
 
 
@@ -96,8 +97,10 @@ def _input_shape(model: onnx.ModelProto, initializers: set[str]) -> tuple[str, t
     return inputs[0].name, shape[1:]
 
 
-def graph_from_onnx(model: onnx.ModelProto) -> tuple[Graph, dict[str, np.ndarray]]:
-    """Compile an ONNX model into a public graph and the server's weights."""
+def graph_from_onnx(model: onnx.ModelProto, *, rewrite: bool = True) -> tuple[Graph, dict[str, np.ndarray]]:
+    """Compile an ONNX model into a public graph and the server's weights; `rewrite`: with the exact
+    rewrites that save comparisons (rewrite.py). An artifact compiles without them: its masks and
+    calibration are for the graph as exported."""
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as err:
@@ -118,4 +121,4 @@ def graph_from_onnx(model: onnx.ModelProto) -> tuple[Graph, dict[str, np.ndarray
         check_finite(value, f"weight '{key}'")
     validate_graph(graph)
     annotate_shapes(graph, importer.weights)
-    return graph, importer.weights
+    return (fewer_comparisons(graph) if rewrite else graph), importer.weights

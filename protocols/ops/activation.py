@@ -195,6 +195,7 @@ class Relu(Op):
     channelwise = True
     compares = True
     takes_fused_truncation = True
+    commutes_with_max = True
 
     def plain(self, node, args, w):
         return torch.relu(args[0])
@@ -321,6 +322,7 @@ class Clip(Op):
     name = "Clip"
     channelwise = True
     compares = True
+    commutes_with_max = True
 
     def check(self, node, graph):
         lo, hi = _bounds(node)

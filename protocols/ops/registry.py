@@ -97,6 +97,8 @@ class Op:
     # input's exact truncation into their own opening (Truncation.fused: the backend's ReLU).
     compares: ClassVar[bool] = False
     takes_fused_truncation: ClassVar[bool] = False
+    # Monotone elementwise ops that a max-pool commutes with (protocols/ir/rewrite.py).
+    commutes_with_max: ClassVar[bool] = False
 
     def compares_with_padding(self, node: Node) -> bool:
         """Whether the node compares values against a padding constant, so needs the full width."""
