@@ -92,6 +92,8 @@ def _stretches(costs: list[LayerCost]) -> list[list[LayerCost]]:
 DEFAULT_COMPUTE: dict[str, ComputeModel] = {
     "crypten": ComputeModel(0.0, 1.95e-3, 0.0, 1.2e-3, "defaults measured under wan on a 2-core development machine (crypten)"),
     "fss": ComputeModel(0.0, 2.37e-3, 1.99e-6, 6.3e-3, "defaults measured under wan on a 2-core development machine (fss)"),
+    # not fitted yet: fss's figures, which its ReLU's one-bit comparison and select undercut
+    "fss-compact": ComputeModel(0.0, 2.37e-3, 1.99e-6, 6.3e-3, "fss's defaults, not yet fitted for fss-compact: calibrate (--calibrate-compute)"),
 }
 
 

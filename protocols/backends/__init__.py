@@ -5,10 +5,10 @@ from __future__ import annotations
 from .base import Backend, CorrelationKind, Cost, Pricing
 from .crypten.backend import CryptenBackend
 from .crypten.pricing import CryptenPricing
-from .fss.backend import FssBackend
+from .fss.backend import FssBackend, FssCompactBackend
 
 DEFAULT_PROTOCOL = "crypten"
-_BACKENDS: dict[str, type[Backend]] = {CryptenBackend.name: CryptenBackend, FssBackend.name: FssBackend}
+_BACKENDS: dict[str, type[Backend]] = {b.name: b for b in (CryptenBackend, FssBackend, FssCompactBackend)}
 
 
 def protocols() -> tuple[str, ...]:

@@ -24,6 +24,9 @@ server) and rank 1 (the client). Per op:
    truncation that only a ReLU reads is left to it (`FssShare.pending`) and done in the ReLU's
    one opening with a fused key, so it costs no round.
 
+`fss-compact` is the same backend with step 4 in two rounds (`select_relu.py`): x_hat, then
+one packed bit per element each way, from keys of about half the bytes.
+
 The backend holds its transport (send/recv/metrics) and its dealer client (the party's seed
 and its requests); it never reaches for a global.
 """
@@ -39,11 +42,12 @@ import torch
 
 from ..base import DEFAULT_FRACTION_BITS, LOCAL, Backend, BackendError, SERVER_RANK, Truncation, check_fraction_bits
 from . import ring
-from .correlations import BEAVER, CORRELATIONS, RELU, SQUARE, TRUNC, TRUNC_RELU, fetch_key, product, stream
+from .correlations import BEAVER, COMPACT_CORRELATIONS, CORRELATIONS, RELU, SELECT_RELU, SQUARE, TRUNC, TRUNC_RELU, fetch_key, product, stream
 from .dcf import over_chunks
-from .pricing import KEY_CHUNK, FssPricing
+from .pricing import KEY_CHUNK, FssCompactPricing, FssPricing
 from .prg import AesCtrPrg
 from .relu import ReluKey, masked_share, relu_eval
+from .select_relu import SelectReluKey, select_bits, select_relu_eval
 from .truncation import TruncKey, TruncReluKey, trunc_eval, trunc_masked_share, trunc_relu_eval, trunc_relu_masked_share
 
 _A, _C = 0, 1
@@ -392,3 +396,26 @@ class FssBackend(Backend):
         sh, sw = stride
         w = data.unfold(2, kh, sh).unfold(3, kw, sw)  # (N, C, OH, OW, kh, kw)
         return w.reshape(*w.shape[:4], kh * kw)
+
+
+class FssCompactBackend(FssBackend):
+    """fss with two-round ReLUs from compact keys: under a fast link the dealer's bytes, not the
+    rounds, are what a comparison costs."""
+
+    name = "fss-compact"
+    pricing = FssCompactPricing()
+    correlations = COMPACT_CORRELATIONS
+
+    def _relu_key(self, n: int, bits: int) -> SelectReluKey:
+        return self._key(SELECT_RELU, {"n": n, "bits": bits}, SelectReluKey, n, bits)
+
+    def _relu_from(self, x: FssShare, keys: list[SelectReluKey], x_hat: torch.Tensor) -> FssShare:
+        """ReLU(x) from the opened x + r: each chunk's comparison, then the layer's bits opened in
+        one more round, then each chunk's select."""
+        xh = ring.to_numpy_u64(x_hat)
+        mine = over_chunks(keys, xh, lambda key, chunk: select_bits(self.rank, key, chunk))
+        packed = torch.from_numpy(np.packbits(mine))
+        d_hat = np.unpackbits((packed ^ self._exchange("fss.select", packed)).numpy(), count=mine.size)
+        both = np.stack([xh, d_hat.astype(np.uint64)], axis=1)
+        out = over_chunks(keys, both, lambda key, chunk: select_relu_eval(self.rank, key, chunk[:, 0], chunk[:, 1]))
+        return self._wrap(ring.from_numpy_u64(out).reshape(x.shape))

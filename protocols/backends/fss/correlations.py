@@ -16,6 +16,7 @@ for what depends on both parties' masks:
    sends each party its own key (the correction words go to both).
 4. Faithful truncation keys (division by a public d) and fused truncation-and-ReLU keys
    (`truncation.py`): made and sent as ReLU keys are.
+5. fss-compact's two-round ReLU keys (`select_relu.py`): made and sent as ReLU keys are.
 """
 
 from __future__ import annotations
@@ -31,10 +32,12 @@ from ..base import BackendError, CorrelationKind, DealerSeeds
 from . import ring
 from .prg import AesCtrPrg, ctr_uint64
 from .relu import relu_keys
+from .select_relu import select_relu_keys
 from .truncation import trunc_keys, trunc_relu_keys
 
 BEAVER, SQUARE, RELU = "fss.beaver", "fss.square", "fss.relu"
 TRUNC, TRUNC_RELU = "fss.trunc", "fss.trunc_relu"
+SELECT_RELU = "fss.select_relu"
 PRODUCT_OPS = ("conv2d", "linear", "matmul", "mul")
 MAX_ELEMENTS = 2**27  # as for CrypTen's tuples: 1 GiB of int64 per array
 _STREAMS = 4  # streams per correlation index: A (or r), C (or s), spare, spare
@@ -117,8 +120,19 @@ def _make_relu(seeds: DealerSeeds, index: int, role: str, args: list, kwargs: di
     """Both parties' keys, from the dealer's own stream of this index (the dealer keeps one
     party's until it asks)."""
     n, bits = args
-    keys = relu_keys(n, bits, AesCtrPrg(seeds.dealer, stream=index))
-    return {role: {"key": np.frombuffer(key.to_bytes(), dtype=np.uint8)} for role, key in zip((SERVER, CLIENT), keys)}
+    return _paired_keys(relu_keys(n, bits, AesCtrPrg(seeds.dealer, stream=index)))
+
+
+def _decode_select_relu(args_json: str) -> tuple[list, dict]:
+    n, bits = _int_args(SELECT_RELU, args_json, ("n", "bits"))
+    _check_n_bits(SELECT_RELU, n, bits)
+    return [n, bits], {}
+
+
+def _make_select_relu(seeds: DealerSeeds, index: int, role: str, args: list, kwargs: dict) -> dict[str, dict[str, np.ndarray]]:
+    """Both parties' two-round ReLU keys, from the dealer's own stream of this index."""
+    n, bits = args
+    return _paired_keys(select_relu_keys(n, bits, AesCtrPrg(seeds.dealer, stream=index)))
 
 
 def _int_args(kind: str, args_json: str, names: tuple[str, ...]) -> list[int]:
@@ -178,6 +192,7 @@ CORRELATIONS = (
     CorrelationKind(TRUNC, (SERVER, CLIENT), _decode_trunc, _make_trunc, paired=True),
     CorrelationKind(TRUNC_RELU, (SERVER, CLIENT), _decode_trunc_relu, _make_trunc_relu, paired=True),
 )
+COMPACT_CORRELATIONS = CORRELATIONS + (CorrelationKind(SELECT_RELU, (SERVER, CLIENT), _decode_select_relu, _make_select_relu, paired=True),)
 
 
 def fetch_key(dealer, kind: str, request: dict, key_type: type, party: int, n: int, bits: int):

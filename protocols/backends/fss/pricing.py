@@ -6,6 +6,8 @@
 3. A ReLU opens x + r: 16 bytes per element (8 each way), one round, whatever the width.
 4. A max-pool over windows of n is a tree of n - 1 ReLUs per window, ceil(log2 n) rounds.
 5. A masked site's ReLUs (kept positions) and squares (the others) share their one round.
+   fss-compact's ReLU (`select_relu.py`) takes a second round, one packed bit per element each
+   way, for keys of about half the size: max-pools and masked sites take twice the rounds.
 
 6. An exact truncation opens its masked values: 16 bytes per element, one round; fused into the
    ReLU that reads the product, no bytes or round of its own.
@@ -23,6 +25,7 @@ import math
 
 from ..base import OPEN_BYTES, RING_BYTES, Cost, Pricing, Truncation
 from .relu import key_bytes_per_relu, relu_key_header_bytes
+from .select_relu import key_bytes_per_select_relu, select_relu_header_bytes
 from .truncation import key_bytes_per_trunc, key_bytes_per_trunc_relu, trunc_header_bytes, trunc_relu_header_bytes
 
 KEY_CHUNK = 1 << 18  # ReLU keys per dealer request, at most: bounds the dealer's and a reply's memory
@@ -69,11 +72,24 @@ class FssPricing(Pricing):
         return Cost(a.bytes_online + b.bytes_online, max(a.rounds, b.rounds), a.bytes_offline + b.bytes_offline)
 
     def max_pool(self, windows: int, n: int, bits: int = 64) -> Cost:
-        if n < 2:
-            return Cost(bytes_offline=0)
-        levels, left, elements, keys = 0, n, 0, 0
-        while left > 1:  # one ReLU call per level, over the pairs of that level
-            elements += windows * (left // 2)
-            keys += _chunks(windows * (left // 2))
-            left, levels = left - left // 2, levels + 1
-        return Cost(OPEN_BYTES * elements, levels, _keys(elements, keys, bits))
+        """A tree of ReLU calls, one per level over that level's pairs (backend.max_pool2d)."""
+        total, left = Cost(bytes_offline=0), n
+        while left > 1:
+            total, left = total + self.relu(windows * (left // 2), bits), left - left // 2
+        return total
+
+
+class FssCompactPricing(FssPricing):
+    """fss-compact: a ReLU is two rounds, x + r then one bit per element (packed) each way, from
+    keys about half the size (`select_relu.py`); a fused truncation's ReLU stays one round."""
+
+    def relu(self, n: int, bits: int = 64, fused: Truncation | None = None) -> Cost:
+        if not n or fused is not None:
+            return super().relu(n, bits, fused)
+        keys = 2 * (_chunks(n) * select_relu_header_bytes() + n * key_bytes_per_select_relu(bits))
+        return Cost(OPEN_BYTES * n + 2 * packed_bits_bytes(n), 2, keys)
+
+
+def packed_bits_bytes(n: int) -> int:
+    """Bytes of n bits packed eight to a byte: what one party sends in a select's round."""
+    return -(-n // 8)
