@@ -81,8 +81,9 @@ def add_transport_args(parser: argparse.ArgumentParser) -> None:
         "--protocol",
         default=DEFAULT_PROTOCOL,
         choices=protocols(),
-        help="the secure backend: crypten (CrypTen's protocols, the default) or fss (one-round ReLU from "
-        "the dealer's DCF keys, weights opened once); every party of a session must use the same",
+        help="the secure backend: crypten (CrypTen's protocols, the default), fss (one-round ReLU from "
+        "the dealer's DCF keys, weights opened once) or fss-compact (fss with two-round ReLUs from keys half the "
+        "size: faster where rounds are cheap); every party of a session must use the same",
     )
     lo, hi = FRACTION_BITS_RANGE
     parser.add_argument(
