@@ -169,8 +169,10 @@ def test_a_peer_on_another_protocol_is_refused_by_name():
         PartyConfig(role=CLIENT, session_id="s", protocol="nope")
 
 
-def test_fss_relu_keys_in_chunks_still_one_round(monkeypatch):
-    """A layer larger than a key chunk asks the dealer for several keys, opens once, prices each key's header."""
+@pytest.mark.parametrize("protocol, rounds_per_relu", [("fss", 1), ("fss-compact", 2)])
+def test_fss_relu_keys_in_chunks_still_one_round(monkeypatch, protocol, rounds_per_relu):
+    """A layer larger than a key chunk asks the dealer for several keys, opens once (fss-compact: then its
+    bits once), prices each key's header."""
     import twinfer.protocols.backends.fss.backend as fss_backend
     import twinfer.protocols.backends.fss.pricing as fss_pricing
 
@@ -179,11 +181,12 @@ def test_fss_relu_keys_in_chunks_still_one_round(monkeypatch):
     input_shape, nodes, weights = CASES["maxpool_avgpool"]
     graph = _graph(input_shape, nodes, weights)
     x = torch.randn(3, *input_shape, generator=torch.Generator().manual_seed(11))
-    y, counts, online, offline = run_two_party("fss", graph, weights, x)
+    y, counts, online, offline = run_two_party(protocol, graph, weights, x)
     assert torch.max(torch.abs(y - run_plain(graph, {}, x))).item() < TOLERANCE
-    costs = graph_cost(graph, batch=3, protocol="fss")
+    costs = graph_cost(graph, batch=3, protocol=protocol)
     assert online == sum(c.bytes_online for c in costs[:-1]) and offline == total_cost(costs[:-1]).bytes_offline
-    assert costs[0].rounds == 2  # the 2x2 tree: two levels, each one round however many chunks
+    assert costs[0].rounds == 2 * rounds_per_relu  # the 2x2 tree: two levels, each its rounds however many chunks
+    assert counts["rounds"] == sum(c.rounds for c in costs[:-1])
 
 
 def _exact_plan(graph: Graph, weights: dict[str, np.ndarray], x: torch.Tensor, protocol: str) -> Graph:

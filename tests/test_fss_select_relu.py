@@ -149,3 +149,33 @@ def test_relu_key_round_trip_and_refusals() -> None:
         select_relu_keys(3, 1)
     with pytest.raises(ValueError, match=r"must lie in \[0, 2\^4\)"):
         bit_dcf_keygen(np.array([16], U64), 4)
+
+
+@pytest.mark.parametrize("bad", ["not json", '{"n": 4}', '{"n": 4, "bits": 1}', '{"n": 4, "bits": 20.5}', '{"n": -1, "bits": 20}'])
+def test_the_dealer_kind_refuses_bad_requests(bad: str) -> None:
+    from twinfer.protocols.backends import correlation_kind
+
+    with pytest.raises(ValueError, match="fss.select_relu"):
+        correlation_kind("fss.select_relu").decode(bad)
+
+
+def test_the_dealer_kind_makes_both_parties_keys_for_fss_compact_only() -> None:
+    import json
+
+    from twinfer.protocols.backends import backend_class, correlation_kind
+    from twinfer.protocols.backends.base import DealerSeeds
+    from twinfer.protocols.roles import CLIENT, SERVER
+
+    kind = correlation_kind("fss.select_relu")
+    assert kind in backend_class("fss-compact").correlations and kind not in backend_class("fss").correlations
+    assert kind.paired and kind.requesters == (SERVER, CLIENT)
+    args, kwargs = kind.decode(json.dumps({"n": 300, "bits": 25}))
+    seeds = DealerSeeds(torch={}, aes={}, dealer=bytes([65]) * 16)
+    made = kind.make(seeds, 5, SERVER, args, kwargs)
+    k0, k1 = (SelectReluKey.from_bytes(made[role]["key"]) for role in (SERVER, CLIENT))
+    assert (k0.party, k1.party, k0.bits, k0.n_elements) == (0, 1, 25, 300)
+    assert np.array_equal(kind.make(seeds, 5, CLIENT, args, kwargs)[SERVER]["key"], made[SERVER]["key"])  # the stream of index 5
+    x = (_prg(11).uint64(300) >> U64(41)).view(np.int64) - (1 << 22)
+    x_hat = masked_share(k0, np.zeros(300, U64)) + masked_share(k1, x.view(U64))
+    d_hat = select_bits(0, k0, x_hat) ^ select_bits(1, k1, x_hat)
+    assert np.array_equal((select_relu_eval(0, k0, x_hat, d_hat) + select_relu_eval(1, k1, x_hat, d_hat)).view(np.int64), np.maximum(x, 0))
