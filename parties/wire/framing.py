@@ -78,7 +78,9 @@ def framed_decoder(header_type: type[H]) -> Callable[[bytes], Framed[H]]:
 def correlation_to_frames(index: int, arrays: dict[str, np.ndarray], chunk_bytes: int) -> list[bytes]:
     """A correlation's named arrays as framed TupleReply chunks of at most `chunk_bytes` each."""
     infos = [pb.ArrayInfo(name=k, dtype=v.dtype.name, shape=list(v.shape)) for k, v in arrays.items()]
-    payload = memoryview(b"".join(np.ascontiguousarray(v).tobytes() for v in arrays.values()))
+    # one copy (into each frame) where the correlation is one array, as a key is: no joined payload first
+    parts = [memoryview(np.ascontiguousarray(v).reshape(-1).view(np.uint8)) for v in arrays.values()]
+    payload = parts[0] if len(parts) == 1 else memoryview(b"".join(parts))
     count = max(1, -(-len(payload) // chunk_bytes))
     return [
         encode_framed(
