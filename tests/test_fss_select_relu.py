@@ -30,8 +30,9 @@ def _compare(alpha: np.ndarray, x: np.ndarray, bits: int, rng: AesCtrPrg) -> np.
     return bit_dcf_eval(0, k0, x) ^ bit_dcf_eval(1, k1, x)
 
 
-@pytest.mark.parametrize("bits", [1, 2, 3, 8])
+@pytest.mark.parametrize("bits", [1, 2, 3, 7, 8, 10])
 def test_comparison_exhaustive_at_small_widths(bits: int) -> None:
+    """Widths below, at and above the leaf's 7 bits: every (alpha, x)."""
     values = np.arange(1 << bits, dtype=U64)
     alpha, x = np.repeat(values, values.size), np.tile(values, values.size)  # every (alpha, x)
     assert np.array_equal(_compare(alpha, x, bits, _prg(1)), (x < alpha).astype(np.uint8))
@@ -42,7 +43,7 @@ def test_comparison_at_alpha_its_neighbours_and_random(bits: int) -> None:
     rng = _prg(2)
     top = U64((1 << bits) - 1) if bits < 64 else U64((1 << 64) - 1)
     alpha = rng.uint64(3000) & top
-    alpha[:4] = [0, 1, top - U64(1), top]
+    alpha[:8] = [0, 1, 63, 64, 127, 128, top - U64(1), top]  # the leaf's words and its edges
     x = np.concatenate([alpha, alpha - U64(1), alpha + U64(1), rng.uint64(3000)]) & top
     got = _compare(np.tile(alpha, 4), x, bits, rng)
     assert np.array_equal(got, (x < np.tile(alpha, 4)).astype(np.uint8))
@@ -53,22 +54,28 @@ def _keys_at(alpha: int, n: int, bits: int, rng: AesCtrPrg) -> tuple[BitDcfKey, 
 
 
 def _bit_matrix(key: BitDcfKey) -> np.ndarray:
-    words = np.concatenate([key.seed.reshape(key.n_elements, -1), key.seed_cw.transpose(1, 0, 2).reshape(key.n_elements, -1)], axis=1)
-    return np.unpackbits(np.ascontiguousarray(words).view(np.uint8), axis=1)
+    words = [key.seed.reshape(key.n_elements, -1), key.seed_cw.transpose(1, 0, 2).reshape(key.n_elements, -1), key.leaf_cw]
+    return np.unpackbits(np.ascontiguousarray(np.concatenate(words, axis=1)).view(np.uint8), axis=1)
 
 
 @pytest.mark.parametrize("party", [0, 1])
 def test_one_comparison_key_is_independent_of_alpha(party: int) -> None:
-    lo, hi = _keys_at(0, 4000, 8, _prg(3))[party], _keys_at(255, 4000, 8, _prg(4))[party]
+    bits, top = 12, (1 << 12) - 1  # 5 levels of tree, then the leaf's 7 bits
+    lo, hi = _keys_at(0, 4000, bits, _prg(3))[party], _keys_at(top, 4000, bits, _prg(4))[party]
     assert _max_z(_bit_matrix(lo), _bit_matrix(hi)) < _Z_LIMIT
-    # and it sees alpha in keys whose control-bit corrections skip the seeds' masking
-    def leaky(alpha: int, tag: int) -> BitDcfKey:
-        key = _keys_at(alpha, 4000, 8, _prg(tag))[party]
-        a = np.array([(alpha >> (7 - i)) & 1 for i in range(8)], U64)[:, None]
-        key.seed_cw[:, :, 0] = (key.seed_cw[:, :, 0] & U64(~3 % (1 << 64))) | (a ^ U64(1)) | (a << U64(1))
+
+    # and it sees alpha in keys whose corrections skip the seeds' masking
+    def leaky(alpha: int, tag: int, where: str) -> BitDcfKey:
+        key = _keys_at(alpha, 4000, bits, _prg(tag))[party]
+        if where == "control bits":
+            a = np.array([(alpha >> (bits - 1 - i)) & 1 for i in range(5)], U64)[:, None]
+            key.seed_cw[:, :, 0] = (key.seed_cw[:, :, 0] & U64(~3 % (1 << 64))) | (a ^ U64(1)) | (a << U64(1))
+        else:  # the leaf word without the hashed leaves: the indicator of alpha's low bits in the clear
+            key.leaf_cw[:] = 0 if alpha == 0 else (1 << 64) - 1
         return key
 
-    assert _max_z(_bit_matrix(leaky(0, 5)), _bit_matrix(leaky(255, 11))) > 10 * _Z_LIMIT
+    for where in ("control bits", "leaf"):
+        assert _max_z(_bit_matrix(leaky(0, 5, where)), _bit_matrix(leaky(top, 11, where))) > 10 * _Z_LIMIT, where
 
 
 def _relu(x: np.ndarray, bits: int, rng: AesCtrPrg) -> np.ndarray:
@@ -109,11 +116,12 @@ def test_relu_random_at_64_bits_and_the_select_bit_hides_the_sign() -> None:
 
 
 def test_keys_are_about_half_the_one_round_keys_and_within_600_bytes_where_models_compare() -> None:
-    for bits in (16, 25, 33, 35):  # 16 n + 25 bytes: widths up to 35 bits
+    for bits in (16, 25, 33, 41):  # 16 (n - 6) + 25 bytes from n = 8: widths up to 41 bits
         assert key_bytes_per_select_relu(bits) <= 600
+    assert key_bytes_per_select_relu(42) > 600
     for bits in (25, 33, 64):
-        assert key_bytes_per_select_relu(bits) < 0.53 * key_bytes_per_relu(bits)
-    assert key_bytes_per_comparison(24) == 400
+        assert key_bytes_per_select_relu(bits) < 0.5 * key_bytes_per_relu(bits)
+    assert key_bytes_per_comparison(24) == 16 * (2 + 24 - 7) and key_bytes_per_comparison(5) == 32  # a leaf alone
     k0, _ = select_relu_keys(300, 25, _prg(9))
     assert k0.nbytes == len(k0.to_bytes()) < 300 * (key_bytes_per_select_relu(25) + 1)
 

@@ -229,6 +229,70 @@ def _shift(bits: int, level: int) -> np.uint64:
     return U64(bits - 1 - level)
 
 
+def chunks(N: int, size: int, make_work):
+    """(buffers, start, end) for each chunk of at most `size` of N elements; the buffers (from
+    make_work(chunk size)) are made once per chunk size and reused."""
+    work: dict[int, object] = {}
+    for c0 in range(0, N, size):
+        c1 = min(N, c0 + size)
+        yield work.get(c1 - c0) or work.setdefault(c1 - c0, make_work(c1 - c0)), c0, c1
+
+
+def eval_input(party: int, key, x: ArrayLike, what: str) -> np.ndarray:
+    """x as (N,) uint64 in [0, 2^n) for `key` (N elements of n bits), held by `party`; else ValueError."""
+    if party != key.party:
+        raise ValueError(f"party {party} was given party {key.party}'s {what}")
+    x = _as_u64(x, "x").reshape(-1)
+    if x.size != key.n_elements:
+        raise ValueError(f"{what} holds {key.n_elements} elements, x has {x.size}")
+    _check_range(x, key.bits, "x")
+    return x
+
+
+def seed_level(w, sl: np.ndarray, sr: np.ndarray, a: np.ndarray, cw: np.ndarray) -> None:
+    """One level of the tree a DCF and a one-bit comparison share, for both parties at once:
+    from the children sl, sr (2, C, 2) and alpha's bits a (C,), the correction word cw (C, 2)
+    (the xor of the parties' blocks on the side alpha loses, the control-bit corrections
+    t_CW^L = t0L ^ t1L ^ a ^ 1 and t_CW^R = t0R ^ t1R ^ a in its two low bits), and the next
+    blocks w.S: alpha's side, corrected where the party's control bit (w.tmask2, all ones where
+    set) is. w.keep, w.lose hold the two sides after it; w.amask2 must hold a's all-ones mask."""
+    u, low, tx = w.u, w.low, w.tx
+    np.bitwise_xor(sl, sr, out=w.d)
+    np.bitwise_and(w.d, w.amask2[None], out=w.keep)
+    np.bitwise_xor(w.keep, sl, out=w.keep)
+    np.bitwise_xor(w.keep, w.d, out=w.lose)
+    np.bitwise_xor(w.lose[0], w.lose[1], out=cw)
+    np.bitwise_xor(sl[0, :, 0], sl[1, :, 0], out=tx[0])
+    np.bitwise_xor(sr[0, :, 0], sr[1, :, 0], out=tx[1])
+    np.bitwise_and(tx, _ONE, out=tx)
+    np.left_shift(tx[1], _ONE, out=u)
+    np.bitwise_or(tx[0], u, out=low)
+    np.add(a, _ONE, out=u)
+    np.bitwise_xor(low, u, out=low)
+    cw_lo = cw[:, 0]
+    np.bitwise_and(cw_lo, _CLEAR2, out=cw_lo)
+    np.bitwise_or(cw_lo, low, out=cw_lo)
+    np.right_shift(cw_lo, a, out=u)
+    np.bitwise_and(u, _ONE, out=u)
+    np.bitwise_and(cw_lo, _CLEAR2, out=w.corr[:, 0])
+    np.bitwise_or(w.corr[:, 0], u, out=w.corr[:, 0])
+    w.corr[:, 1] = cw[:, 1]
+    np.bitwise_and(w.corr[None], w.tmask2, out=w.S)
+    np.bitwise_xor(w.S, w.keep, out=w.S)
+
+
+def path_child(child: np.ndarray, corr: np.ndarray, xi: np.ndarray, S: np.ndarray, u: np.ndarray) -> None:
+    """S = the evaluator's next block: the path's child xor its correction corr (t s_CW), whose
+    control bit took t t_CW^L; corrected to t t_CW^R where x_i = 1 (bit 1 of a block is never
+    read: each expansion clears it)."""
+    np.bitwise_xor(child, corr, out=S)
+    lo = corr[:, 0]
+    np.right_shift(lo, _ONE, out=u)
+    np.bitwise_xor(u, lo, out=u)
+    np.bitwise_and(u, xi, out=u)
+    np.bitwise_xor(S[:, 0], u, out=S[:, 0])
+
+
 def _value_words(hashes: list[FixedKeyAes], blocks_in: np.ndarray, first: np.ndarray, k: int) -> np.ndarray:
     """The k value words of blocks whose first hashed block (key 0) is `first`: (..., C, k)."""
     if len(hashes) == 1:
@@ -270,49 +334,53 @@ def dcf_keygen(alpha: ArrayLike, beta: ArrayLike, bits: int, rng: AesCtrPrg | No
     value_cw = np.empty((bits, N, k), U64)
     final_cw = np.empty((N, k), U64)
     hashes = _hashes(k)
-    work: dict[int, _GenWork] = {}
-    for c0 in range(0, N, _GEN_CHUNK):
-        c1 = min(N, c0 + _GEN_CHUNK)
-        w = work.get(c1 - c0) or work.setdefault(c1 - c0, _GenWork(c1 - c0, k))
+    for w, c0, c1 in chunks(N, _GEN_CHUNK, lambda C: _GenWork(C, k)):
         _gen_chunk(w, hashes, bits, alpha[c0:c1], beta[c0:c1], roots[:, c0:c1], seed_cw[:, c0:c1], value_cw[:, c0:c1], final_cw[c0:c1])
     return (DcfKey(0, bits, roots[0], seed_cw, value_cw, final_cw), DcfKey(1, bits, roots[1], seed_cw, value_cw, final_cw))
 
 
-class _GenWork:
-    """Preallocated buffers of one generation chunk of C elements (both parties)."""
+class SeedWork:
+    """Buffers of one generation chunk of C elements (both parties) that `seed_level` works in."""
 
-    def __init__(self, C: int, k: int) -> None:
+    def __init__(self, C: int, tweaks: int) -> None:
         self.S = np.empty((2, C, 2), U64)  # both parties' current blocks
-        self.inp = np.empty((2, 4, C, 2), U64)  # party, tweak j, element, block
-        self.out = np.empty((2, 4, C, 2), U64)
+        self.inp = np.empty((2, tweaks, C, 2), U64)  # party, tweak j, element, block
+        self.out = np.empty((2, tweaks, C, 2), U64)
         self.d = np.empty((2, C, 2), U64)
         self.keep = np.empty((2, C, 2), U64)
         self.lose = np.empty((2, C, 2), U64)
-        self.dv = np.empty((2, C, k), U64)  # party 1's value words less party 0's, per side
-        self.x = np.empty((C, k), U64)
-        self.y = np.empty((C, k), U64)
-        self.ab = np.empty((C, k), U64)
-        self.valpha = np.empty((C, k), U64)
         self.a = np.empty(C, U64)
         self.amask = np.empty(C, U64)
-        self.sign1 = np.empty(C, U64)
         self.low = np.empty(C, U64)
         self.u = np.empty(C, U64)
         self.tx = np.empty((2, C), U64)
         self.corr = np.empty((C, 2), U64)
         self.tmask = np.empty((2, C), U64)
-        # per-element masks widened to the words of a block or a payload: numpy is slow when a
-        # broadcast runs along a short last axis, fast along a long one
+        # per-element masks widened to the words of a block: numpy is slow when a broadcast runs
+        # along a short last axis, fast along a long one
         self.amask2 = np.empty((C, 2), U64)
-        self.amaskk = self.amask2 if k == 2 else np.empty((C, k), U64)
         self.tmask2 = np.empty((2, C, 2), U64)
+
+
+class _GenWork(SeedWork):
+    """Preallocated buffers of one DCF generation chunk: the seeds' and the value words'."""
+
+    def __init__(self, C: int, k: int) -> None:
+        super().__init__(C, 4)
+        self.dv = np.empty((2, C, k), U64)  # party 1's value words less party 0's, per side
+        self.x = np.empty((C, k), U64)
+        self.y = np.empty((C, k), U64)
+        self.ab = np.empty((C, k), U64)
+        self.valpha = np.empty((C, k), U64)
+        self.sign1 = np.empty(C, U64)
+        self.amaskk = self.amask2 if k == 2 else np.empty((C, k), U64)
         self.sign1k = np.empty((C, k), U64)
         self.tweak = np.arange(4, dtype=U64)[None, :, None]  # j, in the low word of the block
 
 
 def _gen_chunk(w: _GenWork, hashes: list[FixedKeyAes], bits: int, alpha, beta, roots, seed_cw, value_cw, final_cw) -> None:
     S, inp, out, k = w.S, w.inp, w.out, beta.shape[1]
-    a, amask, sign1, low, u, tmask, tx = w.a, w.amask, w.sign1, w.low, w.u, w.tmask, w.tx
+    a, amask, sign1, u, tmask = w.a, w.amask, w.sign1, w.u, w.tmask
     dv, x, y, ab, valpha = w.dv, w.x, w.y, w.ab, w.valpha
     amask2, amaskk, tmask2, sign1k = w.amask2, w.amaskk, w.tmask2, w.sign1k
     np.copyto(S, roots)
@@ -337,23 +405,7 @@ def _gen_chunk(w: _GenWork, hashes: list[FixedKeyAes], bits: int, alpha, beta, r
         np.copyto(inp, S[:, None])
         np.bitwise_or(inp[:, 1:, :, 0], w.tweak[:, 1:], out=inp[:, 1:, :, 0])
         hashes[0].hash_into(inp, out)
-        sl, sr = out[:, 0], out[:, 1]
-        np.bitwise_xor(sl, sr, out=w.d)
-        np.bitwise_and(w.d, amask2[None], out=w.keep)
-        np.bitwise_xor(w.keep, sl, out=w.keep)
-        np.bitwise_xor(w.keep, w.d, out=w.lose)
-        cw = seed_cw[i]
-        np.bitwise_xor(w.lose[0], w.lose[1], out=cw)
-        # control-bit corrections: bit 0 = t0L ^ t1L ^ a ^ 1, bit 1 = t0R ^ t1R ^ a
-        np.bitwise_xor(out[0, 0:2, :, 0], out[1, 0:2, :, 0], out=tx)
-        np.bitwise_and(tx, _ONE, out=tx)
-        np.left_shift(tx[1], _ONE, out=u)
-        np.bitwise_or(tx[0], u, out=low)
-        np.add(a, _ONE, out=u)
-        np.bitwise_xor(low, u, out=low)
-        cw_lo = cw[:, 0]
-        np.bitwise_and(cw_lo, _CLEAR2, out=cw_lo)
-        np.bitwise_or(cw_lo, low, out=cw_lo)
+        seed_level(w, out[:, 0], out[:, 1], a, seed_cw[i])  # the correction word and the next blocks (w.S)
         # values: only party 1's less party 0's words matter, on the lose and keep sides
         vals = _value_words(hashes, inp[:, 2:4], out[:, 2:4], k)
         np.subtract(vals[1], vals[0], out=dv)
@@ -369,14 +421,6 @@ def _gen_chunk(w: _GenWork, hashes: list[FixedKeyAes], bits: int, alpha, beta, r
         np.multiply(vcw, sign1k, out=vcw)
         # V_alpha' = V_alpha - (v1keep - v0keep) + (-1)^t1 V_CW = (v1lose - v0lose + a beta) - (v1keep - v0keep)
         np.subtract(y, x, out=valpha)
-        # next blocks: keep side, corrected where the party's control bit is set
-        np.right_shift(cw_lo, a, out=u)
-        np.bitwise_and(u, _ONE, out=u)
-        np.bitwise_and(cw_lo, _CLEAR2, out=w.corr[:, 0])
-        np.bitwise_or(w.corr[:, 0], u, out=w.corr[:, 0])
-        w.corr[:, 1] = cw[:, 1]
-        np.bitwise_and(w.corr[None], tmask2, out=S)
-        np.bitwise_xor(S, w.keep, out=S)
     # leaf: value words H(s, 2) of both parties; the final word cancels the path's sum
     np.bitwise_and(S[1, :, 0], _ONE, out=u)
     np.left_shift(u, _ONE, out=sign1)
@@ -412,19 +456,11 @@ class _EvalWork:
 
 def dcf_eval(party: int, key: DcfKey, x: ArrayLike) -> np.ndarray:
     """Party `party`'s additive shares mod 2^64 of f(x), shape (N, k) uint64; x: (N,) in [0, 2^n)."""
-    if party != key.party:
-        raise ValueError(f"party {party} was given party {key.party}'s DCF key")
-    x = _as_u64(x, "x").reshape(-1)
-    N, bits, k = key.n_elements, key.bits, key.payload_words
-    if x.size != N:
-        raise ValueError(f"DCF key holds {N} elements, x has {x.size}")
-    _check_range(x, bits, "x")
+    x = eval_input(party, key, x, "DCF key")
+    N, k = key.n_elements, key.payload_words
     hashes = _hashes(k)
     result = np.empty((N, k), U64)
-    work: dict[int, _EvalWork] = {}
-    for c0 in range(0, N, _EVAL_CHUNK):
-        c1 = min(N, c0 + _EVAL_CHUNK)
-        w = work.get(c1 - c0) or work.setdefault(c1 - c0, _EvalWork(c1 - c0, k))
+    for w, c0, c1 in chunks(N, _EVAL_CHUNK, lambda C: _EvalWork(C, k)):
         _eval_chunk(w, hashes, key, c0, c1, x[c0:c1], result[c0:c1])
     if party == 1:
         np.negative(result, out=result)
@@ -451,15 +487,8 @@ def _eval_chunk(w: _EvalWork, hashes: list[FixedKeyAes], key: DcfKey, c0: int, c
         np.bitwise_or(u[None, :], w.value_tweak, out=inp[:, :, 0])
         np.copyto(inp[:, :, 1], S[None, :, 1])
         hashes[0].hash_into(inp, out)
-        # child ^= t s_CW; its control bit then takes t t_CW^L, which is corrected to t t_CW^R
-        # where x_i = 1 (bit 1 of a block is never read: each expansion clears it)
         np.bitwise_and(key.seed_cw[i, c0:c1], tmask2, out=corr)
-        np.bitwise_xor(out[0], corr, out=S)
-        lo = corr[:, 0]
-        np.right_shift(lo, _ONE, out=u)
-        np.bitwise_xor(u, lo, out=u)
-        np.bitwise_and(u, xi, out=u)
-        np.bitwise_xor(S[:, 0], u, out=S[:, 0])
+        path_child(out[0], corr, xi, S, u)
         # value: v += H(s, 2 + x_i) + t V_CW
         vals = _value_words(hashes, inp[1], out[1], k)
         np.add(v, vals, out=v)

@@ -18,8 +18,8 @@ bits and msb the bit n-1, as in `relu.py`:
    the public term.
 
 Exact while -2^(n-1) <= x < 2^(n-1) in ring units, like the one-round ReLU. Key per element and
-party: 16 n bytes of comparison key, three ring shares and one byte (the bit), against
-`relu.py`'s 32 n + 24: one more round buys it.
+party: 16 (n - 6) bytes of comparison key (from n = 8; its tree stops 7 levels short), three
+ring shares and one byte (the bit), against `relu.py`'s 32 n + 24: one more round buys it.
 """
 
 from __future__ import annotations
