@@ -139,42 +139,48 @@ def model_widths(name: str) -> dict:
     }
 
 
-def print_tables(rows: list[dict], kernel_rows: list[dict], width_rows: list[dict]) -> None:
+def tables(result: dict) -> list[tuple[str, list[str], list[list[str]]]]:
+    """The run's tables as (title, columns, rows of cells), for the terminal and for markdown."""
+    rows, kernel_rows, width_rows = result["end_to_end"], result["kernels"], result["model_widths"]
+    base = {r["elements"]: r for r in rows if r["protocol"] == "crypten"}
+    end_to_end = [
+        [
+            r["protocol"], f"{r['elements']:,}", f"{r['rounds']:g}", f"{r['bytes_sent_per_relu']:.1f}", f"{r['bytes_online_per_relu']:.1f}",
+            f"{r['bytes_offline_per_relu']:.1f}", f"{r['first_batch_s']:.3f}", f"{r['last_batch_s']:.3f}",
+            f"{r['last_batch_s'] / base[r['elements']]['last_batch_s']:.2f}x" if r["elements"] in base else "-",
+        ]
+        for r in rows
+    ]  # fmt: skip
+    kernels_ = [
+        [r["relu"], f"{r['bits']}", f"{r['elements']:,}", f"{r['keygen_pairs_per_s']:,.0f}", f"{r['eval_relu_per_s']:,.0f}", f"{r['key_bytes_per_relu']:,.0f}"]
+        for r in kernel_rows
+    ]
+    widths = [
+        [r["model"], f"{r['comparisons_per_image']:,}", f"{r['widths'][0]}-{r['widths'][-1]}", f"{r['key_bytes_one_round']:,.0f}", f"{r['key_bytes_two_round']:,.0f}"]
+        for r in width_rows
+    ]
+    return [
+        ("One ReLU layer, batch 1, loopback (per ReLU, the second batch and on)",
+         ["protocol", "elements", "rounds", "B sent/party", "B online", "B offline/party", "1st batch s", "last batch s", "vs crypten"], end_to_end),
+        ("The fss kernels on one core (fss: one-round ReLU; fss-compact: two-round)",
+         ["ReLU", "n", "elements", "key gen pairs/s", "eval ReLU/s/party", "key B/ReLU/party"], kernels_),
+        ("The demo models' comparisons at the widths their server settles (default settings)",
+         ["model", "comparisons/image", "widths", "key B/comparison, fss", "key B/comparison, fss-compact"], widths),
+    ]  # fmt: skip
+
+
+def print_tables(result: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
     console = Console(width=120)
-    table = Table(title="one ReLU layer, batch 1, loopback (measured per ReLU, the second batch and on)")
-    for col in ("protocol", "elements", "rounds", "B sent/party", "B online", "B offline/party", "1st batch s", "last batch s", "vs crypten"):
-        table.add_column(col, justify="right")
-    base = {r["elements"]: r for r in rows if r["protocol"] == "crypten"}
-    for r in rows:
-        ref = base.get(r["elements"])
-        ratio = f"{r['last_batch_s'] / ref['last_batch_s']:.2f}x" if ref else "-"
-        table.add_row(
-            r["protocol"], f"{r['elements']:,}", f"{r['rounds']:g}", f"{r['bytes_sent_per_relu']:.1f}",
-            f"{r['bytes_online_per_relu']:.1f}", f"{r['bytes_offline_per_relu']:.1f}", f"{r['first_batch_s']:.3f}",
-            f"{r['last_batch_s']:.3f}", ratio,
-        )  # fmt: skip
-    console.print(table)
-    table = Table(title="fss kernels, one core (measured)")
-    for col in ("ReLU", "n", "elements", "key gen pairs/s", "eval ReLU/s/party", "key B/ReLU/party"):
-        table.add_column(col, justify="right")
-    for r in kernel_rows:
-        table.add_row(
-            r["relu"], f"{r['bits']}", f"{r['elements']:,}", f"{r['keygen_pairs_per_s']:,.0f}", f"{r['eval_relu_per_s']:,.0f}",
-            f"{r['key_bytes_per_relu']:,.0f}",
-        )  # fmt: skip
-    console.print(table)
-    table = Table(title="the demo models' comparisons at the widths their server settles (fss, default settings)")
-    for col in ("model", "comparisons/image", "widths", "key B/cmp one-round (fss)", "key B/cmp two-round (fss-compact)"):
-        table.add_column(col, justify="right")
-    for r in width_rows:
-        table.add_row(
-            r["model"], f"{r['comparisons_per_image']:,}", f"{r['widths'][0]}-{r['widths'][-1]}", f"{r['key_bytes_one_round']:,.0f}",
-            f"{r['key_bytes_two_round']:,.0f}",
-        )  # fmt: skip
-    console.print(table)
+    for title, columns, rows in tables(result):
+        table = Table(title=title)
+        for col in columns:
+            table.add_column(col, justify="right")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
 
 
 def targets(rows: list[dict], kernel_rows: list[dict], width_rows: list[dict]) -> dict[str, bool]:
@@ -194,36 +200,13 @@ def targets(rows: list[dict], kernel_rows: list[dict], width_rows: list[dict]) -
 
 def markdown(result: dict, command: str) -> str:
     """The tables as markdown, for docs/benchmarks/ (written by the run, never by hand)."""
-    rows, kernel_rows, width_rows = result["end_to_end"], result["kernels"], result["model_widths"]
-    base = {r["elements"]: r for r in rows if r["protocol"] == "crypten"}
     lines = [
         "# Secure comparisons: rounds, bytes and keys per protocol", "",
-        f"Written by `{command}` (every figure measured in that run; {result['cpus']}-core machine, loopback, three local processes).", "",
-        "One ReLU layer, batch 1 (per ReLU, the second batch and on):", "",
-        "| protocol | elements | rounds | B sent/party | B online | B offline/party | 1st batch s | last batch s | vs crypten |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"Written by `{command}` (every figure measured in that run; {result['cpus']}-core machine, loopback, three local processes).",
     ]  # fmt: skip
-    for r in rows:
-        ref = base.get(r["elements"])
-        ratio = f"{r['last_batch_s'] / ref['last_batch_s']:.2f}x" if ref else "-"
-        lines.append(
-            f"| {r['protocol']} | {r['elements']:,} | {r['rounds']:g} | {r['bytes_sent_per_relu']:.1f} | {r['bytes_online_per_relu']:.1f} | "
-            f"{r['bytes_offline_per_relu']:.1f} | {r['first_batch_s']:.3f} | {r['last_batch_s']:.3f} | {ratio} |"
-        )
-    lines += ["", "The fss kernels on one core (fss: one-round ReLU; fss-compact: two-round):", "",
-              "| ReLU | n | elements | key gen pairs/s | eval ReLU/s/party | key B/ReLU/party |", "|---|---|---|---|---|---|"]  # fmt: skip
-    for r in kernel_rows:
-        lines.append(
-            f"| {r['relu']} | {r['bits']} | {r['elements']:,} | {r['keygen_pairs_per_s']:,.0f} | {r['eval_relu_per_s']:,.0f} | "
-            f"{r['key_bytes_per_relu']:,.0f} |"
-        )
-    lines += ["", "The demo models' comparisons at the widths their server settles (default settings):", "",
-              "| model | comparisons/image | widths | key B/comparison, fss | key B/comparison, fss-compact |", "|---|---|---|---|---|"]  # fmt: skip
-    for r in width_rows:
-        lines.append(
-            f"| {r['model']} | {r['comparisons_per_image']:,} | {r['widths'][0]}-{r['widths'][-1]} | {r['key_bytes_one_round']:,.0f} | "
-            f"{r['key_bytes_two_round']:,.0f} |"
-        )
+    for title, columns, rows in tables(result):
+        lines += ["", f"{title}:", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
     lines += ["", "Targets:", ""] + [f"- {'met' if ok else 'MISSED'}: {name}" for name, ok in result["targets"].items()]
     return "\n".join(lines) + "\n"
 
@@ -249,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
-    print_tables(rows, kernel_rows, width_rows)
+    print_tables(result)
     for name, ok in met.items():
         print(f"{'met ' if ok else 'MISSED'}  {name}")
     if args.report:

@@ -157,6 +157,13 @@ class KeyOfDcf:
     def blob_parts(self) -> list[bytes | memoryview]:
         raise NotImplementedError
 
+    def check_comparison(self, what: str) -> None:
+        """A ReLU key of width `bits` holds its own party's `what` on bits - 1 bits; else ValueError."""
+        if self.party not in (0, 1) or self.dcf.party != self.party:
+            raise ValueError(f"ReLU key of party {self.party} holds a {what} of party {self.dcf.party}")
+        if not 2 <= self.bits <= 64 or self.dcf.bits != self.bits - 1:
+            raise ValueError(f"ReLU key of width {self.bits} needs a {what} on {self.bits - 1} bits, got {self.dcf.bits}")
+
     def to_bytes(self) -> bytes:
         """The header, the share arrays, then the DCF key blob (`blob_parts`, joined)."""
         return b"".join(self.blob_parts())

@@ -58,10 +58,7 @@ class ReluKey(KeyOfDcf):
     msb_r_r: np.ndarray
 
     def __post_init__(self) -> None:
-        if self.party not in (0, 1) or self.dcf.party != self.party:
-            raise ValueError(f"ReLU key of party {self.party} holds a DCF key of party {self.dcf.party}")
-        if not 2 <= self.bits <= 64 or self.dcf.bits != self.bits - 1:
-            raise ValueError(f"ReLU key of width {self.bits} needs a DCF on {self.bits - 1} bits, got {self.dcf.bits}")
+        self.check_comparison("DCF key")
         if self.dcf.payload_words not in _KINDS:
             raise ValueError(f"ReLU key's DCF payload must be 1 (DReLU) or 2 (ReLU) words, got {self.dcf.payload_words}")
         N = self.dcf.n_elements

@@ -59,10 +59,7 @@ class SelectReluKey(KeyOfDcf):
     e: np.ndarray
 
     def __post_init__(self) -> None:
-        if self.party not in (0, 1) or self.dcf.party != self.party:
-            raise ValueError(f"ReLU key of party {self.party} holds a comparison key of party {self.dcf.party}")
-        if not 2 <= self.bits <= 64 or self.dcf.bits != self.bits - 1:
-            raise ValueError(f"ReLU key of width {self.bits} needs a comparison on {self.bits - 1} bits, got {self.dcf.bits}")
+        self.check_comparison("comparison key")
         N = self.dcf.n_elements
         for name, dtype in (("r", U64), ("rho", U64), ("rho_r", U64), ("e", np.uint8)):
             a = getattr(self, name)
