@@ -79,9 +79,11 @@ def targets(rows: list[dict]) -> dict[str, bool]:
     met = {}
     lenet = _at(rows, "lenet_32_64", "fss", "wan")
     if lenet:
-        keys_mb = lenet["bytes_offline_per_batch"] / 2 / 1e6  # both parties' keys, one image a batch
-        met["LeNet-5, one image, wan: fss at most 0.5 s"] = lenet["latency_s"] <= 0.5
-        met["LeNet-5, one image, wan: fss at most 1.5x its lower bound"] = lenet["latency_over_lower_bound"] <= 1.5
+        keys_mb = lenet["bytes_offline_per_batch"] / 1e6  # the client's, one image a batch
+        met[f"LeNet-5, one image, wan: fss at most 0.5 s ({lenet['latency_s']:.3f} s)"] = lenet["latency_s"] <= 0.5
+        met[f"LeNet-5, one image, wan: fss at most 1.5x its lower bound ({lenet['latency_over_lower_bound']:.2f}x)"] = (
+            lenet["latency_over_lower_bound"] <= 1.5
+        )
         met[f"LeNet-5, one image: at most 40 MB of keys per party (fss {keys_mb:.1f} MB)"] = keys_mb <= 40
     for model in sorted({r["model"] for r in rows}):
         base = _at(rows, model, "crypten", "loopback")
@@ -101,7 +103,7 @@ def print_table(rows: list[dict]) -> None:
     from rich.table import Table
 
     table = Table(title="latency per batch (median of the batches after the first), three local processes")
-    for col in ("model", "protocol", "link", "batch", "latency s", "1st batch s", "vs crypten", "bound s", "/ bound", "rounds", "MB keys/party"):
+    for col in ("model", "protocol", "link", "batch", "latency s", "1st batch s", "vs crypten", "bound s", "/ bound", "rounds", "client's MB from dealer"):
         table.add_column(col, justify="right")
     for r in rows:
         base = _at(rows, r["model"], "crypten", r["profile"])
@@ -109,7 +111,7 @@ def print_table(rows: list[dict]) -> None:
             r["model"], r["protocol"], r["profile"], str(r["batch"]), f"{r['latency_s']:.3f}", f"{r['first_batch_latency_s']:.3f}",
             f"{r['latency_s'] / base['latency_s']:.2f}" if base else "-", f"{r['lower_bound_s']:.3f}",
             f"{r['latency_over_lower_bound']:.2f}" if r["latency_over_lower_bound"] else "-", str(r["rounds"]),
-            f"{r['bytes_offline_per_batch'] / 2 / 1e6:.1f}",
+            f"{r['bytes_offline_per_batch'] / 1e6:.1f}",
         )  # fmt: skip
     Console(width=140).print(table)
 
@@ -118,12 +120,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["lenet_32_64", "fashion_cnn", "tiny_resnet"])
     parser.add_argument("--out", type=Path, default=Path("results/fss_targets.json"))
+    parser.add_argument("--tables-from", type=Path, default=None, help="print the tables and targets of an earlier run's JSON, running nothing")
     args = parser.parse_args(argv)
-    rows = run(args.models)
+    rows = json.loads(args.tables_from.read_text())["rows"] if args.tables_from else run(args.models)
     met = targets(rows)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"rows": rows, "targets": met}, indent=1, default=str))
-    print(json.dumps({"rows": rows, "targets": met}, indent=1, default=str))
+    if not args.tables_from:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"rows": rows, "targets": met}, indent=1, default=str))
+        print(json.dumps({"rows": rows, "targets": met}, indent=1, default=str))
     print_table(rows)
     for name, ok in met.items():
         print(f"{'met   ' if ok else 'MISSED'}  {name}")
