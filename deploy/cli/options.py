@@ -81,9 +81,9 @@ def add_transport_args(parser: argparse.ArgumentParser) -> None:
         "--protocol",
         default=DEFAULT_PROTOCOL,
         choices=protocols(),
-        help="the secure backend: crypten (CrypTen's protocols, the default), fss (one-round ReLU from "
-        "the dealer's DCF keys, weights opened once) or fss-compact (fss with two-round ReLUs from keys half the "
-        "size: faster where rounds are cheap); every party of a session must use the same",
+        help="the secure backend: fss-compact (the default: two-round ReLUs from compact dealer keys, weights opened "
+        "once), fss (one-round ReLUs from keys about twice the size: a little faster where rounds are slow) or crypten "
+        "(CrypTen's protocols; the one with --insecure-trusted-first-party); every party of a session must use the same",
     )
     lo, hi = FRACTION_BITS_RANGE
     parser.add_argument(

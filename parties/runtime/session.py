@@ -69,7 +69,12 @@ class PartyConfig:
     encoding: SessionEncoding | None = None
 
     def __post_init__(self) -> None:
-        backend_class(self.protocol)  # an unknown protocol is refused before anything starts
+        backend = backend_class(self.protocol)  # an unknown protocol is refused before anything starts
+        if self.insecure_trusted_first_party and not backend.trusted_first_party:
+            raise ValueError(
+                f"--insecure-trusted-first-party runs CrypTen's trusted first party: protocol '{self.protocol}' needs a dealer "
+                "(pass --protocol crypten with it, or start a dealer and pass --dealer)"
+            )
         check_session_bits(self.fraction_bits)
         if self.truncation not in TRUNCATION_POLICIES:
             raise ValueError(f"truncation must be one of {', '.join(TRUNCATION_POLICIES)}, got {self.truncation!r}")

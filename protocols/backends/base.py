@@ -194,6 +194,8 @@ class Backend(abc.ABC):
     public_rounding: ClassVar[str] = "nearest"
     # Whether an exact truncation can be left to the ReLU that reads the product (Truncation.fused).
     fuses_truncation: ClassVar[bool] = False
+    # Whether it can run without a dealer, the server making the correlations (insecure, development only).
+    trusted_first_party: ClassVar[bool] = False
 
     rank: int
 

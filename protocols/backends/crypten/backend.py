@@ -25,6 +25,7 @@ from .pricing import CryptenPricing
 
 class CryptenBackend(Backend):
     name = "crypten"
+    trusted_first_party = True  # CrypTen's TFP provider
     pricing = CryptenPricing()
     correlations = correlations.CORRELATIONS
     pool_pad_bits = 24  # CrypTen pads max-pool windows with -2^24 ring units (common/functions/pooling.py)
