@@ -160,13 +160,17 @@ def test_a_peer_on_another_protocol_is_refused_by_name():
     from twinfer.parties.errors import ProtocolError
     from twinfer.parties.runtime.session import ClientParty, PartyConfig
 
-    config = PartyConfig(role=CLIENT, session_id="s", server_address="127.0.0.1:9", insecure_trusted_first_party=True)
+    config = PartyConfig(role=CLIENT, session_id="s", server_address="127.0.0.1:9", dealer_address="127.0.0.1:9")
     party = ClientParty(np.zeros((1, 4), np.float32), 1, config)
     party._agree_protocol(np.frombuffer(config.protocol.encode(), np.uint8), SERVER)  # the same: accepted
-    with pytest.raises(ProtocolError, match="the server runs protocol 'fss' but this client runs 'crypten'"):
-        party._agree_protocol(np.frombuffer(b"fss", np.uint8), SERVER)
+    with pytest.raises(ProtocolError, match="the server runs protocol 'crypten' but this client runs 'fss-compact'"):
+        party._agree_protocol(np.frombuffer(b"crypten", np.uint8), SERVER)
     with pytest.raises(ValueError, match="unknown protocol 'nope'"):
         PartyConfig(role=CLIENT, session_id="s", protocol="nope")
+    # a trusted first party is CrypTen's: another protocol asks for a dealer by name
+    with pytest.raises(ValueError, match="protocol 'fss-compact' needs a dealer .pass --protocol crypten"):
+        PartyConfig(role=CLIENT, session_id="s", insecure_trusted_first_party=True)
+    assert PartyConfig(role=CLIENT, session_id="s", insecure_trusted_first_party=True, protocol="crypten").protocol == "crypten"
 
 
 @pytest.mark.parametrize("protocol, rounds_per_relu", [("fss", 1), ("fss-compact", 2)])

@@ -40,8 +40,8 @@ class Parties:
         self.session_id = f"session-{next(_ids)}"
         servicer.open_session(self.session_id)
         self.address = address
-        self.server = DealerClient(address, session_id=self.session_id, role="server", options=OPTS, metrics=Metrics())
-        self.client = DealerClient(address, session_id=self.session_id, role="client", options=OPTS, metrics=Metrics())
+        self.server = DealerClient(address, session_id=self.session_id, role="server", options=OPTS, metrics=Metrics(), protocol="crypten")
+        self.client = DealerClient(address, session_id=self.session_id, role="client", options=OPTS, metrics=Metrics(), protocol="crypten")
 
         self.open = [self.server, self.client]
 

@@ -42,8 +42,9 @@ def test_cli_infer_json_matches_pytorch(tmp_path, onnx_files, fashion_cnn, fashi
     assert out["rounds"] > 0 and out["bytes_online"] > 0 and out["bytes_offline"] > 0
     # Shaped in the transport: the measured batch can never beat the network's lower bound. The
     # bound expected here comes from known quantities, not from the product's formula: one batch of 8
-    # costs 3 ReLUs x 9 rounds + 2 MaxPools (2x2) x 46 + 4 Beaver products (Conv, Conv, Gemm, Gemm) x 1
-    # + 1 output opening = 124 rounds, each a simultaneous exchange that waits one way (rtt/2 = 5 ms);
+    # on the default protocol (fss-compact) costs 3 ReLUs x 2 rounds + 2 MaxPools (2x2: two levels of
+    # ReLUs) x 4 + 4 Beaver products (Conv, Conv, Gemm, Gemm) x 1 + 1 output opening = 19 rounds, each
+    # a simultaneous exchange that waits one way (rtt/2 = 5 ms);
     # its bytes are the cost model's (checked against the measured counters), each opening sending
     # one share each way and the output going server -> client only, so the client's inbound
     # direction is the busier one, at 1 Gbit/s.
@@ -54,7 +55,7 @@ def test_cli_infer_json_matches_pytorch(tmp_path, onnx_files, fashion_cnn, fashi
     costs = graph_cost(load_model(onnx_files["fashion_cnn"])[0], batch=batch)
     predicted, reveal = total_cost(costs), costs[-1]
     assert reveal.name == "reveal_output" and predicted.modelled
-    assert predicted.rounds == 3 * 9 + 2 * 46 + 4 * 1 + 1 == 124
+    assert out["protocol"] == "fss-compact" and predicted.rounds == 3 * 2 + 2 * 4 + 4 * 1 + 1 == 19
     assert out["rounds_per_batch"] == predicted.rounds and out["rounds"] == batches * predicted.rounds
     assert out["bytes_online"] == batches * predicted.bytes_online
     inbound = (predicted.bytes_online - reveal.bytes_online) // 2 + reveal.bytes_online

@@ -37,14 +37,16 @@ def _error_id(text: str) -> str:
     return match.group(1)
 
 
-def test_resnet_with_batchnorm_roles_and_accuracy(parties, tmp_path, onnx_files, tiny_resnet, fashion_test):
+@pytest.mark.parametrize("protocol", ["fss-compact", "crypten"])  # the default, and the one whose reveals are CrypTen's
+def test_resnet_with_batchnorm_roles_and_accuracy(parties, tmp_path, onnx_files, tiny_resnet, fashion_test, protocol):
     images = fashion_test[0][:12]
     dealer = parties.start_dealer()
     server_audit, client_audit = tmp_path / "server.audit", tmp_path / "client.audit"
-    server = parties.start_server(onnx_files["tiny_resnet"], "--dealer", dealer, audit=server_audit)
+    server = parties.start_server(onnx_files["tiny_resnet"], "--dealer", dealer, "--protocol", protocol, audit=server_audit)
     out = tmp_path / "logits.npy"
     parties.start_client(
-        server, _save(tmp_path, images), "--dealer", dealer, "--batch", "6", "--output", str(out), audit=client_audit,
+        server, _save(tmp_path, images), "--dealer", dealer, "--batch", "6", "--output", str(out), "--protocol", protocol,
+        audit=client_audit,
     )  # fmt: skip
     code, client, err = parties.finish("client")
     assert code == 0, err
@@ -110,22 +112,24 @@ def client_relu_per_sample(model_path) -> int:
 
 def test_insecure_trusted_first_party_only_when_asked(parties, tmp_path, onnx_files, fashion_cnn, fashion_test):
     images = fashion_test[0][:4]
-    server = parties.start_server(onnx_files["fashion_cnn"], "--insecure-trusted-first-party")
-    parties.start_client(server, _save(tmp_path, images), "--insecure-trusted-first-party")
+    server = parties.start_server(onnx_files["fashion_cnn"], "--insecure-trusted-first-party", "--protocol", "crypten")
+    parties.start_client(server, _save(tmp_path, images), "--insecure-trusted-first-party", "--protocol", "crypten")
     code, client, err = parties.finish("client")
     assert code == 0, err
     assert client["bytes_offline"] == 0  # no dealer involved
     with torch.no_grad():
         reference = fashion_cnn(torch.from_numpy(images)).numpy()
     assert_within_stated_error(client["logits"], reference, client["encoding"])
-    # Without the flag a dealer is required: there is no silent fallback to TFP.
-    lone = Parties(tmp_path, session="lone-" + secrets.token_hex(16))
-    try:
-        lone.start_client("127.0.0.1:1", _save(tmp_path, images))
-        code, _, err = lone.finish("client", timeout=60)
-        assert code == 2 and "--dealer" in err
-    finally:
-        lone.close()
+    # Without the flag a dealer is required: there is no silent fallback to TFP. With it, only
+    # crypten runs one: the default protocol is refused by name, not switched silently.
+    for extra, message in (((), "--dealer"), (("--insecure-trusted-first-party",), "pass --protocol crypten")):
+        lone = Parties(tmp_path, session="lone-" + secrets.token_hex(16))
+        try:
+            lone.start_client("127.0.0.1:1", _save(tmp_path, images), *extra)
+            code, _, err = lone.finish("client", timeout=60)
+            assert code == 2 and message in err and "Traceback" not in err, err
+        finally:
+            lone.close()
 
 
 def test_peer_not_listening(parties, tmp_path, fashion_test):
@@ -137,7 +141,7 @@ def test_peer_not_listening(parties, tmp_path, fashion_test):
         port = s.getsockname()[1]
     start = time.monotonic()
     parties.start_client(
-        f"127.0.0.1:{port}", _save(tmp_path, fashion_test[0][:1]), "--dealer", f"127.0.0.1:{port}", "--insecure-trusted-first-party"
+        f"127.0.0.1:{port}", _save(tmp_path, fashion_test[0][:1]), "--dealer", f"127.0.0.1:{port}"
     )
     code, _, err = parties.finish("client", timeout=60)
     assert code == 5

@@ -93,7 +93,7 @@ def test_a_batch_below_one_is_a_usage_error_at_once(capsys, tmp_path, command, b
 def test_an_unwritable_output_is_refused_before_the_client_connects(capsys, tmp_path):
     x = _save(tmp_path, np.zeros((1, 1, 28, 28), np.float32))
     client = ["party", "--role", "client", "--session", new_session_id(), "--server", "127.0.0.1:9", "--input", x,
-              "--insecure-trusted-first-party", "--connect-timeout", "30"]  # fmt: skip
+              "--insecure-trusted-first-party", "--protocol", "crypten", "--connect-timeout", "30"]  # fmt: skip
     for output, message in (
         ("/no/such/dir/out.npy", "folder /no/such/dir does not exist"),
         (str(tmp_path), "is a directory"),

@@ -284,7 +284,7 @@ def test_parties_with_other_fraction_bits_are_refused_by_name():
     from twinfer.parties.runtime.session import ClientParty, PartyConfig
     from twinfer.protocols.roles import SERVER
 
-    config = PartyConfig(role="client", session_id="s", server_address="127.0.0.1:9", insecure_trusted_first_party=True, fraction_bits=12)
+    config = PartyConfig(role="client", session_id="s", server_address="127.0.0.1:9", dealer_address="127.0.0.1:9", fraction_bits=12)
     party = ClientParty(np.zeros((1, 4), np.float32), 1, config)
     party._agree_encoding(np.array([12]), SERVER)  # the same: accepted
     with pytest.raises(ProtocolError, match="the server encodes with 16 fractional bits but this client with 12: every party"):

@@ -157,7 +157,8 @@ def test_listener_with_another_role_is_refused_by_the_dialer(certs):
         listener.close(grace=0)
 
 
-def test_dealer_refuses_a_role_that_is_not_the_callers(certs):
+@pytest.mark.parametrize("protocol", ["crypten", "fss-compact"])
+def test_dealer_refuses_a_role_that_is_not_the_callers(certs, protocol):
     from twinfer.parties.dealer.client import DealerClient
 
     listener = PartyListener("dealer", "127.0.0.1:0", FAST, _identity(certs, "dealer"))
@@ -165,14 +166,24 @@ def test_dealer_refuses_a_role_that_is_not_the_callers(certs):
     try:
         # The client asks for the server's seed (with which it could strip the server's tuples).
         with pytest.raises(AuthError, match=r"names role 'client', expected server"):
-            DealerClient(listener.address, session_id="s", role="server", options=FAST, metrics=Metrics(), tls=_identity(certs, "client"))
+            DealerClient(
+                listener.address, session_id="s", role="server", options=FAST, metrics=Metrics(), tls=_identity(certs, "client"),
+                protocol=protocol,
+            )  # fmt: skip
         assert listener.dealer.stats("s")["bytes_sent"] == 0
-        client = DealerClient(listener.address, session_id="s", role="client", options=FAST, metrics=Metrics(), tls=_identity(certs, "client"))
-        # ... and the client may not ask for CrypTen's tuples, which only the server draws.
-        with pytest.raises(AuthError, match=r"the client may not ask for 'square' \(only \['server'\]\)"):
-            client.ttp_request("square", None, torch.Size([2]))
+        client = DealerClient(
+            listener.address, session_id="s", role="client", options=FAST, metrics=Metrics(), tls=_identity(certs, "client"), protocol=protocol
+        )
+        # ... and the client may not ask for the products' and squares' parts only the server draws.
+        if protocol == "crypten":
+            with pytest.raises(AuthError, match=r"the client may not ask for 'square' \(only \['server'\]\)"):
+                client.ttp_request("square", None, torch.Size([2]))
+        else:
+            with pytest.raises(AuthError, match=r"the client may not ask for 'fss.square' \(only \['server'\]\)"):
+                client.request("fss.square", '{"shape": [2]}', client.next_index())
         client.close()
-        assert listener.dealer.stats("s")["bytes_sent"] == 8  # the client's own seed only
+        seed = 8 + (16 if protocol != "crypten" else 0)  # the client's own seed only (and its AES key on fss)
+        assert listener.dealer.stats("s")["bytes_sent"] == seed
     finally:
         listener.close(grace=0)
 

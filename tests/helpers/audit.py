@@ -1,4 +1,5 @@
-"""Opt-in record of what a party process saw: files it opened and plaintexts it revealed.
+"""Opt-in record of what a party process saw: files it opened and plaintexts it revealed (on
+CrypTen's tensors and on the fss backends alike).
 
 Tests use it to check the roles: the client never opens the weights file nor holds the
 weights, and the server never holds the output. `audited_command` runs a `twinfer` command
@@ -47,6 +48,17 @@ class Audit:
             return value
 
         mpc_tensor.reveal = reveal
+        from twinfer.protocols.backends.fss.backend import FssBackend  # fss and fss-compact decode their own reveals
+
+        fss_reveal = FssBackend.reveal
+
+        def fss(backend, x, dst):
+            value = fss_reveal(backend, x, dst)
+            if value is not None:
+                self.revealed.append(np.asarray(value, dtype=np.float64).tolist())
+            return value
+
+        FssBackend.reveal = fss
         return self
 
     def write(self, path: str | Path) -> None:
