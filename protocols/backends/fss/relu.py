@@ -132,13 +132,19 @@ def _share(value: np.ndarray, rng: AesCtrPrg) -> tuple[np.ndarray, np.ndarray]:
     return s0, value - s0
 
 
-def _keys(n_elements: int, bits: int, rng: AesCtrPrg | None, relu: bool) -> tuple[ReluKey, ReluKey]:
+def draw_mask(n_elements: int, bits: int, rng: AesCtrPrg | None) -> tuple[AesCtrPrg, np.ndarray]:
+    """The dealer's PRG (a fresh one if None) and the masks r of n_elements comparisons of width
+    `bits`, its first draw; bad arguments raise ValueError."""
     if not 2 <= bits <= 64:
         raise ValueError(f"comparison bit width must be in 2..64, got {bits}")
     if n_elements < 0:
         raise ValueError(f"number of elements must be >= 0, got {n_elements}")
     rng = AesCtrPrg() if rng is None else rng
-    r = rng.uint64(n_elements)
+    return rng, rng.uint64(n_elements)
+
+
+def _keys(n_elements: int, bits: int, rng: AesCtrPrg | None, relu: bool) -> tuple[ReluKey, ReluKey]:
+    rng, r = draw_mask(n_elements, bits, rng)
     msb = _msb(r, bits)
     sign = _ONE - (msb << _ONE)  # 1 - 2 msb(r)
     beta = np.stack([sign, sign * r], axis=1) if relu else sign[:, None]

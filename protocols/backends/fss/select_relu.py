@@ -34,7 +34,7 @@ from .bit_dcf import HEADER_BYTES as BIT_DCF_HEADER_BYTES
 from .bit_dcf import BitDcfKey, bit_dcf_eval, bit_dcf_keygen, key_bytes_per_comparison
 from .dcf import KeyOfDcf, read_header, word_views
 from .prg import AesCtrPrg
-from .relu import _low, _msb, _share, _x_hat
+from .relu import _low, _msb, _share, _x_hat, draw_mask
 
 U64 = np.uint64
 _ONE = U64(1)
@@ -113,12 +113,7 @@ def key_bytes_per_select_relu(bits: int) -> int:
 
 def select_relu_keys(n_elements: int, bits: int = 64, rng: AesCtrPrg | None = None) -> tuple[SelectReluKey, SelectReluKey]:
     """The dealer's keys for n_elements two-round ReLUs at comparison width `bits` (party 0's, 1's)."""
-    if not 2 <= bits <= 64:
-        raise ValueError(f"comparison bit width must be in 2..64, got {bits}")
-    if n_elements < 0:
-        raise ValueError(f"number of elements must be >= 0, got {n_elements}")
-    rng = AesCtrPrg() if rng is None else rng
-    r = rng.uint64(n_elements)
+    rng, r = draw_mask(n_elements, bits, rng)
     rho = rng.uint8(n_elements) & np.uint8(1)
     d0, d1 = bit_dcf_keygen(_low(r, bits), bits - 1, rng)
     r0, r1 = _share(r, rng)
