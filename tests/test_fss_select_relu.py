@@ -187,3 +187,33 @@ def test_the_dealer_kind_makes_both_parties_keys_for_fss_compact_only() -> None:
     x_hat = masked_share(k0, np.zeros(300, U64)) + masked_share(k1, x.view(U64))
     d_hat = select_bits(0, k0, x_hat) ^ select_bits(1, k1, x_hat)
     assert np.array_equal((select_relu_eval(0, k0, x_hat, d_hat) + select_relu_eval(1, k1, x_hat, d_hat)).view(np.int64), np.maximum(x, 0))
+
+
+def test_a_peer_message_of_another_shape_or_type_is_refused_by_name() -> None:
+    """The second round's bits are uint8: a peer sending ring elements instead is refused before torch reads them."""
+    import types
+
+    import torch
+
+    from twinfer.protocols.backends.base import BackendError
+    from twinfer.protocols.backends.fss.backend import FssCompactBackend
+
+    class Peer:
+        metrics = types.SimpleNamespace(count_round=lambda: None)
+
+        def __init__(self, reply: np.ndarray) -> None:
+            self.reply = reply
+
+        def send(self, tag: str, array: np.ndarray) -> None:
+            pass
+
+        def recv(self, tag: str) -> np.ndarray:
+            return self.reply
+
+    dealer = types.SimpleNamespace(key=bytes(16))
+    mine = torch.zeros(3, dtype=torch.uint8)
+    for reply, found in ((np.zeros(3, np.uint64), r"\(3,\) and type uint64"), (np.zeros(4, np.uint8), r"\(4,\) and type uint8")):
+        backend = FssCompactBackend(1, Peer(reply), dealer)
+        with pytest.raises(BackendError, match=rf"got 'fss.select' of shape {found} from its peer, expected \(3,\) and uint8"):
+            backend._exchange("fss.select", mine)
+    assert torch.equal(FssCompactBackend(1, Peer(np.ones(3, np.uint8)), dealer)._exchange("fss.select", mine), torch.ones(3, dtype=torch.uint8))

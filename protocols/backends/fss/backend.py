@@ -177,13 +177,17 @@ class FssBackend(Backend):
     # -- the wire ---------------------------------------------------------------------------------
 
     def _exchange(self, tag: str, mine: torch.Tensor) -> torch.Tensor:
-        """Send my int64 array, receive the peer's: one round (both send at once)."""
+        """Send my array (ring elements, or packed bits), receive the peer's of the same shape and type: one
+        round (both send at once)."""
         self.transport.metrics.count_round()
-        self.transport.send(tag, mine.contiguous().numpy())
-        theirs = torch.from_numpy(self.transport.recv(tag).copy())
-        if theirs.shape != mine.shape:
-            raise BackendError(f"fss backend got '{tag}' of shape {tuple(theirs.shape)} from its peer, expected {tuple(mine.shape)}")
-        return theirs
+        sent = mine.contiguous().numpy()
+        self.transport.send(tag, sent)
+        got = self.transport.recv(tag)
+        if got.shape != sent.shape or got.dtype != sent.dtype:  # checked before torch reads it
+            raise BackendError(
+                f"fss backend got '{tag}' of shape {got.shape} and type {got.dtype} from its peer, expected {sent.shape} and {sent.dtype}"
+            )
+        return torch.from_numpy(got.copy())
 
     def _open(self, tag: str, mine: torch.Tensor) -> torch.Tensor:
         return mine + self._exchange(tag, mine)
