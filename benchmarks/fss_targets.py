@@ -7,7 +7,9 @@ initialisation with seed 0, untrained: latency does not depend on training), the
 three local processes with the link shaped in twinfer's transport (`twinfer bench latency`'s
 `measure`): eight images a batch on loopback, one image under wan; three batches, the first
 fetching its correlations on demand, the others with the dealer making the next batch's while
-one runs (overlapped, as a service runs). Prints JSON, a table, and each target met or missed:
+one runs (overlapped, as a service runs). Prints JSON, a table (with where the client's time
+went per batch, the mean over all three: its own compute, waiting on the peer, waiting on the
+dealer), and each target met or missed:
 
 - the LeNet-5, one image, wan: fss at most 0.5 s and 1.5x its lower bound, at most 40 MB of
   keys per party per image;
@@ -103,7 +105,7 @@ def print_table(rows: list[dict]) -> None:
     from rich.table import Table
 
     table = Table(title="latency per batch (median of the batches after the first), three local processes")
-    for col in ("model", "protocol", "link", "batch", "latency s", "1st batch s", "vs crypten", "bound s", "/ bound", "rounds", "client's MB from dealer"):
+    for col in ("model", "protocol", "link", "batch", "latency s", "1st batch s", "vs crypten", "bound s", "/ bound", "rounds", "client's MB from dealer", "compute s", "peer s", "dealer s"):
         table.add_column(col, justify="right")
     for r in rows:
         base = _at(rows, r["model"], "crypten", r["profile"])
@@ -112,8 +114,9 @@ def print_table(rows: list[dict]) -> None:
             f"{r['latency_s'] / base['latency_s']:.2f}" if base else "-", f"{r['lower_bound_s']:.3f}",
             f"{r['latency_over_lower_bound']:.2f}" if r["latency_over_lower_bound"] else "-", str(r["rounds"]),
             f"{r['bytes_offline_per_batch'] / 1e6:.1f}",
+            *(f"{r[k]:.3f}" if k in r else "-" for k in ("compute_s", "peer_wait_s", "dealer_wait_s")),
         )  # fmt: skip
-    Console(width=140).print(table)
+    Console(width=190).print(table)
 
 
 def main(argv: list[str] | None = None) -> int:

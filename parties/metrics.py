@@ -16,7 +16,8 @@ class LayerCounters:
     bytes_sent: int = 0
     bytes_received: int = 0
     bytes_offline: int = 0
-    wait_s: float = 0.0
+    wait_s: float = 0.0  # blocked on the peer's messages
+    dealer_wait_s: float = 0.0  # blocked on the dealer's correlations (made, sent, or still being prefetched)
     wall_s: float = 0.0
 
     def add(self, other: "LayerCounters") -> None:
@@ -46,6 +47,10 @@ class Metrics:
             c = self._now()
             c.bytes_received += nbytes
             c.wait_s += wait_s
+
+    def count_dealer_wait(self, seconds: float) -> None:
+        with self._lock:
+            self._now().dealer_wait_s += seconds
 
     def count_round(self) -> None:
         with self._lock:
@@ -84,8 +89,8 @@ class Metrics:
             self.layers.clear()
 
     def snapshot(self) -> dict[str, dict]:
-        """Counters per layer, with compute_s = wall time not spent waiting on a peer."""
+        """Counters per layer, with compute_s = wall time not spent waiting on the peer or the dealer."""
         with self._lock:
             return {
-                name: asdict(c) | {"compute_s": max(0.0, c.wall_s - c.wait_s)} for name, c in self.layers.items()
+                name: asdict(c) | {"compute_s": max(0.0, c.wall_s - c.wait_s - c.dealer_wait_s)} for name, c in self.layers.items()
             }

@@ -75,6 +75,10 @@ def _row(model: str, profile: NetworkProfile, shaping: str, batch: int, client: 
         "relu_count": client.relu_count // batches,
         "comparisons": client.comparisons // batches,
         "bytes_offline_per_batch": client.bytes_offline / batches,
+        # where the client's time went, per batch over every layer: its own work, the peer, the dealer
+        "compute_s": sum(c["compute_s"] for c in layers.values()),
+        "peer_wait_s": sum(c["wait_s"] for c in layers.values()),
+        "dealer_wait_s": sum(c["dealer_wait_s"] for c in layers.values()),
         "layers_per_batch": layers,
     }
 
@@ -115,15 +119,15 @@ def measure_kernel(model: str, onnx_path: Path, sample_shape: tuple[int, ...], p
 
 def print_table(rows: list[dict]) -> None:
     print(
-        f"{'model':<12} {'protocol':<8} {'profile':<22} {'shaping':<9} {'offline':<7} {'batch':>5} {'measured s':>10} {'bound s':>8} "
-        f"{'ratio':>6} {'rounds':>6} {'MB one way':>10} {'1st batch s':>11}"
+        f"{'model':<12} {'protocol':<11} {'profile':<22} {'shaping':<9} {'offline':<7} {'batch':>5} {'measured s':>10} {'bound s':>8} "
+        f"{'ratio':>6} {'rounds':>6} {'MB one way':>10} {'1st batch s':>11} {'compute s':>9} {'peer s':>7} {'dealer s':>8}"
     )
     for r in rows:
         ratio = f"{r['latency_over_lower_bound']:.2f}" if r["latency_over_lower_bound"] else "-"
         print(
-            f"{r['model']:<12} {r['protocol']:<8} {r['profile']:<22} {r['shaping']:<9} {r.get('offline', 'overlap'):<7} {r['batch']:>5} {r['latency_s']:>10.3f} "
+            f"{r['model']:<12} {r['protocol']:<11} {r['profile']:<22} {r['shaping']:<9} {r.get('offline', 'overlap'):<7} {r['batch']:>5} {r['latency_s']:>10.3f} "
             f"{r['lower_bound_s']:>8.3f} {ratio:>6} {r['rounds']:>6} {r['bytes_one_way'] / 1e6:>10.2f} "
-            f"{r['first_batch_latency_s']:>11.3f}"
+            f"{r['first_batch_latency_s']:>11.3f} {r['compute_s']:>9.3f} {r['peer_wait_s']:>7.3f} {r['dealer_wait_s']:>8.3f}"
         )
 
 
@@ -165,10 +169,12 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
     for r in layered:
         names = [n for n in r["layers_per_batch"]]
         compute = [r["layers_per_batch"][n]["compute_s"] for n in names]
+        dealer = [r["layers_per_batch"][n].get("dealer_wait_s", 0.0) for n in names]
         wait = [r["layers_per_batch"][n]["wait_s"] for n in names]
         fig, ax = plt.subplots(figsize=(7, 0.35 * len(names) + 1.5))
         ax.barh(names, compute, label="local compute")
-        ax.barh(names, wait, left=compute, label="waiting on the network")
+        ax.barh(names, dealer, left=compute, label="waiting on the dealer")
+        ax.barh(names, wait, left=[c + d for c, d in zip(compute, dealer)], label="waiting on the peer (the network)")
         ax.invert_yaxis()
         ax.set_xlabel("seconds per batch")
         mode = r.get("offline", "overlap")

@@ -312,7 +312,7 @@ class DealerClient:
             arrays = correlation_from_frames(frames)
             LinkShaper.hold_until(self._downlink.arrival_time(_nbytes(arrays), now=sent + self._half_rtt))
             self.metrics.count_offline(_nbytes(arrays))
-        self.metrics.count_receive(0, time.perf_counter() - start)
+        self.metrics.count_dealer_wait(time.perf_counter() - start)
         return arrays
 
     def close(self, error: TwinferError | None = None) -> None:
