@@ -118,17 +118,16 @@ def model_widths(name: str) -> dict:
 
     from twinfer.deploy.config.paths import cache_dir
     from twinfer.optimizer.zoo.demo_models import load_or_train_demo_model
-    from twinfer.parties.runtime.model_file import parse_model, server_encoding
+    from twinfer.parties.runtime.model_file import parse_model
+    from twinfer.parties.runtime.session import PartyConfig, server_graph
     from twinfer.protocols.backends.fss.relu import key_bytes_per_relu
     from twinfer.protocols.backends.fss.select_relu import key_bytes_per_select_relu
     from twinfer.protocols.cost_model import graph_cost
-    from twinfer.protocols.ir.encoding import apply_plan
     from twinfer.protocols.ir.onnx_export import export_onnx
 
     model = load_or_train_demo_model(name, cache_dir() / "models", progress=False)
     graph, weights = parse_model(export_onnx(model, torch.zeros(1, 1, 28, 28)))
-    encoding = server_encoding(graph, weights, "auto", "fss")
-    served = apply_plan(graph, encoding.truncations(), encoding.widths)
+    served, _ = server_graph(graph, weights, PartyConfig(role="server", session_id="widths", protocol="fss"))  # what a server serves
     bits = {node.name: int(node.attrs.get("bits", 64)) for node in served.nodes}
     compared = [(c.comparisons, bits[c.name]) for c in graph_cost(served, 1, "fss") if c.comparisons]
     total = sum(n for n, _ in compared)

@@ -362,9 +362,10 @@ def server_graph(graph: Graph, weights: dict[str, np.ndarray], config: PartyConf
     if config.encoding is not None:
         encoding = config.encoding
         held = graph.input_range if graph.input_range is not None else encoding.input_range
-        return dataclasses.replace(apply_plan(graph, encoding.truncations(), encoding.widths), input_range=held), encoding
-    encoding = server_encoding(graph, weights, config.fraction_bits, config.protocol, config.truncation)
-    return dataclasses.replace(apply_plan(graph, encoding.truncations(), encoding.widths), input_range=encoding.input_range), encoding
+    else:
+        encoding = server_encoding(graph, weights, config.fraction_bits, config.protocol, config.truncation)
+        held = encoding.input_range
+    return dataclasses.replace(apply_plan(graph, encoding.truncations(), encoding.widths), input_range=held), encoding
 
 
 class ServerParty(_TwoPartySession):
