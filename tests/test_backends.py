@@ -111,6 +111,20 @@ CASES = {
         [Node("bn", "Affine", ("x",), "s", ("scale", "shift")), Node("res", "Add", ("s", "x"), "y")],
         {"scale": _w(3, 1, 1), "shift": _w(3, 1, 1, seed=2)},
     ),
+    # Attention's pieces: Q K^T of two activations, a softmax over rows of odd length (the max
+    # tree carries one), then probabilities x V; LayerNorm over the features; GeLU; mean pooling.
+    "attention": (
+        (2, 5, 3),
+        [Node("kt", "Transpose", ("x",), "kt", (), {"perm": [0, 1, 3, 2]}), Node("qk", "MatMul", ("x", "kt"), "s"),
+         Node("softmax", "Softmax", ("s",), "p", (), {"axis": -1}), Node("pv", "MatMul", ("p", "x"), "y")],
+        {},
+    ),
+    "layer_norm_gelu_mean": (
+        (4, 6),
+        [Node("ln", "LayerNorm", ("x",), "n", ("gamma", "beta"), {"epsilon": 1e-5}), Node("gelu", "Gelu", ("n",), "g"),
+         Node("pool", "ReduceMean", ("g",), "y", (), {"axes": [1], "keepdims": 0})],
+        {"gamma": _w(6, seed=4), "beta": _w(6, seed=5)},
+    ),
 }
 
 

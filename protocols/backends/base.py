@@ -5,7 +5,7 @@ correlated randomness) given to it by the party that builds it; ops receive the 
 an argument (`ops.registry.SecureContext`) and never reach for a global. Its shared values
 support the local operations of additive sharing as methods and operators: `+`, `-`, `*` and
 `+` with public or shared tensors of the same layout, `reshape`, `flatten`, `index_select`,
-`shape`, `nelement()`. Everything that talks to the peer is a method here.
+`permute`, `sum(dim, keepdim)`, `shape`, `nelement()`. Everything that talks to the peer is a method here.
 
 Parties are ranks: 0 the server (owns the weights), 1 the client (owns the input).
 """
@@ -149,6 +149,11 @@ class Pricing(abc.ABC):
         """A Beaver product of an activation and a weight: x - a and W - b opened together."""
         return Cost(OPEN_BYTES * (activations + weights), 1)
 
+    def secret_product(self, left: int, right: int, outputs: int) -> Cost:
+        """A Beaver product of two activations (Q K^T, a softmax's normaliser): both masked operands
+        opened in one round, neither mask fixed for the session."""
+        return Cost(OPEN_BYTES * (left + right), 1)
+
     def square(self, n: int) -> Cost:
         """A Beaver square of n elements: open x - r."""
         return Cost(OPEN_BYTES * n, 1 if n else 0)
@@ -250,7 +255,8 @@ class Backend(abc.ABC):
     ) -> Any: ...
 
     @abc.abstractmethod
-    def matmul(self, x: Any, w: Any, truncation: Truncation = LOCAL) -> Any: ...
+    def matmul(self, x: Any, w: Any, truncation: Truncation = LOCAL) -> Any:
+        """x @ w (batched, broadcasting); `w` a weight or another activation (attention's products)."""
 
     @abc.abstractmethod
     def linear(self, x: Any, w: Any, truncation: Truncation = LOCAL) -> Any:
@@ -289,3 +295,8 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def avg_pool2d(self, x: Any, *, kernel: tuple, stride: tuple, padding: tuple, truncation: Truncation = LOCAL) -> Any:
         """The window sums divided by the window's size (a public integer), truncated as `truncation` says."""
+
+    @abc.abstractmethod
+    def divide(self, x: Any, divisor: int, truncation: Truncation = LOCAL) -> Any:
+        """x divided by a public positive integer (a mean's count), as a truncation divides: exact
+        where 1 / divisor has no exact fixed-point encoding."""

@@ -15,6 +15,7 @@ from onnx import numpy_helper
 
 from ..ops import onnx_importer, supported_onnx_ops
 from .graph import Graph, GraphError, Node, UnsupportedOpError, check_finite
+from .onnx_patterns import fold_public_shapes, fuse_spelled_out
 from .plain import annotate_shapes
 from .rewrite import fewer_comparisons
 from .validation import validate_graph
@@ -27,8 +28,10 @@ def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
 class Importer:
     """Walks an ONNX graph once, producing twinfer nodes and the weights they use."""
 
-    def __init__(self, model: onnx.ModelProto) -> None:
+    def __init__(self, model: onnx.ModelProto, fixed_batch: bool = False) -> None:
         self.model = model
+        # Shapes were folded for one sample: a constant shape's leading 1 is the batch (onnx_patterns.py).
+        self.fixed_batch = fixed_batch
         self.init = {t.name: numpy_helper.to_array(t).astype(np.float32, copy=True) for t in model.graph.initializer}
         for name, value in self.init.items():
             check_finite(value, f"initializer '{name}'")
@@ -80,6 +83,7 @@ class Importer:
 
     def run(self) -> None:
         unsupported = [(n.name or n.output[0], n.op_type) for n in self.model.graph.node if onnx_importer(n.op_type) is None]
+        unsupported += [(n.name or n.output[0], f"{n.domain}.{n.op_type}") for n in self.model.graph.node if n.domain not in ("", "ai.onnx")]
         if unsupported:
             raise UnsupportedOpError(unsupported, supported_onnx_ops())
         for node in self.model.graph.node:
@@ -107,7 +111,8 @@ def graph_from_onnx(model: onnx.ModelProto, *, rewrite: bool = True) -> tuple[Gr
         raise GraphError(f"invalid ONNX model: {str(err).splitlines()[0]}") from None
     if len(model.graph.output) != 1:
         raise GraphError(f"the model must have exactly one output, it has {len(model.graph.output)}")
-    importer = Importer(model)
+    model, folded = fold_public_shapes(model)
+    importer = Importer(fuse_spelled_out(model), fixed_batch=folded)
     importer.run()
     input_name, input_shape = _input_shape(model, set(importer.init))
     graph = Graph(

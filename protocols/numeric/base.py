@@ -53,6 +53,12 @@ class Value:
     def t(self) -> "Value":
         return self._map(lambda t: t.t())
 
+    def permute(self, *dims: int) -> "Value":
+        return self._map(lambda t: t.permute(*dims))
+
+    def sum(self, dim: int, keepdim: bool = False) -> "Value":
+        return self._map(lambda t: t.sum(dim=dim, keepdim=keepdim))
+
     def __rsub__(self, other: Any) -> "Value":
         return (-self) + other
 

@@ -59,6 +59,10 @@ class ErrorValue(Value):
     def __neg__(self) -> "ErrorValue":
         return self._with()
 
+    def sum(self, dim: int, keepdim: bool = False) -> "ErrorValue":
+        """A sum of activations: their RMS errors add (Minkowski), as for `+`."""
+        return self._with(peak=self.peak.sum(dim=dim, keepdim=keepdim), ms=self.ms.sqrt().sum(dim=dim, keepdim=keepdim) ** 2)
+
 
 class ErrorBackend(AnalysisBackend):
     """Mean-square errors through the secure structure, at the session's fraction bits."""
@@ -116,6 +120,9 @@ class ErrorBackend(AnalysisBackend):
         k = window_size(kernel)
         window_sum = F.avg_pool2d(x.ms, kernel, stride, padding, count_include_pad=True) * k
         return self.value(F.max_pool2d(x.peak, kernel, stride, padding), window_sum)
+
+    def divide(self, x, divisor, truncation=LOCAL):
+        return self.value(x.peak / divisor, x.ms / (divisor * divisor) + self.division_ms)
 
     def avg_pool2d(self, x, *, kernel, stride, padding, truncation=LOCAL):
         pool = lambda t: F.avg_pool2d(t, kernel, stride, padding, count_include_pad=True)  # noqa: E731

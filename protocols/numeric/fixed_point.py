@@ -126,7 +126,7 @@ class FixedPointBackend(AnalysisBackend):
         return self._product(fn, x, w, truncation, int(w.v[0].numel()))
 
     def matmul(self, x, w, truncation=LOCAL):
-        return self._product(torch.matmul, x, w, truncation, int(x.v.shape[-1]), summed=0)
+        return self._product(torch.matmul, x, w, truncation, int(x.v.shape[-1]), summed=-2)
 
     def linear(self, x, w, truncation=LOCAL):
         return self._product(F.linear, x, w, truncation, int(x.v.shape[-1]))
@@ -154,6 +154,10 @@ class FixedPointBackend(AnalysisBackend):
                 self.records.pool_floor(float(x.v.min()) / float(1 << x.frac))
         windows = pool_windows(x.v, kernel, stride, padding, self.pool_pad)
         return x._with(v=windows.amax(dim=-1))
+
+    def divide(self, x, divisor, truncation=LOCAL):
+        self.records.truncate(x.v.abs().to(torch.float64) / float(1 << x.frac), DIVISION, truncation)
+        return x._with(v=self._round(x.v, int(divisor)))
 
     def avg_pool2d(self, x, *, kernel, stride, padding, truncation=LOCAL):
         k = window_size(kernel)

@@ -71,8 +71,13 @@ class IntervalBackend(AnalysisBackend):
         return y
 
     def _affine(self, fn, x: IntervalValue, w: IntervalValue, truncation: Truncation) -> IntervalValue:
-        center, radius = (x.lo + x.hi) / 2, (x.hi - x.lo) / 2
-        middle, spread = fn(center, w.lo), fn(radius, w.lo.abs())
+        """fn(x, w) for a bilinear fn, by centres and radii; a weight is a point (no radius), another
+        activation (attention's products) adds the terms of its own radius."""
+        center, radius = (x.hi + x.lo) / 2, (x.hi - x.lo) / 2
+        w_center, w_radius = (w.hi + w.lo) / 2, (w.hi - w.lo) / 2
+        middle, spread = fn(center, w_center), fn(radius, w_center.abs())
+        if bool((w_radius > 0).any()):
+            spread = spread + fn(center.abs(), w_radius) + fn(radius, w_radius)
         return self._product(middle - spread, middle + spread, truncation)
 
     def conv2d(self, x, w, *, stride, padding, dilation, groups, truncation=LOCAL):
@@ -85,6 +90,9 @@ class IntervalBackend(AnalysisBackend):
         return self._affine(F.linear, x, w, truncation)
 
     def mul(self, x, y, truncation=LOCAL):
+        if bool((y.hi > y.lo).any()):  # another activation: the extremes of the endpoint products
+            ends = torch.stack(torch.broadcast_tensors(x.lo * y.lo, x.lo * y.hi, x.hi * y.lo, x.hi * y.hi))
+            return self._product(ends.amin(dim=0), ends.amax(dim=0), truncation)
         return self._product(*_scaled(x, y.lo), truncation)
 
     def scale(self, x, factor, truncation=LOCAL):
@@ -106,6 +114,10 @@ class IntervalBackend(AnalysisBackend):
                 self.records.pool_floor(float(x.lo.min()))
         pool = lambda t: F.max_pool2d(t, kernel, stride, padding)  # noqa: E731  (monotone: endpoints)
         return IntervalValue(pool(x.lo), pool(x.hi))
+
+    def divide(self, x, divisor, truncation=LOCAL):
+        self.records.truncate(x.magnitude, DIVISION, truncation)
+        return IntervalValue(x.lo / divisor, x.hi / divisor)
 
     def avg_pool2d(self, x, *, kernel, stride, padding, truncation=LOCAL):
         k = window_size(kernel)

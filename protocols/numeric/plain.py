@@ -77,6 +77,10 @@ class PlainBackend(AnalysisBackend):
                 self.records.pool_floor(float(x.v.min()))
         return PlainValue(F.max_pool2d(x.v, kernel, stride, padding))
 
+    def divide(self, x, divisor, truncation=LOCAL):
+        self.records.truncate(x.v.abs(), DIVISION, truncation)
+        return PlainValue(x.v / divisor)
+
     def avg_pool2d(self, x, *, kernel, stride, padding, truncation=LOCAL):
         k = window_size(kernel)
         sums = F.avg_pool2d(x.v, kernel, stride, padding, count_include_pad=True) * k

@@ -155,9 +155,13 @@ def _import_gemm(imp, node, a):
 
 
 def _import_matmul(imp, node, a):
-    w = imp.init.get(node.input[1])
+    left, right = node.input
+    if left not in imp.init and right not in imp.init:  # two activations (attention): ops/attention.py
+        imp.emit(node, "MatMul", [left, right], [], {})
+        return
+    w = imp.init.get(right)
     if w is None or w.ndim != 2:
-        raise GraphError(f"node '{node.name}' (MatMul): the right operand must be a constant matrix")
+        raise GraphError(f"node '{node.name}' (MatMul): a constant operand must be the right one, a matrix")
     imp.emit(node, "Gemm", [node.input[0]], [imp.weight(node, node.input[1], "weight", w.T)], {})
 
 
@@ -169,6 +173,17 @@ def _import_mul(imp, node, a):
     scale = imp.init[value]
     shift = np.zeros_like(scale)
     imp.emit(node, "Affine", [other], [imp.weight(node, value, "scale"), imp.weight(node, "", "shift", shift)], {})
+
+
+def _import_div(imp, node, a):
+    left, right = node.input
+    if left in imp.init or right not in imp.init:
+        raise GraphError(f"node '{node.name}' (Div) must divide an activation by a constant")
+    divisor = imp.init[right]
+    if not np.all(divisor != 0):
+        raise GraphError(f"node '{node.name}' (Div) divides by a constant that holds zeros")
+    scale = (1.0 / divisor).astype(np.float32)
+    imp.emit(node, "Affine", [left], [imp.weight(node, right, "scale", scale), imp.weight(node, "", "shift", np.zeros_like(scale))], {})
 
 
 def _import_batch_norm(imp, node, a):
@@ -222,4 +237,4 @@ LINEAR_OPS = ("Conv", "Gemm")
 
 register(Conv(), {"Conv": _import_conv})
 register(Gemm(), {"Gemm": _import_gemm, "MatMul": _import_matmul})
-register(AffineOp(), {"Mul": _import_mul, "BatchNormalization": _import_batch_norm})
+register(AffineOp(), {"Mul": _import_mul, "Div": _import_div, "BatchNormalization": _import_batch_norm})

@@ -154,7 +154,12 @@ def _import_reshape(imp, node, a):
             f"node '{node.name}' (Reshape) takes its shape from a computed value; export with "
             "torch.flatten / nn.Flatten, or a constant shape"
         )
-    imp.emit(node, "Reshape", [node.input[0]], [], {"shape": [int(d) for d in shape]})
+    shape = [int(d) for d in shape]
+    if imp.fixed_batch:  # folded for one sample: the leading 1 is the batch, which the graph keeps apart
+        if not shape or shape[0] not in (0, 1):
+            raise GraphError(f"node '{node.name}' (Reshape) to {shape} merges the batch axis with another; twinfer keeps the batch apart")
+        shape[0] = 0
+    imp.emit(node, "Reshape", [node.input[0]], [], {"shape": shape})
 
 
 def _import_add(imp, node, a):

@@ -173,12 +173,24 @@ class CryptenBackend(Backend):
     def matmul(self, x, w, truncation=LOCAL):
         fixed = self._fixed_b_product("matmul", x, w, truncation)
         self._local_only(truncation, "a product")
-        return fixed if fixed is not None else x.matmul(w)
+        return fixed if fixed is not None else self._secret_product("matmul", x, w, truncation)
 
     def mul(self, x, y, truncation=LOCAL):
         fixed = self._fixed_b_product("mul", x, y, truncation)
         self._local_only(truncation, "a product")
-        return fixed if fixed is not None else x * y
+        return fixed if fixed is not None else self._secret_product("mul", x, y, truncation)
+
+    def _secret_product(self, op: str, x: Any, y: Any, truncation: Truncation) -> Any:
+        """A product of two activations: CrypTen's Beaver product, truncated as `truncation` says."""
+        if not truncation.exact:
+            return x.matmul(y) if op == "matmul" else x * y
+        from crypten.mpc.primitives import beaver  # CrypTen's Beaver product, before its local division
+
+        product = getattr(beaver, op)(x._tensor, y._tensor)
+        product.encoder = x._tensor.encoder  # it comes out unscaled (scale 1); its value carries 2f bits
+        out = x.clone()
+        out._tensor = self._truncate(product, x._tensor.encoder.scale, truncation)
+        return out
 
     def square(self, x, truncation=LOCAL):
         if not truncation.exact:
@@ -208,6 +220,12 @@ class CryptenBackend(Backend):
 
     def max_pool2d(self, x, *, kernel, stride, padding, bits=None):
         return x.max_pool2d(kernel, padding=padding, stride=stride)
+
+    def divide(self, x, divisor, truncation=LOCAL):
+        self._local_only(truncation, "a division")
+        out = x.clone()
+        out._tensor = self._truncate(x._tensor.clone(), int(divisor), truncation)
+        return out
 
     def avg_pool2d(self, x, *, kernel, stride, padding, truncation=LOCAL):
         if not truncation.exact:

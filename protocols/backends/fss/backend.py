@@ -12,7 +12,8 @@ server) and rank 1 (the client). Per op:
 2. Product of an activation x with a constant W (conv, linear, embedding, per-channel scale):
    open E = X - A (one round), then party i holds [i = 0] E.F + E.B_i + A_i.F + C_i with F =
    W - B, then the local two-party truncation. Party 1 derives A_1 and C_1 from its seed;
-   party 0 gets C_0 from the dealer.
+   party 0 gets C_0 from the dealer. A product of two activations (attention's Q K^T) opens
+   E = X - A and F = Y - B together, both masks fresh.
 3. Square: open e = x - r; x^2 = e^2 + 2 e r + r^2, truncated.
 4. ReLU: open x_hat = x + r (one round, one ring element each way), then evaluate this
    party's DCF key locally (`relu.py`); exact for every 64-bit value at the default width.
@@ -42,7 +43,10 @@ import torch
 
 from ..base import DEFAULT_FRACTION_BITS, LOCAL, Backend, BackendError, SERVER_RANK, Truncation, check_fraction_bits
 from . import ring
-from .correlations import BEAVER, COMPACT_CORRELATIONS, CORRELATIONS, RELU, SELECT_RELU, SQUARE, TRUNC, TRUNC_RELU, fetch_key, product, stream
+from .correlations import (
+    BEAVER, COMPACT_CORRELATIONS, CORRELATIONS, RELU, SECRET_PRODUCT, SELECT_RELU, SQUARE, TRUNC, TRUNC_RELU, fetch_key, product,
+    stream,
+)  # fmt: skip
 from .dcf import over_chunks
 from .pricing import KEY_CHUNK, FssCompactPricing, FssPricing
 from .prg import AesCtrPrg
@@ -50,7 +54,7 @@ from .relu import ReluKey, masked_share, relu_eval
 from .select_relu import SelectReluKey, select_bits, select_relu_eval
 from .truncation import TruncKey, TruncReluKey, trunc_eval, trunc_masked_share, trunc_relu_eval, trunc_relu_masked_share
 
-_A, _C = 0, 1
+_A, _C, _B = 0, 1, 2
 _POOL_PAD = -(1 << 46)  # a public value below any activation the range check lets through (2^(46-f) in real units)
 
 
@@ -125,6 +129,12 @@ class FssShare:
 
     def index_select(self, dim: int, index: torch.Tensor) -> "FssShare":
         return self._new(self.data.index_select(dim, index))
+
+    def permute(self, *dims: int) -> "FssShare":
+        return self._new(self.data.permute(*dims))
+
+    def sum(self, dim: int, keepdim: bool = False) -> "FssShare":
+        return self._new(self.data.sum(dim=dim, keepdim=keepdim))
 
     def t(self) -> "FssShare":
         share = self._new(self.data.t())
@@ -232,7 +242,7 @@ class FssBackend(Backend):
         self._settled(x, op)
         const = w.constant
         if const is None:
-            raise BackendError(f"fss backend multiplies an activation by a session constant (a weight); {op} got two activations")
+            return self._secret_product(op, x, w, truncation)
         if op == "matmul" and const.is_transposed:
             op = "linear"  # x W^T with W's own mask
         elif const.is_transposed:
@@ -250,6 +260,26 @@ class FssBackend(Backend):
             z = out + stream(self.dealer.key, index, _C, tuple(out.shape))
         if truncation.fused:  # left at 2f bits to the ReLU that reads it, which truncates it exactly
             return FssShare(z, self.rank, frac=2 * self.fraction_bits, pending=truncation.bits)
+        return self._truncate(z, 1 << self.fraction_bits, truncation)
+
+    def _secret_product(self, op: str, x: FssShare, y: FssShare, truncation: Truncation) -> FssShare:
+        """op(x, y) for two activations: X - A and Y - B opened in one round, A, B fresh streams of
+        this correlation, the server's C_0 = op(A, B) - C_1 from the dealer."""
+        self._settled(y, op)
+        if op not in ("matmul", "mul"):
+            raise BackendError(f"fss backend: {op} of two activations is not supported (matmul and mul are)")
+        index = self.dealer.next_index()
+        a = stream(self.dealer.key, index, _A, tuple(x.shape))
+        b = stream(self.dealer.key, index, _B, tuple(y.shape))
+        opened = self._open("fss.secret_product", torch.cat([(x.data - a).reshape(-1), (y.data - b).reshape(-1)]))
+        e, f = opened[: x.nelement()].reshape(x.shape), opened[x.nelement() :].reshape(y.shape)
+        z = product(op, e, b, {}) + product(op, a, f, {})
+        if self.rank == SERVER_RANK:
+            request = json.dumps({"op": op, "x_shape": list(x.shape), "y_shape": list(y.shape)})
+            c = ring.from_numpy_u64(self.dealer.request(SECRET_PRODUCT, request, index)["c"]).reshape(z.shape)
+            z = z + product(op, e, f, {}) + c
+        else:
+            z = z + stream(self.dealer.key, index, _C, tuple(z.shape))
         return self._truncate(z, 1 << self.fraction_bits, truncation)
 
     def _settled(self, x: FssShare, what: str) -> None:
@@ -384,6 +414,10 @@ class FssBackend(Backend):
             r = self.relu(self._wrap(a - b), bits).data
             values = list(b + r) + values[2 * pairs :]
         return self._wrap(values[0].contiguous())
+
+    def divide(self, x: FssShare, divisor: int, truncation: Truncation = LOCAL) -> FssShare:
+        self._settled(x, "a division")
+        return self._truncate(x.data, int(divisor), truncation)
 
     def avg_pool2d(self, x: FssShare, *, kernel, stride, padding, truncation: Truncation = LOCAL) -> FssShare:
         self._settled(x, "an average pool")

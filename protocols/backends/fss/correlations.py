@@ -10,6 +10,8 @@ for what depends on both parties' masks:
    op (conv2d, linear, matmul, mul): B_i is party i's stream of the constant (fixed for the
    session, so W - B is opened once), A_i and, for party 1, C_i are its streams of index k;
    the dealer sends party 0 C_0 = op(A, B) - C_1.
+   A product of two activations (attention's Q K^T): A_i and B_i are party i's streams 0 and 2
+   of index k, and the dealer sends party 0 C_0 = op(A, B) - C_1.
 2. Beaver square: r_i, and for party 1 s_1, are its streams of index k; party 0 gets
    s_0 = r^2 - s_1 (fixed point: r^2 carries 32 fractional bits until truncated).
 3. ReLU keys (BCG+21; `relu.py`): the dealer keys n DCFs from its own stream of index k and
@@ -36,12 +38,13 @@ from .select_relu import select_relu_keys
 from .truncation import trunc_keys, trunc_relu_keys
 
 BEAVER, SQUARE, RELU = "fss.beaver", "fss.square", "fss.relu"
+SECRET_PRODUCT = "fss.secret_product"
 TRUNC, TRUNC_RELU = "fss.trunc", "fss.trunc_relu"
 SELECT_RELU = "fss.select_relu"
 PRODUCT_OPS = ("conv2d", "linear", "matmul", "mul")
 MAX_ELEMENTS = 2**27  # as for CrypTen's tuples: 1 GiB of int64 per array
-_STREAMS = 4  # streams per correlation index: A (or r), C (or s), spare, spare
-_A, _C = 0, 1
+_STREAMS = 4  # streams per correlation index: A (or r), C (or s), B (a second activation's mask), spare
+_A, _C, _B = 0, 1, 2
 
 
 def stream(seed: bytes, index: int, which: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -90,6 +93,31 @@ def _make_beaver(seeds: DealerSeeds, index: int, role: str, args: list, kwargs: 
     c = product(op, a, b, attrs)
     c0 = c - stream(seeds.aes[1], index, _C, tuple(c.shape))
     return {"c": ring.to_numpy_u64(c0)}
+
+
+def _decode_secret_product(args_json: str) -> tuple[list, dict]:
+    try:
+        a = json.loads(args_json)
+        op, x_shape, y_shape = a["op"], _shape(a["x_shape"], "x_shape"), _shape(a["y_shape"], "y_shape")
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"malformed {SECRET_PRODUCT} request: {err}") from None
+    if op not in ("matmul", "mul"):
+        raise ValueError(f"{SECRET_PRODUCT}: op must be matmul or mul, got {op!r}")
+    try:
+        x, y = torch.empty(x_shape, device="meta"), torch.empty(y_shape, device="meta")
+        out = torch.matmul(x, y).shape if op == "matmul" else torch.broadcast_shapes(x_shape, y_shape)
+    except RuntimeError:
+        raise ValueError(f"{SECRET_PRODUCT}: {op} of shapes {list(x_shape)} and {list(y_shape)} is undefined") from None
+    _shape(list(out), "the product's shape")
+    return [op, x_shape, y_shape], {}
+
+
+def _make_secret_product(seeds: DealerSeeds, index: int, role: str, args: list, kwargs: dict) -> dict[str, np.ndarray]:
+    op, x_shape, y_shape = args
+    a = stream(seeds.aes[0], index, _A, x_shape) + stream(seeds.aes[1], index, _A, x_shape)
+    b = stream(seeds.aes[0], index, _B, y_shape) + stream(seeds.aes[1], index, _B, y_shape)
+    c = product(op, a, b, {})
+    return {"c": ring.to_numpy_u64(c - stream(seeds.aes[1], index, _C, tuple(c.shape)))}
 
 
 def _decode_square(args_json: str) -> tuple[list, dict]:
@@ -188,6 +216,7 @@ def _make_trunc_relu(seeds: DealerSeeds, index: int, role: str, args: list, kwar
 CORRELATIONS = (
     CorrelationKind(BEAVER, (SERVER,), _decode_beaver, _make_beaver),
     CorrelationKind(SQUARE, (SERVER,), _decode_square, _make_square),
+    CorrelationKind(SECRET_PRODUCT, (SERVER,), _decode_secret_product, _make_secret_product),
     CorrelationKind(RELU, (SERVER, CLIENT), _decode_relu, _make_relu, paired=True),
     CorrelationKind(TRUNC, (SERVER, CLIENT), _decode_trunc, _make_trunc, paired=True),
     CorrelationKind(TRUNC_RELU, (SERVER, CLIENT), _decode_trunc_relu, _make_trunc_relu, paired=True),

@@ -1,7 +1,8 @@
 """What the fss backend's protocols send online (one party's count: sent + received).
 
 1. A product with a session constant opens only the activation's mask, E = X - A: 16 bytes per
-   element, one round (W - B was opened once, when the weight was shared).
+   element, one round (W - B was opened once, when the weight was shared); a product of two
+   activations opens both masks in that one round.
 2. A square opens x - r: 16 bytes per element, one round.
 3. A ReLU opens x + r: 16 bytes per element (8 each way), one round, whatever the width.
 4. A max-pool over windows of n is a tree of n - 1 ReLUs per window, ceil(log2 n) rounds.
@@ -51,6 +52,9 @@ def exact_truncation(n: int, truncation: Truncation) -> Cost:
 class FssPricing(Pricing):
     def product(self, activations: int, weights: int, outputs: int) -> Cost:
         return Cost(OPEN_BYTES * activations, 1, RING_BYTES * outputs)
+
+    def secret_product(self, left: int, right: int, outputs: int) -> Cost:
+        return Cost(OPEN_BYTES * (left + right), 1, RING_BYTES * outputs)
 
     def square(self, n: int) -> Cost:
         return Cost(OPEN_BYTES * n, 1, RING_BYTES * n) if n else Cost(bytes_offline=0)
