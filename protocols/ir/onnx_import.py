@@ -93,7 +93,10 @@ class Importer:
 def _input_shape(model: onnx.ModelProto, initializers: set[str]) -> tuple[str, tuple[int, ...]]:
     inputs = [i for i in model.graph.input if i.name not in initializers]
     if len(inputs) != 1:
-        raise GraphError(f"the model must have exactly one input, it has {len(inputs)}: {[i.name for i in inputs]}")
+        raise GraphError(
+            f"the model must have exactly one input (the client's), it has {len(inputs)}: {', '.join(repr(i.name) for i in inputs)}"
+            + ("; export a transformer without its attention mask (all tokens attended)" if len(inputs) > 1 else "")
+        )
     dims = inputs[0].type.tensor_type.shape.dim
     shape = tuple(int(d.dim_value) if d.HasField("dim_value") else -1 for d in dims)
     if len(shape) < 2 or any(d <= 0 for d in shape[1:]):
@@ -111,6 +114,7 @@ def graph_from_onnx(model: onnx.ModelProto, *, rewrite: bool = True) -> tuple[Gr
         raise GraphError(f"invalid ONNX model: {str(err).splitlines()[0]}") from None
     if len(model.graph.output) != 1:
         raise GraphError(f"the model must have exactly one output, it has {len(model.graph.output)}")
+    _input_shape(model, {t.name for t in model.graph.initializer})  # one input, fixed dimensions: before any folding
     model, folded = fold_public_shapes(model)
     importer = Importer(fuse_spelled_out(model), fixed_batch=folded)
     importer.run()
