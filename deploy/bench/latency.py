@@ -85,9 +85,10 @@ def _row(model: str, profile: NetworkProfile, shaping: str, batch: int, client: 
 
 def measure(
     model: str, onnx_bytes: bytes, sample_shape: tuple[int, ...], profile: NetworkProfile, *, batch: int, reps: int,
-    protocol: str = DEFAULT_PROTOCOL, offline: str = "overlap",
+    protocol: str = DEFAULT_PROTOCOL, offline: str = "overlap", inputs: np.ndarray | None = None,
 ) -> dict:
-    """One session under `profile`, shaped in twinfer's transport.
+    """One session under `profile`, shaped in twinfer's transport; `inputs` (batch x (1 + reps)
+    samples, e.g. token ids), else uniform random ones of `sample_shape`.
 
     The dealer sits next to the server (its links unshaped), as in the kernel-shaped runs,
     where it shares the server's namespace. `offline`: overlap (the dealer makes the next
@@ -98,14 +99,15 @@ def measure(
         raise ValueError(f"offline mode must be one of {', '.join(OFFLINE_MODES)}, got '{offline}'")
     from twinfer.deploy.launch.local import run_local_session
 
-    inputs = np.random.default_rng(0).random((batch * (1 + reps), *sample_shape), dtype=np.float32)
+    if inputs is None:
+        inputs = np.random.default_rng(0).random((batch * (1 + reps), *sample_shape), dtype=np.float32)
     # The server waits for the client while the client's process starts (imports torch and
     # crypten): on a loaded machine that takes far longer than the 10 s default.
     options = TransportOptions(recv_timeout_s=300, connect_timeout_s=120, network=profile)
     reports = run_local_session(
         onnx_bytes, inputs, batch, options=options, prefetch=True, prefetch_ahead=offline == "ahead", protocol=protocol
     )
-    return _row(model, profile, "transport", batch, reports["client"], offline)
+    return _row(model, profile, "transport", batch, reports["client"], offline) | {"logits": np.asarray(reports["client"].logits).tolist()}
 
 
 def measure_kernel(model: str, onnx_path: Path, sample_shape: tuple[int, ...], profile: NetworkProfile, *, batch: int, reps: int) -> dict:
