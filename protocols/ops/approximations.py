@@ -19,7 +19,9 @@ same steps on a dense grid (`Approximation.error`), to which the fixed point add
   polynomial in min(|x|, 4) / 2 - 1 (a centred variable keeps the coefficients below 1).
 
 Polynomials take their powers in ceil(log2 degree) rounds: the powers 1..m known, the next m
-are one product of stacked operands.
+are one product of stacked operands. Comparisons take the width `bits` the op's node carries
+(the range check's, which holds twice what its interval method records it compares), the
+full ring where it has none.
 """
 
 from __future__ import annotations
@@ -46,16 +48,16 @@ NEWTON_TARGET = 2.0**-20  # relative error of reciprocal and rsqrt, before the f
 # -- steps ------------------------------------------------------------------------------------------
 
 
-def compare(ctx: SecureContext, x: Any) -> Any:
-    """ReLU of every element (one comparison each, counted)."""
+def compare(ctx: SecureContext, x: Any, bits: int | None = None) -> Any:
+    """ReLU of every element (one comparison each, counted) on `bits` bits (None: the full ring)."""
     ctx.count(x.nelement())
-    return ctx.backend.relu(x)
+    return ctx.backend.relu(x, bits)
 
 
-def compare_stacked(ctx: SecureContext, parts: list[Any]) -> list[Any]:
+def compare_stacked(ctx: SecureContext, parts: list[Any], bits: int | None = None) -> list[Any]:
     """ReLU of several tensors of one shape in one comparison round (stacked along the batch)."""
     rows = parts[0].shape[0]
-    out = compare(ctx, ctx.backend.cat(parts, dim=0) if len(parts) > 1 else parts[0])
+    out = compare(ctx, ctx.backend.cat(parts, dim=0) if len(parts) > 1 else parts[0], bits)
     return [out.index_select(0, torch.arange(i * rows, (i + 1) * rows)) for i in range(len(parts))]
 
 
@@ -98,14 +100,14 @@ class Approximation:
     relative: bool = False
 
 
-def row_max(ctx: SecureContext, x: Any) -> Any:
+def row_max(ctx: SecureContext, x: Any, bits: int | None = None) -> Any:
     """max along the last axis (keeping it, of size 1): ceil(log2 n) comparison rounds."""
     n = x.shape[-1]
     while n > 1:
         half = n // 2
         even = torch.arange(0, 2 * half, 2)
         a, b = x.index_select(-1, even), x.index_select(-1, even + 1)
-        top = b + compare(ctx, a - b)
+        top = b + compare(ctx, a - b, bits)
         x = ctx.backend.cat([top, x.index_select(-1, torch.tensor([n - 1]))], dim=-1) if n % 2 else top
         n = half + n % 2
     return x
@@ -133,9 +135,9 @@ def exp_error() -> Approximation:
     return Approximation(float(np.abs(exp_plain(z) - np.exp(z)).max()))
 
 
-def exp_nonpositive(ctx: SecureContext, z: Any) -> Any:
+def exp_nonpositive(ctx: SecureContext, z: Any, bits: int | None = None) -> Any:
     """exp(z) for z <= 0 (error `exp_error`): one comparison round, 3 + EXP_SQUARINGS product rounds."""
-    clipped = compare(ctx, z + EXP_CLIP) - EXP_CLIP  # max(z, -16)
+    clipped = compare(ctx, z + EXP_CLIP, bits) - EXP_CLIP  # max(z, -16)
     y = polynomial(ctx, ctx.backend.scale(clipped, 1.0 / 8.0) + 1.0, _exp_coeffs())
     for _ in range(EXP_SQUARINGS):
         y = ctx.backend.square(y)
@@ -164,7 +166,7 @@ def pl_plain(x: np.ndarray, knots: np.ndarray, fn) -> np.ndarray:
     return out
 
 
-def piecewise_linear(ctx: SecureContext, x: Any, knots: np.ndarray, fn) -> Any:
+def piecewise_linear(ctx: SecureContext, x: Any, knots: np.ndarray, fn, bits: int | None = None) -> Any:
     """fn interpolated between `knots` (linear below the first, flat beyond the last) from one
     comparison round over len(knots) copies of x. Segment j adds its slope times
     ReLU(x - t_j) - ReLU(x - t_j+1), a difference exact in the ring and at most the segment's
@@ -173,7 +175,7 @@ def piecewise_linear(ctx: SecureContext, x: Any, knots: np.ndarray, fn) -> Any:
     grid = float(1 << ctx.backend.fraction_bits)
     knots = np.unique(np.maximum(np.round(knots * grid), 1.0)) / grid
     y0, slopes = _slopes(knots, fn)
-    ramps = compare_stacked(ctx, [x - float(t) for t in knots])
+    ramps = compare_stacked(ctx, [x - float(t) for t in knots], bits)
     total = _times(ctx, x - float(knots[0]) - ramps[0], float(slopes[0])) + y0  # min(x - t_0, 0) s_0
     for j, slope in enumerate(slopes):
         total = total + _times(ctx, ramps[j] - ramps[j + 1], float(slope))
@@ -220,10 +222,10 @@ def reciprocal_plan(lo: float, hi: float) -> tuple[int, Approximation]:
     return steps, Approximation(err, relative=True)
 
 
-def reciprocal(ctx: SecureContext, s: Any, lo: float, hi: float) -> Any:
+def reciprocal(ctx: SecureContext, s: Any, lo: float, hi: float, bits: int | None = None) -> Any:
     """1 / s for s in [lo, hi] (lo > 0): a seed, then Newton's y (2 - s y), two rounds a step."""
     steps, _ = reciprocal_plan(lo, hi)
-    y = piecewise_linear(ctx, s, _knots(lo, hi, RECIPROCAL_STEP), _inverse)
+    y = piecewise_linear(ctx, s, _knots(lo, hi, RECIPROCAL_STEP), _inverse, bits)
     for _ in range(steps):
         y = ctx.backend.mul(y, -ctx.backend.mul(s, y) + 2.0)
     return y
@@ -235,10 +237,10 @@ def rsqrt_plan(lo: float, hi: float) -> tuple[int, Approximation]:
     return steps, Approximation(err, relative=True)
 
 
-def rsqrt(ctx: SecureContext, v: Any, lo: float, hi: float) -> Any:
+def rsqrt(ctx: SecureContext, v: Any, lo: float, hi: float, bits: int | None = None) -> Any:
     """1 / sqrt(v) for v in [lo, hi]: a seed, then Newton's y (1.5 - v/2 y^2), three rounds a step."""
     steps, _ = rsqrt_plan(lo, hi)
-    y = piecewise_linear(ctx, v, _knots(lo, hi, RSQRT_STEP), _inverse_sqrt)
+    y = piecewise_linear(ctx, v, _knots(lo, hi, RSQRT_STEP), _inverse_sqrt, bits)
     half = ctx.backend.scale(v, 0.5)
     for _ in range(steps):  # (v/2 y) y, not v/2 y^2: y^2 of a large variance would keep few bits
         y = ctx.backend.mul(y, -ctx.backend.mul(ctx.backend.mul(half, y), y) + 1.5)
@@ -270,9 +272,9 @@ def gelu_error() -> Approximation:
     return Approximation(float(np.abs(gelu_plain(x) - exact).max()))
 
 
-def gelu(ctx: SecureContext, x: Any) -> Any:
+def gelu(ctx: SecureContext, x: Any, bits: int | None = None) -> Any:
     """GeLU (error `gelu_error`): one comparison round (3 per element), ceil(log2 8) = 3 product rounds."""
-    relu, above, below = compare_stacked(ctx, [x, x - GELU_CLIP, -x - GELU_CLIP])
+    relu, above, below = compare_stacked(ctx, [x, x - GELU_CLIP, -x - GELU_CLIP], bits)
     clipped = relu + relu - x - above - below  # min(|x|, 4) = |x| - ReLU(|x| - 4)
     s = ctx.backend.scale(clipped, 2.0 / GELU_CLIP) - 1.0
     return relu - polynomial(ctx, s, _gelu_coeffs())

@@ -14,7 +14,7 @@ import torch
 
 from ..ir.graph import GraphError, Node
 from . import approximations as approx
-from .registry import LayerCost, Op, register, size, truncation_of
+from .registry import LayerCost, Op, check_comparison_bits, register, size, truncation_of
 
 
 class MatMul(Op):
@@ -65,9 +65,11 @@ class Transpose(Op):
 
 class Softmax(Op):
     name = "Softmax"
+    compares = True
 
     def check(self, node: Node, graph) -> None:
         """The axis as exported (annotate makes it -1, or refuses another than the last)."""
+        check_comparison_bits(node)
         axis = node.attrs.get("axis", -1)
         if not isinstance(axis, int) or isinstance(axis, bool):
             raise GraphError(f"node '{node.name}' (Softmax) needs an integer axis, got {axis!r}")
@@ -85,8 +87,9 @@ class Softmax(Op):
             raise GraphError(f"node '{node.name}' (Softmax) is supported along the last axis only, got axis {node.attrs['axis']}")
         x = args[0]
         n = int(x.shape[-1])
-        e = approx.exp_nonpositive(ctx, x - approx.row_max(ctx, x))
-        r = approx.reciprocal(ctx, e.sum(-1, keepdim=True), 1.0, float(n))
+        bits = node.attrs.get("bits")
+        e = approx.exp_nonpositive(ctx, x - approx.row_max(ctx, x, bits), bits)
+        r = approx.reciprocal(ctx, e.sum(-1, keepdim=True), 1.0, float(n), bits)
         return ctx.backend.mul(e, r, truncation_of(node))
 
     def cost(self, node, io, pricing):

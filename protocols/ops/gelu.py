@@ -13,19 +13,23 @@ import torch.nn.functional as F
 
 from ..ir.graph import GraphError
 from . import approximations as approx
-from .registry import Op, register
+from .registry import Op, check_comparison_bits, register
 
 GELU_MIN = -0.17  # GeLU's least value, -0.1700 at x = -0.7518
 
 
 class Gelu(Op):
     name = "Gelu"
+    compares = True
+
+    def check(self, node, graph) -> None:
+        check_comparison_bits(node)
 
     def plain(self, node, args, w):
         return F.gelu(args[0])
 
     def secure(self, node, args, w, ctx):
-        return approx.gelu(ctx, args[0])
+        return approx.gelu(ctx, args[0], node.attrs.get("bits"))
 
     def cost(self, node, io, pricing):
         return approx.composite_cost(self, node, io, pricing)

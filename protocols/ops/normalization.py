@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..ir.graph import GraphError, Node
 from . import approximations as approx
-from .registry import LayerCost, Op, register, truncation_of
+from .registry import LayerCost, Op, check_comparison_bits, register, truncation_of
 
 VARIANCE_RANGE = (2.0**-12, 2.0**14)  # where LayerNorm's rsqrt is accurate (attribute variance_range)
 
@@ -29,8 +29,10 @@ def _variance_range(node: Node) -> tuple[float, float]:
 
 class LayerNorm(Op):
     name = "LayerNorm"
+    compares = True
 
     def check(self, node: Node, graph) -> None:
+        check_comparison_bits(node)
         eps, vr = node.attrs.get("epsilon"), node.attrs.get("variance_range", VARIANCE_RANGE)
         if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 <= eps < 1:
             raise GraphError(f"node '{node.name}' (LayerNorm) needs an epsilon in [0, 1), got {eps!r}")
@@ -50,7 +52,7 @@ class LayerNorm(Op):
         n = int(x.shape[-1])
         centred = x - backend.divide(x.sum(-1, keepdim=True), n)
         variance = backend.divide(backend.square(centred).sum(-1, keepdim=True), n) + float(node.attrs["epsilon"])
-        normed = backend.mul(centred, approx.rsqrt(ctx, variance, *_variance_range(node)))
+        normed = backend.mul(centred, approx.rsqrt(ctx, variance, *_variance_range(node), node.attrs.get("bits")))
         return backend.mul(normed, w[0], truncation_of(node)) + w[1]
 
     def cost(self, node, io, pricing):
