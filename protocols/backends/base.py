@@ -282,6 +282,10 @@ class Backend(abc.ABC):
         ring, exact for every value; fewer bits are exact while |x| < 2^(bits - 1) ring units).
         `x` may still hold a product whose exact truncation was left to it (Truncation.fused)."""
 
+    def note_least(self, x: Any) -> None:
+        """What an analysis backend records of x: its smallest value (a LayerNorm's variance, which
+        sets how finely it normalises and so its error); a party's backend does nothing."""
+
     def relu_and_square(self, x: Any, y: Any, bits: int | None = None, truncation: Truncation = LOCAL) -> tuple[Any, Any]:
         """(ReLU of x, square of y), independent of each other (a masked site's kept and other
         positions); a backend that can open both in the same round overrides this."""

@@ -93,7 +93,8 @@ class ValueRanges:
     `truncated_sum`: node -> per sample, the sum over its truncated elements of |value| (with
     observed samples: their mean); `divided`, `divided_sum`: the same for the window sums an
     average pool divides (f fractional bits); `compared`: comparison node -> largest |compared
-    value|; `floor`: padded MaxPool node -> smallest input value; `observed`: value name -> the
+    value|; `floor`: padded MaxPool node -> smallest input value, LayerNorm node -> smallest
+    variance; `observed`: value name -> the
     samples' own per-element peaks (observed ranges only), which the error estimate uses: a
     margin is headroom for the range findings and leaves these alone.
     """
@@ -283,6 +284,7 @@ def error_estimate(graph: Graph, weights: dict[str, np.ndarray], ranges: ValueRa
     polynomial's slope at margin x its peak, compounded site after site, would state thousands
     of times what runs show), else its bound; decoding to float32 adds 2^-24 of the peak."""
     backend = ErrorBackend(f, public_rounding)
+    backend.floor = ranges.floor  # what a LayerNorm's error depends on: how small its variance gets
     peak_of = lambda name: ranges.observed.get(name, ranges.peaks[name]).to(torch.float64).unsqueeze(0)  # noqa: E731
     x = backend.value(peak_of(graph.input_name), torch.full((1, *graph.input_shape), backend.input_ms, dtype=torch.float64))
     out = _evaluate(graph, weights, x, backend, "error", lambda node, out: out._with(peak=peak_of(node.output)))

@@ -76,6 +76,7 @@ class ErrorBackend(AnalysisBackend):
         self.truncation_ms = u2 / 4  # stochastic rounding: frac (1 - frac) u^2 at most
         self.division_ms = u2
         self.input_ms = u2 / 12  # an input rounded to the nearest multiple of u
+        self.floor: dict[str, float] = {}  # per node, the smallest value it reads where that matters (ValueRanges.floor)
 
     def value(self, peak: torch.Tensor, ms: torch.Tensor, constant: bool = False) -> ErrorValue:
         return ErrorValue(peak, ms, constant, self.rounding, self.fraction_bits)

@@ -141,6 +141,10 @@ class FixedPointBackend(AnalysisBackend):
         c = RingValue(self.encode_public(factor, self.fraction_bits), self.fraction_bits, self)
         return self._product(torch.mul, x, c, truncation, 0)
 
+    def note_least(self, x):
+        if x.nelement():
+            self.records.least(float(x.decode().min()))
+
     # -- comparisons -------------------------------------------------------------------------
 
     def relu(self, x, bits=None):
@@ -151,7 +155,7 @@ class FixedPointBackend(AnalysisBackend):
         if x.nelement():
             self.records.compare(2 * x.v.abs().max().to(torch.float64) / float(1 << x.frac))
             if any(padding):
-                self.records.pool_floor(float(x.v.min()) / float(1 << x.frac))
+                self.records.least(float(x.v.min()) / float(1 << x.frac))
         windows = pool_windows(x.v, kernel, stride, padding, self.pool_pad)
         return x._with(v=windows.amax(dim=-1))
 

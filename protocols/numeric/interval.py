@@ -111,7 +111,7 @@ class IntervalBackend(AnalysisBackend):
         if x.nelement():
             self.records.compare(2 * x.magnitude.max())
             if any(padding):
-                self.records.pool_floor(float(x.lo.min()))
+                self.records.least(float(x.lo.min()))
         pool = lambda t: F.max_pool2d(t, kernel, stride, padding)  # noqa: E731  (monotone: endpoints)
         return IntervalValue(pool(x.lo), pool(x.hi))
 

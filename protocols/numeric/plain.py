@@ -66,6 +66,10 @@ class PlainBackend(AnalysisBackend):
     def scale(self, x, factor, truncation=LOCAL):
         return self._product(x.v * as_float(factor), truncation)
 
+    def note_least(self, x):
+        if x.nelement():
+            self.records.least(float(x.v.min()))
+
     def relu(self, x, bits=None):
         self.records.compare(x.v.abs())
         return PlainValue(torch.relu(x.v))
@@ -74,7 +78,7 @@ class PlainBackend(AnalysisBackend):
         if x.nelement():
             self.records.compare(2 * x.v.abs().max())  # a tree of max(a, b) = b + ReLU(a - b) compares differences
             if any(padding):
-                self.records.pool_floor(float(x.v.min()))
+                self.records.least(float(x.v.min()))
         return PlainValue(F.max_pool2d(x.v, kernel, stride, padding))
 
     def divide(self, x, divisor, truncation=LOCAL):

@@ -17,7 +17,8 @@ PRODUCT, DIVISION = 2, 1  # fractional bits, in multiples of f, that a truncated
 class Records:
     """Per node: the largest |value| truncated (products carry 2f fractional bits, divided window
     sums f), their sum over elements (with `samples`: per sample), the largest |value| compared,
-    the smallest input of a padded max-pool, and the truncation each call asked for."""
+    the smallest input of a padded max-pool (or variance of a LayerNorm), and the truncation each
+    call asked for."""
 
     def __init__(self) -> None:
         self.node = ""
@@ -49,7 +50,9 @@ class Records:
         value = float(magnitude.max()) if isinstance(magnitude, torch.Tensor) and magnitude.numel() else float(magnitude or 0.0)
         self.compared[self.node] = max(self.compared.get(self.node, 0.0), value)
 
-    def pool_floor(self, smallest: float) -> None:
+    def least(self, smallest: float) -> None:
+        """The smallest value the current node reads where that matters: a padded max-pool's input
+        (against its pad), a LayerNorm's variance (how finely it normalises)."""
         self.floor[self.node] = min(self.floor.get(self.node, np.inf), smallest)
 
     def overflowed(self, magnitude: float) -> None:

@@ -118,14 +118,17 @@ class Softmax(Op):
 
     def error(self, node, args, w, ctx):
         """An input error moves a probability by at most half of it (the softmax's Jacobian); the
-        methods' errors add (exp's, summed over the row, and the reciprocal's, relative); the
-        fixed point rounds each of exp's steps, which its squarings amplify 16-fold."""
+        methods' errors add (exp's, summed over the row, and the reciprocal's, relative); each of
+        the fixed point's roundings is independent of the others: the variable's (through the
+        polynomial's slope, at most 1/2) and each term's (through its coefficient) are amplified by
+        the squarings 16-fold, each squaring's by the ones after it, the last products' by 1."""
         x, backend = args[0], ctx.backend
         n = int(x.shape[-1])
         row_ms = x.ms.amax(dim=-1, keepdim=True).expand(x.ms.shape)
         method = approx.exp_error().error * n + approx.reciprocal_plan(1.0, float(n))[1].error
-        gain = float(np.abs(approx._exp_coeffs()).sum() * approx.EXP_DEGREE + 4) * 2**approx.EXP_SQUARINGS
-        fixed = gain * gain * backend.truncation_ms + 8 * backend.truncation_ms
+        amplified = float(2**approx.EXP_SQUARINGS) ** 2 * (0.25 + float((approx._exp_coeffs()[1:] ** 2).sum()))
+        squarings = sum(4.0**k for k in range(approx.EXP_SQUARINGS))
+        fixed = (amplified + squarings + 4) * backend.truncation_ms
         return backend.value(torch.ones_like(x.peak), row_ms / 4 + method * method + fixed)
 
 

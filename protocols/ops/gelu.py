@@ -52,12 +52,12 @@ class Gelu(Op):
 
     def error(self, node, args, w, ctx):
         """GeLU's slope is at most 1.13: an input error passes on at most that much; the method's
-        error adds, and the fixed point rounds each power, which the coefficients weigh."""
+        error adds, and the fixed point's roundings, independent: the centred variable's (through
+        the correction's slope, below 1/2), each power's (weighed by its coefficient), the sum's."""
         x, backend = args[0], ctx.backend
         coeffs = approx._gelu_coeffs()
-        gain = float(sum(abs(c) * k for k, c in enumerate(coeffs)) + 4)
         method = approx.gelu_error().error
-        ms = 1.13**2 * x.ms + method * method + gain * gain * backend.truncation_ms
+        ms = 1.13**2 * x.ms + method * method + (float((coeffs[1:] ** 2).sum()) + 1.25) * backend.truncation_ms
         return backend.value(x.peak, ms)
 
 

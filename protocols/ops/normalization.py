@@ -52,16 +52,18 @@ class LayerNorm(Op):
         n = int(x.shape[-1])
         centred = x - backend.divide(x.sum(-1, keepdim=True), n)
         variance = backend.divide(backend.square(centred).sum(-1, keepdim=True), n) + float(node.attrs["epsilon"])
+        backend.note_least(variance)  # the range check's: how small the variance gets sets the error
         normed = backend.mul(centred, approx.rsqrt(ctx, variance, *_variance_range(node), node.attrs.get("bits")))
         return backend.mul(normed, w[0], truncation_of(node)) + w[1]
 
     def cost(self, node, io, pricing):
         return approx.composite_cost(self, node, io, pricing)
 
-    def _bound(self, node, n: int, w) -> torch.Tensor:
+    @staticmethod
+    def _bound(n: int, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
         """|output| per element: |x - mean| / sigma is at most sqrt(n - 1), times the rsqrt's seed
         margin (a variance below the range is normalised by its floor's seed), times |gamma|, plus |beta|."""
-        return (1.5 * math.sqrt(n) * w[0].magnitude + w[1].magnitude).to(torch.float64)
+        return (1.5 * math.sqrt(n) * gamma + beta).to(torch.float64)
 
     def interval(self, node, args, w, ctx):
         """[-bound, bound] (`_bound`); inside, the centred values, their squares and sums, the
@@ -76,6 +78,7 @@ class LayerNorm(Op):
         records.truncate(square)
         records.truncate(square.sum(-1, keepdim=True), multiple=1)
         records.compare(variance + hi)
+        records.least(lo)  # no interval bounds a variance away from 0: the error is stated for the declared range's floor
         seed = torch.full_like(variance, 1.5 / math.sqrt(lo))
         for _ in range(approx.rsqrt_plan(lo, hi)[0]):
             records.truncate(seed * seed)
@@ -83,23 +86,24 @@ class LayerNorm(Op):
             records.truncate(1.5 * seed)
         records.truncate(centred * seed)
         records.truncate(torch.full_like(x.lo, 1.5 * math.sqrt(n)) * w[0].magnitude, truncation=truncation_of(node))
-        bound = self._bound(node, n, w).expand(x.shape)
+        bound = self._bound(n, w[0].magnitude, w[1].magnitude).expand(x.shape)
         return type(x)(-bound, bound)
 
     def error(self, node, args, w, ctx):
-        """An input error moves (x - mean) / sigma by itself over sigma, at most 1 / sqrt(lo) for the
-        variances of the declared range; the rsqrt errs relatively (its method and the fixed point's
-        rounding of its iterates), the normalised values reaching sqrt(n); gamma multiplies both."""
+        """An input error moves (x - mean) / sigma by itself over sigma: sigma at least the square root
+        of the smallest variance the ranges saw (the declared range's floor where they bound none);
+        the rsqrt errs relatively (its method), the normalised values reaching sqrt(n); its iterate
+        1 / sigma is rounded to the fixed point's unit (three roundings), which each centred value
+        (at most twice the element's peak) multiplies; gamma multiplies all of it."""
         x, backend = args[0], ctx.backend
         n = int(x.shape[-1])
         lo, hi = _variance_range(node)
+        floor = max(float(backend.floor.get(node.name, lo)), 2.0 ** -(2 * backend.fraction_bits))
         row_ms = x.ms.amax(dim=-1, keepdim=True)
         relative = approx.rsqrt_plan(lo, hi)[1].error
-        iterate = 1.5 / math.sqrt(lo)
-        fixed = (iterate * iterate * 6 + n) * backend.truncation_ms
         gamma2 = w[0].peak * w[0].peak
-        normed_ms = row_ms / lo + (relative * relative + fixed) * n
-        return backend.value(self._bound(node, n, w).expand(x.peak.shape), gamma2 * normed_ms + w[0].ms * n + w[1].ms + backend.truncation_ms)
+        normed_ms = row_ms / floor + relative * relative * n + 36 * x.peak * x.peak * backend.truncation_ms + 2 * backend.truncation_ms
+        return backend.value(self._bound(n, w[0].peak, w[1].peak).expand(x.peak.shape), gamma2 * normed_ms + w[0].ms * n + w[1].ms + backend.truncation_ms)
 
 
 class ReduceMean(Op):
