@@ -8,12 +8,13 @@ same steps on a dense grid (`Approximation.error`), to which the fixed point add
 
 - `row_max`: the maximum along the last axis, a tree of max(a, b) = b + ReLU(a - b).
 - `exp_nonpositive`: exp(z) for z <= 0: z clipped at -EXP_CLIP (one comparison), then
-  exp(z / 16) as a degree-6 polynomial on [-1, 0], then four squarings.
+  exp(z / 4) as a degree-8 polynomial on [-4, 0], then two squarings.
 - `piecewise_linear`: a function interpolated between public knots from one comparison round
   over all knots (segment by segment, so that no product outgrows the function's values); the
   seed of the Newton iterations below.
-- `reciprocal`, `rsqrt`: Newton's iterations from a piecewise-linear seed, as many as the
-  domain needs for a relative error below NEWTON_TARGET.
+- `reciprocal`, `rsqrt`: Newton's iterations from a piecewise-linear seed, the seed dense
+  enough (up to 8 knots an octave, one more comparison each in its one round) that the fewest
+  iterations reach a relative error below NEWTON_TARGET: one, for the domains used here.
 - `gelu`: ReLU(x) - d(|x|) with d = ReLU - GeLU even and small (SIGMA's split): ReLU(x),
   ReLU(x - 4) and ReLU(-x - 4) in one comparison round give min(|x|, 4), then d as a degree-8
   polynomial in min(|x|, 4) / 2 - 1 (a centred variable keeps the coefficients below 1).
@@ -38,11 +39,11 @@ from ..numeric.priced import PricedBackend, shape_value
 from .registry import LayerCost, SecureContext
 
 EXP_CLIP = 16.0  # exp(-16) = 1.1e-7: below 2^-16, the finest a 16-bit fixed point holds
-EXP_SQUARINGS = 4  # exp(z) = exp(z / 16)^16
-EXP_DEGREE = 6
+EXP_SQUARINGS = 2  # exp(z) = exp(z / 4)^4
+EXP_DEGREE = 8
 GELU_CLIP = 4.0  # d(4) = 1.3e-4, and d falls below 1.5e-6 by 5
 GELU_DEGREE = 8
-NEWTON_TARGET = 2.0**-20  # relative error of reciprocal and rsqrt, before the fixed point's
+NEWTON_TARGET = 2.0**-18  # relative error of reciprocal and rsqrt, before the fixed point's (2^-16 at 16 bits)
 
 
 # -- steps ------------------------------------------------------------------------------------------
@@ -115,15 +116,16 @@ def row_max(ctx: SecureContext, x: Any, bits: int | None = None) -> Any:
 
 @functools.lru_cache(maxsize=None)
 def _exp_coeffs() -> np.ndarray:
-    """exp(u) for u in [-1, 0] in powers of s = 2u + 1 (least squares at Chebyshev nodes)."""
+    """exp(z / 2^EXP_SQUARINGS) for z in [-EXP_CLIP, 0] in powers of s = 2 z / EXP_CLIP + 1 (least
+    squares at Chebyshev nodes)."""
     s = np.cos(np.linspace(0.0, np.pi, 2001))
-    return np.polynomial.polynomial.polyfit(s, np.exp((s - 1.0) / 2.0), EXP_DEGREE)
+    return np.polynomial.polynomial.polyfit(s, np.exp((s - 1.0) * EXP_CLIP / 2.0 / 2**EXP_SQUARINGS), EXP_DEGREE)
 
 
 def exp_plain(z: np.ndarray) -> np.ndarray:
     """The method of `exp_nonpositive` in float64."""
     zc = np.maximum(z, -EXP_CLIP)
-    y = np.polynomial.polynomial.polyval(zc / 8.0 + 1.0, _exp_coeffs())
+    y = np.polynomial.polynomial.polyval(2.0 * zc / EXP_CLIP + 1.0, _exp_coeffs())
     for _ in range(EXP_SQUARINGS):
         y = y * y
     return y
@@ -138,7 +140,7 @@ def exp_error() -> Approximation:
 def exp_nonpositive(ctx: SecureContext, z: Any, bits: int | None = None) -> Any:
     """exp(z) for z <= 0 (error `exp_error`): one comparison round, 3 + EXP_SQUARINGS product rounds."""
     clipped = compare(ctx, z + EXP_CLIP, bits) - EXP_CLIP  # max(z, -16)
-    y = polynomial(ctx, ctx.backend.scale(clipped, 1.0 / 8.0) + 1.0, _exp_coeffs())
+    y = polynomial(ctx, ctx.backend.scale(clipped, 2.0 / EXP_CLIP) + 1.0, _exp_coeffs())
     for _ in range(EXP_SQUARINGS):
         y = ctx.backend.square(y)
     return y
@@ -191,21 +193,31 @@ def _times(ctx: SecureContext, x: Any, factor: float) -> Any:
     return ctx.backend.scale(x, factor * (1 << shift))
 
 
-def _newton_steps(lo: float, hi: float, step: float, fn, update) -> tuple[int, float]:
-    """Iterations from the piecewise-linear seed until the relative error is below NEWTON_TARGET
-    over [lo, hi] (float64, as the parties compute it), and that error."""
+KNOTS_PER_OCTAVE = (2, 4, 8)  # the seeds' densities a plan chooses from
+
+
+def _newton_plan(lo: float, hi: float, fn, update) -> tuple[int, Approximation, float]:
+    """(Newton steps, the error they reach, the seed's knot ratio): the fewest steps that bring the
+    relative error below NEWTON_TARGET over [lo, hi] (float64, as the parties compute it), then the
+    fewest knots. A step is two or three rounds; a knot one comparison per element, in the seed's
+    single round: denser seeds are cheaper."""
     x = np.geomspace(lo, hi, 20001)
-    y = pl_plain(x, _knots(lo, hi, step), fn)
-    for steps in range(12):
-        err = float(np.abs(y / fn(x) - 1.0).max())
-        if err < NEWTON_TARGET:
-            return steps, err
-        y = update(x, y)
-    raise ValueError(f"Newton's method does not reach {NEWTON_TARGET:g} on [{lo:g}, {hi:g}] in 12 steps")
-
-
-RECIPROCAL_STEP = math.sqrt(2.0)
-RSQRT_STEP = math.sqrt(2.0)
+    best = None
+    for per in KNOTS_PER_OCTAVE:
+        step = 2.0 ** (1.0 / per)
+        y = pl_plain(x, _knots(lo, hi, step), fn)
+        for steps in range(8):
+            err = float(np.abs(y / fn(x) - 1.0).max())
+            if err < NEWTON_TARGET:
+                break
+            y = update(x, y)
+        else:
+            continue
+        if best is None or steps < best[0]:
+            best = (steps, Approximation(err, relative=True), step)
+    if best is None:
+        raise ValueError(f"Newton's method does not reach {NEWTON_TARGET:g} on [{lo:g}, {hi:g}] in 8 steps")
+    return best
 
 
 def _inverse(x):
@@ -217,30 +229,28 @@ def _inverse_sqrt(x):
 
 
 @functools.lru_cache(maxsize=None)
-def reciprocal_plan(lo: float, hi: float) -> tuple[int, Approximation]:
-    steps, err = _newton_steps(lo, hi, RECIPROCAL_STEP, _inverse, lambda x, y: y * (2.0 - x * y))
-    return steps, Approximation(err, relative=True)
+def reciprocal_plan(lo: float, hi: float) -> tuple[int, Approximation, float]:
+    return _newton_plan(lo, hi, _inverse, lambda x, y: y * (2.0 - x * y))
 
 
 def reciprocal(ctx: SecureContext, s: Any, lo: float, hi: float, bits: int | None = None) -> Any:
     """1 / s for s in [lo, hi] (lo > 0): a seed, then Newton's y (2 - s y), two rounds a step."""
-    steps, _ = reciprocal_plan(lo, hi)
-    y = piecewise_linear(ctx, s, _knots(lo, hi, RECIPROCAL_STEP), _inverse, bits)
+    steps, _, step = reciprocal_plan(lo, hi)
+    y = piecewise_linear(ctx, s, _knots(lo, hi, step), _inverse, bits)
     for _ in range(steps):
         y = ctx.backend.mul(y, -ctx.backend.mul(s, y) + 2.0)
     return y
 
 
 @functools.lru_cache(maxsize=None)
-def rsqrt_plan(lo: float, hi: float) -> tuple[int, Approximation]:
-    steps, err = _newton_steps(lo, hi, RSQRT_STEP, _inverse_sqrt, lambda x, y: y * (1.5 - 0.5 * x * y * y))
-    return steps, Approximation(err, relative=True)
+def rsqrt_plan(lo: float, hi: float) -> tuple[int, Approximation, float]:
+    return _newton_plan(lo, hi, _inverse_sqrt, lambda x, y: y * (1.5 - 0.5 * x * y * y))
 
 
 def rsqrt(ctx: SecureContext, v: Any, lo: float, hi: float, bits: int | None = None) -> Any:
     """1 / sqrt(v) for v in [lo, hi]: a seed, then Newton's y (1.5 - v/2 y^2), three rounds a step."""
-    steps, _ = rsqrt_plan(lo, hi)
-    y = piecewise_linear(ctx, v, _knots(lo, hi, RSQRT_STEP), _inverse_sqrt, bits)
+    steps, _, step = rsqrt_plan(lo, hi)
+    y = piecewise_linear(ctx, v, _knots(lo, hi, step), _inverse_sqrt, bits)
     half = ctx.backend.scale(v, 0.5)
     for _ in range(steps):  # (v/2 y) y, not v/2 y^2: y^2 of a large variance would keep few bits
         y = ctx.backend.mul(y, -ctx.backend.mul(ctx.backend.mul(half, y), y) + 1.5)

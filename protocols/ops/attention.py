@@ -120,13 +120,14 @@ class Softmax(Op):
         """An input error moves a probability by at most half of it (the softmax's Jacobian); the
         methods' errors add (exp's, summed over the row, and the reciprocal's, relative); each of
         the fixed point's roundings is independent of the others: the variable's (through the
-        polynomial's slope, at most 1/2) and each term's (through its coefficient) are amplified by
-        the squarings 16-fold, each squaring's by the ones after it, the last products' by 1."""
+        polynomial's slope) and each term's (through its coefficient) are amplified by the
+        squarings 2^k-fold, each squaring's by the ones after it, the last products' by 1."""
         x, backend = args[0], ctx.backend
         n = int(x.shape[-1])
         row_ms = x.ms.amax(dim=-1, keepdim=True).expand(x.ms.shape)
         method = approx.exp_error().error * n + approx.reciprocal_plan(1.0, float(n))[1].error
-        amplified = float(2**approx.EXP_SQUARINGS) ** 2 * (0.25 + float((approx._exp_coeffs()[1:] ** 2).sum()))
+        slope = approx.EXP_CLIP / 2.0 / 2**approx.EXP_SQUARINGS  # of exp(z / 2^k) in the centred variable, at most
+        amplified = float(2**approx.EXP_SQUARINGS) ** 2 * (slope * slope + float((approx._exp_coeffs()[1:] ** 2).sum()))
         squarings = sum(4.0**k for k in range(approx.EXP_SQUARINGS))
         fixed = (amplified + squarings + 4) * backend.truncation_ms
         return backend.value(torch.ones_like(x.peak), row_ms / 4 + method * method + fixed)
