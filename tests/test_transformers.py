@@ -92,6 +92,20 @@ def test_an_exported_bert_imports_and_runs_as_pytorch(bert, opset):
     np.testing.assert_allclose(got.numpy(), expected, atol=1e-4)
 
 
+def test_the_rewrites_save_three_rounds_a_layer_and_change_no_output(bert):
+    """Query, key and value become one product (a stacked weight, then slices), and the 1/sqrt(d)
+    scale of Q K^T moves into the query's weights: the same logits, three rounds fewer a layer."""
+    exported = onnx.load_from_string(_export(bert, 17))
+    (rewritten, w1), (plain, w0) = graph_from_onnx(exported), graph_from_onnx(exported, rewrite=False)
+    ops = [n.op for n in rewritten.nodes]
+    assert "Affine" not in ops and ops.count("Slice") == 6 and [n.op for n in plain.nodes].count("Affine") == 2
+    x = torch.from_numpy(_ids(3)).float()
+    run = lambda g, w: run_plain(g, {k: torch.from_numpy(v) for k, v in w.items()}, x).numpy()  # noqa: E731
+    np.testing.assert_allclose(run(rewritten, w1), run(plain, w0), atol=1e-5)
+    rounds = lambda g: total_cost(graph_cost(g, batch=1, protocol="fss")).rounds  # noqa: E731
+    assert rounds(plain) - rounds(rewritten) == 3 * 2
+
+
 def test_a_bert_with_an_op_still_missing_is_refused_naming_it():
     torch.manual_seed(0)
     with pytest.raises(UnsupportedOpError, match=r"node '/bert/pooler/activation/Tanh' \(op Tanh\)"):

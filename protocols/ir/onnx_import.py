@@ -17,6 +17,7 @@ from ..ops import onnx_importer, supported_onnx_ops
 from .graph import Graph, GraphError, Node, UnsupportedOpError, check_finite
 from .onnx_patterns import fold_public_shapes, fuse_spelled_out
 from .plain import annotate_shapes
+from .fewer_rounds import fewer_rounds
 from .rewrite import fewer_comparisons
 from .validation import validate_graph
 
@@ -106,8 +107,8 @@ def _input_shape(model: onnx.ModelProto, initializers: set[str]) -> tuple[str, t
 
 def graph_from_onnx(model: onnx.ModelProto, *, rewrite: bool = True) -> tuple[Graph, dict[str, np.ndarray]]:
     """Compile an ONNX model into a public graph and the server's weights; `rewrite`: with the exact
-    rewrites that save comparisons (rewrite.py). An artifact compiles without them: its masks and
-    calibration are for the graph as exported."""
+    rewrites that save comparisons (rewrite.py) and rounds (fewer_rounds.py). An artifact compiles
+    without them: its masks and calibration are for the graph as exported."""
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as err:
@@ -130,4 +131,6 @@ def graph_from_onnx(model: onnx.ModelProto, *, rewrite: bool = True) -> tuple[Gr
         check_finite(value, f"weight '{key}'")
     validate_graph(graph)
     annotate_shapes(graph, importer.weights)
-    return (fewer_comparisons(graph) if rewrite else graph), importer.weights
+    if not rewrite:
+        return graph, importer.weights
+    return fewer_rounds(fewer_comparisons(graph), importer.weights)

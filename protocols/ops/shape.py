@@ -1,4 +1,4 @@
-"""Shape ops and additions, all local on additive shares: Flatten, Reshape, Add, Concat.
+"""Shape ops and additions, all local on additive shares: Flatten, Reshape, Add, Concat, Slice.
 
 Also the ONNX ops that produce no layer: Constant (a value for other nodes), Identity and
 Dropout (inference mode: an alias), Cast (of a constant, or of a float activation).
@@ -107,6 +107,26 @@ class Concat(Op):
         node.attrs["axis"] = axis
 
 
+class Slice(Op):
+    """A range [start, end) of the last axis (a part of a stacked product, ir/fewer_rounds.py): local."""
+
+    name = "Slice"
+
+    def check(self, node: Node, graph) -> None:
+        start, end = node.attrs.get("start"), node.attrs.get("end")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (start, end)) or not 0 <= start < end:
+            raise GraphError(f"node '{node.name}' (Slice) takes a range 0 <= start < end of the last axis, got {node.attrs}")
+
+    def plain(self, node, args, w):
+        return args[0][..., node.attrs["start"] : node.attrs["end"]]
+
+    def secure(self, node, args, w, ctx):
+        return args[0].index_select(-1, torch.arange(node.attrs["start"], node.attrs["end"]))
+
+    def module(self, node, w):
+        return None
+
+
 # -- ONNX import ----------------------------------------------------------------------------------
 
 
@@ -191,3 +211,4 @@ register(FlattenOp(), {"Flatten": _import_flatten})
 register(ReshapeOp(), {"Reshape": _import_reshape})
 register(Add(), {"Add": _import_add})
 register(Concat(), {"Concat": _import_concat})
+register(Slice())
