@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import onnx
 import pytest
 import torch
 
+from twinfer.protocols.backends.crypten import patches
 from twinfer.protocols.backends.crypten.patches import load_crypten
 from twinfer.protocols.ir.onnx_import import graph_from_onnx
 from twinfer.protocols.ir.plain import run_plain
@@ -38,11 +40,27 @@ def _bn_model(mean: float, var: float) -> torch.nn.Module:
     return m.eval()
 
 
-def test_from_pytorch_uses_torchscript_exporter():
+@pytest.fixture
+def crypten_symbolics_undone():
+    """crypten's converter registers its own ONNX symbolics (a Dropout with the `ratio` attribute
+    of opsets before 12, among others) for every later TorchScript export at its opset, process
+    wide: undone after the test, so that other tests export as torch does."""
+    yield
+    from crypten.nn.onnx_converter import _OPSET_VERSION
+
+    for op in ("softmax", "log_softmax", "dropout", "feature_dropout"):
+        torch.onnx.unregister_custom_op_symbolic(f"aten::{op}", _OPSET_VERSION)
+
+
+def test_from_pytorch_uses_torchscript_exporter(crypten_symbolics_undone):
     crypten = load_crypten()
-    with pytest.raises(Exception, match="onnxscript|dynamo"):
-        # What crypten's converter did before the fix: torch's default (dynamo) exporter.
-        torch.onnx.export(_bn_model(0.5, 1.5), (torch.zeros(1, 1, 8, 8),), __import__("io").BytesIO(), dynamo=True)
+    # torch's own default is the dynamo exporter, whose graphs crypten's converter predates (and
+    # which fails where onnxscript is not installed): the fix makes the converter's call TorchScript's.
+    assert inspect.signature(torch.onnx.export).parameters["dynamo"].default is True
+    seen: dict = {}
+    patches._torchscript_export(lambda *args, **kwargs: seen.update(kwargs))(None, (), None)
+    assert seen == {"dynamo": False}
+    assert getattr(importlib.import_module("crypten.nn.onnx_converter").torch.onnx.export, "__twinfer_patched__", False)
     graph = crypten.nn.from_pytorch(_bn_model(0.5, 1.5), torch.zeros(1, 1, 8, 8))
     assert isinstance(graph, crypten.nn.Module)
 
