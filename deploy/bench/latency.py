@@ -105,7 +105,8 @@ def measure(
     # crypten): on a loaded machine that takes far longer than the 10 s default.
     options = TransportOptions(recv_timeout_s=300, connect_timeout_s=120, network=profile)
     reports = run_local_session(
-        onnx_bytes, inputs, batch, options=options, prefetch=True, prefetch_ahead=offline == "ahead", protocol=protocol
+        onnx_bytes, inputs, batch, options=options, prefetch=True, prefetch_ahead=offline == "ahead", protocol=protocol,
+        listen_timeout_s=900.0,  # a large model's server checks its fixed point for minutes before it listens
     )
     return _row(model, profile, "transport", batch, reports["client"], offline) | {"logits": np.asarray(reports["client"].logits).tolist()}
 

@@ -260,9 +260,11 @@ def run_local_session(
     fraction_bits: int | str = AUTO,
     truncation: str = "auto",
     encoding: SessionEncoding | None = None,
+    listen_timeout_s: float = 120.0,
 ) -> dict[str, PartyReport]:
     """Dealer, server and client in three spawned processes on loopback; reports by role.
-    `encoding`: what a check of these inputs settled (inference.check_session), for the server to adopt."""
+    `encoding`: what a check of these inputs settled (inference.check_session), for the server to adopt;
+    `listen_timeout_s`: how long the server may take to listen (its model check runs first)."""
     options = options or TransportOptions()
     ctx = mp.get_context("spawn")
     session = new_session_id()
@@ -275,4 +277,4 @@ def run_local_session(
         )
         return SpawnedParty(ctx, role, config, payloads[role])
 
-    return launch_local(spawn, timeout_s=timeout_s)
+    return launch_local(spawn, timeout_s=timeout_s, listen_timeout_s=listen_timeout_s)

@@ -82,12 +82,22 @@ def powers(ctx: SecureContext, t: Any, degree: int) -> list[Any]:
 
 def polynomial(ctx: SecureContext, t: Any, coeffs: np.ndarray) -> Any:
     """sum_k c_k t^k: the powers' rounds, then public factors (local)."""
-    p = powers(ctx, t, len(coeffs) - 1)
     total = None
-    for c, term in zip(coeffs[1:], p):
+    for c, term in zip(coeffs[1:], powers(ctx, t, len(coeffs) - 1)):
         scaled = ctx.backend.scale(term, float(c))
         total = scaled if total is None else total + scaled
     return total + float(coeffs[0])
+
+
+def weighted_sum(ctx: SecureContext, parts: list[Any], factors) -> Any:
+    """sum_j factors_j parts_j for parts of one shape: stacked along the batch, times one public
+    tensor of factors, summed back (one local product however many parts: for many small parts,
+    such as a seed's segments, far fewer calls than a product each)."""
+    rows = parts[0].shape[0]
+    stacked = ctx.backend.cat(parts, dim=0) if len(parts) > 1 else parts[0]
+    column = torch.tensor([float(f) for f in factors], dtype=torch.float64).repeat_interleave(rows)
+    scaled = ctx.backend.scale(stacked, column.reshape(-1, *([1] * (len(parts[0].shape) - 1))))
+    return scaled.reshape(len(parts), *parts[0].shape).sum(0)
 
 
 # -- the functions -----------------------------------------------------------------------------
@@ -178,19 +188,20 @@ def piecewise_linear(ctx: SecureContext, x: Any, knots: np.ndarray, fn, bits: in
     knots = np.unique(np.maximum(np.round(knots * grid), 1.0)) / grid
     y0, slopes = _slopes(knots, fn)
     ramps = compare_stacked(ctx, [x - float(t) for t in knots], bits)
-    total = _times(ctx, x - float(knots[0]) - ramps[0], float(slopes[0])) + y0  # min(x - t_0, 0) s_0
-    for j, slope in enumerate(slopes):
-        total = total + _times(ctx, ramps[j] - ramps[j + 1], float(slope))
-    return total
-
-
-def _times(ctx: SecureContext, x: Any, factor: float) -> Any:
-    """x times a public factor, which may be far below 1: x is halved m times first (a local
-    division) so that the encoded factor 2^m c keeps its significant bits."""
-    shift = max(0, math.floor(-math.log2(abs(factor)))) if factor else 0
-    if shift:
-        x = ctx.backend.divide(x, 1 << shift)
-    return ctx.backend.scale(x, factor * (1 << shift))
+    parts = [x - float(knots[0]) - ramps[0]] + [ramps[j] - ramps[j + 1] for j in range(len(slopes))]  # min(x - t_0, 0), then each segment
+    factors = [float(slopes[0])] + [float(v) for v in slopes]
+    # A factor far below 1 keeps its significant bits if its part is halved m times first (a local
+    # division) and the factor encoded as 2^m c: one division and one product per m, not per part.
+    shifts = [max(0, math.floor(-math.log2(abs(c)))) if c else 0 for c in factors]
+    total = None
+    for shift in sorted(set(shifts)):
+        group = [i for i, m in enumerate(shifts) if m == shift]
+        stacked = [parts[i] for i in group]
+        if shift:
+            stacked = _split(ctx.backend.divide(ctx.backend.cat(stacked, dim=0), 1 << shift), rows=parts[0].shape[0], parts=len(group))
+        term = weighted_sum(ctx, stacked, [factors[i] * (1 << shift) for i in group])
+        total = term if total is None else total + term
+    return total + y0
 
 
 KNOTS_PER_OCTAVE = (2, 4, 8)  # the seeds' densities a plan chooses from
