@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 
 import numpy as np
 import onnx
@@ -19,8 +20,10 @@ from transformers import BertConfig, BertModel
 from tests.helpers.stated import assert_within_stated_error
 from twinfer.deploy.launch.local import run_local_session
 from twinfer.parties.wire.transport import TransportOptions
+from twinfer.protocols.backends.base import Truncation
 from twinfer.protocols.backends.fss.correlations import CORRELATIONS, SECRET_PRODUCT
 from twinfer.protocols.cost_model import graph_cost, total_cost
+from twinfer.protocols.ir.encoding import apply_plan
 from twinfer.protocols.ir.graph import GraphError, UnsupportedOpError
 from twinfer.protocols.ir.onnx_import import graph_from_onnx
 from twinfer.protocols.ir.plain import run_plain
@@ -129,9 +132,20 @@ def test_a_bert_privately_equals_pytorch_within_its_stated_error(bert, protocol)
     measured = assert_within_stated_error(client.logits, expected, client.encoding)
     assert (client.logits.argmax(1) == expected.argmax(1)).all() and measured < 0.05
     graph, _ = graph_from_onnx(onnx.load_from_string(onnx_bytes))
-    predicted = total_cost(graph_cost(graph, batch=2, protocol=protocol))
+    predicted = total_cost(graph_cost(_as_served(graph, client.encoding), batch=2, protocol=protocol))
     assert client.batch_rounds == [predicted.rounds] and client.batch_bytes_online == [predicted.bytes_online]
     assert client.comparisons == predicted.comparisons > 0
+
+
+def _as_served(graph, encoding: dict):
+    """The graph with each layer's truncation as the server settled it (the session's summary names
+    them 'local', 'exact (n bits)' or 'exact, fused (n bits)'): what the parties ran."""
+    plan = {}
+    for name, kind in encoding["truncation"].items():
+        exact = re.fullmatch(r"exact(, fused)? \((\d+) bits\)", kind)
+        if exact:
+            plan[name] = Truncation("exact", int(exact.group(2)), bool(exact.group(1)))
+    return apply_plan(graph, plan)
 
 
 # -- the smooth functions, in the fixed point itself -------------------------------------------------

@@ -19,7 +19,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from twinfer.protocols import artifact_format as af
-from twinfer.protocols.ops.embedding import check_ids
+from twinfer.protocols.ops.embedding import check_ids, embedding_node
 from twinfer.protocols.ir.graph import Graph, GraphError, check_input_range
 from twinfer.protocols.ir.onnx_import import graph_from_onnx
 from twinfer.protocols.ir.encoding import (
@@ -275,9 +275,11 @@ def check_model_range(
     the truncations' risk); the error stated from a simulation of the fixed point on such
     inputs. A model that declares no range holds the widest symmetric one its checks accept
     with local truncations (`widest_range`). A ModelError naming the layer when refused."""
-    if graph.input_range is None:
+    lookup = embedding_node(graph)
+    if graph.input_range is None and lookup is None:
         return widest_range(graph, weights, fraction_bits, protocol)
-    lo, hi = graph.input_range
+    # A lookup's input is ids: every row of its table, nothing else (check_ids refuses the rest).
+    lo, hi = graph.input_range if graph.input_range is not None else (0.0, float(lookup.attrs["rows"] - 1))
     report = _check_range(graph, weights, (lo, hi), fraction_bits, protocol, truncation)
     if report.refused:
         raise ModelError(f"the model is refused for inputs in [{lo:g}, {hi:g}]: {report.message()}")

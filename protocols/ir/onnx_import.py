@@ -14,6 +14,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..ops import onnx_importer, supported_onnx_ops
+from ..ops.attention import mark_convex_products
 from .graph import Graph, GraphError, Node, UnsupportedOpError, check_finite
 from .onnx_patterns import fold_public_shapes, fuse_spelled_out
 from .plain import annotate_shapes
@@ -129,6 +130,7 @@ def graph_from_onnx(model: onnx.ModelProto, *, rewrite: bool = True) -> tuple[Gr
     )
     for key, value in importer.weights.items():  # also what import derived, such as a folded BatchNorm's
         check_finite(value, f"weight '{key}'")
+    mark_convex_products(graph)
     validate_graph(graph)
     annotate_shapes(graph, importer.weights)
     if not rewrite:

@@ -183,9 +183,13 @@ def piecewise_linear(ctx: SecureContext, x: Any, knots: np.ndarray, fn, bits: in
     comparison round over len(knots) copies of x. Segment j adds its slope times
     ReLU(x - t_j) - ReLU(x - t_j+1), a difference exact in the ring and at most the segment's
     width: each product stays as small as the function's own steps, however wide the domain.
-    The knots sit on the fixed point's grid, so that each segment's width is exact there."""
+    The knots sit on the fixed point's grid, so that each segment's width is exact there, at
+    least one unit apart (as many at every precision: the cost model's count is the session's)."""
     grid = float(1 << ctx.backend.fraction_bits)
-    knots = np.unique(np.maximum(np.round(knots * grid), 1.0)) / grid
+    units = np.maximum(np.round(knots * grid), 1.0)
+    for i in range(1, len(units)):
+        units[i] = max(units[i], units[i - 1] + 1.0)
+    knots = units / grid
     y0, slopes = _slopes(knots, fn)
     ramps = compare_stacked(ctx, [x - float(t) for t in knots], bits)
     parts = [x - float(knots[0]) - ramps[0]] + [ramps[j] - ramps[j + 1] for j in range(len(slopes))]  # min(x - t_0, 0), then each segment

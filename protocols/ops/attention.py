@@ -25,6 +25,20 @@ class MatMul(Op):
     def check(self, node: Node, graph) -> None:
         if len(node.inputs) != 2 or node.weights:
             raise GraphError(f"node '{node.name}' (MatMul) multiplies two activations; a weight operand is a Gemm")
+        if not isinstance(node.attrs.get("convex", False), bool):
+            raise GraphError(f"node '{node.name}' (MatMul): convex is true or false, got {node.attrs['convex']!r}")
+
+    def interval(self, node, args, w, ctx):
+        """Probabilities times values (`convex`: the left operand is a softmax's, each row of it
+        non-negative and summing to 1 within the softmax's error): each output lies between the
+        least and the largest value of its column, give or take CONVEX_SLACK of their size. The
+        products themselves, as any product's, by the intervals."""
+        out = ctx.backend.matmul(args[0], args[1], truncation_of(node))
+        if not node.attrs.get("convex"):
+            return out
+        v = args[1]
+        slack = CONVEX_SLACK * v.magnitude.amax(dim=-2, keepdim=True)
+        return out.intersect(v.lo.amin(dim=-2, keepdim=True) - slack, v.hi.amax(dim=-2, keepdim=True) + slack)
 
     def plain(self, node, args, w):
         return torch.matmul(args[0], args[1])
@@ -41,6 +55,18 @@ class MatMul(Op):
             node.name, node.op, secure_mults=outputs * inner, bytes_online=step.bytes_online, rounds=step.rounds,
             bytes_offline=step.bytes_offline,
         )  # fmt: skip
+
+
+CONVEX_SLACK = 0.01  # far above a softmax's error (its rows sum to 1 within 1e-4)
+
+
+def mark_convex_products(graph) -> None:
+    """Mark each MatMul whose left operand is a Softmax's output `convex` (public structure): its
+    interval is then the span of its right operand's columns, not a sum over them."""
+    softmax_outputs = {n.output for n in graph.nodes if n.op == "Softmax"}
+    for node in graph.nodes:
+        if node.op == "MatMul" and node.inputs[0] in softmax_outputs:
+            node.attrs["convex"] = True
 
 
 class Transpose(Op):
