@@ -20,14 +20,7 @@ import dataclasses
 import numpy as np
 
 from .graph import Graph, Node
-
-
-def _readers(graph: Graph) -> dict[str, list[Node]]:
-    out: dict[str, list[Node]] = {}
-    for node in graph.nodes:
-        for name in node.inputs:
-            out.setdefault(name, []).append(node)
-    return out
+from .rewrite import readers_of
 
 
 def _plain_gemm(node: Node) -> bool:
@@ -75,7 +68,7 @@ def _scale_of(node: Node, weights: dict[str, np.ndarray]) -> float | None:
 
 def _fold_product_scale(graph: Graph, weights: dict[str, np.ndarray]) -> tuple[Graph, dict[str, np.ndarray]] | None:
     """One scale of a product of activations folded into the projection of its left operand, or None."""
-    readers = _readers(graph)
+    readers = readers_of(graph)
     by_output = {n.output: n for n in graph.nodes}
     for node in graph.nodes:
         factor = _scale_of(node, weights)

@@ -22,7 +22,8 @@ from ..ops import op_for
 from .graph import Graph, Node
 
 
-def _readers(graph: Graph) -> dict[str, list[Node]]:
+def readers_of(graph: Graph) -> dict[str, list[Node]]:
+    """Per value, the nodes that read it, in graph order."""
     out: dict[str, list[Node]] = {}
     for node in graph.nodes:
         for name in node.inputs:
@@ -32,7 +33,7 @@ def _readers(graph: Graph) -> dict[str, list[Node]]:
 
 def _swap_before_pool(graph: Graph) -> Graph | None:
     """One activation moved after the max-pool that alone reads it, or None if there is none."""
-    readers = _readers(graph)
+    readers = readers_of(graph)
     for i, node in enumerate(graph.nodes[:-1]):
         them = readers.get(node.output, [])
         pool = graph.nodes[i + 1]
@@ -49,7 +50,7 @@ def _swap_before_pool(graph: Graph) -> Graph | None:
 
 def _drop_redundant_relu(graph: Graph) -> Graph | None:
     """One ReLU dropped whose work another comparison already does, or None."""
-    readers = _readers(graph)
+    readers = readers_of(graph)
     by_output = {n.output: n for n in graph.nodes}
     for node in graph.nodes:
         if node.op != "Relu":
