@@ -116,11 +116,10 @@ def graph_from_onnx(model: onnx.ModelProto, *, rewrite: bool = True) -> tuple[Gr
         raise GraphError(f"invalid ONNX model: {str(err).splitlines()[0]}") from None
     if len(model.graph.output) != 1:
         raise GraphError(f"the model must have exactly one output, it has {len(model.graph.output)}")
-    _input_shape(model, {t.name for t in model.graph.initializer})  # one input, fixed dimensions: before any folding
+    input_name, input_shape = _input_shape(model, {t.name for t in model.graph.initializer})  # before any folding
     model, folded = fold_public_shapes(model)
     importer = Importer(fuse_spelled_out(model), fixed_batch=folded)
     importer.run()
-    input_name, input_shape = _input_shape(model, set(importer.init))
     graph = Graph(
         input_name=input_name,
         input_shape=input_shape,

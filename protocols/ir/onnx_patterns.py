@@ -174,7 +174,7 @@ def fuse_spelled_out(model: onnx.ModelProto) -> onnx.ModelProto:
     replaced: dict[str, onnx.NodeProto] = {}  # the last node of a match -> its fused node
     dropped: set[int] = set()
     for node in model.graph.node:
-        if any(id(n) in dropped for n in [node]):
+        if id(node) in dropped:
             continue
         if node.op_type == "Erf":
             match = _match_gelu(g, node)

@@ -57,9 +57,8 @@ def compare(ctx: SecureContext, x: Any, bits: int | None = None) -> Any:
 
 def compare_stacked(ctx: SecureContext, parts: list[Any], bits: int | None = None) -> list[Any]:
     """ReLU of several tensors of one shape in one comparison round (stacked along the batch)."""
-    rows = parts[0].shape[0]
     out = compare(ctx, ctx.backend.cat(parts, dim=0) if len(parts) > 1 else parts[0], bits)
-    return [out.index_select(0, torch.arange(i * rows, (i + 1) * rows)) for i in range(len(parts))]
+    return _split(out, parts[0].shape[0], len(parts))
 
 
 def _split(x: Any, rows: int, parts: int) -> list[Any]:
