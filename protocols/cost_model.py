@@ -80,7 +80,7 @@ FILTER_BLOCKS = BlockShape("filter")
 
 
 def _shapes(graph: Graph) -> dict[str, tuple[int, ...]]:
-    shapes = {graph.input_name: tuple(graph.input_shape)}
+    shapes = {graph.input_name: tuple(graph.input_shape)} | {name: tuple(spec.shape) for name, spec in graph.public.items()}
     for node in graph.nodes:
         if "out_shape" not in node.attrs:
             raise GraphError(f"layer '{node.name}' has no recorded shape; compile the model with graph_from_onnx")
@@ -187,4 +187,4 @@ def pruned_graph(graph: Graph, kept: dict[str, int], block: BlockShape = FILTER_
         elif ratio is not None:
             raise GraphError(f"layer '{node.name}' ({node.op}) after a pruned layer is not channel-wise")
         nodes.append(replace(node, attrs=attrs))
-    return Graph(graph.input_name, graph.input_shape, graph.output_name, nodes, weight_shapes)
+    return replace(graph, nodes=nodes, weight_shapes=weight_shapes, input_range=None, calibration=None)

@@ -15,6 +15,7 @@ from typing import Any
 
 from .backends.base import Backend
 from .ir.graph import Graph
+from .ir.plain import public_operands
 from .ops import SecureContext, op_for
 
 LayerScope = Callable[[str], contextlib.AbstractContextManager]
@@ -32,14 +33,16 @@ def run_secure(
     backend: Backend,
     scope: LayerScope = _no_scope,
     counts: Counter | None = None,
+    public: dict[str, Any] | None = None,
 ) -> Any:
     """Evaluate `graph` on the shared input `x` with shared `weights`; returns shared logits.
 
     `scope(node.name)` wraps each layer so the caller can attribute time, rounds and bytes;
-    `counts` gets `relu_count` and `comparisons` (see ops.registry.SecureContext).
+    `counts` gets `relu_count` and `comparisons` (see ops.registry.SecureContext); `public`: the
+    public values the graph reads (its public program's outputs for this batch, as torch tensors).
     """
     ctx = SecureContext(backend, counts if counts is not None else Counter())
-    values: dict[str, Any] = {graph.input_name: x}
+    values: dict[str, Any] = {graph.input_name: x, **public_operands(graph, public)}
     remaining = _last_use(graph)
     for i, node in enumerate(graph.nodes):
         op = op_for(node)

@@ -18,8 +18,9 @@ from tests.helpers.local_dealer import LocalDealer
 from tests.helpers.memory_transport import MemoryTransport
 from twinfer.protocols.backends import backend_class, protocols
 from twinfer.protocols.cost_model import graph_cost, total_cost
-from twinfer.protocols.ir.graph import Graph, Node
+from twinfer.protocols.ir.graph import Graph, GraphError, Node
 from twinfer.protocols.ir.plain import annotate_shapes, run_plain
+from twinfer.protocols.ir.public_inputs import PublicValue
 from twinfer.protocols.ir.validation import validate_graph
 from twinfer.protocols.roles import CLIENT, RANKS, SERVER
 from twinfer.protocols.secure_graph import run_secure
@@ -34,9 +35,12 @@ def _graph(input_shape, nodes, weights) -> Graph:
     return graph
 
 
-def run_two_party(protocol: str, graph: Graph, weights: dict[str, np.ndarray], x: torch.Tensor, fraction_bits: int = 16):
-    """Share weights (server) and input (client), evaluate, open to the client; returns (y, counts
-    (with the evaluation's `rounds`), online bytes, offline bytes)."""
+def run_two_party(
+    protocol: str, graph: Graph, weights: dict[str, np.ndarray], x: torch.Tensor, fraction_bits: int = 16, public: dict | None = None
+):
+    """Share weights (server) and input (client), evaluate (`public`: the public values the graph
+    reads, which both parties hold), open to the client; returns (y, counts (with the evaluation's
+    `rounds`), online bytes, offline bytes)."""
     transports = MemoryTransport.pair(f"backend-{protocol}", timeout_s=30.0)
     cls = backend_class(protocol)
     dealer = LocalDealer()
@@ -53,7 +57,7 @@ def run_two_party(protocol: str, graph: Graph, weights: dict[str, np.ndarray], x
             xs = backend.share(x if role == CLIENT else torch.zeros(x.shape), src=RANKS[CLIENT])
             before = transports[rank].metrics.total()
             counts: Counter = Counter()
-            y = run_secure(graph, shared, xs, backend, counts=counts)
+            y = run_secure(graph, shared, xs, backend, counts=counts, public=public)
             after = transports[rank].metrics.total()
             counts["rounds"] = after.rounds - before.rounds
             return backend.reveal(y, dst=RANKS[CLIENT]), counts, (after.bytes_sent + after.bytes_received) - (
@@ -147,6 +151,38 @@ def test_secure_op_matches_plaintext_and_its_cost(protocol, case):
     offline = total_cost(layers).bytes_offline
     if offline is not None:  # a backend whose pricing states the dealer's bytes
         assert bytes_offline == offline
+
+
+@pytest.mark.parametrize("protocol", protocols())
+def test_public_operands_are_added_and_scaled_locally(protocol):
+    """A mask's bias added (party 0 alone), a masked mean's weights and reciprocal count multiplied
+    (both parties, then truncated): no round, no byte but the truncations the cost model prices."""
+    nodes = [
+        Node("bias", "PublicAdd", ("x", "bias"), "a"),
+        Node("kept", "PublicMul", ("a", "kept"), "m"),
+        Node("sum", "ReduceSum", ("m",), "s", attrs={"axes": [1], "keepdims": 0}),
+        Node("mean", "PublicMul", ("s", "count"), "y"),
+    ]
+    graph = Graph(
+        "x", (4, 6), "y", nodes, {}, public_inputs={"mask": (4,)},
+        public={"bias": PublicValue((1, 6), -1024.0, 0.0), "kept": PublicValue((4, 1), 0.0, 1.0), "count": PublicValue((1,), 0.25, 1.0)},
+    )  # fmt: skip
+    validate_graph(graph)
+    annotate_shapes(graph, {})
+    kept = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.float32)
+    public = {"bias": torch.randn(3, 1, 6) * 3, "kept": kept.unsqueeze(-1), "count": 1 / kept.sum(1, keepdim=True)}
+    x = torch.randn(3, 4, 6, generator=torch.Generator().manual_seed(7)) * 2
+    expected = run_plain(graph, {}, x, public)
+    y, counts, bytes_online, _ = run_two_party(protocol, graph, {}, x, public=public)
+    assert torch.max(torch.abs(y - expected)).item() < TOLERANCE, (y, expected)
+    layers = graph_cost(graph, batch=3, protocol=protocol)[:-1]
+    assert (counts["rounds"], bytes_online) == (sum(c.rounds for c in layers), sum(c.bytes_online for c in layers))
+
+
+def test_a_public_value_read_by_another_op_is_refused_by_name():
+    nodes = [Node("relu", "Relu", ("bias",), "y")]
+    with pytest.raises(GraphError, match=r"node 'relu' \(Relu\) reads the public value 'bias'; only PublicAdd and PublicMul do"):
+        validate_graph(Graph("x", (6,), "y", nodes, {}, public_inputs={"mask": (6,)}, public={"bias": PublicValue((6,), -1.0, 0.0)}))
 
 
 @pytest.mark.parametrize("protocol", protocols())

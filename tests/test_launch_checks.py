@@ -66,6 +66,15 @@ def test_an_input_that_is_not_real_numbers_or_is_empty_is_refused(tmp_path, arra
     assert message in str(info.value)
 
 
+def test_an_npz_holds_one_array_per_model_input_by_name(tmp_path):
+    np.savez(tmp_path / "x.npz", input_ids=np.arange(8).reshape(2, 4), attention_mask=np.ones((2, 4), np.int64))
+    loaded = load_input(tmp_path / "x.npz")
+    assert sorted(loaded) == ["attention_mask", "input_ids"] and loaded["input_ids"].dtype == np.float32
+    np.savez(tmp_path / "bad.npz", input_ids=np.arange(8).reshape(2, 4), attention_mask=np.ones((2, 4), bool))
+    with pytest.raises(InputError, match=r"input 'attention_mask' of .*bad.npz holds bool values; expected real numbers"):
+        load_input(tmp_path / "bad.npz")
+
+
 def test_a_missing_dimension_is_named(cnn):
     graph, _ = cnn
     for shape, message in (

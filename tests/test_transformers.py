@@ -9,6 +9,8 @@ import io
 import json
 import math
 import re
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -19,6 +21,7 @@ from transformers import BertConfig, BertModel
 
 from tests.helpers.stated import assert_within_stated_error
 from twinfer.deploy.launch.local import run_local_session
+from twinfer.parties.errors import TwinferError
 from twinfer.parties.wire.transport import TransportOptions
 from twinfer.protocols.backends.base import Truncation
 from twinfer.protocols.backends.fss.correlations import CORRELATIONS, SECRET_PRODUCT
@@ -27,6 +30,8 @@ from twinfer.protocols.ir.encoding import apply_plan
 from twinfer.protocols.ir.graph import GraphError, UnsupportedOpError
 from twinfer.protocols.ir.onnx_import import graph_from_onnx
 from twinfer.protocols.ir.plain import run_plain
+from twinfer.protocols.ir.public_inputs import MASK_BIAS, check_covered, check_public_inputs
+from twinfer.protocols.ir.validation import graph_from_json
 from twinfer.protocols.numeric.fixed_point import FixedPointBackend
 from twinfer.protocols.ops import SecureContext
 from twinfer.protocols.ops import approximations as approx
@@ -51,7 +56,12 @@ class Classifier(nn.Module):
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         out = self.bert(input_ids=ids, attention_mask=mask)
-        return self.head(out.pooler_output if self.pooler else out.last_hidden_state.mean(dim=1))
+        if self.pooler:
+            return self.head(out.pooler_output)
+        if mask is None:
+            return self.head(out.last_hidden_state.mean(dim=1))
+        kept = mask.unsqueeze(-1).float()  # the mean over the tokens sent, as sentence-transformers pools
+        return self.head((out.last_hidden_state * kept).sum(dim=1) / kept.sum(dim=1).clamp(min=1e-9))
 
 
 def _export(model: nn.Module, opset: int | None, with_mask: bool = False) -> bytes:
@@ -115,9 +125,104 @@ def test_a_bert_with_an_op_still_missing_is_refused_naming_it():
         graph_from_onnx(onnx.load_from_string(_export(Classifier(layers=1, pooler=True).eval(), 17)))
 
 
-def test_a_bert_with_an_attention_mask_input_is_refused_naming_its_inputs(bert):
-    with pytest.raises(GraphError, match=r"exactly one input \(the client's\), it has 2: 'input_ids', 'attention_mask'; export a transformer without its attention mask"):
-        graph_from_onnx(onnx.load_from_string(_export(bert, 17, with_mask=True)))
+def _padded(n: int, kept: list[int]) -> np.ndarray:
+    """Attention masks that keep the first `kept[i]` tokens of sample i (right padding)."""
+    return (np.arange(TOKENS) < np.array(kept)[:n, None]).astype(np.int64)
+
+
+@pytest.mark.parametrize("opset", [14, 17, None], ids=["torchscript-14", "torchscript-17", "dynamo"])
+def test_a_bert_with_an_attention_mask_runs_as_pytorch_on_padded_sentences(bert, opset):
+    """The mask is public: what the model computes from it alone (its additive bias, finfo.min
+    where a token is masked, raised to -MASK_BIAS) is the server's public program; the graph
+    reads its outputs through PublicAdd, and the same logits as PyTorch come out."""
+    graph, weights = graph_from_onnx(onnx.load_from_string(_export(bert, opset, with_mask=True)))
+    program = graph.public_program
+    assert graph.public_inputs == {"attention_mask": (TOKENS,)} and [n.op for n in graph.nodes].count("PublicAdd") == 2
+    (bias,) = program.floors
+    assert program.floors[bias] == -MASK_BIAS and graph.public[bias].lo == -MASK_BIAS and graph.public[bias].hi == 0.0
+    ids, masks = _ids(3), _padded(3, [TOKENS, 9, 1])
+    floors, program.floors = program.floors, {}
+    assert program.run({"attention_mask": masks})[bias].min() <= np.finfo(np.float32).min / 2  # what the exporter wrote
+    program.floors = floors
+    public = {k: torch.from_numpy(v) for k, v in program.run({"attention_mask": masks}).items()}
+    expected = bert(torch.from_numpy(ids), torch.from_numpy(masks)).detach().numpy()
+    got = run_plain(graph, {k: torch.from_numpy(v) for k, v in weights.items()}, torch.from_numpy(ids).float(), public).numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    assert np.abs(bert(torch.from_numpy(ids)).detach().numpy() - expected)[1:].min() > 1e-3  # the mask mattered
+    assert graph_from_json(graph.to_json()).public == graph.public  # what the client is told
+
+
+def test_public_inputs_outside_a_mask_are_refused_by_name(bert):
+    graph, _ = graph_from_onnx(onnx.load_from_string(_export(bert, 17, with_mask=True)))
+    shapes = graph.public_inputs
+    with pytest.raises(ValueError, match=r"public input 'attention_mask' must be a mask of 0 and 1, got values \[0, 1, 2\]"):
+        check_public_inputs(shapes, {"attention_mask": np.array([[0, 1, 2] + [1] * (TOKENS - 3)])}, 1)
+    with pytest.raises(ValueError, match=r"masks every token of a sample; keep at least one"):
+        check_public_inputs(shapes, {"attention_mask": np.zeros((1, TOKENS))}, 1)
+    with pytest.raises(ValueError, match=r"public inputs are \['attention_mask'\]: missing \['attention_mask'\], unexpected \['mask'\]"):
+        check_public_inputs(shapes, {"mask": np.ones((1, TOKENS))}, 1)
+    values = graph.public_program.run({"attention_mask": np.ones((1, TOKENS))})
+    name = next(iter(values))
+    values[name] = values[name] - 2 * MASK_BIAS  # a value the range check never covered
+    with pytest.raises(ValueError, match=rf"the public inputs give '{re.escape(name)}' values in .* that the server's range check covered"):
+        check_covered(graph.public, values)
+
+
+def test_a_weight_in_the_public_computations_is_refused(bert):
+    """Whatever the public program computes reaches the client: a learned tensor there is refused."""
+
+    class Leaky(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(VOCAB, 8)
+            self.gate = nn.Parameter(torch.randn(TOKENS))
+
+        def forward(self, ids, mask):
+            return self.embed(ids).sum(1) * (mask.float() * self.gate).sum(1, keepdim=True)
+
+    with pytest.raises(GraphError, match=r"combines the public input\(s\) \['attention_mask'\] with the constant .* \(16 values\)"):
+        graph_from_onnx(onnx.load_from_string(_export(Leaky(), 17, with_mask=True)))
+
+
+def test_a_padded_bert_privately_equals_pytorch_within_its_stated_error(bert):
+    """Token ids secret, their mask public: the mask's bias and the masked mean reach both parties
+    from the server's public program; three processes over gRPC, as PyTorch within the stated error."""
+    onnx_bytes = _export(bert, 17, with_mask=True)
+    ids, masks = _ids(2, seed=2), _padded(2, [TOKENS, 9])
+    reports = run_local_session(
+        onnx_bytes, {"input_ids": ids, "attention_mask": masks}, batch=2, options=TransportOptions(connect_timeout_s=60.0), timeout_s=240,
+        protocol="fss-compact",
+    )  # fmt: skip
+    client = reports["client"]
+    expected = bert(torch.from_numpy(ids), torch.from_numpy(masks)).detach().numpy()
+    assert_within_stated_error(client.logits, expected, client.encoding)
+    assert (client.logits.argmax(1) == expected.argmax(1)).all()
+    graph, _ = graph_from_onnx(onnx.load_from_string(onnx_bytes))
+    assert {"PublicMul", "ReduceSum"} <= {n.op for n in graph.nodes}  # the masked mean: weights, sum, reciprocal count
+    predicted = total_cost(graph_cost(_as_served(graph, client.encoding), batch=2, protocol="fss-compact"))
+    assert client.batch_rounds == [predicted.rounds] and client.batch_bytes_online == [predicted.bytes_online]
+
+
+def test_twinfer_infer_takes_the_ids_and_their_mask_from_an_npz(bert, tmp_path):
+    """`twinfer infer --input x.npz` through Ray, on crypten: the launcher's check runs the public
+    program on these very masks, the summary names the public input, the logits are PyTorch's."""
+    (tmp_path / "bert.onnx").write_bytes(_export(bert, 17, with_mask=True))
+    ids, masks = _ids(2, seed=4), _padded(2, [5, TOKENS])
+    np.savez(tmp_path / "x.npz", input_ids=ids, attention_mask=masks)
+    proc = subprocess.run(
+        [sys.executable, "-m", "twinfer.deploy.cli", "infer", "--model", str(tmp_path / "bert.onnx"), "--input", str(tmp_path / "x.npz"), "--protocol", "crypten", "--json"],
+        capture_output=True, text=True, timeout=280,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    expected = bert(torch.from_numpy(ids), torch.from_numpy(masks)).detach().numpy()
+    assert out["public_inputs"] == ["attention_mask"] and out["protocol"] == "crypten"
+    assert_within_stated_error(np.array(out["logits"]), expected, out)
+
+
+def test_a_masked_model_given_one_array_is_refused_naming_its_inputs(bert):
+    with pytest.raises(TwinferError, match=r"at client\] .*the model also takes the public input\(s\) \['attention_mask'\] \(a mask"):
+        run_local_session(_export(bert, 17, with_mask=True), _ids(1), batch=1, options=TransportOptions(connect_timeout_s=60.0), timeout_s=120)
 
 
 @pytest.mark.parametrize("protocol", ["fss-compact", "crypten"])

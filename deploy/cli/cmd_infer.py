@@ -18,7 +18,7 @@ from .report import predicted_beside_measured, print_predicted_beside_measured, 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("infer", help="private inference: server, client and dealer as Ray actors")
     p.add_argument("--model", required=True, help="ONNX model file (the server's)")
-    p.add_argument("--input", required=True, help=".npy array of samples, N x ... (the client's)")
+    p.add_argument("--input", required=True, help=".npy array of samples, N x ... (the client's); or .npz with one array per model input by name (input_ids, attention_mask)")
     p.add_argument("--batch", type=positive_int, default=None, help="samples per private batch, at least 1 (default: all at once)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")

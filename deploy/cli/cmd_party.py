@@ -44,7 +44,7 @@ def add_party_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dealer", help="server and client: the dealer's address")
     p.add_argument("--model", help="server: ONNX model file")
     add_input_range_arg(p, "server: ")
-    p.add_argument("--input", help="client: .npy array of samples")
+    p.add_argument("--input", help="client: .npy array of samples, or .npz with one array per model input by name")
     p.add_argument("--batch", type=positive_int, default=None, help="client: samples per batch, at least 1 (default: all)")
     p.add_argument("--output", help="client: write the logits to this .npy file (its folder must exist and be writable)")
     p.add_argument("--json", action="store_true", help="print this party's report as JSON")
@@ -165,7 +165,8 @@ def _run_party(args: argparse.Namespace) -> dict:
     if len(sessions) > 1:
         raise ValueError("a client runs one session per process; give it one --session id")
     inputs = load_input(args.input)
-    party = ClientParty(inputs, args.batch or len(inputs), config(server_address=args.server, dealer_address=args.dealer))
+    samples = len(next(iter(inputs.values()))) if isinstance(inputs, dict) else len(inputs)
+    party = ClientParty(inputs, args.batch or samples, config(server_address=args.server, dealer_address=args.dealer))
     report = party.run()
     if args.output:
         try:

@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("query", help="private inference on a standing server: a session of its own, any time")
     p.add_argument("--server", required=True, help="the server's address (`twinfer serve --listen`)")
     p.add_argument("--dealer", required=True, help="the dealer's address (`twinfer dealer --listen`)")
-    p.add_argument("--input", required=True, help=".npy array of samples, N x ...")
+    p.add_argument("--input", required=True, help=".npy array of samples, N x ...; or .npz with one array per model input by name (input_ids, attention_mask)")
     p.add_argument("--batch", type=positive_int, default=None, help="samples per private batch (default: all at once)")
     p.add_argument("--output", help="write the logits to this .npy file (its folder must exist and be writable)")
     p.add_argument("--json", action="store_true", help="print the session's report as JSON")

@@ -10,7 +10,7 @@ from twinfer.protocols.backends import DEFAULT_PROTOCOL, protocols
 from twinfer.protocols.backends.base import AUTO, DEFAULT_FRACTION_BITS, FRACTION_BITS_RANGE, check_session_bits
 from twinfer.protocols.ir.encoding import TRUNCATION_POLICIES
 from twinfer.parties.wire.network_profile import parse_profile
-from twinfer.parties.runtime.session import CLIENT, DEALER, SERVER
+from twinfer.parties.runtime.session import CLIENT, DEALER, SERVER, ClientInputs
 from twinfer.parties.wire.transport import TransportOptions
 
 from ..launch.inference import InferenceResult, ModelLike, private_inference
@@ -127,7 +127,7 @@ def ray_options_from_args(args) -> RayOptions:
     )
 
 
-def run_private_inference(args, model: ModelLike, inputs: np.ndarray) -> InferenceResult:
+def run_private_inference(args, model: ModelLike, inputs: ClientInputs) -> InferenceResult:
     """private_inference with the options of a parsed command line (infer, demo)."""
     return private_inference(
         model,

@@ -38,6 +38,10 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, Any]]:
         ("comparisons (ReLU, max-pool, clip)", summary["comparisons"]),
         ("protocol", summary["protocol"]),
     ] + (
+        [("public inputs (sent in the clear)", f"{', '.join(summary['public_inputs'])}: the server learns which tokens are padding")]
+        if summary.get("public_inputs")
+        else []
+    ) + (
         encoding_rows(summary)
         if "fraction_bits" in summary
         else []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from twinfer.protocols.backends import DEFAULT_PROTOCOL
 from twinfer.protocols.backends.base import AUTO, check_session_bits
 from twinfer.protocols.ir.encoding import TRUNCATION_POLICIES, EncodingReport, SessionEncoding
 from twinfer.protocols.ir.graph import Graph
+from twinfer.protocols.ir.public_inputs import check_covered, split_inputs
 from twinfer.parties.errors import InputError
 from twinfer.parties.wire.network_profile import NetworkProfile
 from twinfer.parties.runtime.model_file import (
@@ -24,7 +26,7 @@ from twinfer.parties.runtime.model_file import (
     parse_model,
     read_model_bytes,
 )
-from twinfer.parties.runtime.session import CLIENT, DEALER, SERVER, PartyReport
+from twinfer.parties.runtime.session import CLIENT, DEALER, SERVER, ClientInputs, PartyReport
 from twinfer.parties.wire.tls import TlsIdentity
 from twinfer.parties.wire.transport import TransportOptions
 from twinfer.protocols.ir.onnx_export import export_onnx
@@ -68,6 +70,7 @@ class InferenceResult:
             "comparisons": int(c.comparisons),
             "protocol": c.protocol,
             "latency_per_batch_list_s": [float(t) for t in c.batch_latency_s],
+            "public_inputs": list(c.public_inputs),
         } | self._encoding() | self._bound()
 
     def _encoding(self) -> dict[str, Any]:
@@ -109,7 +112,7 @@ def model_bytes(model: ModelLike, sample_shape: tuple[int, ...]) -> bytes:
 
 def private_inference(
     model: ModelLike,
-    inputs: np.ndarray,
+    inputs: ClientInputs,
     *,
     batch_size: int | None = None,
     options: TransportOptions | None = None,
@@ -123,7 +126,8 @@ def private_inference(
     input_range: tuple[float, float] | None = None,
     insecure: bool = False,
 ) -> InferenceResult:
-    """Run the model privately on `inputs`: the server holds the model, the client the inputs.
+    """Run the model privately on `inputs`: the server holds the model, the client the inputs (an
+    array, or one per model input by name: the secret one and public ones such as an attention mask).
 
     `tls_dir`: a folder from `twinfer certs`; every link then runs over mutual TLS.
     `fraction_bits`: the fixed point's precision ('auto': chosen for these inputs, the largest up
@@ -136,21 +140,23 @@ def private_inference(
     `input_range`: declare the model's input range (else an artifact's). `insecure`: allow
     parties to listen on non-loopback addresses (a Ray cluster) without TLS.
     """
-    inputs = check_input_array(inputs)
+    named = {k: check_input_array(v, f"input '{k}'") for k, v in inputs.items()} if isinstance(inputs, Mapping) else {"": check_input_array(inputs)}
     check_session_bits(fraction_bits)
     if truncation not in TRUNCATION_POLICIES:
         raise ValueError(f"truncation must be one of {', '.join(TRUNCATION_POLICIES)}, got {truncation!r}")
     if batch_size is not None and batch_size < 1:
         raise InputError(f"batch size must be at least 1, got {batch_size}")
-    data = model_bytes(model, tuple(inputs.shape[1:]) if inputs.ndim > 1 else (1,))
+    first = next(iter(named.values()))
+    data = model_bytes(model, tuple(first.shape[1:]) if first.ndim > 1 else (1,))
     graph, weights = parse_model(data, source=str(model) if isinstance(model, (str, Path)) else "model")
-    report, encoding = check_session(graph, weights, inputs, protocol, fraction_bits, truncation, input_range)
+    x, public = public_values(graph, named)
+    report, encoding = check_session(graph, weights, x, protocol, fraction_bits, truncation, input_range, public)
     options = options or TransportOptions()
-    batch = batch_size or len(inputs)
+    batch = batch_size or len(x)
     tls = tls_identities(tls_dir) if tls_dir is not None else None
     reports = run_parties(
         data,
-        inputs,
+        named if public else x,
         batch_size=batch,
         options=options,
         insecure_trusted_first_party=insecure_trusted_first_party,
@@ -173,18 +179,32 @@ def private_inference(
     )
 
 
+def public_values(graph: Graph, named: Mapping[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray] | None]:
+    """The secret input of `named` (one array per model input; '' for a lone one) and the values the
+    model's public program makes of the public ones (None without); an InputError naming the problem."""
+    try:
+        x, public = split_inputs(graph.input_name, graph.public_inputs, named)
+        if not public:
+            return x, None
+        values = graph.public_program.run(public)
+        check_covered(graph.public, values)
+    except ValueError as err:
+        raise InputError(str(err)) from None
+    return x, values
+
+
 def check_session(
     graph: Graph, weights: dict[str, np.ndarray], inputs: np.ndarray, protocol: str, fraction_bits: int | str = AUTO,
-    truncation: str = "auto", input_range: tuple[float, float] | None = None,
+    truncation: str = "auto", input_range: tuple[float, float] | None = None, public: dict[str, np.ndarray] | None = None,
 ) -> tuple[EncodingReport, SessionEncoding]:
     """Where one process holds model and inputs, before any party starts: the inputs against the
     model (shape, finite, declared range) and what they do in every layer at the session's fixed
-    point; the encoding the server then adopts (its input range: the declared one, else these
-    inputs'). An InputError naming the problem when refused."""
+    point (`public`: their public values, public_values); the encoding the server then adopts (its
+    input range: the declared one, else these inputs'). An InputError naming the problem when refused."""
     if input_range is not None:
         graph = dataclasses.replace(graph, input_range=input_range)
     check_input_fits(graph, inputs)
-    report = check_inputs_encode(graph, weights, inputs, fraction_bits, protocol, truncation)
+    report = check_inputs_encode(graph, weights, inputs, fraction_bits, protocol, truncation, public)
     held = graph.input_range or (float(np.min(inputs)), float(np.max(inputs)))
     return report, SessionEncoding.of(report, held)
 

@@ -30,7 +30,7 @@ from twinfer.protocols.backends import DEFAULT_PROTOCOL
 from twinfer.protocols.backends.base import AUTO
 from twinfer.protocols.ir.encoding import SessionEncoding
 from twinfer.parties.errors import PeerError, PeerTimeoutError, TwinferError
-from twinfer.parties.runtime.session import CLIENT, DEALER, SERVER, PartyConfig, PartyReport
+from twinfer.parties.runtime.session import CLIENT, DEALER, SERVER, ClientInputs, PartyConfig, PartyReport
 from twinfer.parties.wire.tls import TlsIdentity
 from twinfer.parties.wire.transport import TransportOptions
 
@@ -297,7 +297,7 @@ def _unwrap(err: BaseException) -> BaseException:
 
 def run_parties(
     onnx_bytes: bytes,
-    inputs: np.ndarray,
+    inputs: ClientInputs,
     *,
     batch_size: int,
     options: TransportOptions,

@@ -10,7 +10,7 @@ import numpy as np
 from twinfer.protocols.backends import DEFAULT_PROTOCOL
 from twinfer.protocols.backends.base import AUTO
 from twinfer.parties.runtime.serving import SessionOpener
-from twinfer.parties.runtime.session import CLIENT, ClientParty, PartyConfig, PartyReport
+from twinfer.parties.runtime.session import CLIENT, ClientInputs, ClientParty, PartyConfig, PartyReport
 from twinfer.parties.wire.tls import TlsIdentity
 from twinfer.parties.wire.transport import TransportOptions
 
@@ -62,11 +62,11 @@ class Client:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def session(self, inputs: np.ndarray, batch_size: int | None = None) -> PartyReport:
-        """Run one session on `inputs` (N x sample shape) in batches of `batch_size` (default: all); its report."""
-        inputs = np.asarray(inputs)
-        batch = batch_size or (len(inputs) if inputs.ndim else 1)
-        ClientParty.check_inputs(inputs, batch)  # before a session is opened for it
+    def session(self, inputs: ClientInputs, batch_size: int | None = None) -> PartyReport:
+        """Run one session on `inputs` (N x sample shape; or one such array per model input, by name)
+        in batches of `batch_size` (default: all); its report."""
+        named = ClientParty.check_inputs(inputs, batch_size or 1)  # before a session is opened for it
+        batch = batch_size or len(next(iter(named.values())))
         if self._opener is None:
             self._opener = SessionOpener(self.server, options=self.options, tls=self.tls)
         ticket = self._opener.open()
@@ -79,7 +79,7 @@ class Client:
         self.last_report = ClientParty(inputs, batch, config).run()
         return self.last_report
 
-    def infer(self, inputs: np.ndarray, batch_size: int | None = None) -> np.ndarray:
+    def infer(self, inputs: ClientInputs, batch_size: int | None = None) -> np.ndarray:
         """The logits of `inputs`, privately: one session."""
         return self.session(inputs, batch_size).logits
 

@@ -215,7 +215,7 @@ def without_sites(graph: Graph, names: set[str]) -> Graph:
             continue
         nodes.append(replace(node, inputs=tuple(inputs)))
     output = renamed.get(graph.output_name, graph.output_name)
-    return Graph(graph.input_name, graph.input_shape, output, nodes, dict(graph.weight_shapes), graph.input_range, graph.calibration)
+    return replace(graph, output_name=output, nodes=nodes, weight_shapes=dict(graph.weight_shapes))
 
 
 def with_relus_kept(graph: Graph, kept: int, polynomial: tuple[int, ...] = (), identity: tuple[int, ...] = ()) -> Graph:

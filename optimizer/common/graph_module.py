@@ -14,7 +14,7 @@ import onnx
 import torch
 from torch import nn
 
-from twinfer.protocols.ir.graph import Graph
+from twinfer.protocols.ir.graph import Graph, GraphError
 from twinfer.protocols.ir.onnx_import import graph_from_onnx
 from twinfer.protocols.ops import op_for
 from twinfer.protocols.ops.shape import Reshape
@@ -32,6 +32,11 @@ class GraphModule(nn.Module):
 
     def __init__(self, graph: Graph, weights: dict[str, np.ndarray]) -> None:
         super().__init__()
+        if graph.public_inputs:  # training would need each sample's public values: not yet
+            raise GraphError(
+                f"the optimizer takes models whose one input is the client's; this one also takes the public input(s) "
+                f"{sorted(graph.public_inputs)}: optimise it exported without them"
+            )
         self.graph = graph
         self.keys = [module_key(n.name) for n in graph.nodes]
         if len(set(self.keys)) != len(self.keys):

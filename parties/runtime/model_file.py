@@ -110,22 +110,28 @@ def load_model(path: str | Path) -> tuple[Graph, dict[str, np.ndarray]]:
     return parse_model(read_model_bytes(path), source=str(path))
 
 
-def load_input(path: str | Path) -> np.ndarray:
-    """A client's input: an array of real numbers saved with numpy.save, one sample per row."""
+def load_input(path: str | Path) -> np.ndarray | dict[str, np.ndarray]:
+    """A client's input: an array of real numbers saved with numpy.save (one sample per row), or an
+    .npz archive (numpy.savez) with one such array per model input, by name (a transformer's
+    `input_ids` and its public `attention_mask`)."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"input file {path} does not exist")
     if path.is_dir():
-        raise InputError(f"input {path} is a directory; expected a .npy file written by numpy.save")
+        raise InputError(f"input {path} is a directory; expected a .npy file written by numpy.save, or an .npz by numpy.savez")
     try:
-        array = np.load(path, allow_pickle=False)
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded:
+                arrays = {name: loaded[name] for name in loaded.files}
+            if not arrays:
+                raise InputError(f"input archive {path} holds no arrays; expected one per model input, by name")
+            return {name: check_input_array(a, f"input '{name}' of {path}") for name, a in arrays.items()}
     except ValueError as err:
-        raise InputError(f"input file {path} is not a plain .npy array (pickled objects are refused): {err}") from None
+        raise InputError(f"input file {path} is not a plain .npy array or .npz archive (pickled objects are refused): {err}") from None
     except OSError as err:
-        raise InputError(f"input file {path} cannot be read as .npy: {err}") from None
-    if not isinstance(array, np.ndarray):
-        raise InputError(f"input file {path} holds {type(array).__name__} (an .npz archive?); expected one array saved with numpy.save")
-    return check_input_array(array, str(path))
+        raise InputError(f"input file {path} cannot be read as .npy or .npz: {err}") from None
+    return check_input_array(loaded, str(path))
 
 
 def check_input_array(array: np.ndarray, what: str = "input") -> np.ndarray:
@@ -235,32 +241,35 @@ def _warn(report: EncodingReport, who: str) -> None:
 
 
 def check_inputs_encode(
-    graph: Graph, weights: dict[str, np.ndarray], inputs: np.ndarray, fraction_bits: int | str, protocol: str, truncation: str = "auto"
+    graph: Graph, weights: dict[str, np.ndarray], inputs: np.ndarray, fraction_bits: int | str, protocol: str, truncation: str = "auto",
+    public: dict[str, np.ndarray] | None = None,
 ) -> EncodingReport:
     """Before any party starts, where one process holds model and input (twinfer infer, demo):
-    what these very inputs do in every layer, held against the session's encoding ('auto':
-    chosen here), the error stated from a simulation of the fixed point on them. An InputError
-    naming the layer when refused; warnings are logged."""
+    what these very inputs (and `public`, their public values) do in every layer, held against the
+    session's encoding ('auto': chosen here), the error stated from a simulation of the fixed point
+    on them. An InputError naming the layer when refused; warnings are logged."""
     simulated = min(len(inputs), SIMULATED_SAMPLES)
     source = f"these {len(inputs)} inputs" if simulated == len(inputs) else f"these {len(inputs)} inputs (the first {simulated} simulated)"
-    seen = observed_ranges(graph, weights, inputs, source=source)
-    error = simulated_error(graph, weights, inputs, protocol)
+    seen = observed_ranges(graph, weights, inputs, source=source, public=public)
+    error = simulated_error(graph, weights, inputs, protocol, public=public)
     report = encoding_report(graph, weights, seen, fraction_bits, protocol, truncation=truncation, error=error, error_source="simulated")
     if report.refused:
         hint = ""
         if report.suggested_bits is None and any(not is_precision(x) for x in report.refused):
-            divisor = _fitting_divisor(graph, weights, inputs, protocol, truncation)
+            divisor = _fitting_divisor(graph, weights, inputs, protocol, truncation, public)
             hint = f" (divided by {divisor:g}, these inputs would fit)" if divisor else ""
         raise InputError(f"the input is refused before any share is sent: {report.message()}{hint}")
     _warn(report, "input")
     return report
 
 
-def _fitting_divisor(graph: Graph, weights: dict[str, np.ndarray], inputs: np.ndarray, protocol: str, truncation: str) -> float | None:
+def _fitting_divisor(
+    graph: Graph, weights: dict[str, np.ndarray], inputs: np.ndarray, protocol: str, truncation: str, public: dict[str, np.ndarray] | None
+) -> float | None:
     """The smallest power of 2 the inputs divided by would pass the check at some fractional bits
     (the error estimated, not simulated: this is a hint), or None up to 2^60."""
     for k in range(1, 61):
-        seen = observed_ranges(graph, weights, inputs / 2.0**k, source="scaled inputs")
+        seen = observed_ranges(graph, weights, inputs / 2.0**k, source="scaled inputs", public=public)
         if not encoding_report(graph, weights, seen, "auto", protocol, truncation=truncation).refused:
             return 2.0**k
     return None

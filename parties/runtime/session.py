@@ -16,6 +16,7 @@ import socket
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,7 @@ from twinfer.protocols.backends import DEFAULT_PROTOCOL, Backend, backend_class,
 from twinfer.protocols.backends.base import AUTO, BackendError, check_session_bits
 from twinfer.protocols.ir.encoding import TRUNCATION_POLICIES, SessionEncoding, apply_plan
 from twinfer.protocols.ir.graph import Graph, GraphError, check_input_range
+from twinfer.protocols.ir.public_inputs import check_covered, check_public_inputs, split_inputs
 from twinfer.protocols.ir.validation import graph_from_json
 from twinfer.protocols.ops.embedding import check_ids, encode_input
 from twinfer.protocols.roles import CLIENT, DEALER, RANKS, SERVER
@@ -179,6 +181,7 @@ class PartyReport:
     layers: dict[str, dict] = field(default_factory=dict)
     logits: np.ndarray | None = None
     encoding: dict | None = None  # the session's fixed point as the server settled it (SessionEncoding.summary)
+    public_inputs: list[str] = field(default_factory=list)  # model inputs sent in the clear (an attention mask)
 
 
 def _node_name() -> str:
@@ -287,8 +290,11 @@ class _TwoPartySession:
                 shared[name] = self.backend.share(value, src=RANKS[SERVER], constant=name)
         return shared
 
-    def _infer_batch(self, graph: Graph, shared_weights: dict[str, Any], x: torch.Tensor, next_size: int | None) -> Any:
-        """One batch; `next_size`: the next batch's size (None after the last), for the dealer's prefetch."""
+    def _infer_batch(
+        self, graph: Graph, shared_weights: dict[str, Any], x: torch.Tensor, next_size: int | None, public: dict[str, torch.Tensor] | None = None
+    ) -> Any:
+        """One batch; `next_size`: the next batch's size (None after the last), for the dealer's prefetch;
+        `public`: the batch's public values (what the server's public program gave for its public inputs)."""
         backend = self.backend
         backend.reset_stats()
         if self.dealer is not None:
@@ -299,7 +305,7 @@ class _TwoPartySession:
         with self.metrics.layer("share_input"):
             x_shared = backend.share(encode_input(graph, x), src=RANKS[CLIENT])  # ids -> one-hot on the client
         counts: Counter = Counter()
-        y = run_secure(graph, shared_weights, x_shared, backend, scope=self.metrics.layer, counts=counts)
+        y = run_secure(graph, shared_weights, x_shared, backend, scope=self.metrics.layer, counts=counts, public=public)
         with self.metrics.layer("reveal_output"):
             logits = backend.reveal(y, dst=RANKS[CLIENT])  # None on the server: only the client learns it
         after = self.metrics.total()
@@ -405,6 +411,7 @@ class ServerParty(_TwoPartySession):
         if plan.shape != (2,) or plan[0] < 1 or plan[1] < 1:
             raise ProtocolError(f"client sent an invalid batch plan {plan.tolist()}", origin=self.role)
         n_samples, batch = int(plan[0]), int(plan[1])
+        public = self._public_values(n_samples)
         self._start_backend()
         shared = self._share_weights(self.graph, self.weights)
         self.report.setup_s = time.perf_counter() - start
@@ -412,9 +419,26 @@ class ServerParty(_TwoPartySession):
             size = min(batch, n_samples - begin)
             placeholder = torch.zeros((size, *self.graph.input_shape))  # shape only: the client's data
             after = n_samples - begin - size
-            if self._infer_batch(self.graph, shared, placeholder, min(batch, after) if after else None) is not None:
+            operands = {k: v[begin : begin + size] for k, v in public.items()}
+            if self._infer_batch(self.graph, shared, placeholder, min(batch, after) if after else None, operands) is not None:
                 raise ProtocolError("the server received the output; this must never happen", origin=self.role)
         self.transport.recv("done")
+
+    def _public_values(self, n: int) -> dict[str, torch.Tensor]:
+        """The client's public inputs (in the clear), run through the model's public program; the
+        values sent back, and returned, once checked against what the range check covered."""
+        if not self.graph.public_inputs:
+            return {}
+        received = {name: self.transport.recv(f"public:{name}") for name in sorted(self.graph.public_inputs)}
+        try:
+            inputs = check_public_inputs(self.graph.public_inputs, received, n)
+            values = self.graph.public_program.run(inputs)
+            check_covered(self.graph.public, values)
+        except ValueError as err:
+            raise InputError(str(err), origin=self.role) from None
+        for name in sorted(values):
+            self.transport.send(f"public_value:{name}", values[name])
+        return {k: torch.from_numpy(v) for k, v in values.items()}
 
     def _shutdown(self, error: TwinferError | None) -> None:
         super()._shutdown(error)
@@ -423,29 +447,67 @@ class ServerParty(_TwoPartySession):
             self.listener.close()
 
 
+ClientInputs = np.ndarray | Mapping[str, np.ndarray]  # the secret input, or one array per model input by name
+
+
 class ClientParty(_TwoPartySession):
     """Owns the input; gets the weight-free graph from the server; learns the logits."""
 
     role, rank = CLIENT, RANKS[CLIENT]
 
-    def __init__(self, inputs: np.ndarray, batch_size: int, config: PartyConfig) -> None:
+    def __init__(self, inputs: ClientInputs, batch_size: int, config: PartyConfig) -> None:
+        """`inputs`: the secret input, or one array per model input by name (the secret one and the
+        public ones, such as an attention mask, which are sent in the clear)."""
         if not config.server_address:
             raise ValueError("the client needs the server's address")
-        inputs = self.check_inputs(inputs, batch_size)
+        named = self.check_inputs(inputs, batch_size)
         super().__init__(config)
-        self.inputs = np.ascontiguousarray(inputs, dtype=np.float32)
+        self.named = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in named.items()}
+        self.inputs = next(iter(self.named.values()))  # until the graph names the secret one
         self.batch_size = batch_size
         self.graph: Graph | None = None
 
     @staticmethod
-    def check_inputs(inputs: np.ndarray, batch_size: int) -> np.ndarray:
-        """The checks that need no model: a batch of real numbers (N x ...), a batch size of at least 1."""
+    def check_inputs(inputs: ClientInputs, batch_size: int) -> dict[str, np.ndarray]:
+        """The checks that need no model: batches of real numbers (N x ...) with the same N, a batch
+        size of at least 1; by input name ('' for a lone array)."""
         if batch_size < 1:
             raise InputError(f"batch size must be at least 1, got {batch_size}")
-        inputs = check_input_array(inputs)  # real numbers, not empty
-        if inputs.ndim < 2 or inputs.shape[0] < 1:
-            raise InputError(f"input must be a batch of samples (N x ...), got shape {inputs.shape}")
-        return inputs
+        named = dict(inputs) if isinstance(inputs, Mapping) else {"": inputs}
+        if not named:
+            raise InputError("no input given")
+        for name, value in named.items():
+            what = f"input '{name}'" if name else "input"
+            named[name] = value = check_input_array(value, what)  # real numbers, not empty
+            if value.ndim < 2 or value.shape[0] < 1:
+                raise InputError(f"{what} must be a batch of samples (N x ...), got shape {value.shape}")
+        if len({len(v) for v in named.values()}) > 1:
+            raise InputError(f"the inputs hold different numbers of samples: { {k: len(v) for k, v in named.items()} }")
+        return named
+
+    def _split_inputs(self, graph: Graph) -> dict[str, np.ndarray]:
+        """The secret input (set as self.inputs) and the public ones the graph takes, by name."""
+        try:
+            self.inputs, public = split_inputs(graph.input_name, graph.public_inputs, self.named)
+        except ValueError as err:
+            raise InputError(str(err), origin=self.role) from None
+        return public
+
+    def _receive_public_values(self, graph: Graph, public: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """Send the public inputs in the clear; receive what the server's public program made of them."""
+        if not public:
+            return {}
+        for name in sorted(public):
+            self.transport.send(f"public:{name}", public[name])
+        values = {name: self.transport.recv(f"public_value:{name}") for name in sorted(graph.public)}
+        for name, spec in graph.public.items():
+            if values[name].shape != (len(self.inputs), *spec.shape) or values[name].dtype != np.float32:
+                raise ProtocolError(f"the server sent the public value '{name}' as {values[name].dtype} {values[name].shape}", origin=self.role)
+        try:
+            check_covered(graph.public, values)
+        except ValueError as err:
+            raise InputError(str(err), origin=self.role) from None
+        return {k: torch.from_numpy(np.array(v)) for k, v in values.items()}
 
     def _receive_encoding(self) -> SessionEncoding:
         raw = self.transport.recv("encoding")
@@ -475,6 +537,8 @@ class ClientParty(_TwoPartySession):
         self._agree(SERVER)
         self.graph = graph = self._receive_graph()
         encoding = self._receive_encoding()
+        public = self._split_inputs(graph)
+        self.report.public_inputs = sorted(public)
         if tuple(self.inputs.shape[1:]) != graph.input_shape:
             raise InputError(
                 f"input samples have shape {tuple(self.inputs.shape[1:])}, but the model expects "
@@ -489,6 +553,7 @@ class ClientParty(_TwoPartySession):
         self.report.encoding = encoding.for_inputs(self.inputs).summary()  # the error stated for inputs like these
         self._send_protocol()
         self.transport.send("plan", np.array([len(self.inputs), self.batch_size], dtype=np.int64))
+        public_values = self._receive_public_values(graph, public)
         self._start_backend()
         shared = self._share_weights(graph, None)
         self.report.setup_s = time.perf_counter() - start
@@ -496,7 +561,8 @@ class ClientParty(_TwoPartySession):
         for begin in range(0, len(self.inputs), self.batch_size):
             x = torch.tensor(self.inputs[begin : begin + self.batch_size])
             after = len(self.inputs) - begin - len(x)
-            outputs.append(self._infer_batch(graph, shared, x, min(self.batch_size, after) if after else None).numpy())
+            operands = {k: v[begin : begin + len(x)] for k, v in public_values.items()}
+            outputs.append(self._infer_batch(graph, shared, x, min(self.batch_size, after) if after else None, operands).numpy())
         self.report.logits = np.concatenate(outputs)
         self.transport.send("done", np.zeros(0, dtype=np.uint8))
 

@@ -531,28 +531,36 @@ SIMULATED_SAMPLES = 1024  # inputs simulated at most (the first ones)
 
 
 def simulated_error(
-    graph: Graph, weights: dict[str, np.ndarray], inputs: np.ndarray, protocol: str, runs: int = SIMULATIONS
+    graph: Graph, weights: dict[str, np.ndarray], inputs: np.ndarray, protocol: str, runs: int = SIMULATIONS,
+    public: dict[str, np.ndarray] | None = None,
 ) -> Callable[[int], float]:
-    """f -> the stated error of these inputs at f fractional bits: SIMULATED_MARGIN x the largest
-    |output - plaintext| over SIMULATIONS runs of the fixed point (ranges.simulate: everything but
-    the shares, whose randomness only draws each truncation's rounding), at least one last place."""
+    """f -> the stated error of these inputs (`public`: their public values, else drawn) at f
+    fractional bits: SIMULATED_MARGIN x the largest |output - plaintext| over SIMULATIONS runs of
+    the fixed point (ranges.simulate: everything but the shares, whose randomness only draws each
+    truncation's rounding), at least one last place."""
     import torch
 
     from ..backends import backend_class
     from .plain import run_plain
-    from .ranges import simulate
+    from .ranges import public_samples, simulate
 
     cls = backend_class(protocol)
     x = inputs[:SIMULATED_SAMPLES]
+    public = {k: v[:SIMULATED_SAMPLES] for k, v in public_samples(graph, len(inputs), public).items()}
     with torch.no_grad():
-        reference = run_plain(graph, {k: torch.from_numpy(v).double() for k, v in weights.items()}, torch.from_numpy(np.ascontiguousarray(x)).double()).numpy()
+        reference = run_plain(
+            graph, {k: torch.from_numpy(v).double() for k, v in weights.items()}, torch.from_numpy(np.ascontiguousarray(x)).double(),
+            {k: torch.from_numpy(v).double() for k, v in public.items()},
+        ).numpy()  # fmt: skip
     cache: dict[int, float] = {}
 
     def error(bits: int) -> float:
         if bits not in cache:
             worst = 0.0
             for seed in range(runs):
-                run = simulate(graph, weights, x, bits, public_rounding=cls.public_rounding, pool_pad_bits=cls.pool_pad_bits, seed=seed)
+                run = simulate(
+                    graph, weights, x, bits, public_rounding=cls.public_rounding, pool_pad_bits=cls.pool_pad_bits, seed=seed, public=public
+                )
                 diff = np.abs(run.outputs.astype(np.float64) - reference)
                 worst = max(worst, float(diff.max()) if np.isfinite(diff).all() else math.inf)
             cache[bits] = max(SIMULATED_MARGIN * worst, 2.0**-bits)

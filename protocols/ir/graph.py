@@ -57,6 +57,13 @@ class Graph:
     # What the optimizer's calibration data did in each layer (protocols/ir/ranges.py), for the
     # server's own range check; stays with the server: never part of the JSON the client gets.
     calibration: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    # Public inputs (an attention mask; per-sample shapes), which the client sends in the clear, and
+    # the values the server's public program computes from them, which nodes read as public
+    # operands (ir/public_inputs.py): shape per sample and the range the range check covered.
+    public_inputs: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    public: dict[str, Any] = field(default_factory=dict)  # name -> public_inputs.PublicValue
+    # The public program itself (ONNX, ir/public_inputs.PublicProgram): the server's only.
+    public_program: Any = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> str:
         return json.dumps(
@@ -68,6 +75,11 @@ class Graph:
                 "weight_shapes": {k: list(v) for k, v in self.weight_shapes.items()},
             }
             | ({"input_range": list(self.input_range)} if self.input_range is not None else {})
+            | (
+                {"public_inputs": {k: list(v) for k, v in self.public_inputs.items()}, "public": {k: v.as_json() for k, v in self.public.items()}}
+                if self.public_inputs
+                else {}
+            )
         )
 
     def check_weights(self, weights: dict[str, np.ndarray]) -> None:

@@ -15,9 +15,11 @@ from onnx import numpy_helper
 
 from ..ops import onnx_importer, supported_onnx_ops
 from ..ops.attention import mark_convex_products
+from ..ops.public import import_with_public
 from .graph import Graph, GraphError, Node, UnsupportedOpError, check_finite
-from .onnx_patterns import fold_public_shapes, fuse_spelled_out
+from .onnx_patterns import fold_public_shapes, fuse_spelled_out, refuse_unfolded
 from .plain import annotate_shapes
+from .public_inputs import MASK_BIAS, PublicProgram, split_public
 from .fewer_rounds import fewer_rounds
 from .rewrite import fewer_comparisons
 from .validation import validate_graph
@@ -30,8 +32,9 @@ def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
 class Importer:
     """Walks an ONNX graph once, producing twinfer nodes and the weights they use."""
 
-    def __init__(self, model: onnx.ModelProto, fixed_batch: bool = False) -> None:
+    def __init__(self, model: onnx.ModelProto, fixed_batch: bool = False, public: frozenset[str] = frozenset()) -> None:
         self.model = model
+        self.public = public  # values the public program computes (public_inputs.py)
         # Shapes were folded for one sample: a constant shape's leading 1 is the batch (onnx_patterns.py).
         self.fixed_batch = fixed_batch
         self.init = {t.name: numpy_helper.to_array(t).astype(np.float32, copy=True) for t in model.graph.initializer}
@@ -89,36 +92,55 @@ class Importer:
         if unsupported:
             raise UnsupportedOpError(unsupported, supported_onnx_ops())
         for node in self.model.graph.node:
-            onnx_importer(node.op_type)(self, node, _attrs(node))
+            reads_public = any(i in self.public for i in node.input)
+            (import_with_public if reads_public else onnx_importer(node.op_type))(self, node, _attrs(node))
 
 
-def _input_shape(model: onnx.ModelProto, initializers: set[str]) -> tuple[str, tuple[int, ...]]:
+def _private_input(model: onnx.ModelProto, private: str | None) -> tuple[str, tuple[int, ...]]:
+    """The client's secret input (`private`, else the model's first) and its shape per sample."""
+    initializers = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
-    if len(inputs) != 1:
-        raise GraphError(
-            f"the model must have exactly one input (the client's), it has {len(inputs)}: {', '.join(repr(i.name) for i in inputs)}"
-            + ("; export a transformer without its attention mask (all tokens attended)" if len(inputs) > 1 else "")
-        )
-    dims = inputs[0].type.tensor_type.shape.dim
+    if not inputs:
+        raise GraphError("the model has no input")
+    chosen = inputs[0] if private is None else next((i for i in inputs if i.name == private), None)
+    if chosen is None:
+        raise GraphError(f"the model has no input '{private}'; its inputs are {', '.join(repr(i.name) for i in inputs)}")
+    dims = chosen.type.tensor_type.shape.dim
     shape = tuple(int(d.dim_value) if d.HasField("dim_value") else -1 for d in dims)
     if len(shape) < 2 or any(d <= 0 for d in shape[1:]):
-        raise GraphError(f"input '{inputs[0].name}' needs fixed dimensions after the batch, got {shape}")
-    return inputs[0].name, shape[1:]
+        raise GraphError(f"input '{chosen.name}' needs fixed dimensions after the batch, got {shape}")
+    return chosen.name, shape[1:]
 
 
-def graph_from_onnx(model: onnx.ModelProto, *, rewrite: bool = True) -> tuple[Graph, dict[str, np.ndarray]]:
+def _floor_mask_biases(graph: Graph, program: PublicProgram) -> None:
+    """A public value that is only ever added to a softmax's input (a mask's bias) is raised to
+    -MASK_BIAS: the same probabilities (public_inputs.py), a bounded fixed point."""
+    readers: dict[str, list] = {}
+    for node in graph.nodes:
+        for name in node.inputs:
+            readers.setdefault(name, []).append(node)
+    for name in program.outputs:
+        adds = readers.get(name, [])
+        if adds and all(n.op == "PublicAdd" and [r.op for r in readers.get(n.output, [])] == ["Softmax"] for n in adds):
+            program.floors[name] = -MASK_BIAS
+
+
+def graph_from_onnx(model: onnx.ModelProto, *, rewrite: bool = True, private: str | None = None) -> tuple[Graph, dict[str, np.ndarray]]:
     """Compile an ONNX model into a public graph and the server's weights; `rewrite`: with the exact
     rewrites that save comparisons (rewrite.py) and rounds (fewer_rounds.py). An artifact compiles
-    without them: its masks and calibration are for the graph as exported."""
+    without them: its masks and calibration are for the graph as exported. `private`: the client's
+    secret input (else the first); every other input is public (an attention mask: public_inputs.py)."""
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as err:
         raise GraphError(f"invalid ONNX model: {str(err).splitlines()[0]}") from None
     if len(model.graph.output) != 1:
         raise GraphError(f"the model must have exactly one output, it has {len(model.graph.output)}")
-    input_name, input_shape = _input_shape(model, {t.name for t in model.graph.initializer})  # before any folding
+    input_name, input_shape = _private_input(model, private)  # before any folding
     model, folded = fold_public_shapes(model)
-    importer = Importer(fuse_spelled_out(model), fixed_batch=folded)
+    model, program = split_public(model, input_name)
+    refuse_unfolded(model)
+    importer = Importer(fuse_spelled_out(model), fixed_batch=folded, public=frozenset(program.outputs if program else ()))
     importer.run()
     graph = Graph(
         input_name=input_name,
@@ -127,6 +149,9 @@ def graph_from_onnx(model: onnx.ModelProto, *, rewrite: bool = True) -> tuple[Gr
         nodes=importer.nodes,
         weight_shapes={k: tuple(v.shape) for k, v in importer.weights.items()},
     )
+    if program is not None:
+        _floor_mask_biases(graph, program)
+        graph.public_inputs, graph.public, graph.public_program = dict(program.inputs), program.bounds(), program
     for key, value in importer.weights.items():  # also what import derived, such as a folded BatchNorm's
         check_finite(value, f"weight '{key}'")
     mark_convex_products(graph)

@@ -55,11 +55,16 @@ def fold_public_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
         except Exception as err:  # onnxruntime raises its own exception types
             raise GraphError(f"cannot fold the model's shape computations: {str(err).splitlines()[0]}") from None
         folded = onnx.load(options.optimized_model_filepath)
-    left = [(n.name or n.output[0], n.op_type) for n in folded.graph.node if n.op_type in SHAPE_OPS]
+    return folded, True
+
+
+def refuse_unfolded(model: onnx.ModelProto) -> None:
+    """Shape computations left after folding (and after the public inputs' own are cut out:
+    public_inputs.py) depend on a secret value: refused, naming each."""
+    left = [(n.name or n.output[0], n.op_type) for n in model.graph.node if n.op_type in SHAPE_OPS]
     if left:
         listed = ", ".join(f"node '{name}' (op {op})" for name, op in left)
         raise GraphError(f"shape computations that depend on a secret value cannot be folded: {listed}")
-    return folded, True
 
 
 class _Graph:

@@ -46,6 +46,7 @@ from ..ops import SecureContext, op_for
 from ..ops.embedding import encode_input
 from ..ops.registry import FULL_BITS
 from .graph import Graph, GraphError
+from .plain import public_operands
 
 FRACTION_BITS = DEFAULT_FRACTION_BITS  # both backends' default fixed-point encoding
 
@@ -207,12 +208,15 @@ def _channel_peaks(values, shape: tuple[int, ...]) -> torch.Tensor | None:
 Hook = Callable[[Any, Any], Any]
 
 
-def _evaluate(graph: Graph, weights: dict[str, np.ndarray], x: Any, backend: AnalysisBackend, method: str, after: Hook) -> Any:
+def _evaluate(
+    graph: Graph, weights: dict[str, np.ndarray], x: Any, backend: AnalysisBackend, method: str, after: Hook, public: dict[str, Any] | None = None
+) -> Any:
     """Every node's `method` ('secure', 'interval' or 'error') on `backend`, recording per node;
-    `after(node, output)` sees (and may replace) each output. Returns the graph's output."""
+    `after(node, output)` sees (and may replace) each output; `public`: the public values the
+    graph reads, as the method takes them. Returns the graph's output."""
     ctx = SecureContext(backend)
     shared = {k: backend.share(torch.from_numpy(np.ascontiguousarray(v)), SERVER_RANK, constant=k) for k, v in weights.items()}
-    values: dict[str, Any] = {graph.input_name: x}
+    values: dict[str, Any] = {graph.input_name: x, **public_operands(graph, public)}
     last = {name: i for i, node in enumerate(graph.nodes) for name in node.inputs}
     with torch.no_grad():
         for i, node in enumerate(graph.nodes):
@@ -223,6 +227,21 @@ def _evaluate(graph: Graph, weights: dict[str, np.ndarray], x: Any, backend: Ana
                 if last.get(name) == i and name != graph.output_name:
                     values.pop(name, None)
     return values[graph.output_name]
+
+
+def public_samples(graph: Graph, n: int, public: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """The public values for `n` samples: `public` if given, else those of random masks (the
+    server's public program); none for a graph without public inputs."""
+    if not graph.public or public is not None:
+        return dict(public or {})
+    if graph.public_program is None:
+        raise GraphError("the graph reads public values, but its public program (the server's) is not at hand")
+    program = graph.public_program
+    return program.run(program.samples(n))
+
+
+def _public_bounds(graph: Graph, make: Callable[[float, float, tuple[int, ...]], Any]) -> dict[str, Any]:
+    return {name: make(spec.lo, spec.hi, (1, *spec.shape)) for name, spec in graph.public.items()}
 
 
 class _Peaks:
@@ -245,18 +264,24 @@ def _ranges(records: Records, peaks: dict[str, torch.Tensor], source: str, input
     )  # fmt: skip
 
 
-def observed_ranges(graph: Graph, weights: dict[str, np.ndarray], samples: np.ndarray, batch: int = 256, source: str | None = None) -> ValueRanges:
+def observed_ranges(
+    graph: Graph, weights: dict[str, np.ndarray], samples: np.ndarray, batch: int = 256, source: str | None = None,
+    public: dict[str, np.ndarray] | None = None,
+) -> ValueRanges:
     """What `samples` do in every layer (float64): per-element peaks, and per layer what its
-    truncations see (their mean per sample) and what its comparisons compare."""
+    truncations see (their mean per sample) and what its comparisons compare; `public`: the
+    public values of each sample (public_samples)."""
     if len(samples) == 0:
         raise ValueError("observed_ranges needs at least one sample")
     backend, track = PlainBackend(), _Peaks()
+    public = public_samples(graph, len(samples), public)
     after = lambda node, out: (track.add(node.output, out.v.abs()), out)[1]  # noqa: E731
     for start in range(0, len(samples), batch):
         x = torch.from_numpy(np.ascontiguousarray(samples[start : start + batch], dtype=np.float32))
         track.add(graph.input_name, x.abs())
         backend.records.samples += len(x)
-        _evaluate(graph, weights, PlainValue(encode_input(graph, x).to(torch.float64)), backend, "secure", after)
+        operands = {k: torch.from_numpy(v[start : start + batch]).to(torch.float64) for k, v in public.items()}
+        _evaluate(graph, weights, PlainValue(encode_input(graph, x).to(torch.float64)), backend, "secure", after, operands)
     lo, hi = float(np.min(samples)), float(np.max(samples))
     return _ranges(backend.records, track.peaks, source or f"{len(samples)} samples", (lo, hi), sound=False)
 
@@ -270,7 +295,8 @@ def interval_ranges(graph: Graph, weights: dict[str, np.ndarray], input_range: t
     backend.records.samples = 1
     track.add(graph.input_name, x.magnitude)
     after = lambda node, out: (track.add(node.output, out.magnitude), out)[1]  # noqa: E731
-    _evaluate(graph, weights, x, backend, "interval", after)
+    bounds = _public_bounds(graph, lambda lo, hi, shape: IntervalValue(torch.full(shape, lo, dtype=torch.float64), torch.full(shape, hi, dtype=torch.float64)))
+    _evaluate(graph, weights, x, backend, "interval", after, bounds)
     return _ranges(backend.records, track.peaks, f"interval bound for inputs in [{lo_in:g}, {hi_in:g}]", (lo_in, hi_in), sound=True)
 
 
@@ -287,7 +313,10 @@ def error_estimate(graph: Graph, weights: dict[str, np.ndarray], ranges: ValueRa
     backend.floor = ranges.floor  # what a LayerNorm's error depends on: how small its variance gets
     peak_of = lambda name: ranges.observed.get(name, ranges.peaks[name]).to(torch.float64).unsqueeze(0)  # noqa: E731
     x = backend.value(peak_of(graph.input_name), torch.full((1, *graph.input_shape), backend.input_ms, dtype=torch.float64))
-    out = _evaluate(graph, weights, x, backend, "error", lambda node, out: out._with(peak=peak_of(node.output)))
+    public = _public_bounds(
+        graph, lambda lo, hi, shape: backend.value(torch.full(shape, max(abs(lo), abs(hi)), dtype=torch.float64), torch.full(shape, backend.input_ms, dtype=torch.float64))
+    )
+    out = _evaluate(graph, weights, x, backend, "error", lambda node, out: out._with(peak=peak_of(node.output)), public)
     final = ERROR_SIGMAS * out.ms.sqrt() + ranges.peaks[graph.output_name].to(torch.float64).unsqueeze(0) * FLOAT32_EPS
     return float(final.max())
 
@@ -303,15 +332,18 @@ class Simulation:
 
 def simulate(
     graph: Graph, weights: dict[str, np.ndarray], inputs: np.ndarray, fraction_bits: int, *,
-    public_rounding: str = "nearest", pool_pad_bits: int = 62, seed: int = 0, batch: int = 256,
+    public_rounding: str = "nearest", pool_pad_bits: int = 62, seed: int = 0, batch: int = 256, public: dict[str, np.ndarray] | None = None,
 ) -> Simulation:
-    """What the parties would compute on `inputs` at `fraction_bits` (numeric/fixed_point.py)."""
+    """What the parties would compute on `inputs` at `fraction_bits` (numeric/fixed_point.py);
+    `public`: each input's public values (public_samples)."""
     backend = FixedPointBackend(fraction_bits, public_rounding=public_rounding, pool_pad_bits=pool_pad_bits, seed=seed)
+    public = public_samples(graph, len(inputs), public)
     outputs = []
     for start in range(0, len(inputs), batch):
         x = torch.from_numpy(np.ascontiguousarray(inputs[start : start + batch], dtype=np.float32))
         backend.records.samples += len(x)
         value = backend.share(encode_input(graph, x), 1)
-        out = _evaluate(graph, weights, value, backend, "secure", lambda node, out: out)
+        operands = {k: torch.from_numpy(v[start : start + batch]) for k, v in public.items()}
+        out = _evaluate(graph, weights, value, backend, "secure", lambda node, out: out, operands)
         outputs.append(backend.reveal(out, 1).numpy())
     return Simulation(np.concatenate(outputs), backend.records)

@@ -7,16 +7,19 @@ import json
 from ..ops import op_for
 from ..ops.registry import check_truncation
 from .graph import Graph, GraphError, Node, check_input_range
+from .public_inputs import PublicValue
 
 
 def validate_graph(graph: Graph) -> None:
     """Ops are known, each op's attributes are well formed, every value is produced before use."""
-    known = {graph.input_name}
+    known = {graph.input_name, *graph.public}
     for node in graph.nodes:
         op = op_for(node)
         for name in node.inputs:
             if name not in known:
                 raise GraphError(f"node '{node.name}' reads '{name}' before anything produces it")
+            if name in graph.public and not op.reads_public:
+                raise GraphError(f"node '{node.name}' ({node.op}) reads the public value '{name}'; only PublicAdd and PublicMul do")
         for w in node.weights:
             if w not in graph.weight_shapes:
                 raise GraphError(f"node '{node.name}' uses weight '{w}' that the graph does not declare")
@@ -25,6 +28,11 @@ def validate_graph(graph: Graph) -> None:
         known.add(node.output)
     if graph.output_name not in known:
         raise GraphError(f"the graph never produces its output '{graph.output_name}'")
+
+
+def _public_value(raw: dict) -> PublicValue:
+    lo, hi = (float(v) for v in raw["range"])
+    return PublicValue(tuple(int(d) for d in raw["shape"]), lo, hi)
 
 
 def graph_from_json(text: str) -> Graph:
@@ -49,6 +57,8 @@ def graph_from_json(text: str) -> Graph:
             nodes=nodes,
             weight_shapes={k: tuple(int(d) for d in v) for k, v in raw["weight_shapes"].items()},
             input_range=check_input_range(raw["input_range"], "the graph's input_range") if "input_range" in raw else None,
+            public_inputs={str(k): tuple(int(d) for d in v) for k, v in raw.get("public_inputs", {}).items()},
+            public={str(k): _public_value(v) for k, v in raw.get("public", {}).items()},
         )
     except GraphError:
         raise

@@ -30,7 +30,7 @@ for two comparisons per element. With one bound only: lo + relu(x - lo), or x - 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -93,9 +93,7 @@ def apply_sites(graph: Graph, sites: dict[str, ActivationSite]) -> Graph:
             "elements": int(flat.sum()),
         }
         nodes.append(Node(name=node.name, op=OP, inputs=node.inputs, output=node.output, attrs=attrs))
-    return Graph(
-        graph.input_name, graph.input_shape, graph.output_name, nodes, dict(graph.weight_shapes), graph.input_range, graph.calibration
-    )
+    return replace(graph, nodes=nodes, weight_shapes=dict(graph.weight_shapes))
 
 
 def check_attrs(node: Node) -> None:

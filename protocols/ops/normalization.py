@@ -1,4 +1,4 @@
-"""LayerNorm and ReduceMean: normalisation over the last axis, and means (mean pooling).
+"""LayerNorm, ReduceMean and ReduceSum: normalisation over the last axis, means and sums (pooling).
 
 LayerNorm (research note transformers.md, 4): the mean is local (a sum, divided by the
 public count); the variance one square; 1 / sqrt(variance + eps) by `approximations.rsqrt`
@@ -114,12 +114,12 @@ class ReduceMean(Op):
     def check(self, node: Node, graph) -> None:
         axes = node.attrs.get("axes")
         if not isinstance(axes, list) or not axes or not all(isinstance(a, int) and not isinstance(a, bool) for a in axes):
-            raise GraphError(f"node '{node.name}' (ReduceMean) averages over axes after the batch's, got axes {axes!r}")
+            raise GraphError(f"node '{node.name}' ({node.op}) reduces over axes after the batch's, got axes {axes!r}")
 
     def _axes(self, node: Node, rank: int) -> list[int]:
         axes = sorted({a % rank for a in node.attrs["axes"] if -rank <= a < rank})
         if len(axes) != len(node.attrs["axes"]) or 0 in axes:
-            raise GraphError(f"node '{node.name}' (ReduceMean) averages over axes after the batch's of {rank}, got {node.attrs['axes']}")
+            raise GraphError(f"node '{node.name}' ({node.op}) reduces over axes after the batch's of {rank}, got {node.attrs['axes']}")
         return axes
 
     def plain(self, node, args, w):
@@ -138,6 +138,24 @@ class ReduceMean(Op):
         return LayerCost(node.name, node.op, bytes_online=step.bytes_online, rounds=step.rounds, bytes_offline=step.bytes_offline)
 
 
+class ReduceSum(ReduceMean):
+    """The sum over axes after the batch's (a masked mean's numerator): local."""
+
+    name = "ReduceSum"
+
+    def plain(self, node, args, w):
+        return args[0].sum(dim=self._axes(node, args[0].dim()), keepdim=bool(node.attrs.get("keepdims", 1)))
+
+    def secure(self, node, args, w, ctx):
+        x = args[0]
+        for axis in reversed(self._axes(node, len(x.shape))):
+            x = x.sum(axis, keepdim=bool(node.attrs.get("keepdims", 1)))
+        return x
+
+    def cost(self, node, io, pricing):
+        return Op.cost(self, node, io, pricing)
+
+
 # -- ONNX import ----------------------------------------------------------------------------------
 
 
@@ -154,14 +172,15 @@ def _import_layer_norm(imp, node, a):
     imp.emit(node, "LayerNorm", [node.input[0]], weights, {"epsilon": float(a.get("epsilon", 1e-5))})
 
 
-def _import_reduce_mean(imp, node, a):
+def _import_reduce(imp, node, a):
     axes = a.get("axes")
-    if axes is None and len(node.input) > 1:  # opset 18: axes as an input
+    if axes is None and len(node.input) > 1:  # opset 13 (ReduceSum) and 18: axes as an input
         axes = imp.ints.get(node.input[1])
     if axes is None:
-        raise GraphError(f"node '{node.name}' (ReduceMean) needs explicit axes")
-    imp.emit(node, "ReduceMean", [node.input[0]], [], {"axes": [int(v) for v in axes], "keepdims": int(a.get("keepdims", 1))})
+        raise GraphError(f"node '{node.name}' ({node.op_type}) needs explicit axes")
+    imp.emit(node, node.op_type, [node.input[0]], [], {"axes": [int(v) for v in axes], "keepdims": int(a.get("keepdims", 1))})
 
 
 register(LayerNorm(), {"LayerNormalization": _import_layer_norm})
-register(ReduceMean(), {"ReduceMean": _import_reduce_mean})
+register(ReduceMean(), {"ReduceMean": _import_reduce})
+register(ReduceSum(), {"ReduceSum": _import_reduce})

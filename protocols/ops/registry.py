@@ -99,6 +99,8 @@ class Op:
     takes_fused_truncation: ClassVar[bool] = False
     # Monotone elementwise ops that a max-pool commutes with (protocols/ir/rewrite.py).
     commutes_with_max: ClassVar[bool] = False
+    # Ops whose second input is a public value (ops/public.py); no other op may read one.
+    reads_public: ClassVar[bool] = False
 
     def compares_with_padding(self, node: Node) -> bool:
         """Whether the node compares values against a padding constant, so needs the full width."""
