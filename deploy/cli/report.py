@@ -26,6 +26,38 @@ def print_table(title: str, rows: list[tuple[str, Any]], console: Console | None
     (console or Console()).print(table)
 
 
+_OP_KINDS = {"Gemm": "linear", "Affine": "linear", "Conv": "linear", "Embedding": "lookup", "PublicAdd": "public", "PublicMul": "public"}
+
+
+def op_kind(op: str) -> str:
+    """What a table groups a graph op under (matmul with a weight: linear; the private lookup: lookup)."""
+    return _OP_KINDS.get(op, op)
+
+
+def per_op_kind(ops: dict[str, str], layers: dict[str, dict]) -> dict[str, dict[str, float]]:
+    """A party's measured layers (PartyReport.layers) summed per op kind; `ops`: each node's op by
+    name. Layers that are no node (share_input, reveal_output, ...) keep their own names."""
+    kinds: dict[str, dict[str, float]] = {}
+    for name, c in layers.items():
+        if name in ("", "share_weights"):
+            continue
+        row = kinds.setdefault(op_kind(ops[name]) if name in ops else name, dict.fromkeys(("rounds", "bytes_online", "bytes_offline", "wall_s"), 0.0))
+        row["rounds"] += c["rounds"]
+        row["bytes_online"] += c["bytes_sent"] + c["bytes_received"]
+        row["bytes_offline"] += c["bytes_offline"]
+        row["wall_s"] += c["wall_s"]
+    return kinds
+
+
+def print_op_kinds(title: str, kinds: dict[str, dict[str, float]], console: Console | None = None) -> None:
+    table = Table(title=title, show_header=True, header_style="bold")
+    for col in ("op kind", "rounds", "online", "dealer (this party)", "seconds"):
+        table.add_column(col, justify="right" if col != "op kind" else "left")
+    for kind, c in sorted(kinds.items(), key=lambda kv: -kv[1]["wall_s"]):
+        table.add_row(kind, f"{c['rounds']:.0f}", human_bytes(c["bytes_online"]), human_bytes(c["bytes_offline"]), f"{c['wall_s']:.2f}")
+    (console or Console()).print(table)
+
+
 def summary_rows(summary: dict[str, Any]) -> list[tuple[str, Any]]:
     return [
         ("samples / batch size", f"{summary['n_samples']} / {summary['batch_size']}"),

@@ -511,7 +511,7 @@ def _collect(actors, refs: dict, options: TransportOptions, progress: bool) -> d
             except Exception:
                 continue
             if bar is None and total:
-                bar = tqdm(total=total, desc="private inference", unit="img")
+                bar = tqdm(total=total, desc="private inference", unit="sample")
             if bar is not None:
                 bar.update(done - bar.n)
     if bar is not None:

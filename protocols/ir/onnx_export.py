@@ -8,10 +8,15 @@ import warnings
 import torch
 
 
-def export_onnx(model: torch.nn.Module, example: torch.Tensor, opset: int = 17) -> bytes:
+def export_onnx(
+    model: torch.nn.Module, example: torch.Tensor | tuple[torch.Tensor, ...], opset: int = 17, input_names: tuple[str, ...] = ("input",)
+) -> bytes:
     """ONNX bytes of `model` in eval mode: the TorchScript exporter (dynamo needs onnxscript),
-    no constant folding (weights stay initializers), one input `input`, one output `output`,
-    the batch dimension dynamic."""
+    no constant folding (weights stay initializers), its inputs named `input_names` (one `input`
+    by default: a tuple `example` takes one name each), one output `output`, the batch dynamic."""
+    examples = example if isinstance(example, tuple) else (example,)
+    if len(examples) != len(input_names):
+        raise ValueError(f"{len(examples)} example inputs but {len(input_names)} input names")
     buffer = io.BytesIO()
     was_training = model.training
     model.eval()
@@ -20,15 +25,15 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, opset: int = 17) 
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 model,
-                (example,),
+                examples,
                 buffer,
                 dynamo=False,
                 export_params=True,
                 do_constant_folding=False,
-                input_names=["input"],
+                input_names=list(input_names),
                 output_names=["output"],
                 opset_version=opset,
-                dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+                dynamic_axes={name: {0: "batch"} for name in (*input_names, "output")},
             )
     finally:
         model.train(was_training)
