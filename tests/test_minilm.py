@@ -9,8 +9,10 @@ import onnx
 import pytest
 import torch
 
+from twinfer.deploy.cli.cmd_infer import text_inputs
 from twinfer.optimizer.data.text import BBC_CLASSES, headline, load_bbc_news, tokenize
 from twinfer.optimizer.zoo.minilm import TOKENS, MiniLMClassifier, extract_minilm
+from twinfer.parties.errors import InputError
 from twinfer.protocols.ir.onnx_export import export_onnx
 from twinfer.protocols.ir.onnx_import import graph_from_onnx
 from twinfer.protocols.ir.plain import run_plain
@@ -48,3 +50,23 @@ def test_minilm_with_its_mask_imports_and_runs_as_pytorch_on_headlines(tmp_path_
     with torch.no_grad():
         expected = model(torch.from_numpy(x["input_ids"]), torch.from_numpy(x["attention_mask"])).numpy()
     np.testing.assert_allclose(got.numpy(), expected, atol=1e-4)
+
+
+def test_infer_text_is_tokenised_to_the_models_length_with_its_mask(tmp_path_factory):
+    """`twinfer infer --text FILE --tokenizer tokenizer.json`: one sentence a line, token ids and
+    mask by the model's own input names, at its length; a model without a mask is refused."""
+    from tests.test_transformers import Classifier, _export
+
+    folder = extract_minilm(tmp_path_factory.mktemp("models"))
+    tmp = tmp_path_factory.mktemp("text")
+    (tmp / "s.txt").write_text("Markets rally as rates fall\n\nA very long line " + "word " * 40 + "\n")
+    torch.manual_seed(0)
+    for name, with_mask in (("masked", True), ("bare", False)):
+        (tmp / f"{name}.onnx").write_bytes(_export(Classifier(layers=1).eval(), 17, with_mask=with_mask))
+    x = text_inputs(str(tmp / "masked.onnx"), str(tmp / "s.txt"), str(folder / "tokenizer.json"))
+    assert sorted(x) == ["attention_mask", "input_ids"] and x["input_ids"].shape == (2, 16)
+    assert 3 <= x["attention_mask"][0].sum() < 16 and x["attention_mask"][1].sum() == 16  # padded, and cut to the model's 16
+    with pytest.raises(InputError, match=r"this one takes \['input_ids'\]: without a mask its padding would be attended to"):
+        text_inputs(str(tmp / "bare.onnx"), str(tmp / "s.txt"), str(folder / "tokenizer.json"))
+    with pytest.raises(InputError, match=r"--text needs --tokenizer"):
+        text_inputs(str(tmp / "masked.onnx"), str(tmp / "s.txt"), None)
