@@ -369,3 +369,17 @@ def test_correlation_kinds_make_both_parties_keys(name: str, arg: str, value: in
         assert np.array_equal(_trunc(k0, k1, y0, y1), q)
     else:
         assert np.array_equal(_trunc_relu(k0, k1, y0, y1), np.maximum(q, 0))
+
+
+@pytest.mark.parametrize("terms", [300, 30522], ids=["22-bit limbs", "16-bit limbs"])
+def test_ring_products_in_float64_limbs_equal_int64_arithmetic(terms):
+    """matmul mod 2^64 through float64 limbs (ring.py), with a session constant split once
+    (ring.Split, also transposed as a linear layer reads it): the int64 product, bit for bit."""
+    g = torch.Generator().manual_seed(terms)
+    a = torch.randint(-(2**62), 2**62, (3, terms), generator=g)
+    w = torch.randint(-(2**62), 2**62, (terms, 5), generator=g)
+    split = ring.Split(w)
+    expected = a @ w
+    assert torch.equal(ring.matmul(a, w), expected) and torch.equal(ring.matmul(a, split), expected)
+    assert torch.equal(ring.matmul(a, split), expected)  # its cached limbs
+    assert torch.equal(ring.matmul(a, ring.Split(w.t().contiguous()).t()), expected)

@@ -144,15 +144,16 @@ class FssShare:
 
 
 class _Constant:
-    """What a session constant's products need: F = W - B (public) and this party's B_i."""
+    """What a session constant's products need: F = W - B (public), this party's B_i, and (the
+    server's) F + B_0, each split into limbs once for the session, when first used (ring.Split)."""
 
-    __slots__ = ("b_index", "f", "b", "is_transposed")
+    __slots__ = ("b_index", "f", "b", "fb", "is_transposed")
 
-    def __init__(self, b_index: int, f: torch.Tensor, b: torch.Tensor, is_transposed: bool = False) -> None:
-        self.b_index, self.f, self.b, self.is_transposed = b_index, f, b, is_transposed
+    def __init__(self, b_index: int, f: ring.Split, b: ring.Split, fb: ring.Split | None, is_transposed: bool = False) -> None:
+        self.b_index, self.f, self.b, self.fb, self.is_transposed = b_index, f, b, fb, is_transposed
 
     def transposed(self) -> "_Constant":
-        return _Constant(self.b_index, self.f, self.b, not self.is_transposed)
+        return _Constant(self.b_index, self.f, self.b, self.fb, not self.is_transposed)
 
 
 class FssBackend(Backend):
@@ -222,7 +223,8 @@ class FssBackend(Backend):
         """Open W - B once for the session (B_i from this party's own stream)."""
         b_index = self.dealer.next_index()
         b = stream(self.dealer.key, b_index, _A, tuple(w.shape))
-        return _Constant(b_index, self._open("fss.open_constant", w.data - b), b)
+        f = self._open("fss.open_constant", w.data - b)
+        return _Constant(b_index, ring.Split(f), ring.Split(b), ring.Split(f + b) if self.rank == SERVER_RANK else None)
 
     def reveal(self, x: FssShare, dst: int) -> torch.Tensor | None:
         self._settled(x, "the output")
@@ -254,7 +256,7 @@ class FssBackend(Backend):
         request = json.dumps({"op": op, "x_shape": list(x.shape), "w_shape": list(f.shape), "b_index": const.b_index, "attrs": attrs})
         if self.rank == SERVER_RANK:
             c = ring.from_numpy_u64(self.dealer.request(BEAVER, request, index)["c"])
-            z = product(op, e, f + b, attrs) + product(op, a, f, attrs) + c
+            z = product(op, e, const.fb, attrs) + product(op, a, f, attrs) + c
         else:
             out = product(op, e, b, attrs) + product(op, a, f, attrs)
             z = out + stream(self.dealer.key, index, _C, tuple(out.shape))

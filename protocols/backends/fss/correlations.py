@@ -52,7 +52,11 @@ def stream(seed: bytes, index: int, which: int, shape: tuple[int, ...]) -> torch
     return ring.from_numpy_u64(ctr_uint64(seed, tuple(shape), stream=index * _STREAMS + which)).reshape(shape)
 
 
-def product(op: str, a: torch.Tensor, b: torch.Tensor, attrs: dict[str, Any]) -> torch.Tensor:
+def _value(x: ring.Operand) -> torch.Tensor:
+    return x.value if isinstance(x, ring.Split) else x
+
+
+def product(op: str, a: ring.Operand, b: ring.Operand, attrs: dict[str, Any]) -> torch.Tensor:
     """op(a, b) in Z_2^64: the bilinear maps a Beaver product may be asked for."""
     if op == "conv2d":
         return ring.conv2d(a, b, stride=tuple(attrs["stride"]), padding=tuple(attrs["padding"]),
@@ -62,7 +66,7 @@ def product(op: str, a: torch.Tensor, b: torch.Tensor, attrs: dict[str, Any]) ->
     if op == "matmul":
         return ring.matmul(a, b)
     if op == "mul":
-        return a * b
+        return _value(a) * _value(b)
     raise ValueError(f"unknown product op '{op}' (known: {', '.join(PRODUCT_OPS)})")
 
 

@@ -9,6 +9,7 @@ the limb products in float64, where every partial sum is an exact integer, then 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 import numpy as np
@@ -52,11 +53,47 @@ def divide(share: torch.Tensor, party: int, divisor: int) -> torch.Tensor:
 
 def _limbs(x: torch.Tensor, bits: int) -> list[torch.Tensor]:
     """x = sum_i limb_i 2^(bits i) mod 2^64, each limb in [0, 2^bits) as float64."""
+    if bits == 16 and sys.byteorder == "little":  # each limb is one uint16 of the int64: cast, no shifts
+        quarters = x.contiguous().numpy().view(np.uint16).reshape(-1, 4)
+        limbs = np.empty((4, len(quarters)), dtype=np.float64)
+        for i in range(4):  # one contiguous row per limb: BLAS is 4x slower on strided operands
+            limbs[i] = quarters[:, i]
+        return [torch.from_numpy(limb).reshape(x.shape) for limb in limbs]
     mask = (1 << bits) - 1
     return [((x >> (bits * i)) & mask).to(torch.float64) for i in range(-(-64 // bits))]
 
 
-def ring_product(op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], a: torch.Tensor, b: torch.Tensor, terms: int) -> torch.Tensor:
+class Split:
+    """A ring operand that many products reuse (a session constant's W - B and B_i): its float64
+    limbs are made once per width, not once per product."""
+
+    __slots__ = ("value", "_limbs", "_transposed")
+
+    def __init__(self, value: torch.Tensor, limbs: dict[int, list[torch.Tensor]] | None = None, transposed: bool = False) -> None:
+        self.value, self._limbs, self._transposed = value, ({} if limbs is None else limbs), transposed
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.value.shape
+
+    def t(self) -> "Split":
+        """The transpose, sharing these limbs (a linear layer's x W^T)."""
+        return Split(self.value.t(), self._limbs, not self._transposed)
+
+    def limbs(self, bits: int) -> list[torch.Tensor]:
+        if bits not in self._limbs:
+            self._limbs[bits] = _limbs(self.value.t() if self._transposed else self.value, bits)
+        return [limb.t() for limb in self._limbs[bits]] if self._transposed else self._limbs[bits]
+
+
+Operand = torch.Tensor | Split
+
+
+def _split(x: Operand, bits: int) -> list[torch.Tensor]:
+    return x.limbs(bits) if isinstance(x, Split) else _limbs(x, bits)
+
+
+def ring_product(op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], a: Operand, b: Operand, terms: int) -> torch.Tensor:
     """op(a, b) mod 2^64 for a bilinear op (conv2d, matmul) whose outputs each sum `terms` products.
 
     Each limb product is below 2^(2 w) * terms < 2^53 for w-bit limbs, so float64 holds it
@@ -66,7 +103,7 @@ def ring_product(op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], a: to
     bits = next((w for w in _LIMB_WIDTHS if terms < 1 << (53 - 2 * w)), None)
     if bits is None:
         raise ValueError(f"a ring product summing {terms} terms per output exceeds float64's exact range (2^21)")
-    la, lb = _limbs(a, bits), _limbs(b, bits)
+    la, lb = _split(a, bits), _split(b, bits)
     out = None
     for i in range(len(la)):
         for j in range(len(la)):
@@ -77,13 +114,13 @@ def ring_product(op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], a: to
     return out
 
 
-def conv2d(x: torch.Tensor, w: torch.Tensor, *, stride, padding, dilation, groups: int) -> torch.Tensor:
+def conv2d(x: Operand, w: Operand, *, stride, padding, dilation, groups: int) -> torch.Tensor:
     """Ring conv2d of int64 tensors."""
     terms = int(w.shape[1] * w.shape[2] * w.shape[3])
     return ring_product(lambda a, b: F.conv2d(a, b, None, stride, padding, dilation, groups), x, w, terms)
 
 
-def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def matmul(a: Operand, b: Operand) -> torch.Tensor:
     """Ring matmul of int64 tensors (broadcasting as torch.matmul)."""
     return ring_product(torch.matmul, a, b, int(a.shape[-1]))
 
