@@ -1,15 +1,17 @@
 """A transformer's secure ops one at a time, at MiniLM-L6's sizes, on every backend.
 
 GeLU over 49,152 elements (32 tokens x the FFN's 1,536), softmax over 12 x 32 rows of 32 (one
-layer's attention), LayerNorm of 32 x 384: each op alone as an ONNX model (torch.onnx.export),
+layer's attention), LayerNorm of 32 x 384, the private lookup of 32 token ids in MiniLM's
+30,522 x 384 table: each op alone as an ONNX model (torch.onnx.export),
 run by twinfer in three local processes (`twinfer bench latency`'s `measure`, loopback, one
-sample a batch, the second batch measured), with twinfer's method for it
+sample a batch, the second batch measured; the encoding settled on these inputs, as `twinfer
+infer` settles it), with twinfer's method for it
 (`protocols/ops/approximations.py`) on crypten, fss and fss-compact. Prints JSON and a table:
 latency against crypten's in the same run, rounds, online and dealer bytes, and the largest
 error against torch. CrypTen's own stock functions (its softmax, its Taylor erf) are not run
 here: they fail on these inputs (issue 23, research note transformers.md).
 
-    python benchmarks/transformer_ops.py [--ops gelu softmax layer_norm] [--out results/transformer_ops.json]
+    python benchmarks/transformer_ops.py [--ops gelu softmax layer_norm lookup] [--out results/transformer_ops.json]
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import sys
 from pathlib import Path
 
 PROTOCOLS = ("crypten", "fss", "fss-compact")
-OPS = ("gelu", "softmax", "layer_norm")
+OPS = ("gelu", "softmax", "layer_norm", "lookup")
 
 
 def build(op: str):
@@ -40,6 +42,9 @@ def build(op: str):
             module.weight.uniform_(0.5, 1.5)
             module.bias.uniform_(-0.1, 0.1)
         shape, scale = (32, 384), 2.0
+    elif op == "lookup":  # 32 token ids: their one-hot rows times the server's table, one Beaver product
+        torch.manual_seed(0)
+        return torch.nn.Embedding(30522, 384).eval(), (32,), rng.integers(0, 30522, (2, 32)).astype(np.int64)
     else:
         raise ValueError(f"unknown op {op!r}; one of {', '.join(OPS)}")
     return module.eval(), shape, (rng.normal(0, scale, (2, *shape))).astype(np.float32)
@@ -56,14 +61,14 @@ def run(ops: list[str]) -> list[dict]:
     rows = []
     for op in ops:
         module, shape, inputs = build(op)
-        onnx_bytes = export_onnx(module, torch.zeros(1, *shape))
+        example = torch.zeros(1, *shape, dtype=torch.int64 if op == "lookup" else torch.float32)
+        onnx_bytes = export_onnx(module, example)
         with torch.no_grad():
             expected = module(torch.from_numpy(inputs)).numpy()
         for protocol in PROTOCOLS:
-            r = measure(op, onnx_bytes, shape, parse_profile("loopback"), batch=1, reps=1, protocol=protocol, inputs=inputs)
+            r = measure(op, onnx_bytes, shape, parse_profile("loopback"), batch=1, reps=1, protocol=protocol, inputs=inputs, settle=True)
             r.pop("layers_per_batch")
-            got = np.asarray(r.pop("logits"))
-            r["error"] = float(np.abs(got - expected[1:]).max())  # the measured (second) batch
+            r["error"] = float(np.abs(np.asarray(r.pop("logits")).reshape(expected.shape) - expected).max())  # both batches
             r["elements"] = int(np.prod(shape))
             rows.append(r)
             print(f"{op} {protocol}: {r['latency_s']:.3f} s, {r['rounds']} rounds", file=sys.stderr, flush=True)

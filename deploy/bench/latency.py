@@ -85,10 +85,12 @@ def _row(model: str, profile: NetworkProfile, shaping: str, batch: int, client: 
 
 def measure(
     model: str, onnx_bytes: bytes, sample_shape: tuple[int, ...], profile: NetworkProfile, *, batch: int, reps: int,
-    protocol: str = DEFAULT_PROTOCOL, offline: str = "overlap", inputs: np.ndarray | None = None,
+    protocol: str = DEFAULT_PROTOCOL, offline: str = "overlap", inputs: np.ndarray | None = None, settle: bool = False,
 ) -> dict:
     """One session under `profile`, shaped in twinfer's transport; `inputs` (batch x (1 + reps)
-    samples, e.g. token ids), else uniform random ones of `sample_shape`.
+    samples, e.g. token ids), else uniform random ones of `sample_shape`. `settle`: the encoding
+    is settled on these inputs before the parties start, as `twinfer infer` does (for a model
+    that declares no input range and whose server's own search would find none).
 
     The dealer sits next to the server (its links unshaped), as in the kernel-shaped runs,
     where it shares the server's namespace. `offline`: overlap (the dealer makes the next
@@ -104,9 +106,17 @@ def measure(
     # The server waits for the client while the client's process starts (imports torch and
     # crypten): on a loaded machine that takes far longer than the 10 s default.
     options = TransportOptions(recv_timeout_s=300, connect_timeout_s=120, network=profile)
+    encoding = None
+    if settle:
+        from twinfer.deploy.launch.inference import check_session
+        from twinfer.parties.runtime.model_file import parse_model
+
+        graph, weights = parse_model(onnx_bytes)
+        encoding = check_session(graph, weights, inputs, protocol)[1]
     reports = run_local_session(
         onnx_bytes, inputs, batch, options=options, prefetch=True, prefetch_ahead=offline == "ahead", protocol=protocol,
         listen_timeout_s=900.0,  # a large model's server checks its fixed point for minutes before it listens
+        encoding=encoding,
     )
     return _row(model, profile, "transport", batch, reports["client"], offline) | {"logits": np.asarray(reports["client"].logits).tolist()}
 
