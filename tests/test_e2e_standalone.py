@@ -196,7 +196,7 @@ def test_peer_dies_mid_inference(parties, tmp_path, onnx_files, fashion_test):
     assert all(p.poll() is not None for p in parties.procs.values())
 
 
-DEADLINE_MARGIN_S = 3.0  # README: a party whose peer goes silent exits within --timeout plus this
+DEADLINE_MARGIN_S = 3.0  # docs/deployment.md: a party whose peer goes silent exits within --timeout plus this
 LOADED_MACHINE_S = 2.0  # what a loaded 2-core test machine adds to process exit (before: up to twice --timeout)
 
 

@@ -58,6 +58,7 @@ class PublicProgram:
         self.outputs = outputs
         self.floors: dict[str, float] = {}  # an output whose values below the floor are raised to it
         self._session = None
+        self._dtypes: dict[str, type] = {}  # each input's numpy type, as the session declares it
 
     def _run_one(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._session is None:
@@ -66,8 +67,10 @@ class PublicProgram:
             options = ort.SessionOptions()
             options.log_severity_level = 3
             self._session = ort.InferenceSession(self.model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        kinds = {i.name: i.type for i in self._session.get_inputs()}
-        typed = {k: v.astype(np.int64 if "int64" in kinds[k] else np.bool_ if "bool" in kinds[k] else np.float32) for k, v in feeds.items()}
+            self._dtypes = {
+                i.name: np.int64 if "int64" in i.type else np.bool_ if "bool" in i.type else np.float32 for i in self._session.get_inputs()
+            }
+        typed = {k: v.astype(self._dtypes[k]) for k, v in feeds.items()}
         values = self._session.run([f"{name}/public" for name in self.outputs], typed)
         out = {}
         for name, value in zip(self.outputs, values):
