@@ -123,7 +123,7 @@ def model_widths(name: str) -> dict:
     from twinfer.protocols.backends.fss.relu import key_bytes_per_relu
     from twinfer.protocols.backends.fss.select_relu import key_bytes_per_select_relu
     from twinfer.protocols.cost_model import graph_cost
-    from twinfer.protocols.ir.onnx_export import export_onnx
+    from twinfer.protocols.passes.onnx_export import export_onnx
 
     model = load_or_train_demo_model(name, cache_dir() / "models", progress=False)
     graph, weights = parse_model(export_onnx(model, torch.zeros(1, 1, 28, 28)))

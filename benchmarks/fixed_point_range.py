@@ -42,10 +42,10 @@ from twinfer.parties.errors import InputError
 from twinfer.parties.runtime.model_file import parse_model
 from twinfer.parties.wire.network_profile import parse_profile
 from twinfer.parties.wire.transport import TransportOptions
-from twinfer.protocols.ir.encoding import SessionEncoding, encoding_report
-from twinfer.protocols.ir.onnx_export import export_onnx
-from twinfer.protocols.ir.plain import run_plain
-from twinfer.protocols.ir.ranges import observed_ranges
+from twinfer.protocols.passes.encoding import SessionEncoding, encoding_report
+from twinfer.protocols.passes.onnx_export import export_onnx
+from twinfer.protocols.passes.plain import run_plain
+from twinfer.protocols.passes.ranges import observed_ranges
 
 MB = 1e6
 

@@ -46,7 +46,7 @@ def _models(names: list[str]) -> dict[str, tuple[bytes, tuple[int, ...]]]:
 
     from twinfer.deploy.config.paths import cache_dir
     from twinfer.optimizer.zoo.demo_models import load_or_train_demo_model
-    from twinfer.protocols.ir.onnx_export import export_onnx
+    from twinfer.protocols.passes.onnx_export import export_onnx
 
     out = {}
     for name in names:

@@ -62,8 +62,8 @@ from twinfer.optimizer.zoo.demo_models import lenet5, load_or_train_demo_model, 
 from twinfer.parties.runtime.model_file import load_model, read_model_bytes
 from twinfer.parties.wire.network_profile import NetworkProfile, parse_profile
 from twinfer.parties.wire.transport import TransportOptions
-from twinfer.protocols.ir.onnx_export import export_onnx
-from twinfer.protocols.ir.plain import run_plain
+from twinfer.protocols.passes.onnx_export import export_onnx
+from twinfer.protocols.passes.plain import run_plain
 
 SHAPE = (1, 28, 28)
 CALIBRATION = 500  # training images whose ranges each artifact declares (the server's range check)

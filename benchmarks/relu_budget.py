@@ -37,8 +37,8 @@ from twinfer.optimizer.data.datasets import load_fashion_mnist
 from twinfer.optimizer.zoo.demo_models import load_or_train_demo_model
 from twinfer.parties.runtime.model_file import parse_model, read_model_bytes
 from twinfer.parties.wire.transport import TransportOptions
-from twinfer.protocols.ir.plain import run_plain
-from twinfer.protocols.ir.onnx_export import export_onnx
+from twinfer.protocols.passes.plain import run_plain
+from twinfer.protocols.passes.onnx_export import export_onnx
 
 METHODS = ("autorep", "channel", "polynomial")
 # The settings a stored row was produced with; a row is reused only when all of them match.

@@ -38,7 +38,7 @@ RSS_EARLY = 10  # sessions after which the first memory reading is taken
 def _model(workdir: Path) -> tuple[Path, torch.nn.Module]:
     from twinfer.deploy.config.paths import cache_dir
     from twinfer.optimizer.zoo.demo_models import load_or_train_demo_model
-    from twinfer.protocols.ir.onnx_export import export_onnx
+    from twinfer.protocols.passes.onnx_export import export_onnx
 
     model = load_or_train_demo_model("fashion_cnn", cache_dir() / "models", progress=False)
     path = workdir / "fashion_cnn.onnx"

@@ -65,7 +65,7 @@ def per_op_kind(onnx_bytes: bytes, protocol: str) -> dict[str, dict[str, float]]
 
     from twinfer.deploy.cli.report import op_kind
     from twinfer.protocols.cost_model import graph_cost
-    from twinfer.protocols.ir.onnx_import import graph_from_onnx
+    from twinfer.protocols.passes.onnx_import import graph_from_onnx
 
     graph, _ = graph_from_onnx(onnx.load_from_string(onnx_bytes))
     kinds: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))

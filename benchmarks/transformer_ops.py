@@ -56,7 +56,7 @@ def run(ops: list[str]) -> list[dict]:
 
     from twinfer.deploy.bench.latency import measure
     from twinfer.parties.wire.network_profile import parse_profile
-    from twinfer.protocols.ir.onnx_export import export_onnx
+    from twinfer.protocols.passes.onnx_export import export_onnx
 
     rows = []
     for op in ops:

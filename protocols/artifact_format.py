@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from .ir.graph import Graph, GraphError, check_input_range
-from .ir.ranges import ranges_from_summary
+from .passes.ranges import ranges_from_summary
 from .ops.activation import ActivationSite, apply_sites
 from .ops.registry import check_comparison_bits, op_for
 

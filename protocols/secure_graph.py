@@ -15,7 +15,7 @@ from typing import Any
 
 from .backends.base import Backend
 from .ir.graph import Graph
-from .ir.plain import public_operands
+from .passes.plain import public_operands
 from .ops import SecureContext, op_for
 
 LayerScope = Callable[[str], contextlib.AbstractContextManager]

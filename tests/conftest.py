@@ -46,7 +46,7 @@ def pixel_cnn(cache: Path) -> torch.nn.Module:
 @pytest.fixture(scope="session")
 def onnx_files(tmp_path_factory, fashion_cnn, tiny_resnet) -> dict[str, Path]:
     """Both demo models as standard ONNX files (TorchScript exporter, BatchNorm kept as nodes)."""
-    from twinfer.protocols.ir.onnx_export import export_onnx
+    from twinfer.protocols.passes.onnx_export import export_onnx
 
     out = tmp_path_factory.mktemp("onnx")
     paths = {}

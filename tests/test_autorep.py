@@ -18,7 +18,7 @@ from twinfer.optimizer.autorep.masked_relu import MaskedReLU, dapa_coefficients,
 from twinfer.optimizer.common.artifact import export_artifact
 from twinfer.parties.errors import ModelError
 from twinfer.parties.runtime.model_file import load_model
-from twinfer.protocols.ir.plain import run_plain
+from twinfer.protocols.passes.plain import run_plain
 
 
 def test_ste_forward_is_the_mask_and_backward_scales_by_softplus():

@@ -19,9 +19,9 @@ from tests.helpers.memory_transport import MemoryTransport
 from twinfer.protocols.backends import backend_class, protocols
 from twinfer.protocols.cost_model import graph_cost, total_cost
 from twinfer.protocols.ir.graph import Graph, GraphError, Node
-from twinfer.protocols.ir.plain import annotate_shapes, run_plain
-from twinfer.protocols.ir.public_inputs import PublicValue
-from twinfer.protocols.ir.validation import validate_graph
+from twinfer.protocols.passes.plain import annotate_shapes, run_plain
+from twinfer.protocols.passes.public_inputs import PublicValue
+from twinfer.protocols.passes.validation import validate_graph
 from twinfer.protocols.roles import CLIENT, RANKS, SERVER
 from twinfer.protocols.secure_graph import run_secure
 
@@ -245,8 +245,8 @@ def test_fss_relu_keys_in_chunks_still_one_round(monkeypatch, protocol, rounds_p
 
 def _exact_plan(graph: Graph, weights: dict[str, np.ndarray], x: torch.Tensor, protocol: str) -> Graph:
     from twinfer.protocols.backends import backend_class as cls_of
-    from twinfer.protocols.ir.encoding import apply_plan, plan_truncations
-    from twinfer.protocols.ir.ranges import observed_ranges
+    from twinfer.protocols.passes.encoding import apply_plan, plan_truncations
+    from twinfer.protocols.passes.ranges import observed_ranges
 
     seen = observed_ranges(graph, weights, x.numpy())
     return apply_plan(graph, plan_truncations(graph, seen, 16, "exact", fuses=cls_of(protocol).fuses_truncation))

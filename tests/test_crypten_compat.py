@@ -14,9 +14,9 @@ import torch
 
 from twinfer.protocols.backends.crypten import patches
 from twinfer.protocols.backends.crypten.patches import load_crypten
-from twinfer.protocols.ir.onnx_import import graph_from_onnx
-from twinfer.protocols.ir.plain import run_plain
-from twinfer.protocols.ir.onnx_export import export_onnx
+from twinfer.protocols.passes.onnx_import import graph_from_onnx
+from twinfer.protocols.passes.plain import run_plain
+from twinfer.protocols.passes.onnx_export import export_onnx
 
 
 def test_registration_moved_and_crypten_imports():

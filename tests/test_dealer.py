@@ -447,3 +447,9 @@ def test_a_seed_for_an_unknown_protocol_is_refused(dealer, parties):
 def test_crypten_seeds_carry_no_aes_key(parties):
     """Only backends that key AES-CTR streams get the 128-bit seed; the offline bytes say what was sent."""
     assert parties.server.key == b"" and parties.server.metrics.total().bytes_offline == 8
+
+
+def test_the_dealer_client_is_the_correlation_source_backends_declare(parties):
+    from twinfer.protocols.backends.channels import CorrelationSource
+
+    assert isinstance(parties.server, CorrelationSource) and isinstance(parties.client, CorrelationSource)

@@ -18,8 +18,8 @@ from twinfer.parties.errors import InputError
 from twinfer.parties.runtime.model_file import check_input_fits, load_model
 from twinfer.protocols.ops.embedding import LookupCost, encode_input
 from twinfer.protocols.ir.graph import GraphError
-from twinfer.protocols.ir.onnx_import import graph_from_onnx
-from twinfer.protocols.ir.plain import run_plain
+from twinfer.protocols.passes.onnx_import import graph_from_onnx
+from twinfer.protocols.passes.plain import run_plain
 
 pytestmark = pytest.mark.timeout(240)
 

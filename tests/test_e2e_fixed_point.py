@@ -130,7 +130,7 @@ def test_on_the_party_path_a_client_refuses_what_its_server_cannot_hold_and_gets
 
 
 def test_a_non_finite_weight_is_refused_when_the_model_is_loaded(tmp_path, fashion_test):
-    from twinfer.protocols.ir.onnx_export import export_onnx
+    from twinfer.protocols.passes.onnx_export import export_onnx
 
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
     with torch.no_grad():

@@ -18,8 +18,8 @@ from twinfer.deploy.launch.local import run_local_session
 from twinfer.parties.wire.transport import TransportOptions
 from twinfer.protocols.backends import protocols
 from twinfer.protocols.cost_model import graph_cost, total_cost
-from twinfer.protocols.ir.onnx_export import export_onnx
-from twinfer.protocols.ir.onnx_import import graph_from_onnx
+from twinfer.protocols.passes.onnx_export import export_onnx
+from twinfer.protocols.passes.onnx_import import graph_from_onnx
 from tests.helpers.stated import assert_within_stated_error
 
 pytestmark = pytest.mark.timeout(300)

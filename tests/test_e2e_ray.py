@@ -87,7 +87,7 @@ def test_python_api_with_a_torch_module(tiny_resnet, fashion_test):
 
 
 def test_unknown_op_fails_before_any_party_starts(tmp_path):
-    from twinfer.protocols.ir.onnx_export import export_onnx
+    from twinfer.protocols.passes.onnx_export import export_onnx
 
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2), torch.nn.Tanh())
     (tmp_path / "m.onnx").write_bytes(export_onnx(model, torch.zeros(1, 4)))

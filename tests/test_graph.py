@@ -10,10 +10,10 @@ import torch
 from twinfer.parties.errors import InputError, ModelError
 from twinfer.parties.runtime.model_file import check_input_fits, load_input, load_model, parse_model
 from twinfer.protocols.ir.graph import Graph, GraphError, UnsupportedOpError
-from twinfer.protocols.ir.validation import graph_from_json
-from twinfer.protocols.ir.onnx_import import graph_from_onnx
-from twinfer.protocols.ir.plain import run_plain
-from twinfer.protocols.ir.onnx_export import export_onnx
+from twinfer.protocols.passes.validation import graph_from_json
+from twinfer.protocols.passes.onnx_import import graph_from_onnx
+from twinfer.protocols.passes.plain import run_plain
+from twinfer.protocols.passes.onnx_export import export_onnx
 
 
 def _compile(model: torch.nn.Module, shape=(1, 28, 28)):
@@ -141,9 +141,9 @@ def test_exact_rewrites_save_comparisons_and_change_no_output(fashion_cnn, fashi
     a ReLU of a ReLU, and one before a clip that floors at 0, are dropped; the outputs stay the same."""
     from twinfer.protocols.cost_model import graph_cost, total_cost
     from twinfer.protocols.ir.graph import Graph, Node
-    from twinfer.protocols.ir.plain import annotate_shapes, run_plain
-    from twinfer.protocols.ir.rewrite import fewer_comparisons
-    from twinfer.protocols.ir.validation import validate_graph
+    from twinfer.protocols.passes.plain import annotate_shapes, run_plain
+    from twinfer.protocols.passes.rewrite import fewer_comparisons
+    from twinfer.protocols.passes.validation import validate_graph
 
     data = export_onnx(fashion_cnn, torch.zeros(1, 1, 28, 28))
     before, weights = graph_from_onnx(onnx.load_from_string(data), rewrite=False)

@@ -26,9 +26,9 @@ from twinfer.parties.runtime.model_file import parse_model, read_model_bytes
 from twinfer.parties.wire.network_profile import PROFILES
 from twinfer.parties.wire.transport import TransportOptions
 from twinfer.protocols.cost_model import graph_cost, total_cost
-from twinfer.protocols.ir.onnx_export import export_onnx
-from twinfer.protocols.ir.onnx_import import graph_from_onnx
-from twinfer.protocols.ir.plain import run_plain
+from twinfer.protocols.passes.onnx_export import export_onnx
+from twinfer.protocols.passes.onnx_import import graph_from_onnx
+from twinfer.protocols.passes.plain import run_plain
 
 WAN = PROFILES["wan"]
 

@@ -24,7 +24,7 @@ from twinfer.parties.errors import InputError, ModelError, ProtocolError
 from twinfer.parties.runtime.model_file import check_input_fits, load_input, parse_model
 from twinfer.parties.runtime.session import PartyConfig
 from twinfer.parties.wire.transport import TransportOptions
-from twinfer.protocols.ir.onnx_export import export_onnx
+from twinfer.protocols.passes.onnx_export import export_onnx
 
 FAST = TransportOptions(recv_timeout_s=5.0, connect_timeout_s=2.0, accept_timeout_s=5.0)
 

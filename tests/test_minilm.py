@@ -13,9 +13,9 @@ from twinfer.deploy.cli.cmd_infer import text_inputs
 from twinfer.optimizer.data.text import BBC_CLASSES, headline, load_bbc_news, tokenize
 from twinfer.optimizer.zoo.minilm import TOKENS, MiniLMClassifier, extract_minilm
 from twinfer.parties.errors import InputError
-from twinfer.protocols.ir.onnx_export import export_onnx
-from twinfer.protocols.ir.onnx_import import graph_from_onnx
-from twinfer.protocols.ir.plain import run_plain
+from twinfer.protocols.passes.onnx_export import export_onnx
+from twinfer.protocols.passes.onnx_import import graph_from_onnx
+from twinfer.protocols.passes.plain import run_plain
 
 pytestmark = pytest.mark.timeout(300)
 

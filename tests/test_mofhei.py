@@ -32,7 +32,7 @@ from twinfer.optimizer.mofhei.he_friendly import (
 )
 from twinfer.optimizer.mofhei.mofhei import artifact_graph, cost_report, format_report, optimize_mofhei
 from twinfer.protocols.cost_model import BlockShape, graph_cost, pruned_graph, total_cost
-from twinfer.protocols.ir.onnx_export import export_onnx
+from twinfer.protocols.passes.onnx_export import export_onnx
 
 QUICK = FitConfig(epochs=1, lr=1e-3, patience=1, batch_size=32)
 

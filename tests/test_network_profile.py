@@ -128,3 +128,10 @@ def test_measured_rtt_and_throughput_within_ten_percent():
         elapsed = time.monotonic() - start - profile.rtt_s / 2
         throughput = payload.nbytes * 8 / elapsed
         assert throughput == pytest.approx(profile.bandwidth_bps, rel=0.10)
+
+
+def test_the_grpc_transport_is_the_peer_channel_backends_declare():
+    from twinfer.protocols.backends.channels import PeerChannel
+
+    with connected_pair(None) as (dialer, listener):
+        assert isinstance(dialer, PeerChannel) and isinstance(listener, PeerChannel)

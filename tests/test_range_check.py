@@ -1,4 +1,4 @@
-"""The numeric range check (protocols/ir/ranges.py): every layer's values against what f
+"""The numeric range check (protocols/passes/ranges.py): every layer's values against what f
 fractional bits hold, the failure probability of the two-party truncation, the stated error,
 and fractional bits as a session parameter. In process; the launch path is in test_launch_checks.py."""
 
@@ -14,10 +14,10 @@ import torch
 from tests.test_backends import CASES, _graph, run_two_party
 from twinfer.protocols.backends import backend_class, protocols
 from twinfer.protocols.backends.fss import ring
-from twinfer.protocols.ir.onnx_export import export_onnx
-from twinfer.protocols.ir.plain import run_plain
-from twinfer.protocols.ir.encoding import check_encoding, encoding_report
-from twinfer.protocols.ir.ranges import interval_ranges, observed_ranges
+from twinfer.protocols.passes.onnx_export import export_onnx
+from twinfer.protocols.passes.plain import run_plain
+from twinfer.protocols.passes.encoding import check_encoding, encoding_report
+from twinfer.protocols.passes.ranges import interval_ranges, observed_ranges
 from twinfer.parties.runtime.model_file import parse_model
 
 
@@ -310,7 +310,7 @@ def test_values_are_rounded_to_the_grid_and_revealed_exactly(protocol):
 
 
 def test_an_artifacts_summary_keeps_the_observed_peaks_per_channel_apart_from_the_margin():
-    from twinfer.protocols.ir.ranges import ranges_from_summary
+    from twinfer.protocols.passes.ranges import ranges_from_summary
 
     graph, weights = _polynomial_chain()
     x = (torch.randn(32, 2, 6, 6, generator=torch.Generator().manual_seed(2))).numpy()
@@ -366,7 +366,7 @@ def test_an_artifact_stores_per_element_peaks_and_the_server_rebuilds_them(peaks
 
     from twinfer.parties.runtime.model_file import load_model
     from twinfer.protocols import artifact_format as af
-    from twinfer.protocols.ir.ranges import calibration_ranges
+    from twinfer.protocols.passes.ranges import calibration_ranges
 
     out, calibration = peaks_artifact
     manifest = json.loads((out / af.MANIFEST_FILE).read_text())
@@ -426,7 +426,7 @@ def test_an_artifact_written_before_the_peaks_file_falls_back_to_per_channel_pea
 
     from twinfer.parties.runtime.model_file import check_model_range, load_model
     from twinfer.protocols import artifact_format as af
-    from twinfer.protocols.ir.ranges import calibration_ranges
+    from twinfer.protocols.passes.ranges import calibration_ranges
 
     out, _ = peaks_artifact
     manifest = json.loads((out / af.MANIFEST_FILE).read_text())
@@ -451,7 +451,7 @@ def test_per_element_peaks_state_a_smaller_error_that_still_bounds_the_measured_
     verdict (its artifact_graph) is the server's."""
     from twinfer.optimizer.mofhei.mofhei import artifact_graph
     from twinfer.parties.runtime.model_file import check_model_range, load_model
-    from twinfer.protocols.ir.ranges import calibration_ranges, ranges_from_summary
+    from twinfer.protocols.passes.ranges import calibration_ranges, ranges_from_summary
 
     out, calibration = peaks_artifact
     graph, weights = load_model(out)
@@ -470,7 +470,7 @@ def test_per_element_peaks_state_a_smaller_error_that_still_bounds_the_measured_
 def test_every_op_error_estimate_bounds_the_simulated_fixed_point_and_is_not_vacuous(case):
     """Each op's error method (its secure structure on error moments) against the fixed point itself,
     run on sampled inputs: the estimate holds what three simulated runs err by, within 100x of it."""
-    from twinfer.protocols.ir.ranges import error_estimate, simulate
+    from twinfer.protocols.passes.ranges import error_estimate, simulate
 
     input_shape, nodes, weights = CASES[case]
     graph = _graph(input_shape, nodes, weights)
@@ -486,7 +486,7 @@ def test_every_op_error_estimate_bounds_the_simulated_fixed_point_and_is_not_vac
 def test_the_simulation_is_what_the_parties_compute(cnn, fashion_test):
     """The fixed point without the shares errs as the two-party run does: the same deterministic encodings,
     truncations rounding stochastically; their errors are of one size (a factor 3 either way)."""
-    from twinfer.protocols.ir.ranges import simulate
+    from twinfer.protocols.passes.ranges import simulate
 
     graph, weights = cnn
     x = fashion_test[0][:16]
@@ -499,7 +499,7 @@ def test_the_simulation_is_what_the_parties_compute(cnn, fashion_test):
 
 
 def test_the_session_encoding_travels_as_checked_json_and_a_client_picks_its_narrowest_range():
-    from twinfer.protocols.ir.encoding import SessionEncoding
+    from twinfer.protocols.passes.encoding import SessionEncoding
     from twinfer.protocols.ir.graph import GraphError
 
     encoding = SessionEncoding(

@@ -1,4 +1,4 @@
-"""Comparison widths from calibration ranges (protocols/ir/ranges.py) and how an artifact carries them."""
+"""Comparison widths from calibration ranges (protocols/passes/ranges.py) and how an artifact carries them."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import torch
 
 from twinfer.protocols.artifact_format import ArtifactError, apply_comparison_bits
 from twinfer.protocols.ir.graph import Graph, Node
-from twinfer.protocols.ir.plain import annotate_shapes
-from twinfer.protocols.ir.ranges import comparison_ranges, comparison_widths, width_for
-from twinfer.protocols.ir.validation import graph_from_json, validate_graph
+from twinfer.protocols.passes.plain import annotate_shapes
+from twinfer.protocols.passes.ranges import comparison_ranges, comparison_widths, width_for
+from twinfer.protocols.passes.validation import graph_from_json, validate_graph
 
 
 def _graph(padding=(0, 0)) -> tuple[Graph, dict[str, np.ndarray]]:
@@ -66,7 +66,7 @@ def test_fss_at_the_calibrated_width_equals_plaintext():
     x = torch.tensor([[1.0, -2.0, 0.5, 1.5], [0.2, 0.3, -0.1, 1.9]])
     apply_comparison_bits(graph, comparison_widths(graph, weights, x.numpy()))
     y, counts, _, offline = run_two_party("fss", graph, weights, x)
-    from twinfer.protocols.ir.plain import run_plain
+    from twinfer.protocols.passes.plain import run_plain
 
     expected = run_plain(graph, {k: torch.from_numpy(v) for k, v in weights.items()}, x)
     assert torch.max(torch.abs(y - expected)) < 0.01

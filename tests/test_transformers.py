@@ -26,12 +26,12 @@ from twinfer.parties.wire.transport import TransportOptions
 from twinfer.protocols.backends.base import Truncation
 from twinfer.protocols.backends.fss.correlations import CORRELATIONS, SECRET_PRODUCT
 from twinfer.protocols.cost_model import graph_cost, total_cost
-from twinfer.protocols.ir.encoding import apply_plan
+from twinfer.protocols.passes.encoding import apply_plan
 from twinfer.protocols.ir.graph import GraphError, UnsupportedOpError
-from twinfer.protocols.ir.onnx_import import graph_from_onnx
-from twinfer.protocols.ir.plain import run_plain
-from twinfer.protocols.ir.public_inputs import MASK_BIAS, check_covered, check_public_inputs
-from twinfer.protocols.ir.validation import graph_from_json
+from twinfer.protocols.passes.onnx_import import graph_from_onnx
+from twinfer.protocols.passes.plain import run_plain
+from twinfer.protocols.passes.public_inputs import MASK_BIAS, check_covered, check_public_inputs
+from twinfer.protocols.passes.validation import graph_from_json
 from twinfer.protocols.numeric.fixed_point import FixedPointBackend
 from twinfer.protocols.ops import SecureContext
 from twinfer.protocols.ops import approximations as approx

@@ -13,7 +13,7 @@ from torch import nn
 
 from twinfer.deploy.cli.cli import EXIT_INPUT, main
 from twinfer.optimizer.data.user_data import DataError, Normalization, check_fits, load_user_data
-from twinfer.protocols.ir.onnx_export import export_onnx
+from twinfer.protocols.passes.onnx_export import export_onnx
 
 SIDE, CLASSES = 12, 3
 

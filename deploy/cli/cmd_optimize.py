@@ -32,7 +32,7 @@ from twinfer.optimizer.data.datasets import load_fashion_mnist, load_mnist_digit
 from twinfer.optimizer.data.user_data import VALIDATION_FRACTION, DataError, Normalization, UserData, check_fits, load_user_data
 from twinfer.parties.errors import InputError, ModelError
 from twinfer.protocols.backends import DEFAULT_PROTOCOL, protocols
-from twinfer.protocols.ir.onnx_export import export_onnx
+from twinfer.protocols.passes.onnx_export import export_onnx
 
 DATASETS = ("fashion-mnist", "mnist")
 

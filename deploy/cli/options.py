@@ -8,7 +8,7 @@ import numpy as np
 
 from twinfer.protocols.backends import DEFAULT_PROTOCOL, protocols
 from twinfer.protocols.backends.base import AUTO, DEFAULT_FRACTION_BITS, FRACTION_BITS_RANGE, check_session_bits
-from twinfer.protocols.ir.encoding import TRUNCATION_POLICIES
+from twinfer.protocols.passes.encoding import TRUNCATION_POLICIES
 from twinfer.parties.wire.network_profile import parse_profile
 from twinfer.parties.runtime.session import CLIENT, DEALER, SERVER, ClientInputs
 from twinfer.parties.wire.transport import TransportOptions

@@ -14,9 +14,9 @@ import dataclasses
 
 from twinfer.protocols.backends import DEFAULT_PROTOCOL
 from twinfer.protocols.backends.base import AUTO, check_session_bits
-from twinfer.protocols.ir.encoding import TRUNCATION_POLICIES, EncodingReport, SessionEncoding
+from twinfer.protocols.passes.encoding import TRUNCATION_POLICIES, EncodingReport, SessionEncoding
 from twinfer.protocols.ir.graph import Graph
-from twinfer.protocols.ir.public_inputs import check_covered, split_inputs
+from twinfer.protocols.passes.public_inputs import check_covered, split_inputs
 from twinfer.parties.errors import InputError
 from twinfer.parties.wire.network_profile import NetworkProfile
 from twinfer.parties.runtime.model_file import (
@@ -29,7 +29,7 @@ from twinfer.parties.runtime.model_file import (
 from twinfer.parties.runtime.session import CLIENT, DEALER, SERVER, ClientInputs, PartyReport
 from twinfer.parties.wire.tls import TlsIdentity
 from twinfer.parties.wire.transport import TransportOptions
-from twinfer.protocols.ir.onnx_export import export_onnx
+from twinfer.protocols.passes.onnx_export import export_onnx
 
 from .ray_launcher import RayOptions, run_parties
 
@@ -134,7 +134,7 @@ def private_inference(
     to 16 that holds every value; fewer: larger values, coarser). `truncation`: 'auto' (exact
     where the local truncation's risk pays for it), 'local' or 'exact'. Before any party starts,
     the inputs are checked (real numbers, the model's shape and declared input range) and so is
-    what they do in every layer against the encoding (protocols/ir/encoding.py), the error
+    what they do in every layer against the encoding (protocols/passes/encoding.py), the error
     stated from a simulation of the fixed point on them: an InputError naming the layer, never
     a wrong answer. The server adopts that encoding.
     `input_range`: declare the model's input range (else an artifact's). `insecure`: allow

@@ -24,7 +24,7 @@ import torch
 
 from twinfer.protocols.backends import DEFAULT_PROTOCOL
 from twinfer.protocols.backends.base import AUTO
-from twinfer.protocols.ir.encoding import SessionEncoding
+from twinfer.protocols.passes.encoding import SessionEncoding
 from twinfer.parties.errors import PeerError, PeerTimeoutError, TwinferError
 from twinfer.parties.runtime.session import CLIENT, DEALER, SERVER, PartyConfig, PartyReport
 from twinfer.parties.wire.transport import TransportOptions

@@ -55,9 +55,9 @@ from twinfer.optimizer.mofhei.mofhei import artifact_graph, model_graph, optimiz
 from twinfer.protocols.backends.base import AUTO
 from twinfer.protocols.cost_model import graph_cost, prunable_layers, pruned_graph, total_cost
 from twinfer.protocols.ir.graph import Graph
-from twinfer.protocols.ir.onnx_import import graph_from_onnx
-from twinfer.protocols.ir.encoding import encoding_report
-from twinfer.protocols.ir.ranges import calibration_ranges
+from twinfer.protocols.passes.onnx_import import graph_from_onnx
+from twinfer.protocols.passes.encoding import encoding_report
+from twinfer.protocols.passes.ranges import calibration_ranges
 from twinfer.protocols.ops.activation import ActivationSite, apply_sites
 
 from .latency import LatencyModel

@@ -22,9 +22,9 @@ from torch import nn
 
 from twinfer.optimizer.common.hooks import run_hooked
 from twinfer.protocols import artifact_format as af
-from twinfer.protocols.ir.onnx_import import graph_from_onnx
-from twinfer.protocols.ir.ranges import observed_ranges, widths_from_ranges
-from twinfer.protocols.ir.onnx_export import export_onnx
+from twinfer.protocols.passes.onnx_import import graph_from_onnx
+from twinfer.protocols.passes.ranges import observed_ranges, widths_from_ranges
+from twinfer.protocols.passes.onnx_export import export_onnx
 from twinfer.protocols.ops.activation import ActivationSite, apply_sites
 
 
@@ -52,7 +52,7 @@ def write_artifact(
     per-sample ReLU count of the compiled model and the files' digests. The model is compiled
     once here, so an artifact that would not load is never written. With `calibration`
     samples, the manifest declares their range as the model's input range and records what
-    they did in every layer, times `margin` (the server's range check; protocols/ir/ranges.py),
+    they did in every layer, times `margin` (the server's range check; protocols/passes/ranges.py),
     and their per-element peaks before the margin (its error estimate) in a file of their own;
     with `widths` too, each comparison gets the narrowest width that holds `margin` times the
     largest value it compared on them, for backends that use it.

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from twinfer.protocols.ir.graph import Graph, GraphError
-from twinfer.protocols.ir.onnx_import import graph_from_onnx
+from twinfer.protocols.passes.onnx_import import graph_from_onnx
 from twinfer.protocols.ops import op_for
 from twinfer.protocols.ops.shape import Reshape
 

@@ -45,7 +45,7 @@ from twinfer.optimizer.mofhei.he_friendly import (
 from twinfer.protocols import artifact_format as af
 from twinfer.protocols.cost_model import FILTER_BLOCKS, BlockShape, LayerCost, graph_cost, total_cost
 from twinfer.protocols.ir.graph import Graph
-from twinfer.protocols.ir.onnx_import import graph_from_onnx
+from twinfer.protocols.passes.onnx_import import graph_from_onnx
 
 
 @dataclass

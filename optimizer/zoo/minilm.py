@@ -21,7 +21,7 @@ from torch import nn
 
 from twinfer.optimizer.data.datasets import DatasetError
 from twinfer.optimizer.data.text import BBC_CLASSES, headline, load_bbc_news, package_dir, tokenize
-from twinfer.protocols.ir.onnx_export import export_onnx
+from twinfer.protocols.passes.onnx_export import export_onnx
 
 _log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from google.protobuf.message import DecodeError
 from twinfer.protocols import artifact_format as af
 from twinfer.protocols.ops.embedding import check_ids, embedding_node
 from twinfer.protocols.ir.graph import Graph, GraphError, check_input_range
-from twinfer.protocols.ir.onnx_import import graph_from_onnx
-from twinfer.protocols.ir.encoding import (
+from twinfer.protocols.passes.onnx_import import graph_from_onnx
+from twinfer.protocols.passes.encoding import (
     SIMULATED_SAMPLES,
     SYNTHETIC_SAMPLES,
     is_precision,
@@ -34,7 +34,7 @@ from twinfer.protocols.ir.encoding import (
     synthetic_inputs,
     synthetic_ranges,
 )
-from twinfer.protocols.ir.ranges import FAILURE_PROBABILITY, FRACTION_BITS, calibration_ranges, interval_ranges, observed_ranges
+from twinfer.protocols.passes.ranges import FAILURE_PROBABILITY, FRACTION_BITS, calibration_ranges, interval_ranges, observed_ranges
 
 from twinfer.parties.errors import InputError, LocalError, ModelError
 
@@ -232,7 +232,7 @@ def check_output_path(path: str | Path | None) -> None:
         raise LocalError(f"--output {path}: {'the file' if path.exists() else f'folder {folder}'} is not writable by this user")
 
 
-# -- the numeric range check (protocols/ir/ranges.py, encoding.py) ---------------------------------
+# -- the numeric range check (protocols/passes/ranges.py, encoding.py) ---------------------------------
 
 
 def _warn(report: EncodingReport, who: str) -> None:

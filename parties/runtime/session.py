@@ -24,10 +24,10 @@ import torch
 
 from twinfer.protocols.backends import DEFAULT_PROTOCOL, Backend, backend_class, protocols
 from twinfer.protocols.backends.base import AUTO, BackendError, check_session_bits
-from twinfer.protocols.ir.encoding import TRUNCATION_POLICIES, SessionEncoding, apply_plan
+from twinfer.protocols.passes.encoding import TRUNCATION_POLICIES, SessionEncoding, apply_plan
 from twinfer.protocols.ir.graph import Graph, GraphError, check_input_range
-from twinfer.protocols.ir.public_inputs import check_covered, check_public_inputs, split_inputs
-from twinfer.protocols.ir.validation import graph_from_json
+from twinfer.protocols.passes.public_inputs import check_covered, check_public_inputs, split_inputs
+from twinfer.protocols.passes.validation import graph_from_json
 from twinfer.protocols.ops.embedding import check_ids, encode_input
 from twinfer.protocols.roles import CLIENT, DEALER, RANKS, SERVER
 from twinfer.protocols.secure_graph import run_secure
@@ -64,7 +64,7 @@ class PartyConfig:
     # fixed-point precision: 'auto' (the server's check chooses; a client takes the server's) or a number
     # both parties of a session must agree on
     fraction_bits: int | str = AUTO
-    truncation: str = "auto"  # server: which layers truncate exactly (protocols/ir/encoding.py: auto, local, exact)
+    truncation: str = "auto"  # server: which layers truncate exactly (protocols/passes/encoding.py: auto, local, exact)
     input_range: tuple[float, float] | None = None  # server: the inputs the model is declared for (else the artifact's)
     insecure: bool = False  # allow listening on a non-loopback address without TLS
     # server: the encoding its launcher settled on the very inputs (`twinfer infer`), instead of its own check

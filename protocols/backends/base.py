@@ -20,6 +20,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from .channels import CorrelationSource, PeerChannel
+
 RING_BYTES = 8  # shares live in Z_2^64: one ring element is 8 bytes on the wire
 # Fixed point: a real x is round(x * 2^f) in the ring, f fractional bits. A session parameter
 # both parties agree on (--fraction-bits): fewer bits hold larger values, more bits finer ones.
@@ -27,7 +29,7 @@ DEFAULT_FRACTION_BITS = 16
 FRACTION_BITS_RANGE = (1, 30)  # a product carries 2f fractional bits before truncation: 2f < 63
 
 
-AUTO = "auto"  # a session's fractional bits chosen by the server's check (protocols/ir/encoding.py)
+AUTO = "auto"  # a session's fractional bits chosen by the server's check (protocols/passes/encoding.py)
 
 
 def check_session_bits(bits: object) -> int | str:
@@ -189,7 +191,7 @@ class Backend(abc.ABC):
     correlations: ClassVar[tuple[CorrelationKind, ...]]
     # Whether each party gets a 128-bit AES-CTR seed from the dealer besides the 64-bit one.
     aes_seed: ClassVar[bool] = False
-    # What the range check (protocols/ir/ranges.py) must know of the backend's fixed point:
+    # What the range check (protocols/passes/ranges.py) must know of the backend's fixed point:
     # whether comparisons use a node's `bits` width (else the full ring), and the value a
     # padded max-pool pads with (-2^pool_pad_bits ring units: an input below it loses to the pad).
     narrow_comparisons: ClassVar[bool] = False
@@ -212,7 +214,7 @@ class Backend(abc.ABC):
 
     @classmethod
     @abc.abstractmethod
-    def create(cls, rank: int, transport: Any, dealer: Any | None, fraction_bits: int = DEFAULT_FRACTION_BITS) -> "Backend":
+    def create(cls, rank: int, transport: PeerChannel, dealer: CorrelationSource | None, fraction_bits: int = DEFAULT_FRACTION_BITS) -> "Backend":
         """The backend of one session: `transport` reaches the peer (send/recv/metrics), `dealer`
         is this party's dealer client (None: the insecure trusted first party, where supported),
         `fraction_bits` the session's fixed-point precision (both parties the same)."""

@@ -1,1 +1,1 @@
-"""The graph IR: public model structure, its JSON form and checks, ONNX in and out."""
+"""The graph IR's types: nodes, the graph, its JSON form. The bottom layer: ops and passes build on it."""

@@ -2,7 +2,7 @@
 
 The graph (ops, shapes, attributes) is public model structure and travels to the client as
 JSON; the weights stay with the server. This module holds the data only; what each op means
-lives in `protocols/ops/`, its checks in `ir/validation.py`, ONNX import in `ir/onnx_import.py`.
+lives in `protocols/ops/`, its checks in `passes/validation.py`, ONNX import in `passes/onnx_import.py`.
 """
 
 from __future__ import annotations
@@ -54,15 +54,15 @@ class Graph:
     # The values the model is declared for, (lo, hi): every input element must lie in it.
     # Public (it travels to the client, which refuses inputs outside it); None: undeclared.
     input_range: tuple[float, float] | None = None
-    # What the optimizer's calibration data did in each layer (protocols/ir/ranges.py), for the
+    # What the optimizer's calibration data did in each layer (protocols/passes/ranges.py), for the
     # server's own range check; stays with the server: never part of the JSON the client gets.
     calibration: dict[str, Any] | None = field(default=None, repr=False, compare=False)
     # Public inputs (an attention mask; per-sample shapes), which the client sends in the clear, and
     # the values the server's public program computes from them, which nodes read as public
-    # operands (ir/public_inputs.py): shape per sample and the range the range check covered.
+    # operands (passes/public_inputs.py): shape per sample and the range the range check covered.
     public_inputs: dict[str, tuple[int, ...]] = field(default_factory=dict)
     public: dict[str, Any] = field(default_factory=dict)  # name -> public_inputs.PublicValue
-    # The public program itself (ONNX, ir/public_inputs.PublicProgram): the server's only.
+    # The public program itself (ONNX, passes/public_inputs.PublicProgram): the server's only.
     public_program: Any = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> str:

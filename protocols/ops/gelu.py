@@ -1,7 +1,7 @@
 """GeLU, x Phi(x): ReLU(x) minus a small even correction (`approximations.gelu`).
 
 Exporters write it as the ONNX Gelu op (opset 20) or, before, spelled out with Erf:
-x * 0.5 * (1 + erf(x / sqrt 2)); `ir/onnx_patterns.py` finds that spelling and gives it here.
+x * 0.5 * (1 + erf(x / sqrt 2)); `passes/onnx_patterns.py` finds that spelling and gives it here.
 """
 
 from __future__ import annotations

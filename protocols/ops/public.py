@@ -1,4 +1,4 @@
-"""A secret value combined with a public one (ir/public_inputs.py: an attention mask's bias, a
+"""A secret value combined with a public one (passes/public_inputs.py: an attention mask's bias, a
 masked mean's weights and token count): local on every backend but for a product's truncation.
 
 `PublicAdd` adds the public value (party 0 adds it to its share); `PublicMul` scales by it

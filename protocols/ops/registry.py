@@ -4,7 +4,7 @@ Each op family module (`linear`, `activation`, `pooling`, `embedding`, `shape`) 
 every op it owns, a subclass of `Op` (plaintext evaluation, secure evaluation on a backend,
 cost under a backend's pricing, a trainable torch module, checks of attributes received as
 JSON) and registers it here, together with the ONNX importers that produce it. The
-evaluators (`ir/plain.py`, `secure_graph.py`, `cost_model.py`, the optimizer's trainable
+evaluators (`passes/plain.py`, `secure_graph.py`, `cost_model.py`, the optimizer's trainable
 module) look ops up in this table and never branch on op names.
 """
 
@@ -97,7 +97,7 @@ class Op:
     # input's exact truncation into their own opening (Truncation.fused: the backend's ReLU).
     compares: ClassVar[bool] = False
     takes_fused_truncation: ClassVar[bool] = False
-    # Monotone elementwise ops that a max-pool commutes with (protocols/ir/rewrite.py).
+    # Monotone elementwise ops that a max-pool commutes with (protocols/passes/rewrite.py).
     commutes_with_max: ClassVar[bool] = False
     # Ops whose second input is a public value (ops/public.py); no other op may read one.
     reads_public: ClassVar[bool] = False
@@ -127,7 +127,7 @@ class Op:
         """Record attributes known once the op ran on one sample (out_shape is set for all)."""
 
     # The range methods (the way Opacus registers a grad sampler per layer type): run by the
-    # range check (protocols/ir/ranges.py) on the analysis backends of protocols/numeric/, which
+    # range check (protocols/passes/ranges.py) on the analysis backends of protocols/numeric/, which
     # record what the secure evaluation truncates and compares. By default the op's own secure
     # evaluation, so that what it truncates is written once; an op refines a loose result.
 

@@ -108,7 +108,7 @@ class Concat(Op):
 
 
 class Slice(Op):
-    """A range [start, end) of the last axis (a part of a stacked product, ir/fewer_rounds.py): local."""
+    """A range [start, end) of the last axis (a part of a stacked product, passes/fewer_rounds.py): local."""
 
     name = "Slice"
 

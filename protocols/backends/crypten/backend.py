@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..base import DEFAULT_FRACTION_BITS, LOCAL, Backend, BackendError, Truncation, check_fraction_bits
+from ..channels import CorrelationSource, PeerChannel
 from ..fss.correlations import TRUNC, fetch_key
 from ..fss.dcf import over_chunks
 from ..fss.pricing import KEY_CHUNK
@@ -31,7 +32,7 @@ class CryptenBackend(Backend):
     pool_pad_bits = 24  # CrypTen pads max-pool windows with -2^24 ring units (common/functions/pooling.py)
     public_rounding = "toward_zero"  # CrypTen's encoder: int(x 2^f)
 
-    def __init__(self, rank: int, communicator: Any, dealer: Any | None, fraction_bits: int = DEFAULT_FRACTION_BITS) -> None:
+    def __init__(self, rank: int, communicator: Any, dealer: CorrelationSource | None, fraction_bits: int = DEFAULT_FRACTION_BITS) -> None:
         self.rank = rank
         self._communicator = communicator
         self._dealer = dealer
@@ -45,7 +46,7 @@ class CryptenBackend(Backend):
         patches.load_crypten()
 
     @classmethod
-    def create(cls, rank: int, transport: Any, dealer: Any | None, fraction_bits: int = DEFAULT_FRACTION_BITS) -> "CryptenBackend":
+    def create(cls, rank: int, transport: PeerChannel, dealer: CorrelationSource | None, fraction_bits: int = DEFAULT_FRACTION_BITS) -> "CryptenBackend":
         cls.prepare()
         from .communicator import TransportCommunicator  # subclasses CrypTen's, so only once loaded
 

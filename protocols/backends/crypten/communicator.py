@@ -19,6 +19,7 @@ import torch
 
 from ...roles import CLIENT, SERVER
 from ..base import RING_BYTES
+from ..channels import PeerChannel
 from . import patches
 
 patches.require_loaded()
@@ -103,7 +104,7 @@ class TransportCommunicator(Communicator):
 
     BYTES_PER_ELEMENT = RING_BYTES
 
-    def __init__(self, transport: Any, rank: int) -> None:
+    def __init__(self, transport: PeerChannel, rank: int) -> None:
         if rank not in (0, 1):
             raise ValueError(f"rank must be 0 (server) or 1 (client), got {rank}")
         self.transport = transport

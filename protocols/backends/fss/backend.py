@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..channels import CorrelationSource, PeerChannel
 from ..base import DEFAULT_FRACTION_BITS, LOCAL, Backend, BackendError, SERVER_RANK, Truncation, check_fraction_bits
 from . import ring
 from .correlations import (
@@ -165,7 +166,7 @@ class FssBackend(Backend):
     pool_pad_bits = 46  # _POOL_PAD
     fuses_truncation = True  # a product's exact truncation rides in its ReLU's opening (truncation.py)
 
-    def __init__(self, rank: int, transport: Any, dealer: Any, bits: int = 64, fraction_bits: int = DEFAULT_FRACTION_BITS) -> None:
+    def __init__(self, rank: int, transport: PeerChannel, dealer: CorrelationSource, bits: int = 64, fraction_bits: int = DEFAULT_FRACTION_BITS) -> None:
         if dealer is None:
             raise BackendError("fss backend needs a dealer: it has no trusted-first-party mode")
         if not dealer.key:
@@ -178,7 +179,7 @@ class FssBackend(Backend):
         self._pair: AesCtrPrg | None = None
 
     @classmethod
-    def create(cls, rank: int, transport: Any, dealer: Any | None, fraction_bits: int = DEFAULT_FRACTION_BITS) -> "FssBackend":
+    def create(cls, rank: int, transport: PeerChannel, dealer: CorrelationSource | None, fraction_bits: int = DEFAULT_FRACTION_BITS) -> "FssBackend":
         return cls(rank, transport, dealer, fraction_bits=fraction_bits)
 
     def _wrap(self, data: torch.Tensor) -> FssShare:

@@ -23,7 +23,7 @@ _LIMB_WIDTHS = (22, 16)  # limb widths tried in turn: the widest whose products 
 
 def encode(x: torch.Tensor, bits: int = FRACTION_BITS) -> torch.Tensor:
     """Fixed point: round(x * 2^bits) as int64 (values beyond the ring are refused before any
-    party starts: protocols/ir/ranges.py)."""
+    party starts: protocols/passes/ranges.py)."""
     return torch.round(x.to(torch.float64) * float(1 << bits)).to(torch.int64)
 
 

@@ -45,7 +45,7 @@ from ..numeric.records import Records
 from ..ops import SecureContext, op_for
 from ..ops.embedding import encode_input
 from ..ops.registry import FULL_BITS
-from .graph import Graph, GraphError
+from ..ir.graph import Graph, GraphError
 from .plain import public_operands
 
 FRACTION_BITS = DEFAULT_FRACTION_BITS  # both backends' default fixed-point encoding

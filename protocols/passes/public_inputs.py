@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .graph import GraphError
+from ..ir.graph import GraphError
 
 MASK_BIAS = 1024.0  # masks a row whose scores lie within MASK_BIAS - EXP_CLIP of each other
 

@@ -16,7 +16,7 @@ from onnx import numpy_helper
 from ..ops import onnx_importer, supported_onnx_ops
 from ..ops.attention import mark_convex_products
 from ..ops.public import import_with_public
-from .graph import Graph, GraphError, Node, UnsupportedOpError, check_finite
+from ..ir.graph import Graph, GraphError, Node, UnsupportedOpError, check_finite
 from .onnx_patterns import fold_public_shapes, fuse_spelled_out, refuse_unfolded
 from .plain import annotate_shapes
 from .public_inputs import MASK_BIAS, PublicProgram, split_public

@@ -19,7 +19,7 @@ import dataclasses
 
 import numpy as np
 
-from .graph import Graph, Node
+from ..ir.graph import Graph, Node
 from .rewrite import readers_of
 
 

@@ -1,6 +1,6 @@
 """The session's fixed point, checked: fraction bits, a truncation per layer, and the stated error.
 
-`check_encoding` holds a model's value ranges (protocols/ir/ranges.py) against what f
+`check_encoding` holds a model's value ranges (protocols/passes/ranges.py) against what f
 fractional bits handle (see that module's docstring for the limits), with the truncations that
 `plan_truncations` chooses: the local (two-party) truncation is free but wrong, by a whole
 2^(64-s) units, with probability |y| 2^-64 per value y (ring units); an exact one (the dealer's
@@ -28,7 +28,7 @@ import numpy as np
 from ..backends.base import FRACTION_BITS_RANGE, Truncation
 from ..ops import op_for
 from ..ops.registry import FULL_BITS, comparison_bits
-from .graph import Graph, GraphError, Node, check_input_range
+from ..ir.graph import Graph, GraphError, Node, check_input_range
 from .ranges import FRACTION_BITS, SOUND_SLACK, FAILURE_PROBABILITY, ValueRanges, error_estimate
 
 # -- the check ---------------------------------------------------------------------------------------

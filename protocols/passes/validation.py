@@ -6,7 +6,7 @@ import json
 
 from ..ops import op_for
 from ..ops.registry import check_truncation
-from .graph import Graph, GraphError, Node, check_input_range
+from ..ir.graph import Graph, GraphError, Node, check_input_range
 from .public_inputs import PublicValue
 
 

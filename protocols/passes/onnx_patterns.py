@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .graph import GraphError
+from ..ir.graph import GraphError
 
 SHAPE_OPS = frozenset({"Shape", "ConstantOfShape", "Expand", "Equal", "Where", "Range", "GatherElements", "Size", "NonZero"})
 # onnxruntime's basic level would also fuse a MatMul and its Add into a Gemm between two

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..ops import op_for
-from .graph import Graph, GraphError
+from ..ir.graph import Graph, GraphError
 
 
 def public_operands(graph: Graph, public: Mapping[str, Any] | None) -> dict[str, Any]:

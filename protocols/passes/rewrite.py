@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..ops import op_for
-from .graph import Graph, Node
+from ..ir.graph import Graph, Node
 
 
 def readers_of(graph: Graph) -> dict[str, list[Node]]:
