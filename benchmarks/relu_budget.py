@@ -37,6 +37,7 @@ from twinfer.optimizer.data.datasets import load_fashion_mnist
 from twinfer.optimizer.zoo.demo_models import load_or_train_demo_model
 from twinfer.parties.runtime.model_file import parse_model, read_model_bytes
 from twinfer.parties.wire.transport import TransportOptions
+from twinfer.protocols.artifact import Artifact, ArtifactError
 from twinfer.protocols.passes.plain import run_plain
 from twinfer.protocols.passes.onnx_export import export_onnx
 
@@ -92,8 +93,8 @@ def private_run(
 def _earlier_row(path: Path, args) -> dict | None:
     """A row rebuilt from an artifact this benchmark wrote before with the same settings."""
     try:
-        m = json.loads((path / "manifest.json").read_text())
-    except (OSError, ValueError):
+        m = Artifact.read(path).manifest
+    except ArtifactError:
         return None
     if not _same_settings(m, args):
         return None

@@ -124,7 +124,7 @@ def _rewrite_tensors(path, change) -> None:
     """Edit the site arrays and fix the digest, so only the consistency checks can object."""
     from safetensors.numpy import load, save
 
-    from twinfer.protocols.artifact_format import digest
+    from twinfer.protocols.artifact import digest
 
     tensors = load((path / "tensors.safetensors").read_bytes())
     change(tensors)

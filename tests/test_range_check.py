@@ -365,7 +365,7 @@ def test_an_artifact_stores_per_element_peaks_and_the_server_rebuilds_them(peaks
     from safetensors.numpy import load
 
     from twinfer.parties.runtime.model_file import load_model
-    from twinfer.protocols import artifact_format as af
+    from twinfer.protocols import artifact as af
     from twinfer.protocols.passes.ranges import calibration_ranges
 
     out, calibration = peaks_artifact
@@ -390,7 +390,7 @@ def test_tampered_missing_or_misshapen_peaks_are_refused_naming_file_and_layer(p
 
     from twinfer.parties.errors import ModelError
     from twinfer.parties.runtime.model_file import load_model
-    from twinfer.protocols import artifact_format as af
+    from twinfer.protocols import artifact as af
 
     out, _ = peaks_artifact
     good = (out / af.PEAKS_FILE).read_bytes()
@@ -425,7 +425,7 @@ def test_an_artifact_written_before_the_peaks_file_falls_back_to_per_channel_pea
     import json
 
     from twinfer.parties.runtime.model_file import check_model_range, load_model
-    from twinfer.protocols import artifact_format as af
+    from twinfer.protocols import artifact as af
     from twinfer.protocols.passes.ranges import calibration_ranges
 
     out, _ = peaks_artifact

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from twinfer.protocols.artifact_format import ArtifactError, apply_comparison_bits
+from twinfer.protocols.artifact import ArtifactError, apply_comparison_bits
 from twinfer.protocols.ir.graph import Graph, Node
 from twinfer.protocols.passes.plain import annotate_shapes
 from twinfer.protocols.passes.ranges import comparison_ranges, comparison_widths, width_for

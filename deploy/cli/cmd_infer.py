@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from rich.console import Console
 
+from twinfer.deploy.console import new_console
+from twinfer.protocols.artifact import Artifact
 from twinfer.protocols.roles import CLIENT, DEALER, SERVER
 from twinfer.parties.errors import InputError
 from twinfer.parties.runtime.model_file import load_input, read_model_bytes
@@ -83,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.to_json_dict() | ({} if cmp is None else {"predicted_beside_measured": cmp})))
         return 0
-    console = Console()
+    console = new_console()
     if result.logits.shape[1] == 1:  # one logit (e.g. a click or rating model): argmax is always 0
         console.print("logit per sample:", " ".join(f"{float(v):.4f}" for v in result.logits[:, 0]))
     else:
@@ -104,10 +105,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _predicted(model: str) -> dict | None:
     """The artifact's `cost_predicted` (written by `twinfer optimize --network/--latency-budget`), if any."""
-    manifest = Path(model) / "manifest.json"
-    if not manifest.is_file():
+    if not Artifact.is_artifact(model):
         return None
-    try:
-        return json.loads(manifest.read_text()).get("cost_predicted")
-    except ValueError:
-        return None  # read_model_bytes has already checked the artifact; a bad manifest fails there
+    return Artifact.read(model).manifest.get("cost_predicted")  # read_model_bytes has already checked it

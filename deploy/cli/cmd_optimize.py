@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rich.console import Console
 from safetensors.torch import load_file
 from torch import nn
 
+from twinfer.deploy.console import new_console
 from twinfer.optimizer.common.artifact import export_artifact
 from twinfer.optimizer.common.graph_module import GraphModule
 from twinfer.optimizer.common.training import evaluate_accuracy
@@ -31,6 +31,7 @@ from twinfer.optimizer.common.validation import validation_split
 from twinfer.optimizer.data.datasets import load_fashion_mnist, load_mnist_digits
 from twinfer.optimizer.data.user_data import VALIDATION_FRACTION, DataError, Normalization, UserData, check_fits, load_user_data
 from twinfer.parties.errors import InputError, ModelError
+from twinfer.protocols.artifact import Artifact
 from twinfer.protocols.backends import DEFAULT_PROTOCOL, protocols
 from twinfer.protocols.passes.onnx_export import export_onnx
 
@@ -171,7 +172,7 @@ def _check_user_data(model: nn.Module, user: UserData) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    console = Console(stderr=True)
+    console = new_console(stderr=True)
     budgeted = args.latency_budget is not None or args.bytes_budget is not None
     if args.relu_budget is None and args.convert is None and args.prune_blocks is None and not budgeted:
         raise ValueError("nothing to do: give --latency-budget/--bytes-budget, --relu-budget, --convert he-friendly and/or --prune-blocks")
@@ -210,12 +211,11 @@ def run(args: argparse.Namespace) -> int:
         model, example, args.out, manifest, calibration=calibration, margin=args.comparison_margin,
         widths=args.comparison_bits == "auto",
     )  # fmt: skip
-    written = json.loads((out / "manifest.json").read_text())
+    artifact = Artifact.read(out)
     if latency is not None:  # priced on the artifact's own graph (sites and widths applied), after writing it
-        from twinfer.optimizer.mofhei.mofhei import artifact_graph
-
-        written["cost_predicted"] = latency.report(artifact_graph(out))
-        (out / "manifest.json").write_text(json.dumps(written, indent=2) + "\n")
+        artifact = artifact.with_sections(cost_predicted=latency.report(artifact.graph()))
+        artifact.write(out)
+    written = artifact.manifest
     if args.json:
         print(json.dumps(written))
     else:

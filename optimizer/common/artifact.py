@@ -1,4 +1,4 @@
-"""Writing the optimizer's artifact directory (format: protocols/artifact_format.py).
+"""Writing the optimizer's artifact directory (format: protocols/artifact.py).
 
 `write_artifact` takes ONNX bytes and public per-site tensors; `export_artifact` takes a torch
 model whose activation sites are modules with a `site()` method (masked ReLUs, polynomial
@@ -8,7 +8,6 @@ activations) and maps each site to the Relu node it exports as.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -21,7 +20,7 @@ from safetensors.numpy import save
 from torch import nn
 
 from twinfer.optimizer.common.hooks import run_hooked
-from twinfer.protocols import artifact_format as af
+from twinfer.protocols import artifact as af
 from twinfer.protocols.passes.onnx_import import graph_from_onnx
 from twinfer.protocols.passes.ranges import observed_ranges, widths_from_ranges
 from twinfer.protocols.passes.onnx_export import export_onnx
@@ -61,28 +60,19 @@ def write_artifact(
     graph, weights = graph_from_onnx(onnx.load_from_string(onnx_bytes), rewrite=False)
     masked = apply_sites(graph, sites)
     arrays = dict(tensors or {}) | af.site_tensors(sites)
-    files = {af.MODEL_FILE: onnx_bytes, af.TENSORS_FILE: save(arrays) if arrays else save({})}
+    peaks = None
     if calibration is not None:
-        fragment, peaks = _calibration(masked, weights, calibration, margin, widths)
+        fragment, peak_arrays = _calibration(masked, weights, calibration, margin, widths)
         manifest = dict(manifest) | fragment
-        files[af.PEAKS_FILE] = save(peaks)
-    full = dict(manifest) | {
-        "format": af.FORMAT,
-        "format_version": af.FORMAT_VERSION,
+        peaks = save(peak_arrays)
+    sections = dict(manifest) | {
         "twinfer_version": twinfer_version(),
         "relu_count": masked.relu_count(),
         "activations": [
             {"node": name, "kept": site.kept, "elements": int(site.mask.size)} for name, site in sites.items()
         ],
-        "sha256": {name: af.digest(data) for name, data in files.items()},
     }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / af.PEAKS_FILE).unlink(missing_ok=True)  # a rewrite without calibration leaves no stale peaks
-    for name, data in files.items():
-        (out / name).write_bytes(data)
-    (out / af.MANIFEST_FILE).write_text(json.dumps(full, indent=2) + "\n")
-    return out
+    return af.Artifact.create(sections, onnx_bytes, save(arrays), peaks).write(out_dir)
 
 
 def is_site(module: nn.Module) -> bool:

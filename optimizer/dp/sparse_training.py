@@ -51,6 +51,7 @@ from twinfer.optimizer.dp.accounting import (
 from twinfer.optimizer.dp.embedding_model import EmbeddingMLP, auc, clipped_gradients, predict
 from twinfer.optimizer.dp.ledger import PrivacyLedger
 from twinfer.optimizer.dp.validators import PrivacyConfigError, check_privacy_config, noise_problems
+from twinfer.protocols.artifact import Artifact
 
 METHODS = ("dense", "fest", "adafest")
 ID_MAP_PREFIX = "id_to_row/"  # artifact tensors: per field, raw id -> row of the deployed table
@@ -653,11 +654,8 @@ def write_dp_artifact(out_dir, result: DPTrainResult, data: CategoricalData) -> 
 
 def encode_for_artifact(out_dir: str | Path, ids: np.ndarray) -> np.ndarray:
     """Raw field-local ids (N x F) -> the artifact's input rows, with its public id -> row maps."""
-    from safetensors.numpy import load_file
-
-    out_dir = Path(out_dir)
-    fields = json.loads((out_dir / "manifest.json").read_text())["fields"]
-    maps = load_file(str(out_dir / "tensors.safetensors"))
+    artifact = Artifact.read(out_dir)
+    fields, maps = artifact.manifest["fields"], artifact.tensors()
     ids = np.asarray(ids)
     if ids.ndim != 2 or ids.shape[1] != len(fields):
         raise ValueError(f"ids must be N x {len(fields)} ({', '.join(fields)}), got shape {ids.shape}")

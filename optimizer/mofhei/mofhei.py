@@ -12,7 +12,6 @@ parties itself: optimizer/ does not import parties/).
 
 from __future__ import annotations
 
-import json
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +41,7 @@ from twinfer.optimizer.mofhei.he_friendly import (
     convert_pooling,
     structure_after_conversion,
 )
-from twinfer.protocols import artifact_format as af
+from twinfer.protocols import artifact as af
 from twinfer.protocols.cost_model import FILTER_BLOCKS, BlockShape, LayerCost, graph_cost, total_cost
 from twinfer.protocols.ir.graph import Graph
 from twinfer.protocols.passes.onnx_import import graph_from_onnx
@@ -136,11 +135,7 @@ def artifact_graph(path: str | Path) -> Graph:
     path = Path(path)
     if path.is_file():
         return graph_from_onnx(onnx.load_from_string(path.read_bytes()))[0]
-    manifest = json.loads((path / af.MANIFEST_FILE).read_text())
-    files = {name: (path / name).read_bytes() for name in af.artifact_files(manifest)}
-    tensors = af.artifact_tensors(manifest, files)
-    graph, _ = graph_from_onnx(onnx.load_from_string(files[af.MODEL_FILE]), rewrite=False)
-    return af.apply_manifest(graph, manifest, tensors)
+    return af.Artifact.read(path).graph()
 
 
 _FIELDS = ("params", "secure_mults", "bytes_online", "rounds", "relu_count", "poly_count")

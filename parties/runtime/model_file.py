@@ -1,6 +1,6 @@
 """Reading what a party is given: a model (server) or an input array (client).
 
-A model is an ONNX file or an optimizer artifact directory (protocols/artifact_format.py).
+A model is an ONNX file or an optimizer artifact directory (protocols/artifact.py).
 Nothing here unpickles: ONNX is protobuf, artifacts are JSON and safetensors, inputs are .npy
 files read with allow_pickle=False.
 """
@@ -8,7 +8,6 @@ files read with allow_pickle=False.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -18,7 +17,7 @@ import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
-from twinfer.protocols import artifact_format as af
+from twinfer.protocols import artifact as af
 from twinfer.protocols.ops.embedding import check_ids, embedding_node
 from twinfer.protocols.ir.graph import Graph, GraphError, check_input_range
 from twinfer.protocols.passes.onnx_import import graph_from_onnx
@@ -70,7 +69,7 @@ def _compile(data: bytes, source: str, rewrite: bool) -> tuple[Graph, dict[str, 
 def read_model_bytes(path: str | Path) -> bytes:
     """The bytes of an ONNX model file or of an artifact directory, with a clear error when it is missing."""
     path = Path(path)
-    if path.is_dir() and (path / af.MANIFEST_FILE).exists():
+    if af.Artifact.is_artifact(path):
         return read_artifact(path)
     if path.is_dir():
         candidates = sorted(path.glob("*.onnx"))
@@ -87,23 +86,13 @@ def read_model_bytes(path: str | Path) -> bytes:
 def read_artifact(path: Path) -> bytes:
     """Check an artifact directory's manifest and digests; return it as one bundle."""
     try:
-        manifest = json.loads((path / af.MANIFEST_FILE).read_text())
-    except (OSError, ValueError) as err:
-        raise ModelError(f"{path / af.MANIFEST_FILE} cannot be read as JSON: {err}") from None
-    try:
-        names = af.artifact_files(manifest)
+        artifact = af.Artifact.read(path)
+    except GraphError as err:  # Artifact.read names the directory
+        raise ModelError(str(err)) from None
+    try:  # the site tensors and any calibration peaks (checked per layer when parsed)
+        return artifact.bundle()
     except GraphError as err:
         raise ModelError(f"artifact {path}: {err}") from None
-    files = {}
-    for name in names:
-        if not (path / name).exists():
-            raise ModelError(f"artifact {path} lacks {name}")
-        files[name] = (path / name).read_bytes()
-    try:  # digests, then the site tensors and any calibration peaks (checked per layer when parsed)
-        tensors = af.artifact_tensors(manifest, files)
-    except GraphError as err:
-        raise ModelError(f"artifact {path}: {err}") from None
-    return af.pack_bundle(files[af.MODEL_FILE], manifest, tensors)
 
 
 def load_model(path: str | Path) -> tuple[Graph, dict[str, np.ndarray]]:

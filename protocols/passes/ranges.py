@@ -176,7 +176,7 @@ def ranges_from_summary(
 
 def calibration_ranges(graph: Graph) -> ValueRanges:
     """The ValueRanges of an artifact's calibration (`graph.calibration`, set by
-    artifact_format.apply_calibration: its summary and, where stored, its per-element peaks) for
+    artifact.apply_calibration: its summary and, where stored, its per-element peaks) for
     the graph's input range: the one way the server and the optimizer rebuild them."""
     if graph.calibration is None:
         raise GraphError("the model has no calibration ranges")

@@ -9,13 +9,16 @@ An artifact is a directory:
                           before the margin): the server's error estimate; older artifacts lack it
     manifest.json         counts, accuracies, data set, seed, versions, file digests
 
-The optimizer writes it and the server reads it; this module only describes and checks
-(it opens no files), so both sides agree on one format.
+The optimizer writes it and the server reads it, both through `Artifact` (the one place that
+opens these files), so both sides agree on one format and every read checks the digests.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -209,8 +212,6 @@ def is_bundle(data: bytes) -> bool:
 
 def pack_bundle(onnx_bytes: bytes, manifest: dict[str, Any], tensors: dict[str, np.ndarray]) -> bytes:
     """The artifact's three parts in one safetensors blob."""
-    import json
-
     from safetensors.numpy import save
 
     arrays = dict(tensors)
@@ -220,8 +221,6 @@ def pack_bundle(onnx_bytes: bytes, manifest: dict[str, Any], tensors: dict[str, 
 
 
 def unpack_bundle(data: bytes) -> tuple[bytes, dict[str, Any], dict[str, np.ndarray]]:
-    import json
-
     from safetensors import SafetensorError
     from safetensors.numpy import load
 
@@ -232,3 +231,106 @@ def unpack_bundle(data: bytes) -> tuple[bytes, dict[str, Any], dict[str, np.ndar
     except (SafetensorError, KeyError, ValueError) as err:
         raise ArtifactError(f"not a twinfer model bundle: {err}") from None
     return onnx_bytes, manifest, arrays
+
+
+# -- the artifact as a value: the one reader and writer of its directory ----------------------
+
+_FORMAT_KEYS = ("format", "format_version", "sha256")
+
+
+@dataclass
+class Artifact:
+    """An artifact's manifest and the bytes of the files beside it (MODEL_FILE, TENSORS_FILE and,
+    with calibration, PEAKS_FILE). `create` fills the format fields and digests, `read` checks
+    them, `with_sections` adds a method's manifest section, `write` puts it on disk."""
+
+    manifest: dict[str, Any]
+    files: dict[str, bytes] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, manifest: dict[str, Any], onnx_bytes: bytes, tensors: bytes, peaks: bytes | None = None) -> "Artifact":
+        files = {MODEL_FILE: onnx_bytes, TENSORS_FILE: tensors} | ({PEAKS_FILE: peaks} if peaks is not None else {})
+        if peaks is not None:
+            named = (manifest.get("activation_ranges") or {}).get("peaks_file")
+            if named != PEAKS_FILE:
+                raise ArtifactError(f"an artifact with calibration peaks needs 'activation_ranges.peaks_file' = '{PEAKS_FILE}'")
+        full = {k: v for k, v in manifest.items() if k not in _FORMAT_KEYS}
+        full |= {"format": FORMAT, "format_version": FORMAT_VERSION, "sha256": {name: digest(data) for name, data in files.items()}}
+        return cls(full, files)
+
+    @staticmethod
+    def is_artifact(path: str | Path) -> bool:
+        """A directory with a manifest: what `read` takes (a plain .onnx file is not an artifact)."""
+        return Path(path).is_dir() and (Path(path) / MANIFEST_FILE).is_file()
+
+    @classmethod
+    def read(cls, path: str | Path) -> "Artifact":
+        """The artifact in directory `path`, its format, version and digests checked; an
+        ArtifactError that names the directory and what is wrong."""
+        path = Path(path)
+        try:
+            return cls._read(path)
+        except ArtifactError as err:
+            raise ArtifactError(f"artifact {path}: {err}") from None
+
+    @classmethod
+    def _read(cls, path: Path) -> "Artifact":
+        try:
+            manifest = json.loads((path / MANIFEST_FILE).read_text())
+        except (OSError, ValueError) as err:
+            raise ArtifactError(f"{MANIFEST_FILE} cannot be read as JSON: {err}") from None
+        if not isinstance(manifest, dict):
+            raise ArtifactError(f"{MANIFEST_FILE} is not a twinfer artifact manifest (a JSON object)")
+        files = {}
+        for name in artifact_files(manifest):
+            if not (path / name).is_file():
+                raise ArtifactError(f"lacks {name}")
+            files[name] = (path / name).read_bytes()
+        artifact = cls(manifest, files)
+        artifact.verify()
+        return artifact
+
+    def verify(self) -> None:
+        """Format, version and every file's digest (an ArtifactError names what does not match)."""
+        if set(self.files) != set(artifact_files(self.manifest)):
+            raise ArtifactError(f"the artifact holds {sorted(self.files)}; its manifest lists {sorted(artifact_files(self.manifest))}")
+        check_manifest(self.manifest, self.files)
+
+    @property
+    def onnx_bytes(self) -> bytes:
+        return self.files[MODEL_FILE]
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        """The tensors file's arrays and any calibration peaks under their bundle names (digests checked)."""
+        return artifact_tensors(self.manifest, self.files)
+
+    def with_sections(self, **sections: Any) -> "Artifact":
+        """The same files with these manifest sections added or replaced (the format fields are not sections)."""
+        reserved = sorted(set(sections) & set(_FORMAT_KEYS))
+        if reserved:
+            raise ArtifactError(f"{reserved} are the artifact's format fields, not a method's section")
+        return Artifact(self.manifest | sections, dict(self.files))
+
+    def write(self, path: str | Path) -> Path:
+        """The files and the manifest into directory `path` (made if missing); returns it."""
+        self.verify()
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / PEAKS_FILE).unlink(missing_ok=True)  # a rewrite without calibration leaves no stale peaks
+        for name, data in self.files.items():
+            (out / name).write_bytes(data)
+        (out / MANIFEST_FILE).write_text(json.dumps(self.manifest, indent=2) + "\n")
+        return out
+
+    def bundle(self) -> bytes:
+        """The artifact as one blob for the wire (safetensors, never pickle)."""
+        return pack_bundle(self.onnx_bytes, self.manifest, self.tensors())
+
+    def graph(self) -> Graph:
+        """The compiled graph the artifact describes: its sites, widths and calibration applied."""
+        import onnx
+
+        from .passes.onnx_import import graph_from_onnx
+
+        graph, _ = graph_from_onnx(onnx.load_from_string(self.onnx_bytes), rewrite=False)
+        return apply_manifest(graph, self.manifest, self.tensors())
