@@ -174,8 +174,9 @@ def _table_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
 
 def write_results(config: SweepConfig, rows: list[dict], out: Path) -> list[Path]:
     """sweep.json (every row and the machine), sweep.md (the table) and the plots; prints the table."""
-    from rich.console import Console
     from rich.table import Table
+
+    from twinfer.deploy.console import new_console
 
     out.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -197,7 +198,7 @@ def write_results(config: SweepConfig, rows: list[dict], out: Path) -> list[Path
         table.add_column(column, justify="left" if column in ("model", "network") else "right")
     for r in body:
         table.add_row(*r)
-    Console().print(table)
+    new_console().print(table)
     written = [out / "sweep.json", out / "sweep.md", *plot(rows, out)]
     for path in written:
         print(f"wrote {path}")

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
+from twinfer.deploy.console import new_console
 from twinfer.optimizer.data.datasets import load_fashion_mnist
 from twinfer.optimizer.zoo.demo_models import INPUT_SCALE, load_or_train_demo_model
 from twinfer.parties.runtime.model_file import parse_model
@@ -45,7 +46,7 @@ def compare(logits: np.ndarray, reference: np.ndarray, labels: np.ndarray) -> di
 
 
 def run(args: argparse.Namespace) -> int:
-    console = Console(stderr=args.json)
+    console = new_console(stderr=args.json)
     if args.model == "minilm":
         return run_minilm(args, console)
     args.samples, args.batch = args.samples or 64, args.batch or 32

@@ -12,9 +12,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from twinfer.deploy.console import new_console
 from twinfer.optimizer.data.dp_data import DATASETS, load_dataset
 from twinfer.optimizer.dp.accounting import ACCOUNTANTS
 from twinfer.optimizer.dp.ledger import PrivacyLedger
@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         max_steps=args.max_steps,
     )
     data = load_dataset(args.data, seed=args.seed, zipf_vocab=args.zipf_vocab, zipf_examples=args.zipf_examples)
-    console = Console(stderr=args.json)
+    console = new_console(stderr=args.json)
     label = f"{data.name} (GENERATED, synthetic)" if data.generated else data.name
     privacy = plan_privacy(config, len(data.train_ids))  # fails here, before training, if impossible
     with Progress(

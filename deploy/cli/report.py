@@ -8,6 +8,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from ..console import new_console
+
 
 def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -23,7 +25,7 @@ def print_table(title: str, rows: list[tuple[str, Any]], console: Console | None
     table.add_column("value", justify="right")
     for name, value in rows:
         table.add_row(name, value if isinstance(value, str) else f"{value}")
-    (console or Console()).print(table)
+    (console or new_console()).print(table)
 
 
 _OP_KINDS = {"Gemm": "linear", "Affine": "linear", "Conv": "linear", "Embedding": "lookup", "PublicAdd": "public", "PublicMul": "public"}
@@ -55,7 +57,7 @@ def print_op_kinds(title: str, kinds: dict[str, dict[str, float]], console: Cons
         table.add_column(col, justify="right" if col != "op kind" else "left")
     for kind, c in sorted(kinds.items(), key=lambda kv: -kv[1]["wall_s"]):
         table.add_row(kind, f"{c['rounds']:.0f}", human_bytes(c["bytes_online"]), human_bytes(c["bytes_offline"]), f"{c['wall_s']:.2f}")
-    (console or Console()).print(table)
+    (console or new_console()).print(table)
 
 
 def summary_rows(summary: dict[str, Any]) -> list[tuple[str, Any]]:
@@ -157,4 +159,4 @@ def print_predicted_beside_measured(cmp: dict[str, Any], console: Console | None
     ratio = "-" if t["measured_over_predicted"] is None else f"{t['measured_over_predicted']:.2f}x predicted"
     table.add_row("total", "-", num(t["latency_s_predicted"], ".4f"), f"{num(t['latency_s_measured'], '.4f')} ({ratio})",
                   human_bytes(t["bytes_online_predicted"]), "", str(t["rounds_predicted"]), "")  # fmt: skip
-    (console or Console()).print(table)
+    (console or new_console()).print(table)
