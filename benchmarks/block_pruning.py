@@ -48,6 +48,7 @@ from twinfer.parties.runtime.model_file import read_model_bytes
 from twinfer.parties.wire.network_profile import parse_profile
 from twinfer.parties.wire.transport import TransportOptions
 from twinfer.protocols.cost_model import graph_cost, total_cost
+from twinfer.parties.runtime.session_spec import SessionSpec
 
 log = logging.getLogger("block_pruning")
 PRETRAIN = FitConfig(epochs=15, lr=2e-3, patience=3)
@@ -81,7 +82,7 @@ def measure(
     start = time.perf_counter()
     # party start-up is slow on a busy machine; --network shapes the client<->server link in the transport
     options = TransportOptions(connect_timeout_s=60.0, network=parse_profile(network) if network else None)
-    reports = run_local_session(read_model_bytes(out), private, batch=1, options=options, timeout_s=600)
+    reports = run_local_session(read_model_bytes(out), private, spec=SessionSpec(options=options), batch=1, timeout_s=600)
     session_s = time.perf_counter() - start
     client = reports["client"]
     n = len(client.batch_latency_s)

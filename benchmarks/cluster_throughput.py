@@ -42,6 +42,7 @@ def _model(spec: str) -> tuple[bytes, tuple[int, ...]]:
 
 def measure(args: argparse.Namespace) -> dict:
     from twinfer.deploy.launch.ray_launcher import RayOptions, party_pool
+    from twinfer.parties.runtime.session_spec import SessionSpec
     from twinfer.parties.wire.transport import TransportOptions
 
     data, shape = _model(args.model)
@@ -50,7 +51,7 @@ def measure(args: argparse.Namespace) -> dict:
     rows = []
     ray_options = RayOptions(address=args.ray_address, placement="auto")
     # Plaintext between nodes (no TLS), as this benchmark always ran: on a cluster an explicit choice.
-    with party_pool(data, options=options, ray_options=ray_options, max_sessions=max(args.sessions), insecure=True) as pool:
+    with party_pool(data, spec=SessionSpec(options=options, insecure=True), ray_options=ray_options, max_sessions=max(args.sessions)) as pool:
         warm = [rng.random((args.samples, *shape), dtype=np.float32)]
         pool.run(warm, batch_size=args.batch)  # actors import torch and crypten, first graph compile
         for n in args.sessions:

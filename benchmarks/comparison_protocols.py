@@ -38,7 +38,6 @@ import numpy as np
 
 
 def _relu_model(n: int) -> bytes:
-    import onnx
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(
@@ -52,11 +51,12 @@ def _relu_model(n: int) -> bytes:
 
 def end_to_end(n: int, protocol: str) -> dict:
     from twinfer.deploy.launch.local import run_local_session
+    from twinfer.parties.runtime.session_spec import SessionSpec
     from twinfer.parties.wire.transport import TransportOptions
 
     x = np.random.default_rng(n).normal(0, 4, (6, n)).astype(np.float32)
     options = TransportOptions(recv_timeout_s=600, connect_timeout_s=120)
-    reports = run_local_session(_relu_model(n), x, 1, options=options, protocol=protocol, timeout_s=1200)
+    reports = run_local_session(_relu_model(n), x, 1, spec=SessionSpec(options=options, protocol=protocol), timeout_s=1200)
     client, server = reports["client"], reports["server"]
     layer = client.layers["relu"]
     batches = len(client.batch_latency_s)
@@ -120,6 +120,7 @@ def model_widths(name: str) -> dict:
     from twinfer.optimizer.zoo.demo_models import load_or_train_demo_model
     from twinfer.parties.runtime.model_file import parse_model
     from twinfer.parties.runtime.session import PartyConfig, server_graph
+    from twinfer.parties.runtime.session_spec import SessionSpec
     from twinfer.protocols.backends.fss.relu import key_bytes_per_relu
     from twinfer.protocols.backends.fss.select_relu import key_bytes_per_select_relu
     from twinfer.protocols.cost_model import graph_cost
@@ -127,7 +128,7 @@ def model_widths(name: str) -> dict:
 
     model = load_or_train_demo_model(name, cache_dir() / "models", progress=False)
     graph, weights = parse_model(export_onnx(model, torch.zeros(1, 1, 28, 28)))
-    served, _ = server_graph(graph, weights, PartyConfig(role="server", session_id="widths", protocol="fss"))  # what a server serves
+    served, _ = server_graph(graph, weights, PartyConfig(spec=SessionSpec(protocol="fss"), role="server", session_id="widths"))  # what a server serves
     bits = {node.name: int(node.attrs.get("bits", 64)) for node in served.nodes}
     compared = [(c.comparisons, bits[c.name]) for c in graph_cost(served, 1, "fss") if c.comparisons]
     total = sum(n for n, _ in compared)

@@ -46,6 +46,7 @@ from twinfer.protocols.passes.encoding import SessionEncoding, encoding_report
 from twinfer.protocols.passes.onnx_export import export_onnx
 from twinfer.protocols.passes.plain import run_plain
 from twinfer.protocols.passes.ranges import observed_ranges
+from twinfer.parties.runtime.session_spec import SessionSpec
 
 MB = 1e6
 
@@ -69,7 +70,7 @@ def _forced(graph, weights, x: np.ndarray, protocol: str, bits: int, truncation:
 
 
 def _run(data: bytes, x: np.ndarray, reference: np.ndarray, protocol: str, encoding: SessionEncoding, options: TransportOptions) -> dict:
-    reports = run_local_session(data, x, len(x), options=options, protocol=protocol, fraction_bits=encoding.fraction_bits, encoding=encoding)
+    reports = run_local_session(data, x, len(x), spec=SessionSpec(options=options, protocol=protocol, fraction_bits=encoding.fraction_bits), encoding=encoding)
     client, server = reports["client"], reports["server"]
     return {
         "measured_error": float(np.abs(client.logits.astype(np.float64) - reference).max()),
@@ -95,7 +96,7 @@ def models_rows(args, console: Console) -> list[dict]:
         x = (images * INPUT_SCALE.get(name, 1.0)).astype(np.float32)
         reference = _reference(graph, weights, x)
         for protocol in args.protocols:
-            report, encoding = check_session(graph, weights, x, protocol)
+            report, encoding = check_session(graph, weights, x, SessionSpec(protocol=protocol))
             default = _run(data, x, reference, protocol, encoding, TransportOptions(recv_timeout_s=600))
             previous = _run(data, x, reference, protocol, _forced(graph, weights, x, protocol, 16, "local"), TransportOptions(recv_timeout_s=600))
             rows.append({
@@ -117,7 +118,7 @@ def scale_rows(args, console: Console) -> list[dict]:
             x = (images * scale).astype(np.float32)
             row = {"protocol": protocol, "scale": scale}
             try:
-                report, encoding = check_session(graph, weights, x, protocol)
+                report, encoding = check_session(graph, weights, x, SessionSpec(protocol=protocol))
             except InputError as err:
                 rows.append(row | {"refused": str(err)})
                 console.print(f"scale {scale:g} {protocol}: refused", style="dim")

@@ -64,6 +64,7 @@ from twinfer.parties.wire.network_profile import NetworkProfile, parse_profile
 from twinfer.parties.wire.transport import TransportOptions
 from twinfer.protocols.passes.onnx_export import export_onnx
 from twinfer.protocols.passes.plain import run_plain
+from twinfer.parties.runtime.session_spec import SessionSpec
 
 SHAPE = (1, 28, 28)
 CALIBRATION = 500  # training images whose ranges each artifact declares (the server's range check)
@@ -96,7 +97,7 @@ def measured_run(artifact: Path, profile: NetworkProfile, protocol: str, shaping
         client = run_kernel_shaped_session(artifact, inputs, 1, profile, protocol=protocol)
     else:
         options = TransportOptions(recv_timeout_s=300, connect_timeout_s=120, network=profile)
-        client = run_local_session(read_model_bytes(artifact), inputs, 1, options=options, protocol=protocol)["client"]
+        client = run_local_session(read_model_bytes(artifact), inputs, 1, spec=SessionSpec(options=options, protocol=protocol))["client"]
     graph, weights = load_model(artifact)
     with torch.no_grad():
         plain = run_plain(graph, {k: torch.from_numpy(v) for k, v in weights.items()}, torch.from_numpy(inputs)).numpy()

@@ -40,6 +40,7 @@ from twinfer.parties.wire.transport import TransportOptions
 from twinfer.protocols.artifact import Artifact, ArtifactError
 from twinfer.protocols.passes.plain import run_plain
 from twinfer.protocols.passes.onnx_export import export_onnx
+from twinfer.parties.runtime.session_spec import SessionSpec
 
 METHODS = ("autorep", "channel", "polynomial")
 # The settings a stored row was produced with; a row is reused only when all of them match.
@@ -67,10 +68,7 @@ def private_run(
     first (which records the dealer's plan), and the logits' agreement with plaintext. `offline`:
     the dealer makes the next batch's correlations while this one runs (overlap) or between them (ahead)."""
     # A loaded 2-core machine can take more than the default 10 s to start a party process.
-    reports = run_local_session(
-        model_bytes, images, batch, options=TransportOptions(connect_timeout_s=120), protocol=protocol,
-        prefetch_ahead=offline == "ahead",
-    )  # fmt: skip
+    reports = run_local_session(model_bytes, images, batch, spec=SessionSpec(options=TransportOptions(connect_timeout_s=120), protocol=protocol, prefetch_ahead=offline == "ahead"))  # fmt: skip
     client = reports["client"]
     graph, weights = parse_model(model_bytes)
     with torch.no_grad():

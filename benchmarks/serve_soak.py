@@ -55,12 +55,13 @@ def _server_rss(pid: int) -> int:
 def _client_session(address: str, dealer: str, tls: Path | None, x: np.ndarray) -> tuple[float, np.ndarray | str]:
     """One session in a client process: its latency (Open to logits) and the logits, or the error."""
     from twinfer import Client
+    from twinfer.parties.runtime.session_spec import SessionSpec
     from twinfer.parties.wire.transport import TransportOptions
 
     torch.set_num_threads(1)
     start = time.perf_counter()
     try:
-        with Client(address, dealer=dealer, tls=tls, options=TransportOptions(recv_timeout_s=120, connect_timeout_s=30)) as client:
+        with Client(address, spec=SessionSpec(options=TransportOptions(recv_timeout_s=120, connect_timeout_s=30)), dealer=dealer, tls=tls) as client:
             logits = client.infer(x)
         return time.perf_counter() - start, logits
     except Exception as err:  # noqa: BLE001 - counted, the soak goes on

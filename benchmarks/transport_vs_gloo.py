@@ -98,8 +98,9 @@ def run_gloo(onnx_bytes: bytes, x: np.ndarray, reps: int) -> dict:
 
 def run_twinfer(onnx_bytes: bytes, x: np.ndarray, reps: int, prefetch: bool = False) -> dict:
     from twinfer.deploy.launch.local import run_local_session
+    from twinfer.parties.runtime.session_spec import SessionSpec
 
-    report = run_local_session(onnx_bytes, np.concatenate([x] * reps), len(x), prefetch=prefetch)["client"]
+    report = run_local_session(onnx_bytes, np.concatenate([x] * reps), len(x), spec=SessionSpec(prefetch=prefetch))["client"]
     return {"latency": report.batch_latency_s, "stats": report.batch_protocol_stats[-1], "logits": report.logits[: len(x)]}
 
 

@@ -24,6 +24,7 @@ from twinfer.protocols.passes.public_inputs import PublicValue
 from twinfer.protocols.passes.validation import validate_graph
 from twinfer.protocols.roles import CLIENT, RANKS, SERVER
 from twinfer.protocols.secure_graph import run_secure
+from twinfer.parties.runtime.session_spec import SessionSpec
 
 TOLERANCE = 0.02  # 16 fractional bits, a few products deep
 
@@ -212,15 +213,31 @@ def test_a_peer_on_another_protocol_is_refused_by_name():
 
     config = PartyConfig(role=CLIENT, session_id="s", server_address="127.0.0.1:9", dealer_address="127.0.0.1:9")
     party = ClientParty(np.zeros((1, 4), np.float32), 1, config)
-    party._agree_protocol(np.frombuffer(config.protocol.encode(), np.uint8), SERVER)  # the same: accepted
+    party._agree_protocol(np.frombuffer(config.spec.protocol.encode(), np.uint8), SERVER)  # the same: accepted
     with pytest.raises(ProtocolError, match="the server runs protocol 'crypten' but this client runs 'fss-compact'"):
         party._agree_protocol(np.frombuffer(b"crypten", np.uint8), SERVER)
     with pytest.raises(ValueError, match="unknown protocol 'nope'"):
-        PartyConfig(role=CLIENT, session_id="s", protocol="nope")
+        PartyConfig(spec=SessionSpec(protocol="nope"), role=CLIENT, session_id="s")
     # a trusted first party is CrypTen's: another protocol asks for a dealer by name
     with pytest.raises(ValueError, match="protocol 'fss-compact' needs a dealer .pass --protocol crypten"):
-        PartyConfig(role=CLIENT, session_id="s", insecure_trusted_first_party=True)
-    assert PartyConfig(role=CLIENT, session_id="s", insecure_trusted_first_party=True, protocol="crypten").protocol == "crypten"
+        PartyConfig(spec=SessionSpec(insecure_trusted_first_party=True), role=CLIENT, session_id="s")
+    assert PartyConfig(spec=SessionSpec(insecure_trusted_first_party=True, protocol="crypten"), role=CLIENT, session_id="s").spec.protocol == "crypten"
+
+
+def test_a_session_spec_is_checked_when_made_and_when_changed():
+    from twinfer.deploy.launch.wiring import party_config
+
+    spec = SessionSpec(protocol="crypten", input_range=(0, 255))
+    assert spec.input_range == (0.0, 255.0) and spec.backend.name == "crypten"
+    with pytest.raises(ValueError, match="truncation must be one of"):
+        SessionSpec(truncation="sometimes")
+    with pytest.raises(ValueError, match="fraction bits must be 'auto' or an integer from 1 to 30"):
+        spec.replace(fraction_bits=40)
+    with pytest.raises(ValueError, match="unknown protocol 'fss-tiny'"):
+        spec.replace(protocol="fss-tiny")
+    # each party gets the session's settings whole; the declared input range is the server's alone
+    assert party_config(SERVER, "s", spec).spec == spec
+    assert party_config(CLIENT, "s", spec).spec == spec.replace(input_range=None)
 
 
 @pytest.mark.parametrize("protocol, rounds_per_relu", [("fss", 1), ("fss-compact", 2)])

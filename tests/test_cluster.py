@@ -77,13 +77,12 @@ def test_unknown_node_is_a_clear_error(cluster, onnx_files, fashion_test):
 def test_eight_concurrent_sessions_on_one_party_pair(cluster, onnx_files, fashion_cnn, fashion_test):
     """One server, one client and one dealer actor; eight sessions at once, each with its own input."""
     from twinfer.deploy.launch.ray_launcher import run_sessions
+    from twinfer.parties.runtime.session_spec import SessionSpec
     from twinfer.parties.wire.transport import TransportOptions
 
     images = fashion_test[0][10:26]
     inputs = [images[2 * i : 2 * i + 2] for i in range(8)]  # two batches per session
-    sessions = run_sessions(
-        onnx_files["fashion_cnn"].read_bytes(), inputs, batch_size=1, options=TransportOptions(recv_timeout_s=120)
-    )
+    sessions = run_sessions(onnx_files["fashion_cnn"].read_bytes(), inputs, spec=SessionSpec(options=TransportOptions(recv_timeout_s=120)), batch_size=1)
     reference = _reference(fashion_cnn, images)
     pids = {role: {s[role].pid for s in sessions} for role in ("server", "client", "dealer")}
     assert all(len(p) == 1 for p in pids.values()), pids  # one process per role served every session

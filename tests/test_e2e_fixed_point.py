@@ -6,7 +6,6 @@ actors), three `twinfer party` processes, `twinfer serve` + `twinfer query`."""
 from __future__ import annotations
 
 import copy
-import json
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from tests.helpers.stated import assert_within_stated_error
 from twinfer.deploy.launch.inference import private_inference
 from twinfer.parties.errors import InputError
 from twinfer.protocols.backends import protocols
+from twinfer.parties.runtime.session_spec import SessionSpec
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -53,7 +53,7 @@ def test_where_one_process_holds_both_each_scale_is_computed_within_the_stated_e
 
     for scale, protocol in zip(COMPUTED, ("crypten", "fss")):
         x = (images * scale).astype(np.float32)
-        result = private_inference(onnx_files["fashion_cnn"], x, protocol=protocol, batch_size=4)
+        result = private_inference(onnx_files["fashion_cnn"], x, spec=SessionSpec(protocol=protocol), batch_size=4)
         summary = result.summary()
         assert "the most that hold every value" in summary["fraction_bits_chosen"]
         assert (summary["exact_truncations"] > 0) == (scale > 1e4), summary["truncation"]
@@ -62,7 +62,7 @@ def test_where_one_process_holds_both_each_scale_is_computed_within_the_stated_e
         assert summary["truncation_failure_per_sample"] <= 1e-6 and summary["stated_error_source"] == "simulated on these 4 inputs"
     start = time.monotonic()
     with pytest.raises(InputError) as info:
-        private_inference(onnx_files["fashion_cnn"], images * REFUSED, protocol="crypten")
+        private_inference(onnx_files["fashion_cnn"], images * REFUSED, spec=SessionSpec(protocol="crypten"))
     assert not ray.is_initialized() and time.monotonic() - start < 30  # no Ray, no party, no share
     text = str(info.value)
     assert "refused before any share is sent" in text and "No number of fractional bits holds these values" in text
@@ -72,14 +72,14 @@ def test_sixteen_bits_hold_1e6_with_exact_truncations_and_name_what_to_do_at_1e9
     """At a fixed 16 bits the local truncation's risk at 1e6 is refused unless truncations are exact,
     which --truncation auto makes them; 1e9 wraps: the refusal names the bits that would hold it."""
     x = (images * 1e6).astype(np.float32)
-    result = private_inference(onnx_files["fashion_cnn"], x, protocol="fss", fraction_bits=16, batch_size=4)
+    result = private_inference(onnx_files["fashion_cnn"], x, spec=SessionSpec(protocol="fss", fraction_bits=16), batch_size=4)
     summary = result.summary()
     assert summary["fraction_bits"] == 16 and summary["exact_truncations"] >= 1 and summary["truncation_failure_per_sample"] <= 1e-6
     assert_within_stated_error(result.logits, _reference(fashion_cnn, x), summary)
     with pytest.raises(InputError, match="above the 0.0001 allowed: use --truncation auto or exact"):
-        private_inference(onnx_files["fashion_cnn"], x, protocol="fss", fraction_bits=16, truncation="local")
+        private_inference(onnx_files["fashion_cnn"], x, spec=SessionSpec(protocol="fss", fraction_bits=16, truncation="local"))
     with pytest.raises(InputError, match=r"wraps around .* With --fraction-bits \d+ these values fit"):
-        private_inference(onnx_files["fashion_cnn"], images * 1e9, fraction_bits=16)
+        private_inference(onnx_files["fashion_cnn"], images * 1e9, spec=SessionSpec(fraction_bits=16))
 
 
 def test_the_cli_refuses_with_exit_code_4(tmp_path, onnx_files, images):
@@ -97,7 +97,7 @@ def test_a_cnn_on_raw_0_255_pixels_runs_at_the_default_settings(pixel_cnn, fashi
     """The model a new user brings (BatchNorm after each ReLU, 0-255 inputs, products in the hundreds)
     runs with no flag, within an error stated close to the measured one."""
     x = (fashion_test[0][:8] * 255).astype(np.float32)
-    result = private_inference(pixel_cnn, x, protocol=protocol, batch_size=8)
+    result = private_inference(pixel_cnn, x, spec=SessionSpec(protocol=protocol), batch_size=8)
     summary = result.summary()
     reference = _reference(pixel_cnn, x)
     error = assert_within_stated_error(result.logits, reference, summary)

@@ -20,6 +20,7 @@ from twinfer.protocols.backends import protocols
 from twinfer.protocols.cost_model import graph_cost, total_cost
 from twinfer.protocols.passes.onnx_export import export_onnx
 from twinfer.protocols.passes.onnx_import import graph_from_onnx
+from twinfer.parties.runtime.session_spec import SessionSpec
 from tests.helpers.stated import assert_within_stated_error
 
 pytestmark = pytest.mark.timeout(300)
@@ -52,9 +53,7 @@ def test_clip_and_concat_private_equals_pytorch(protocol):
         expected = model(x).numpy()
         left = model.left(x)
     assert (left > 6).any() and (left < 0).any()
-    reports = run_local_session(
-        onnx_bytes, x.numpy(), batch=3, options=TransportOptions(connect_timeout_s=60.0), timeout_s=240, protocol=protocol
-    )
+    reports = run_local_session(onnx_bytes, x.numpy(), spec=SessionSpec(options=TransportOptions(connect_timeout_s=60.0), protocol=protocol), batch=3, timeout_s=240)
     client = reports["client"]
     assert client.protocol == reports["server"].protocol == protocol
     np.testing.assert_allclose(client.logits, expected, atol=2e-2)
@@ -74,10 +73,7 @@ def test_demo_models_on_fss_equal_pytorch_within_0_01(name, request, fashion_tes
     x = torch.tensor(fashion_test[0][:4])
     onnx_bytes = export_onnx(model, x[:1])
     graph, _ = graph_from_onnx(onnx.load_from_string(onnx_bytes))
-    reports = run_local_session(
-        onnx_bytes, x.numpy(), batch=2, options=TransportOptions(connect_timeout_s=60.0), timeout_s=240, protocol="fss",
-        prefetch_ahead=name == "tiny_resnet",
-    )
+    reports = run_local_session(onnx_bytes, x.numpy(), spec=SessionSpec(options=TransportOptions(connect_timeout_s=60.0), protocol="fss", prefetch_ahead=name == "tiny_resnet"), batch=2, timeout_s=240)
     client = reports["client"]
     with torch.no_grad():
         expected = model(x).numpy()

@@ -73,10 +73,10 @@ def test_cli_infer_json_matches_pytorch(tmp_path, onnx_files, fashion_cnn, fashi
 
 
 def test_python_api_with_a_torch_module(tiny_resnet, fashion_test):
-    from twinfer.deploy.launch.inference import private_inference
+    import twinfer
 
     images = fashion_test[0][100:116]
-    result = private_inference(tiny_resnet, images, batch_size=16)
+    result = twinfer.infer(tiny_resnet, images, batch_size=16, protocol="fss")
     with torch.no_grad():
         reference = tiny_resnet(torch.from_numpy(images)).numpy()
     assert (result.logits.argmax(1) == reference.argmax(1)).all()

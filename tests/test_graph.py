@@ -140,7 +140,7 @@ def test_exact_rewrites_save_comparisons_and_change_no_output(fashion_cnn, fashi
     """A ReLU read only by a max-pool moves after it (the demo CNN: 16,528 comparisons per image -> 9,472);
     a ReLU of a ReLU, and one before a clip that floors at 0, are dropped; the outputs stay the same."""
     from twinfer.protocols.cost_model import graph_cost, total_cost
-    from twinfer.protocols.ir.graph import Graph, Node
+    from twinfer.protocols.ir.graph import Node
     from twinfer.protocols.passes.plain import annotate_shapes, run_plain
     from twinfer.protocols.passes.rewrite import fewer_comparisons
     from twinfer.protocols.passes.validation import validate_graph

@@ -109,3 +109,35 @@ def test_no_import_cycle_between_subpackages():
 
 def test_the_cycle_finder_finds_a_cycle():
     assert _cycles({"a.x": {"a.y"}, "a.y": {"a.z"}, "a.z": {"a.x"}, "a.w": {"a.x"}}) == [["a.x", "a.y", "a.z"]]
+
+
+def _environ_writes(path: Path) -> list[str]:
+    """`os.environ[KEY] = ...`, `os.environ.setdefault/update/pop(KEY...)` and `os.putenv` in one file, by key."""
+    writes = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        target = None
+        if isinstance(node, ast.Assign):
+            for t in node.targets:
+                if isinstance(t, ast.Subscript) and ast.unparse(t.value) == "os.environ":
+                    target = ast.unparse(t.slice)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            owner, method = ast.unparse(node.func.value), node.func.attr
+            if (owner == "os.environ" and method in ("setdefault", "update", "pop", "__setitem__")) or (owner == "os" and method == "putenv"):
+                target = ast.unparse(node.args[0]) if node.args else "**"
+        if target is not None:
+            writes.append(target)
+    return writes
+
+
+def test_settings_do_not_travel_in_environment_variables():
+    # A session's settings go down as a SessionSpec (parties/runtime/session_spec.py), a party's
+    # placement as PartyConfig.node; Ray's own switches (RAY_*) are set before an embedded start.
+    found = sorted(
+        f"{path.relative_to(ROOT)}: {key}"
+        for folder in ("protocols", "parties", "optimizer", "deploy")
+        for path in (ROOT / folder).rglob("*.py")
+        if path.parent != ROOT / "deploy" / "cli"
+        for key in _environ_writes(path)
+        if not key.strip("'\"").startswith("RAY_")
+    )
+    assert not found, found

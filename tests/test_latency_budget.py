@@ -29,6 +29,7 @@ from twinfer.protocols.cost_model import graph_cost, total_cost
 from twinfer.protocols.passes.onnx_export import export_onnx
 from twinfer.protocols.passes.onnx_import import graph_from_onnx
 from twinfer.protocols.passes.plain import run_plain
+from twinfer.parties.runtime.session_spec import SessionSpec
 
 WAN = PROFILES["wan"]
 
@@ -301,7 +302,7 @@ def test_budgeted_artifact_predicts_the_cost_models_sum_and_runs_privately(data_
     x = (x - 127.5) / 64
     onnx_bytes = read_model_bytes(out)
     options = TransportOptions(connect_timeout_s=120, network=WAN)
-    reports = run_local_session(onnx_bytes, x, 1, options=options, timeout_s=240, protocol="fss")
+    reports = run_local_session(onnx_bytes, x, 1, spec=SessionSpec(options=options, protocol="fss"), timeout_s=240)
     client = reports["client"]
     g, w = parse_model(onnx_bytes)
     with torch.no_grad():

@@ -25,6 +25,7 @@ from twinfer.parties.runtime.model_file import check_input_fits, load_input, par
 from twinfer.parties.runtime.session import PartyConfig
 from twinfer.parties.wire.transport import TransportOptions
 from twinfer.protocols.passes.onnx_export import export_onnx
+from twinfer.parties.runtime.session_spec import SessionSpec
 
 FAST = TransportOptions(recv_timeout_s=5.0, connect_timeout_s=2.0, accept_timeout_s=5.0)
 
@@ -156,10 +157,7 @@ def test_a_server_range_its_encoding_cannot_hold_is_refused_before_it_listens(ca
     from twinfer.parties.runtime.host import ServerHost
 
     graph, weights = load_model(artifact)
-    config = PartyConfig(
-        role="server", session_id="-", options=FAST, dealer_address="127.0.0.1:9", input_range=(0.0, 1e6), fraction_bits=16,
-        truncation="local",
-    )  # fmt: skip
+    config = PartyConfig(spec=SessionSpec(options=FAST, input_range=(0.0, 1e6), fraction_bits=16, truncation="local"), role="server", session_id="-", dealer_address="127.0.0.1:9")  # fmt: skip
     with pytest.raises(ModelError) as info:  # the interval bound: the artifact's calibration covers [0, 1] only
         ServerHost(graph, weights, config)
     text = str(info.value)
@@ -170,7 +168,7 @@ def test_a_server_range_its_encoding_cannot_hold_is_refused_before_it_listens(ca
         "--input-range", "0,1e6", "--fraction-bits", "16", "--truncation", "local",
     )  # fmt: skip
     assert code == 3 and "[model " in err and "per sample over the layers truncated locally" in err and "Traceback" not in err
-    host = ServerHost(graph, weights, dataclasses.replace(config, fraction_bits="auto", truncation="auto"))
+    host = ServerHost(graph, weights, dataclasses.replace(config, spec=config.spec.replace(fraction_bits="auto", truncation="auto")))
     try:
         encoding = host.encoding
         assert encoding.input_range == (0.0, 1e6) and "the most that hold every value" in encoding.chosen
@@ -183,12 +181,12 @@ def test_a_server_range_its_encoding_cannot_hold_is_refused_before_it_listens(ca
 
 def _one_session(graph, weights, inputs: np.ndarray, **client: object) -> dict:
     """Dealer, server and client hosts in this process over gRPC on loopback: each role's outcome
-    of one session (`client`: settings of the client's PartyConfig)."""
+    of one session (`client`: settings of the client's SessionSpec)."""
     from twinfer.parties.runtime.host import ClientHost, DealerHost, ServerHost
 
-    dealer = DealerHost(PartyConfig(role="dealer", session_id="-", options=FAST))
-    server = ServerHost(graph, weights, PartyConfig(role="server", session_id="-", options=FAST, dealer_address=dealer.address))
-    config = PartyConfig(role="client", session_id="-", options=FAST, dealer_address=dealer.address, server_address=server.address, **client)
+    dealer = DealerHost(PartyConfig(spec=SessionSpec(options=FAST), role="dealer", session_id="-"))
+    server = ServerHost(graph, weights, PartyConfig(spec=SessionSpec(options=FAST), role="server", session_id="-", dealer_address=dealer.address))
+    config = PartyConfig(spec=SessionSpec(options=FAST, **client), role="client", session_id="-", dealer_address=dealer.address, server_address=server.address)
     hosts = {"client": ClientHost(config), "server": server, "dealer": dealer}
     try:
         session = new_session_id()
@@ -227,7 +225,7 @@ def test_a_reused_session_id_is_a_protocol_error():
     from twinfer.deploy.cli.cli import exit_code
     from twinfer.parties.runtime.host import DealerHost
 
-    dealer = DealerHost(PartyConfig(role="dealer", session_id="-", options=FAST))
+    dealer = DealerHost(PartyConfig(spec=SessionSpec(options=FAST), role="dealer", session_id="-"))
     try:
         session = new_session_id()
         dealer.open(session)
@@ -334,12 +332,13 @@ def test_the_dealer_keeps_a_session_while_a_party_of_it_lives():
     """A party busy elsewhere (a long batch, a client still dialing) keeps its dealer session: the
     dealer ends one on its own deadline only when no party of it is left, never with another id."""
     from twinfer.parties.dealer.client import DealerClient
-    from twinfer.parties.dealer.service import DealerServicer, add_dealer_servicer
+    from twinfer.parties.dealer.core import DealerCore
+    from twinfer.parties.dealer.service import add_dealer_servicer
     from twinfer.parties.metrics import Metrics
     from twinfer.parties.wire.transport import start_server
 
     quick = TransportOptions(recv_timeout_s=1.0, connect_timeout_s=2.0)
-    servicer = DealerServicer(idle_timeout_s=quick.recv_timeout_s)
+    servicer = DealerCore(idle_timeout_s=quick.recv_timeout_s)
     server, port = start_server([(servicer, add_dealer_servicer)], "127.0.0.1:0", quick)
     try:
         session = new_session_id()

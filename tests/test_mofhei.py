@@ -33,6 +33,7 @@ from twinfer.optimizer.mofhei.he_friendly import (
 from twinfer.optimizer.mofhei.mofhei import artifact_graph, cost_report, format_report, optimize_mofhei
 from twinfer.protocols.cost_model import BlockShape, graph_cost, pruned_graph, total_cost
 from twinfer.protocols.passes.onnx_export import export_onnx
+from twinfer.parties.runtime.session_spec import SessionSpec
 
 QUICK = FitConfig(epochs=1, lr=1e-3, patience=1, batch_size=32)
 
@@ -245,7 +246,7 @@ def test_cost_model_matches_a_measured_private_run(tmp_path):
     export_artifact(model, x[:1], tmp_path / "art", {})
     graph = artifact_graph(tmp_path / "art")
     options = TransportOptions(connect_timeout_s=60.0)  # a loaded 2-core machine starts processes slowly
-    reports = run_local_session(read_model_bytes(tmp_path / "art"), x.numpy(), batch=2, options=options, timeout_s=300)
+    reports = run_local_session(read_model_bytes(tmp_path / "art"), x.numpy(), spec=SessionSpec(options=options), batch=2, timeout_s=300)
     predicted = graph_cost(graph, batch=2)
     for role in ("client", "server"):
         r = reports[role]

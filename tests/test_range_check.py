@@ -19,6 +19,7 @@ from twinfer.protocols.passes.plain import run_plain
 from twinfer.protocols.passes.encoding import check_encoding, encoding_report
 from twinfer.protocols.passes.ranges import interval_ranges, observed_ranges
 from twinfer.parties.runtime.model_file import parse_model
+from twinfer.parties.runtime.session_spec import SessionSpec
 
 
 @pytest.fixture(scope="module")
@@ -284,17 +285,17 @@ def test_parties_with_other_fraction_bits_are_refused_by_name():
     from twinfer.parties.runtime.session import ClientParty, PartyConfig
     from twinfer.protocols.roles import SERVER
 
-    config = PartyConfig(role="client", session_id="s", server_address="127.0.0.1:9", dealer_address="127.0.0.1:9", fraction_bits=12)
+    config = PartyConfig(spec=SessionSpec(fraction_bits=12), role="client", session_id="s", server_address="127.0.0.1:9", dealer_address="127.0.0.1:9")
     party = ClientParty(np.zeros((1, 4), np.float32), 1, config)
     party._agree_encoding(np.array([12]), SERVER)  # the same: accepted
     with pytest.raises(ProtocolError, match="the server encodes with 16 fractional bits but this client with 12: every party"):
         party._agree_encoding(np.array([16]), SERVER)
-    auto = ClientParty(np.zeros((1, 4), np.float32), 1, dataclasses.replace(config, fraction_bits="auto"))
+    auto = ClientParty(np.zeros((1, 4), np.float32), 1, dataclasses.replace(config, spec=config.spec.replace(fraction_bits="auto")))
     auto._agree_encoding(np.array([9]), SERVER)  # 'auto' takes the server's
     assert auto.fraction_bits == 9
     for bad in (0, 31, 2.5, "16"):
         with pytest.raises(ValueError, match="fraction bits must be 'auto' or an integer from 1 to 30"):
-            PartyConfig(role="client", session_id="s", fraction_bits=bad)
+            PartyConfig(spec=SessionSpec(fraction_bits=bad), role="client", session_id="s")
 
 
 @pytest.mark.parametrize("protocol", protocols())

@@ -31,6 +31,7 @@ from twinfer.parties.runtime.serving import SessionOpener
 from twinfer.parties.runtime.session import ClientParty, PartyConfig, PartyReport
 from twinfer.parties.wire.tls import TlsIdentity
 from twinfer.parties.wire.transport import TransportOptions, open_channel
+from twinfer.parties.runtime.session_spec import SessionSpec
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -79,7 +80,7 @@ def reference(fashion_cnn, fashion_test):
 
 def _client(address: str, dealer, certs) -> Client:
     """`from twinfer import Client`, as a user has it, on the module's dealer."""
-    return Client(address, dealer=dealer[1], tls=certs, options=OPTIONS)
+    return Client(address, spec=SessionSpec(options=OPTIONS), dealer=dealer[1], tls=certs)
 
 
 def _assert_plaintext(report: PartyReport | dict, expected: np.ndarray) -> None:
@@ -235,10 +236,7 @@ def test_past_max_sessions_is_busy_and_made_up_or_replayed_ids_are_refused(serve
         assert "busy" in query.stderr and "Traceback" not in query.stderr
 
         def party(session_id: str, port: int) -> ClientParty:
-            config = PartyConfig(
-                role="client", session_id=session_id, server_address=worker_address(served[1], port),
-                dealer_address=dealer[1], options=OPTIONS, tls=client_tls,
-            )  # fmt: skip
+            config = PartyConfig(spec=SessionSpec(options=OPTIONS), role="client", session_id=session_id, server_address=worker_address(served[1], port), dealer_address=dealer[1], tls=client_tls)  # fmt: skip
             return ClientParty(images[:2], 2, config)
 
         # Three tickets dialed at once (before --accept-timeout), each an ordinary session.

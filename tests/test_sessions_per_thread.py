@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import threading
 
-import numpy as np
 import pytest
 import torch
 
 from twinfer.protocols.backends.crypten.patches import load_crypten
+from twinfer.parties.runtime.session_spec import SessionSpec
 from tests.helpers.stated import assert_within_stated_error
 
 crypten = load_crypten()
@@ -68,10 +68,10 @@ def test_one_process_pair_runs_rounds_of_concurrent_sessions(onnx_files, fashion
 
     graph, weights = load_model(onnx_files["fashion_cnn"])
     opts = TransportOptions(recv_timeout_s=60)
-    dealer = DealerHost(PartyConfig(role="dealer", session_id="-", options=opts))
-    server = ServerHost(graph, weights, PartyConfig(role="server", session_id="-", options=opts, dealer_address=dealer.address))
+    dealer = DealerHost(PartyConfig(spec=SessionSpec(options=opts), role="dealer", session_id="-"))
+    server = ServerHost(graph, weights, PartyConfig(spec=SessionSpec(options=opts), role="server", session_id="-", dealer_address=dealer.address))
     client = ClientHost(
-        PartyConfig(role="client", session_id="-", options=opts, dealer_address=dealer.address, server_address=server.address)
+        PartyConfig(spec=SessionSpec(options=opts), role="client", session_id="-", dealer_address=dealer.address, server_address=server.address)
     )
     images = fashion_test[0][:8]
     with torch.no_grad():

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import grpc
-import numpy as np
 import pytest
 import torch
 
@@ -16,6 +15,7 @@ from twinfer.parties.metrics import Metrics
 from twinfer.parties.runtime.session import PartyConfig, PartyListener
 from twinfer.parties.wire.tls import TlsIdentity
 from twinfer.parties.wire.transport import GrpcTransport, TransportOptions, open_channel
+from twinfer.parties.runtime.session_spec import SessionSpec
 from tests.helpers.stated import assert_within_stated_error
 
 pytestmark = pytest.mark.timeout(120)
@@ -72,16 +72,13 @@ class _NoCertificate(TlsIdentity):
 
 def _hosts(certs, model):
     graph, weights = model
-    dealer = DealerHost(PartyConfig(role="dealer", session_id="-", options=FAST, tls=_identity(certs, "dealer")))
+    dealer = DealerHost(PartyConfig(spec=SessionSpec(options=FAST), role="dealer", session_id="-", tls=_identity(certs, "dealer")))
     server = ServerHost(
         graph, weights,
-        PartyConfig(role="server", session_id="-", options=FAST, dealer_address=dealer.address, tls=_identity(certs, "server")),
+        PartyConfig(spec=SessionSpec(options=FAST), role="server", session_id="-", dealer_address=dealer.address, tls=_identity(certs, "server")),
     )  # fmt: skip
     client = ClientHost(
-        PartyConfig(
-            role="client", session_id="-", options=FAST, dealer_address=dealer.address,
-            server_address=server.address, tls=_identity(certs, "client"),
-        )
+        PartyConfig(spec=SessionSpec(options=FAST), role="client", session_id="-", dealer_address=dealer.address, server_address=server.address, tls=_identity(certs, "client"))
     )  # fmt: skip
     return dealer, server, client
 
@@ -160,6 +157,7 @@ def test_listener_with_another_role_is_refused_by_the_dialer(certs):
 @pytest.mark.parametrize("protocol", ["crypten", "fss-compact"])
 def test_dealer_refuses_a_role_that_is_not_the_callers(certs, protocol):
     from twinfer.parties.dealer.client import DealerClient
+    from twinfer.protocols.backends.crypten.ttp import TtpClient
 
     listener = PartyListener("dealer", "127.0.0.1:0", FAST, _identity(certs, "dealer"))
     listener.dealer.open_session("s")
@@ -177,7 +175,7 @@ def test_dealer_refuses_a_role_that_is_not_the_callers(certs, protocol):
         # ... and the client may not ask for the products' and squares' parts only the server draws.
         if protocol == "crypten":
             with pytest.raises(AuthError, match=r"the client may not ask for 'square' \(only \['server'\]\)"):
-                client.ttp_request("square", None, torch.Size([2]))
+                TtpClient(client).ttp_request("square", None, torch.Size([2]))
         else:
             with pytest.raises(AuthError, match=r"the client may not ask for 'fss.square' \(only \['server'\]\)"):
                 client.request("fss.square", '{"shape": [2]}', client.next_index())

@@ -35,6 +35,7 @@ from twinfer.protocols.passes.validation import graph_from_json
 from twinfer.protocols.numeric.fixed_point import FixedPointBackend
 from twinfer.protocols.ops import SecureContext
 from twinfer.protocols.ops import approximations as approx
+from twinfer.parties.runtime.session_spec import SessionSpec
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -189,10 +190,7 @@ def test_a_padded_bert_privately_equals_pytorch_within_its_stated_error(bert):
     from the server's public program; three processes over gRPC, as PyTorch within the stated error."""
     onnx_bytes = _export(bert, 17, with_mask=True)
     ids, masks = _ids(2, seed=2), _padded(2, [TOKENS, 9])
-    reports = run_local_session(
-        onnx_bytes, {"input_ids": ids, "attention_mask": masks}, batch=2, options=TransportOptions(connect_timeout_s=60.0), timeout_s=240,
-        protocol="fss-compact",
-    )  # fmt: skip
+    reports = run_local_session(onnx_bytes, {"input_ids": ids, "attention_mask": masks}, spec=SessionSpec(options=TransportOptions(connect_timeout_s=60.0), protocol="fss-compact"), batch=2, timeout_s=240)  # fmt: skip
     client = reports["client"]
     expected = bert(torch.from_numpy(ids), torch.from_numpy(masks)).detach().numpy()
     assert_within_stated_error(client.logits, expected, client.encoding)
@@ -222,7 +220,7 @@ def test_twinfer_infer_takes_the_ids_and_their_mask_from_an_npz(bert, tmp_path):
 
 def test_a_masked_model_given_one_array_is_refused_naming_its_inputs(bert):
     with pytest.raises(TwinferError, match=r"at client\] .*the model also takes the public input\(s\) \['attention_mask'\] \(a mask"):
-        run_local_session(_export(bert, 17, with_mask=True), _ids(1), batch=1, options=TransportOptions(connect_timeout_s=60.0), timeout_s=120)
+        run_local_session(_export(bert, 17, with_mask=True), _ids(1), spec=SessionSpec(options=TransportOptions(connect_timeout_s=60.0)), batch=1, timeout_s=120)
 
 
 @pytest.mark.parametrize("protocol", ["fss-compact", "crypten"])
@@ -231,7 +229,7 @@ def test_a_bert_privately_equals_pytorch_within_its_stated_error(bert, protocol)
     one-hot lookup), the weights the server's; the rounds and bytes are the cost model's."""
     onnx_bytes = _export(bert, 17)
     ids = _ids(2, seed=2)
-    reports = run_local_session(onnx_bytes, ids, batch=2, options=TransportOptions(connect_timeout_s=60.0), timeout_s=240, protocol=protocol)
+    reports = run_local_session(onnx_bytes, ids, spec=SessionSpec(options=TransportOptions(connect_timeout_s=60.0), protocol=protocol), batch=2, timeout_s=240)
     client = reports["client"]
     expected = bert(torch.from_numpy(ids)).detach().numpy()
     measured = assert_within_stated_error(client.logits, expected, client.encoding)

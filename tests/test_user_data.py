@@ -157,3 +157,19 @@ def test_check_fits_counts_validation_after_the_split():
     check_fits(UserData(x, y, "mem"), (1, SIDE, SIDE), CLASSES)  # 10 held out: just enough
     with pytest.raises(DataError, match="99 samples are too few"):
         check_fits(UserData(x[:99], y[:99], "mem"), (1, SIDE, SIDE), CLASSES)
+
+
+def test_twinfer_optimize_takes_a_torch_module_and_the_commands_options(tmp_path):
+    import twinfer
+
+    x, y = stripes(200)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    artifact = twinfer.optimize(small_cnn(), str(tmp_path / "d.npz"), tmp_path / "a", normalize="127.5,64", relu_budget=300, epochs=10)
+    assert artifact.manifest["input_normalization"]["mean"] == [127.5] and 0 < artifact.manifest["relu_count"] <= 300
+    from twinfer.protocols.artifact import Artifact
+
+    assert Artifact.read(tmp_path / "a").manifest == artifact.manifest
+    with pytest.raises(TypeError, match="does not take: relu_budjet"):
+        twinfer.optimize(small_cnn(), str(tmp_path / "d.npz"), tmp_path / "b", relu_budjet=300)
+    with pytest.raises(TypeError, match="does not take: json"):
+        twinfer.optimize(small_cnn(), str(tmp_path / "d.npz"), tmp_path / "b", json=True)

@@ -25,6 +25,7 @@ import numpy as np
 from twinfer.parties.wire.network_profile import NetworkProfile, parse_profile
 from twinfer.protocols.backends import DEFAULT_PROTOCOL, backend_class
 from twinfer.parties.runtime.session import PartyReport
+from twinfer.parties.runtime.session_spec import SessionSpec
 from twinfer.parties.wire.transport import TransportOptions
 
 RTT_SWEEP_MS = (0.5, 10, 40, 80)  # at 100 Mbit/s
@@ -106,15 +107,16 @@ def measure(
     # The server waits for the client while the client's process starts (imports torch and
     # crypten): on a loaded machine that takes far longer than the 10 s default.
     options = TransportOptions(recv_timeout_s=300, connect_timeout_s=120, network=profile)
+    spec = SessionSpec(protocol=protocol, options=options, prefetch=True, prefetch_ahead=offline == "ahead")
     encoding = None
     if settle:
         from twinfer.deploy.launch.inference import check_session
         from twinfer.parties.runtime.model_file import parse_model
 
         graph, weights = parse_model(onnx_bytes)
-        encoding = check_session(graph, weights, inputs, protocol)[1]
+        encoding = check_session(graph, weights, inputs, spec)[1]
     reports = run_local_session(
-        onnx_bytes, inputs, batch, options=options, prefetch=True, prefetch_ahead=offline == "ahead", protocol=protocol,
+        onnx_bytes, inputs, batch, spec,
         listen_timeout_s=900.0,  # a large model's server checks its fixed point for minutes before it listens
         encoding=encoding,
     )

@@ -17,9 +17,11 @@ import importlib
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from rich.console import Console
 from safetensors.torch import load_file
 from torch import nn
 
@@ -34,6 +36,7 @@ from twinfer.parties.errors import InputError, ModelError
 from twinfer.protocols.artifact import Artifact
 from twinfer.protocols.backends import DEFAULT_PROTOCOL, protocols
 from twinfer.protocols.passes.onnx_export import export_onnx
+from twinfer.parties.runtime.session_spec import SessionSpec
 
 DATASETS = ("fashion-mnist", "mnist")
 
@@ -171,14 +174,42 @@ def _check_user_data(model: nn.Module, user: UserData) -> None:
     check_fits(user, shape, classes)
 
 
+def optimize(model: str | nn.Module, data: str, out: str | Path, **options: Any) -> Artifact:
+    """`twinfer.optimize`: train and write an artifact as `twinfer optimize` does; `model` a torch
+    module, an ONNX file or 'package.module:Class' (with weights=FILE), `data` a built-in data set,
+    an .npz file or an image folder; `options` are the command's long options with underscores
+    (relu_budget=5000, convert="he-friendly", latency_budget=0.5, network="wan", ...). Returns the
+    artifact written to `out`.
+
+        artifact = twinfer.optimize("model.onnx", "fashion-mnist", "art/", relu_budget=5000)
+        artifact.manifest["accuracy_after"]
+    """
+    parser = argparse.ArgumentParser(prog="twinfer")
+    register(parser.add_subparsers())
+    args = parser.parse_args(["optimize", "--model", "-", "--data", str(data), "--out", str(out)])
+    unknown = sorted((set(options) - set(vars(args))) | (set(options) & {"model", "data", "out", "func", "json"}))
+    if unknown:
+        raise TypeError(f"optimize() got options `twinfer optimize` does not take: {', '.join(unknown)}")
+    vars(args).update(options, model=model)
+    return _optimize(args, new_console(stderr=True))
+
+
 def run(args: argparse.Namespace) -> int:
-    console = new_console(stderr=True)
+    artifact = _optimize(args, new_console(stderr=True))
+    if args.json:
+        print(json.dumps(artifact.manifest))
+    return 0
+
+
+def _optimize(args: argparse.Namespace, console: Console) -> Artifact:
+    """What `run` and `optimize` share: check, load, train and write the artifact (and, without
+    --json, say what was written)."""
     budgeted = args.latency_budget is not None or args.bytes_budget is not None
     if args.relu_budget is None and args.convert is None and args.prune_blocks is None and not budgeted:
         raise ValueError("nothing to do: give --latency-budget/--bytes-budget, --relu-budget, --convert he-friendly and/or --prune-blocks")
     _check_options(args)
     latency = _latency_model(args)  # an unknown --network fails before any data is loaded
-    model = load_trainable(args.model, args.weights)
+    model = args.model if isinstance(args.model, nn.Module) else load_trainable(args.model, args.weights)
     try:
         normalization = Normalization.parse(args.normalize) if args.normalize else None
         train, test, user = load_data(args.data, args.train_samples, normalization, args.seed)
@@ -215,23 +246,24 @@ def run(args: argparse.Namespace) -> int:
     if latency is not None:  # priced on the artifact's own graph (sites and widths applied), after writing it
         artifact = artifact.with_sections(cost_predicted=latency.report(artifact.graph()))
         artifact.write(out)
-    written = artifact.manifest
-    if args.json:
-        print(json.dumps(written))
-    else:
+    if not args.json:
+        _announce(artifact.manifest, out, args, len(test[0]), user is not None, latency, console)
+    return artifact
+
+
+def _announce(written: dict, out: Path, args: argparse.Namespace, tested: int, held_out: bool, latency, console: Console) -> None:
+    console.print(
+        f"wrote {out}: relu_count {written['relu_count']} per sample, test accuracy "
+        f"{written['accuracy_before']:.4f} -> {written['accuracy_after']:.4f} ({args.data}, {tested} "
+        f"{'held-out' if held_out else 'test'} samples)"
+    )
+    if latency is not None:
+        total = written["cost_predicted"]["total"]
         console.print(
-            f"wrote {out}: relu_count {written['relu_count']} per sample, test accuracy "
-            f"{written['accuracy_before']:.4f} -> {written['accuracy_after']:.4f} ({args.data}, {len(test[0])} "
-            f"{'held-out' if user is not None else 'test'} samples)"
+            f"predicted on {latency.protocol} under {latency.network}: {total['latency_s']:.3f} s per sample "
+            f"({total['link_s']:.3f} s link + {total['compute_s']:.3f} s compute), {total['rounds']} rounds, "
+            f"{total['bytes_online']:,} bytes online"
         )
-        if latency is not None:
-            total = written["cost_predicted"]["total"]
-            console.print(
-                f"predicted on {latency.protocol} under {latency.network}: {total['latency_s']:.3f} s per sample "
-                f"({total['link_s']:.3f} s link + {total['compute_s']:.3f} s compute), {total['rounds']} rounds, "
-                f"{total['bytes_online']:,} bytes online"
-            )
-    return 0
 
 
 def _check_options(args: argparse.Namespace) -> None:
@@ -334,7 +366,7 @@ def measure_compute(onnx_bytes: bytes, sample_shape: tuple[int, ...], link, batc
     inputs = np.random.default_rng(0).random((batches, *sample_shape), dtype=np.float32)
     profile = NetworkProfile(link.network, link.rtt_s, link.bandwidth_bps)
     options = TransportOptions(connect_timeout_s=120, recv_timeout_s=300, network=profile)
-    client = run_local_session(onnx_bytes, inputs, 1, options=options, protocol=link.protocol)["client"]
+    client = run_local_session(onnx_bytes, inputs, 1, spec=SessionSpec(options=options, protocol=link.protocol))["client"]
     # The statistic a measured run reports (the median batch after the first), per layer too: the
     # first batches wait for the dealer's keys inside their comparisons, which a session-wide
     # average would bill to every comparison.

@@ -16,7 +16,7 @@ from twinfer.parties.errors import LocalError
 
 from ..config.party_config import load_party_config
 from ..launch.wiring import SESSION_ID_BITS, report_json
-from .options import add_input_range_arg, add_insecure_arg, add_transport_args, positive_int, tls_identity, transport_options
+from .options import add_input_range_arg, add_insecure_arg, add_transport_args, positive_int, session_spec, tls_identity
 
 
 log = logging.getLogger(__name__)
@@ -136,8 +136,9 @@ def _run_party(args: argparse.Namespace) -> dict:
     from twinfer.parties.runtime.model_file import load_input, load_model
     from twinfer.parties.runtime.session import ClientParty
 
-    options = transport_options(args)
-    tfp = args.insecure_trusted_first_party
+    spec = session_spec(args)
+    if args.role != SERVER:  # the declared input range is the server's
+        spec = spec.replace(input_range=None)
     tls = tls_identity(args, args.role)
     sessions = [s.strip() for s in args.session.split(",") if s.strip()]
     if not sessions or len(set(sessions)) != len(sessions):
@@ -145,19 +146,16 @@ def _run_party(args: argparse.Namespace) -> dict:
     check_session_ids(sessions, args.insecure)
 
     def config(**kw) -> PartyConfig:
-        return PartyConfig(
-            role=args.role, session_id=sessions[0], options=options, insecure_trusted_first_party=tfp, tls=tls,
-            protocol=args.protocol, fraction_bits=args.fraction_bits, truncation=args.truncation, insecure=args.insecure, **kw
-        )
+        return PartyConfig(role=args.role, session_id=sessions[0], spec=spec, tls=tls, **kw)
 
     if args.role == DEALER:
         return _serve(args, DealerHost(config(listen=args.listen), max_sessions=len(sessions)), sessions)
-    if not tfp:
+    if not spec.insecure_trusted_first_party:
         _require(args, "dealer")
     if args.role == SERVER:
         _require(args, "model")
         graph, weights = load_model(args.model)
-        server = config(listen=args.listen, dealer_address=args.dealer, input_range=args.input_range)
+        server = config(listen=args.listen, dealer_address=args.dealer)
         host = ServerHost(graph, weights, server, max_sessions=len(sessions))
         log.info("serving at %s", host.encoding.describe())
         return _serve(args, host, sessions)

@@ -11,7 +11,7 @@ from twinfer.parties.errors import LocalError
 from twinfer.parties.runtime.session import CLIENT
 
 from ..launch.wiring import report_json
-from .options import add_transport_args, positive_int, refuse_trusted_first_party, tls_identity, transport_options
+from .options import add_transport_args, positive_int, refuse_trusted_first_party, session_spec, tls_identity
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,8 +36,7 @@ def run(args: argparse.Namespace) -> int:
     check_output_path(args.output)  # before the session, not after it
     inputs = load_input(args.input)
     with Client(
-        args.server, dealer=args.dealer, tls=tls_identity(args, CLIENT), protocol=args.protocol,
-        fraction_bits=args.fraction_bits, options=transport_options(args),
+        args.server, dealer=args.dealer, tls=tls_identity(args, CLIENT), spec=session_spec(args).replace(input_range=None),
     ) as client:  # fmt: skip
         report = client.session(inputs, args.batch)
     if args.output:

@@ -8,8 +8,8 @@ from twinfer.parties.runtime.session import SERVER, PartyConfig, check_listen
 
 from .cmd_party import announce
 from .options import (
-    add_input_range_arg, add_insecure_arg, add_standing_args, positive_int, refuse_trusted_first_party, tls_identity,
-    transport_options,
+    add_input_range_arg, add_insecure_arg, add_standing_args, positive_int, refuse_trusted_first_party, session_spec,
+    tls_identity,
 )  # fmt: skip
 
 
@@ -43,10 +43,8 @@ def run(args: argparse.Namespace) -> int:
     if args.dealer is None:
         raise ValueError("twinfer serve needs --dealer HOST:PORT (a running `twinfer dealer`)")
     template = PartyConfig(
-        role=SERVER, session_id="-", listen=args.listen, dealer_address=args.dealer, options=transport_options(args),
+        role=SERVER, session_id="-", spec=session_spec(args), listen=args.listen, dealer_address=args.dealer,
         tls=tls_identity(args, SERVER),
-        protocol=args.protocol, fraction_bits=args.fraction_bits, truncation=args.truncation, input_range=args.input_range,
-        insecure=args.insecure,
     )  # fmt: skip
     check_listen(args.listen, template.tls, args.insecure, SERVER)  # before the model is read: the cheaper mistake first
     server = StandingServer(

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
 
 from twinfer.protocols.backends import DEFAULT_PROTOCOL, protocols
 from twinfer.protocols.backends.base import AUTO, DEFAULT_FRACTION_BITS, FRACTION_BITS_RANGE, check_session_bits
 from twinfer.protocols.passes.encoding import TRUNCATION_POLICIES
 from twinfer.parties.wire.network_profile import parse_profile
 from twinfer.parties.runtime.session import CLIENT, DEALER, SERVER, ClientInputs
+from twinfer.parties.runtime.session_spec import SessionSpec
 from twinfer.parties.wire.transport import TransportOptions
 
 from ..launch.inference import InferenceResult, ModelLike, private_inference
@@ -127,19 +127,27 @@ def ray_options_from_args(args) -> RayOptions:
     )
 
 
+def session_spec(args: argparse.Namespace) -> SessionSpec:
+    """The session's settings from a parsed command line: built here once, handed whole to the parties
+    (a ValueError names a setting that is wrong)."""
+    return SessionSpec(
+        protocol=args.protocol,
+        fraction_bits=args.fraction_bits,
+        truncation=args.truncation,
+        input_range=getattr(args, "input_range", None),
+        options=transport_options(args),
+        insecure=getattr(args, "insecure", False),
+        insecure_trusted_first_party=getattr(args, "insecure_trusted_first_party", False),
+    )
+
+
 def run_private_inference(args, model: ModelLike, inputs: ClientInputs) -> InferenceResult:
     """private_inference with the options of a parsed command line (infer, demo)."""
     return private_inference(
         model,
         inputs,
+        session_spec(args),
         batch_size=args.batch,
-        options=transport_options(args),
-        insecure_trusted_first_party=args.insecure_trusted_first_party,
-        protocol=args.protocol,
-        fraction_bits=args.fraction_bits,
-        truncation=args.truncation,
-        input_range=getattr(args, "input_range", None),
-        insecure=getattr(args, "insecure", False),
         ray_options=ray_options_from_args(args),
         tls_dir=getattr(args, "tls", None),
         progress=not args.json,

@@ -12,13 +12,14 @@ import torch
 
 import dataclasses
 
-from twinfer.protocols.backends import DEFAULT_PROTOCOL
-from twinfer.protocols.backends.base import AUTO, check_session_bits
-from twinfer.protocols.passes.encoding import TRUNCATION_POLICIES, EncodingReport, SessionEncoding
+from twinfer.protocols.passes.encoding import EncodingReport, SessionEncoding
 from twinfer.protocols.ir.graph import Graph
 from twinfer.protocols.passes.public_inputs import check_covered, split_inputs
 from twinfer.parties.errors import InputError
-from twinfer.parties.wire.network_profile import NetworkProfile
+from twinfer.parties.wire.network_profile import NetworkProfile, parse_profile
+from twinfer.parties.wire.transport import TransportOptions
+from twinfer.protocols.backends import DEFAULT_PROTOCOL
+from twinfer.protocols.backends.base import AUTO
 from twinfer.parties.runtime.model_file import (
     check_input_array,
     check_input_fits,
@@ -27,8 +28,8 @@ from twinfer.parties.runtime.model_file import (
     read_model_bytes,
 )
 from twinfer.parties.runtime.session import CLIENT, DEALER, SERVER, ClientInputs, PartyReport
+from twinfer.parties.runtime.session_spec import SessionSpec
 from twinfer.parties.wire.tls import TlsIdentity
-from twinfer.parties.wire.transport import TransportOptions
 from twinfer.protocols.passes.onnx_export import export_onnx
 
 from .ray_launcher import RayOptions, run_parties
@@ -113,60 +114,42 @@ def model_bytes(model: ModelLike, sample_shape: tuple[int, ...]) -> bytes:
 def private_inference(
     model: ModelLike,
     inputs: ClientInputs,
+    spec: SessionSpec | None = None,
     *,
     batch_size: int | None = None,
-    options: TransportOptions | None = None,
-    insecure_trusted_first_party: bool = False,
     ray_options: RayOptions | None = None,
     tls_dir: str | Path | None = None,
     progress: bool = False,
-    protocol: str = DEFAULT_PROTOCOL,
-    fraction_bits: int | str = AUTO,
-    truncation: str = "auto",
-    input_range: tuple[float, float] | None = None,
-    insecure: bool = False,
 ) -> InferenceResult:
     """Run the model privately on `inputs`: the server holds the model, the client the inputs (an
     array, or one per model input by name: the secret one and public ones such as an attention mask).
 
-    `tls_dir`: a folder from `twinfer certs`; every link then runs over mutual TLS.
-    `fraction_bits`: the fixed point's precision ('auto': chosen for these inputs, the largest up
-    to 16 that holds every value; fewer: larger values, coarser). `truncation`: 'auto' (exact
-    where the local truncation's risk pays for it), 'local' or 'exact'. Before any party starts,
-    the inputs are checked (real numbers, the model's shape and declared input range) and so is
-    what they do in every layer against the encoding (protocols/passes/encoding.py), the error
-    stated from a simulation of the fixed point on them: an InputError naming the layer, never
-    a wrong answer. The server adopts that encoding.
-    `input_range`: declare the model's input range (else an artifact's). `insecure`: allow
-    parties to listen on non-loopback addresses (a Ray cluster) without TLS.
+    `spec`: the session's settings (protocol, fixed point, truncation, declared input range,
+    transport; SessionSpec's defaults without). `tls_dir`: a folder from `twinfer certs`; every link
+    then runs over mutual TLS. Before any party starts, the inputs are checked (real numbers, the
+    model's shape and declared input range) and so is what they do in every layer against the
+    encoding (protocols/passes/encoding.py), the error stated from a simulation of the fixed point
+    on them: an InputError naming the layer, never a wrong answer. The server adopts that encoding.
     """
+    spec = spec or SessionSpec()
     named = {k: check_input_array(v, f"input '{k}'") for k, v in inputs.items()} if isinstance(inputs, Mapping) else {"": check_input_array(inputs)}
-    check_session_bits(fraction_bits)
-    if truncation not in TRUNCATION_POLICIES:
-        raise ValueError(f"truncation must be one of {', '.join(TRUNCATION_POLICIES)}, got {truncation!r}")
     if batch_size is not None and batch_size < 1:
         raise InputError(f"batch size must be at least 1, got {batch_size}")
     first = next(iter(named.values()))
     data = model_bytes(model, tuple(first.shape[1:]) if first.ndim > 1 else (1,))
     graph, weights = parse_model(data, source=str(model) if isinstance(model, (str, Path)) else "model")
     x, public = public_values(graph, named)
-    report, encoding = check_session(graph, weights, x, protocol, fraction_bits, truncation, input_range, public)
-    options = options or TransportOptions()
+    report, encoding = check_session(graph, weights, x, spec, public)
     batch = batch_size or len(x)
     tls = tls_identities(tls_dir) if tls_dir is not None else None
     reports = run_parties(
         data,
         named if public else x,
         batch_size=batch,
-        options=options,
-        insecure_trusted_first_party=insecure_trusted_first_party,
+        spec=spec.replace(fraction_bits=encoding.fraction_bits),
         ray_options=ray_options,
         tls=tls,
         progress=progress,
-        protocol=protocol,
-        fraction_bits=encoding.fraction_bits,
-        input_range=input_range,
-        insecure=insecure,
         encoding=encoding,
     )
     return InferenceResult(
@@ -174,8 +157,46 @@ def private_inference(
         reports=reports,
         batch_size=batch,
         relu_per_sample=graph.relu_count(),
-        network=options.network,
+        network=spec.options.network,
         encoding=report,
+    )
+
+
+def infer(
+    model: ModelLike,
+    inputs: ClientInputs,
+    *,
+    protocol: str | None = None,
+    fraction_bits: int | str = AUTO,
+    truncation: str = "auto",
+    input_range: tuple[float, float] | None = None,
+    network: str | None = None,
+    timeout_s: float = 60.0,
+    batch_size: int | None = None,
+    tls_dir: str | Path | None = None,
+    ray_address: str | None = None,
+    insecure: bool = False,
+    progress: bool = False,
+) -> InferenceResult:
+    """`twinfer.infer`: the model run privately on `inputs` by a server, a client and a dealer
+    (Ray: an embedded local instance, or the cluster at `ray_address`, where parties listen on
+    their nodes' addresses: give `tls_dir`, or `insecure=True` to accept plaintext). The inputs
+    are checked against the model and its fixed point before any party starts. The settings are
+    `twinfer infer`'s options; the session's SessionSpec is built from them here.
+
+        result = twinfer.infer("model.onnx", images, protocol="fss", network="wan")
+        result.logits, result.summary()
+    """
+    spec = SessionSpec(
+        protocol=protocol or DEFAULT_PROTOCOL,
+        fraction_bits=fraction_bits,
+        truncation=truncation,
+        input_range=input_range,
+        options=TransportOptions(recv_timeout_s=timeout_s, network=parse_profile(network) if network else None),
+        insecure=insecure,
+    )
+    return private_inference(
+        model, inputs, spec, batch_size=batch_size, ray_options=RayOptions(address=ray_address), tls_dir=tls_dir, progress=progress
     )
 
 
@@ -194,17 +215,16 @@ def public_values(graph: Graph, named: Mapping[str, np.ndarray]) -> tuple[np.nda
 
 
 def check_session(
-    graph: Graph, weights: dict[str, np.ndarray], inputs: np.ndarray, protocol: str, fraction_bits: int | str = AUTO,
-    truncation: str = "auto", input_range: tuple[float, float] | None = None, public: dict[str, np.ndarray] | None = None,
+    graph: Graph, weights: dict[str, np.ndarray], inputs: np.ndarray, spec: SessionSpec, public: dict[str, np.ndarray] | None = None
 ) -> tuple[EncodingReport, SessionEncoding]:
     """Where one process holds model and inputs, before any party starts: the inputs against the
     model (shape, finite, declared range) and what they do in every layer at the session's fixed
     point (`public`: their public values, public_values); the encoding the server then adopts (its
     input range: the declared one, else these inputs'). An InputError naming the problem when refused."""
-    if input_range is not None:
-        graph = dataclasses.replace(graph, input_range=input_range)
+    if spec.input_range is not None:
+        graph = dataclasses.replace(graph, input_range=spec.input_range)
     check_input_fits(graph, inputs)
-    report = check_inputs_encode(graph, weights, inputs, fraction_bits, protocol, truncation, public)
+    report = check_inputs_encode(graph, weights, inputs, spec.fraction_bits, spec.protocol, spec.truncation, public)
     held = graph.input_range or (float(np.min(inputs)), float(np.max(inputs)))
     return report, SessionEncoding.of(report, held)
 

@@ -22,12 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from twinfer.protocols.backends import DEFAULT_PROTOCOL
-from twinfer.protocols.backends.base import AUTO
 from twinfer.protocols.passes.encoding import SessionEncoding
 from twinfer.parties.errors import PeerError, PeerTimeoutError, TwinferError
 from twinfer.parties.runtime.session import CLIENT, DEALER, SERVER, PartyConfig, PartyReport
-from twinfer.parties.wire.transport import TransportOptions
+from twinfer.parties.runtime.session_spec import SessionSpec
 
 from .wiring import (
     PartyExitError,
@@ -251,30 +249,21 @@ def run_local_session(
     onnx_bytes: bytes,
     inputs: np.ndarray,
     batch: int,
+    spec: SessionSpec | None = None,
     *,
-    options: TransportOptions | None = None,
-    prefetch: bool = True,
-    prefetch_ahead: bool = False,
     timeout_s: float = 900.0,
-    protocol: str = DEFAULT_PROTOCOL,
-    fraction_bits: int | str = AUTO,
-    truncation: str = "auto",
     encoding: SessionEncoding | None = None,
     listen_timeout_s: float = 120.0,
 ) -> dict[str, PartyReport]:
     """Dealer, server and client in three spawned processes on loopback; reports by role.
     `encoding`: what a check of these inputs settled (inference.check_session), for the server to adopt;
     `listen_timeout_s`: how long the server may take to listen (its model check runs first)."""
-    options = options or TransportOptions()
+    spec = spec or SessionSpec()
     ctx = mp.get_context("spawn")
     session = new_session_id()
     payloads = {DEALER: None, SERVER: onnx_bytes, CLIENT: (inputs, batch)}
 
     def spawn(role: str, **addresses: str | None) -> SpawnedParty:
-        config = party_config(
-            role, session, options, prefetch=prefetch, prefetch_ahead=prefetch_ahead, protocol=protocol, fraction_bits=fraction_bits,
-            truncation=truncation, encoding=encoding, **addresses,
-        )
-        return SpawnedParty(ctx, role, config, payloads[role])
+        return SpawnedParty(ctx, role, party_config(role, session, spec, encoding=encoding, **addresses), payloads[role])
 
     return launch_local(spawn, timeout_s=timeout_s, listen_timeout_s=listen_timeout_s)

@@ -26,11 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from twinfer.protocols.backends import DEFAULT_PROTOCOL
-from twinfer.protocols.backends.base import AUTO
 from twinfer.protocols.passes.encoding import SessionEncoding
 from twinfer.parties.errors import PeerError, PeerTimeoutError, TwinferError
 from twinfer.parties.runtime.session import CLIENT, DEALER, SERVER, ClientInputs, PartyConfig, PartyReport
+from twinfer.parties.runtime.session_spec import SessionSpec
 from twinfer.parties.wire.tls import TlsIdentity
 from twinfer.parties.wire.transport import TransportOptions
 
@@ -64,8 +63,7 @@ class PartyActor:
         from twinfer.parties.runtime.model_file import parse_model
 
         node_id = ray.get_runtime_context().get_node_id()
-        os.environ["TWINFER_NODE"] = node_id
-        template = dataclasses.replace(template, listen=f"{host or ray.util.get_node_ip_address()}:0")
+        template = dataclasses.replace(template, listen=f"{host or ray.util.get_node_ip_address()}:0", node=node_id)
         if self.role == DEALER:
             self.host = DealerHost(template, max_sessions)
         elif self.role == SERVER:
@@ -300,24 +298,17 @@ def run_parties(
     inputs: ClientInputs,
     *,
     batch_size: int,
-    options: TransportOptions,
-    insecure_trusted_first_party: bool = False,
+    spec: SessionSpec,
     ray_options: RayOptions | None = None,
     tls: dict[str, TlsIdentity] | None = None,
     progress: bool = False,
-    protocol: str = DEFAULT_PROTOCOL,
-    fraction_bits: int | str = AUTO,
-    input_range: tuple[float, float] | None = None,
-    insecure: bool = False,
     encoding: SessionEncoding | None = None,
 ) -> dict[str, PartyReport]:
     """Launch server, client and dealer actors, wire them, run one session; reports by role.
     `encoding`: what the launcher's check settled on these inputs, which the server adopts."""
     return run_sessions(
-        onnx_bytes, [inputs], batch_size=batch_size, options=options,
-        insecure_trusted_first_party=insecure_trusted_first_party, ray_options=ray_options, tls=tls, progress=progress,
-        protocol=protocol, fraction_bits=fraction_bits, input_range=input_range, insecure=insecure, encoding=encoding,
-    )[0]  # fmt: skip
+        onnx_bytes, [inputs], batch_size=batch_size, spec=spec, ray_options=ray_options, tls=tls, progress=progress, encoding=encoding
+    )[0]
 
 
 def run_sessions(
@@ -325,29 +316,20 @@ def run_sessions(
     inputs: list[np.ndarray],
     *,
     batch_size: int,
-    options: TransportOptions,
-    insecure_trusted_first_party: bool = False,
+    spec: SessionSpec,
     ray_options: RayOptions | None = None,
     tls: dict[str, TlsIdentity] | None = None,
     progress: bool = False,
     timeout_s: float = 3600.0,
-    protocol: str = DEFAULT_PROTOCOL,
-    fraction_bits: int | str = AUTO,
-    input_range: tuple[float, float] | None = None,
-    insecure: bool = False,
     encoding: SessionEncoding | None = None,
 ) -> list[dict[str, PartyReport]]:
     """One server, client and dealer actor running one session per input array, all at once.
 
     Returns each session's reports by role, in the order of `inputs`; if any session failed,
     raises the error where that failure started. Without `tls`, parties on a cluster listen on
-    their nodes' addresses in plaintext only with `insecure`.
+    their nodes' addresses in plaintext only with `spec.insecure`.
     """
-    with party_pool(
-        onnx_bytes, options=options, insecure_trusted_first_party=insecure_trusted_first_party,
-        ray_options=ray_options, tls=tls, max_sessions=len(inputs), protocol=protocol, fraction_bits=fraction_bits,
-        input_range=input_range, insecure=insecure, encoding=encoding,
-    ) as pool:  # fmt: skip
+    with party_pool(onnx_bytes, spec=spec, ray_options=ray_options, tls=tls, max_sessions=len(inputs), encoding=encoding) as pool:
         return pool.run(inputs, batch_size=batch_size, progress=progress, timeout_s=timeout_s)
 
 
@@ -355,15 +337,10 @@ def run_sessions(
 def party_pool(
     onnx_bytes: bytes,
     *,
-    options: TransportOptions,
-    insecure_trusted_first_party: bool = False,
+    spec: SessionSpec,
     ray_options: RayOptions | None = None,
     tls: dict[str, TlsIdentity] | None = None,
     max_sessions: int = 16,
-    protocol: str = DEFAULT_PROTOCOL,
-    fraction_bits: int | str = AUTO,
-    input_range: tuple[float, float] | None = None,
-    insecure: bool = False,
     encoding: SessionEncoding | None = None,
 ) -> Iterator[PartyPool]:
     """Three placed, wired party actors that serve run() calls until the block ends."""
@@ -381,12 +358,9 @@ def party_pool(
         per_role, group, placed = _node_options(ray_options)
         log.info("parties placed on %s", placed)
         remote = ray.remote(num_cpus=ray_options.num_cpus_per_party, max_concurrency=2, max_restarts=0)(PartyActor)
-        roles = [SERVER, CLIENT] + ([] if insecure_trusted_first_party else [DEALER])
+        roles = [SERVER, CLIENT] + ([] if spec.insecure_trusted_first_party else [DEALER])
         actors = {role: remote.options(**per_role.get(role, {})).remote(role) for role in roles}
-        pool = PartyPool(
-            actors, options, insecure_trusted_first_party, tls, max_sessions, placed, protocol, fraction_bits, input_range, insecure,
-            encoding,
-        )
+        pool = PartyPool(actors, spec, tls, max_sessions, placed, encoding)
         # Where every node is this machine (the embedded instance, a cluster on one host), the
         # parties listen on loopback only; else on their nodes' addresses.
         pool.start(onnx_bytes, listen_host="127.0.0.1" if _all_nodes_here() else None)
@@ -418,15 +392,10 @@ class PartyPool:
     """Party actors wired once (dealer first, then the server, then the client); each run() a batch of sessions."""
 
     actors: dict[str, Any]
-    options: TransportOptions
-    insecure_tfp: bool
+    spec: SessionSpec
     tls: dict[str, TlsIdentity] | None
     max_sessions: int
     placement: str = ""
-    protocol: str = DEFAULT_PROTOCOL
-    fraction_bits: int | str = AUTO
-    input_range: tuple[float, float] | None = None
-    insecure: bool = False
     encoding: SessionEncoding | None = None
 
     def run(
@@ -441,14 +410,10 @@ class PartyPool:
         return [_session_reports(session_id, results) for session_id in session_ids]
 
     def _template(self, role: str, **addresses: str | None) -> PartyConfig:
-        return party_config(
-            role, "-", self.options, insecure_trusted_first_party=self.insecure_tfp, tls=self.tls, protocol=self.protocol,
-            fraction_bits=self.fraction_bits, input_range=self.input_range, insecure=self.insecure, encoding=self.encoding,
-            **addresses,
-        )  # fmt: skip
+        return party_config(role, "-", self.spec, tls=self.tls, encoding=self.encoding, **addresses)
 
     def start(self, onnx_bytes: bytes, listen_host: str | None = None) -> None:
-        timeout = self.options.connect_timeout_s + 120.0  # actor start-up includes importing torch
+        timeout = self.spec.options.connect_timeout_s + 120.0  # actor start-up includes importing torch
         payloads = {SERVER: onnx_bytes}
 
         def listen(role: str, **addresses: str | None) -> str | None:
@@ -464,7 +429,7 @@ class PartyPool:
 
     def collect(self, session_ids: list[str], timeout_s: float, progress: bool) -> dict[str, dict | BaseException]:
         refs = {self.actors[role].run.remote(session_ids, timeout_s): role for role in self.actors}
-        return _collect(self.actors, refs, self.options, progress)
+        return _collect(self.actors, refs, self.spec.options, progress)
 
 
 def _get(refs, timeout: float):

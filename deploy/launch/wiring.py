@@ -21,12 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from twinfer.parties.errors import PeerError, TwinferError
-from twinfer.protocols.backends import DEFAULT_PROTOCOL
-from twinfer.protocols.backends.base import AUTO
 from twinfer.protocols.passes.encoding import SessionEncoding
 from twinfer.parties.runtime.session import CLIENT, DEALER, SERVER, PartyConfig, PartyReport
+from twinfer.parties.runtime.session_spec import SessionSpec
 from twinfer.parties.wire.tls import TlsIdentity
-from twinfer.parties.wire.transport import TransportOptions
 
 ROLES = (DEALER, SERVER, CLIENT)  # the order the parties start in
 
@@ -46,29 +44,20 @@ def new_session_id() -> str:
 def party_config(
     role: str,
     session_id: str,
-    options: TransportOptions,
+    spec: SessionSpec,
     *,
-    insecure_trusted_first_party: bool = False,
     tls: dict[str, TlsIdentity] | None = None,
-    prefetch: bool = True,
-    prefetch_ahead: bool = False,
     dealer_address: str | None = None,
     server_address: str | None = None,
-    protocol: str = DEFAULT_PROTOCOL,
-    fraction_bits: int | str = AUTO,
-    truncation: str = "auto",
-    input_range: tuple[float, float] | None = None,
-    insecure: bool = False,
     encoding: SessionEncoding | None = None,
 ) -> PartyConfig:
-    """One role's PartyConfig; `tls` holds every role's identity (or is None: no TLS). `encoding`:
-    what the launcher's own check settled (the server adopts it; the client takes the server's bits)."""
+    """One role's PartyConfig; `tls` holds every role's identity (or is None: no TLS), of which the
+    role gets its own only. The declared input range and `encoding` (what the launcher's own check
+    settled: the server adopts it, the client takes the server's bits) go to the server alone."""
     server = role == SERVER
     return PartyConfig(
-        role=role, session_id=session_id, options=options, insecure_trusted_first_party=insecure_trusted_first_party,
-        dealer_prefetch=prefetch, prefetch_ahead=prefetch_ahead, tls=tls[role] if tls else None, dealer_address=dealer_address, server_address=server_address,
-        protocol=protocol, fraction_bits=fraction_bits, truncation=truncation, input_range=input_range if server else None, insecure=insecure,
-        encoding=encoding if server else None,
+        role=role, session_id=session_id, spec=spec if server else spec.replace(input_range=None), tls=tls[role] if tls else None,
+        dealer_address=dealer_address, server_address=server_address, encoding=encoding if server else None,
     )  # fmt: skip
 
 

@@ -7,12 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from twinfer.protocols.backends import DEFAULT_PROTOCOL
-from twinfer.protocols.backends.base import AUTO
 from twinfer.parties.runtime.serving import SessionOpener
 from twinfer.parties.runtime.session import CLIENT, ClientInputs, ClientParty, PartyConfig, PartyReport
+from twinfer.parties.runtime.session_spec import SessionSpec
 from twinfer.parties.wire.tls import TlsIdentity
-from twinfer.parties.wire.transport import TransportOptions
 
 
 def worker_address(server: str, port: int) -> str:
@@ -37,21 +35,19 @@ class Client:
         *,
         dealer: str,
         tls: str | Path | TlsIdentity | None = None,
-        protocol: str = DEFAULT_PROTOCOL,
-        fraction_bits: int | str = AUTO,
-        options: TransportOptions | None = None,
+        spec: SessionSpec | None = None,
         timeout_s: float | None = None,
     ) -> None:
         """`tls`: a folder from `twinfer certs` (the client's certificate and the CA), or an identity;
-        `timeout_s`: the deadline of every network wait (else `options`' or 60 s)."""
+        `spec`: the session's settings (its protocol and fixed point must be the server's);
+        `timeout_s`: the deadline of every network wait (else `spec.options`' or 60 s)."""
         if not dealer:
             raise ValueError("the client needs the dealer's address (dealer='host:port')")
-        options = options or TransportOptions()
+        spec = spec or SessionSpec()
         if timeout_s is not None:
-            options = dataclasses.replace(options, recv_timeout_s=timeout_s)
-        self.server, self.dealer, self.options = server, dealer, options
+            spec = spec.replace(options=dataclasses.replace(spec.options, recv_timeout_s=timeout_s))
+        self.server, self.dealer, self.spec = server, dealer, spec
         self.tls = TlsIdentity.from_dir(tls, CLIENT) if isinstance(tls, (str, Path)) else tls
-        self.protocol, self.fraction_bits = protocol, fraction_bits
         self._opener: SessionOpener | None = None
         self.last_report: PartyReport | None = None
         self.last_session: str | None = None
@@ -68,12 +64,11 @@ class Client:
         named = ClientParty.check_inputs(inputs, batch_size or 1)  # before a session is opened for it
         batch = batch_size or len(next(iter(named.values())))
         if self._opener is None:
-            self._opener = SessionOpener(self.server, options=self.options, tls=self.tls)
+            self._opener = SessionOpener(self.server, options=self.spec.options, tls=self.tls)
         ticket = self._opener.open()
         config = PartyConfig(
             role=CLIENT, session_id=ticket.session_id, server_address=worker_address(self.server, ticket.port),
-            dealer_address=self.dealer, options=self.options, tls=self.tls, protocol=self.protocol,
-            fraction_bits=self.fraction_bits,
+            dealer_address=self.dealer, spec=self.spec, tls=self.tls,
         )  # fmt: skip
         self.last_session = ticket.session_id
         self.last_report = ClientParty(inputs, batch, config).run()

@@ -65,7 +65,7 @@ class StandingServer:
             raise ValueError(f"--workers must be at least 1, got {workers}")
         if not 1 <= max_sessions <= MAX_SESSIONS * workers:
             raise ValueError(f"--max-sessions must be between 1 and {MAX_SESSIONS * workers} for {workers} worker(s), got {max_sessions}")
-        check_listen(listen, template.tls, template.insecure, SERVER)
+        check_listen(listen, template.tls, template.spec.insecure, SERVER)
         graph, weights = parse_model(model)
         _, encoding = server_graph(graph, weights, template)  # a model this encoding cannot serve is refused before any worker starts
         log.info("serving at %s", encoding.describe())
@@ -104,7 +104,7 @@ class StandingServer:
         """Start the workers (all at once), then the front door and the metrics page; the front door's address."""
         if self.template.dealer_address:  # a dealer that is not there is named now, not in every session's error
             open_channel(
-                self.template.dealer_address, role=SERVER, peer_role=DEALER, options=self.template.options, tls=self.template.tls
+                self.template.dealer_address, role=SERVER, peer_role=DEALER, options=self.template.spec.options, tls=self.template.tls
             ).close()
         self._events = self._ctx.Queue()
         try:
@@ -113,7 +113,7 @@ class StandingServer:
                 worker.wait_ready()
             front = FrontDoor(self.open_session, check_role_certs=self.template.tls is not None)
             self._server, port = start_server(
-                [(front, add_front_door), self.health.pair], self.listen, self.template.options, self.template.tls
+                [(front, add_front_door), self.health.pair], self.listen, self.template.spec.options, self.template.tls
             )
             if self.metrics_port is not None:
                 self.metrics_port = self.metrics.serve(self.metrics_port, self.metrics_host)

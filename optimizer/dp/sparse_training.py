@@ -30,7 +30,6 @@ table (rows never selected are dropped), which is what the private lookup pays f
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable

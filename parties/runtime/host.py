@@ -51,7 +51,7 @@ class _Host:
         self._on_end: Callable[[str, PartyReport | TwinferError], None] | None = None
         self._lock = threading.Lock()
         listener = self.role != CLIENT
-        self.listener = PartyListener(self.role, template.listen, template.options, template.tls, template.insecure) if listener else None
+        self.listener = PartyListener(self.role, template.listen, template.spec.options, template.tls, template.spec.insecure) if listener else None
         self.address = self.listener.address if self.listener is not None else None
 
     def config(self, session_id: str) -> PartyConfig:

@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from twinfer.protocols.backends import DEFAULT_PROTOCOL, Backend, backend_class, protocols
-from twinfer.protocols.backends.base import AUTO, BackendError, check_session_bits
-from twinfer.protocols.passes.encoding import TRUNCATION_POLICIES, SessionEncoding, apply_plan
-from twinfer.protocols.ir.graph import Graph, GraphError, check_input_range
+from twinfer.protocols.backends import DEFAULT_PROTOCOL, Backend, protocols
+from twinfer.protocols.backends.base import AUTO, BackendError
+from twinfer.protocols.passes.encoding import SessionEncoding, apply_plan
+from twinfer.protocols.ir.graph import Graph, GraphError
 from twinfer.protocols.passes.public_inputs import check_covered, check_public_inputs, split_inputs
 from twinfer.protocols.passes.validation import graph_from_json
 from twinfer.protocols.ops.embedding import check_ids, encode_input
@@ -36,6 +36,7 @@ from twinfer.parties.dealer.service import DealerServicer, add_dealer_servicer
 from twinfer.parties.dealer.client import DealerClient
 from twinfer.parties.errors import InputError, PeerError, ProtocolError, TwinferError
 from twinfer.parties.metrics import Metrics
+from twinfer.parties.runtime.session_spec import SessionSpec
 from twinfer.parties.runtime.model_file import check_held_range, check_input_array, server_encoding
 from twinfer.parties.wire.tls import TlsIdentity
 from twinfer.parties.wire.transport import GrpcTransport, PeerServicer, TransportOptions, add_peer_servicer, start_server
@@ -47,44 +48,20 @@ STOP_WAIT_S = 5.0  # past the grace, how long closing a listener waits for gRPC 
 
 @dataclass(frozen=True)
 class PartyConfig:
-    """What one party needs to know about its session and its peers."""
+    """One party of one session: who it is, where its peers are, and the session's settings."""
 
     role: str
     session_id: str
+    spec: SessionSpec = field(default_factory=SessionSpec)
     listen: str = "127.0.0.1:0"
     server_address: str | None = None
     dealer_address: str | None = None
-    options: TransportOptions = field(default_factory=TransportOptions)
-    insecure_trusted_first_party: bool = False
-    dealer_prefetch: bool = True  # have the dealer make a batch's tuples before they are needed
-    # and make the next batch's between batches, not while this one runs (online latency alone)
-    prefetch_ahead: bool = False
     tls: TlsIdentity | None = None  # mutual TLS on every link this party opens or accepts
-    protocol: str = DEFAULT_PROTOCOL  # the secure backend; both parties of a session must agree
-    # fixed-point precision: 'auto' (the server's check chooses; a client takes the server's) or a number
-    # both parties of a session must agree on
-    fraction_bits: int | str = AUTO
-    truncation: str = "auto"  # server: which layers truncate exactly (protocols/passes/encoding.py: auto, local, exact)
-    input_range: tuple[float, float] | None = None  # server: the inputs the model is declared for (else the artifact's)
-    insecure: bool = False  # allow listening on a non-loopback address without TLS
     # server: the encoding its launcher settled on the very inputs (`twinfer infer`), instead of its own check
     encoding: SessionEncoding | None = None
+    node: str | None = None  # where the launcher placed it (a Ray node id); else this host's name
 
     def __post_init__(self) -> None:
-        backend = backend_class(self.protocol)  # an unknown protocol is refused before anything starts
-        if self.insecure_trusted_first_party and not backend.trusted_first_party:
-            raise ValueError(
-                f"--insecure-trusted-first-party runs CrypTen's trusted first party: protocol '{self.protocol}' needs a dealer "
-                "(pass --protocol crypten with it, or start a dealer and pass --dealer)"
-            )
-        check_session_bits(self.fraction_bits)
-        if self.truncation not in TRUNCATION_POLICIES:
-            raise ValueError(f"truncation must be one of {', '.join(TRUNCATION_POLICIES)}, got {self.truncation!r}")
-        if self.input_range is not None:
-            try:
-                object.__setattr__(self, "input_range", check_input_range(self.input_range))
-            except GraphError as err:
-                raise ValueError(str(err)) from None
         if self.role not in (SERVER, CLIENT, DEALER):
             raise ValueError(f"role must be server, client or dealer, got '{self.role}'")
         if not self.session_id:
@@ -184,10 +161,6 @@ class PartyReport:
     public_inputs: list[str] = field(default_factory=list)  # model inputs sent in the clear (an attention mask)
 
 
-def _node_name() -> str:
-    return os.environ.get("TWINFER_NODE", socket.gethostname())
-
-
 def _wrap(err: BaseException, role: str) -> TwinferError:
     if isinstance(err, TwinferError):
         if not err.origin:
@@ -213,18 +186,18 @@ class _TwoPartySession:
             session_id=config.session_id,
             role=config.role,
             peer_role=CLIENT if config.role == SERVER else SERVER,
-            options=config.options,
+            options=config.spec.options,
             metrics=self.metrics,
         )
         self.dealer: DealerClient | None = None
-        self.report = PartyReport(role=config.role, pid=os.getpid(), node=_node_name(), protocol=config.protocol)
+        self.report = PartyReport(role=config.role, pid=os.getpid(), node=config.node or socket.gethostname(), protocol=config.spec.protocol)
         self.backend: Backend | None = None
-        self.fraction_bits: int | str = config.fraction_bits  # a client with 'auto' takes the server's
-        backend_class(config.protocol).prepare()  # imports happen here, not inside the measured setup
+        self.fraction_bits: int | str = config.spec.fraction_bits  # a client with 'auto' takes the server's
+        config.spec.backend.prepare()  # imports happen here, not inside the measured setup
 
     def _connect_dealer(self) -> None:
         """First thing in a session: from then on any failure reaches the dealer too."""
-        if self.config.insecure_trusted_first_party:
+        if self.config.spec.insecure_trusted_first_party:
             return
         if not self.config.dealer_address:
             raise ValueError("a dealer address is required (or the insecure trusted-first-party flag)")
@@ -232,20 +205,20 @@ class _TwoPartySession:
             self.config.dealer_address,
             session_id=self.config.session_id,
             role=self.role,
-            options=self.config.options,
+            options=self.config.spec.options,
             metrics=self.metrics,
-            prefetch=self.config.dealer_prefetch,
-            prefetch_ahead=self.config.prefetch_ahead,
+            prefetch=self.config.spec.prefetch,
+            prefetch_ahead=self.config.spec.prefetch_ahead,
             tls=self.config.tls,
-            protocol=self.config.protocol,
+            protocol=self.config.spec.protocol,
         )
 
     def _agree_protocol(self, theirs: np.ndarray, peer: str) -> None:
         """Refuse a peer that runs another backend: the two would desynchronise, not fail."""
         name = theirs.tobytes().decode(errors="replace")
-        if name != self.config.protocol:
+        if name != self.config.spec.protocol:
             raise ProtocolError(
-                f"the {peer} runs protocol '{name}' but this {self.role} runs '{self.config.protocol}': every party "
+                f"the {peer} runs protocol '{name}' but this {self.role} runs '{self.config.spec.protocol}': every party "
                 f"of a session must use the same --protocol (known: {', '.join(protocols())})",
                 origin=self.role,
             )
@@ -272,13 +245,13 @@ class _TwoPartySession:
         self._agree_encoding(self.transport.recv("fraction_bits"), peer)
 
     def _send_protocol(self) -> None:
-        self.transport.send("protocol", np.frombuffer(self.config.protocol.encode(), dtype=np.uint8))
+        self.transport.send("protocol", np.frombuffer(self.config.spec.protocol.encode(), dtype=np.uint8))
         bits = 0 if self.fraction_bits == AUTO else int(self.fraction_bits)
         self.transport.send("fraction_bits", np.array([bits], dtype=np.int64))
 
     def _start_backend(self) -> None:
         torch.set_num_threads(1)  # two parties on one machine: 10x slower with default threads
-        self.backend = backend_class(self.config.protocol).create(self.rank, self.transport, self.dealer, fraction_bits=self.fraction_bits)
+        self.backend = self.config.spec.backend.create(self.rank, self.transport, self.dealer, fraction_bits=self.fraction_bits)
         self.backend.start()
         self.report.torch_threads = torch.get_num_threads()
 
@@ -363,13 +336,13 @@ def server_graph(graph: Graph, weights: dict[str, np.ndarray], config: PartyConf
     model's input range (the configured one, else the artifact's, else the widest its checks
     accept) before anything is shared, each layer's truncation in its attributes (a ModelError
     naming the layer when refused); or the encoding its launcher settled on the very inputs."""
-    if config.input_range is not None:
-        graph = dataclasses.replace(graph, input_range=config.input_range)
+    if config.spec.input_range is not None:
+        graph = dataclasses.replace(graph, input_range=config.spec.input_range)
     if config.encoding is not None:
         encoding = config.encoding
         held = graph.input_range if graph.input_range is not None else encoding.input_range
     else:
-        encoding = server_encoding(graph, weights, config.fraction_bits, config.protocol, config.truncation)
+        encoding = server_encoding(graph, weights, config.spec.fraction_bits, config.spec.protocol, config.spec.truncation)
         held = encoding.input_range
     return dataclasses.replace(apply_plan(graph, encoding.truncations(), encoding.widths), input_range=held), encoding
 
@@ -395,7 +368,7 @@ class ServerParty(_TwoPartySession):
         self.fraction_bits = encoding.fraction_bits
         self.report.encoding = encoding.summary()
         self._own_listener = listener is None
-        self.listener = listener or PartyListener(SERVER, config.listen, config.options, config.tls, config.insecure)
+        self.listener = listener or PartyListener(SERVER, config.listen, config.spec.options, config.tls, config.spec.insecure)
         self.listener.peers.expect(self.transport)
         self.port, self.address = self.listener.port, self.listener.address
 
@@ -574,7 +547,7 @@ class DealerParty:
         """`listener`: a dealer listener shared with other sessions of this process; else one of its own."""
         self.config = config
         self._own_listener = listener is None
-        self.listener = listener or PartyListener(DEALER, config.listen, config.options, config.tls, config.insecure)
+        self.listener = listener or PartyListener(DEALER, config.listen, config.spec.options, config.tls, config.spec.insecure)
         self.servicer = self.listener.dealer
         self.servicer.open_session(config.session_id)
         self.port, self.address = self.listener.port, self.listener.address
@@ -583,7 +556,7 @@ class DealerParty:
         session = self.servicer.wait_finished(self.config.session_id, timeout_s)
         if self._own_listener:
             self.listener.close()
-        report = PartyReport(role=DEALER, pid=os.getpid(), node=_node_name(), bytes_offline=session.bytes_sent)
+        report = PartyReport(role=DEALER, pid=os.getpid(), node=self.config.node or socket.gethostname(), bytes_offline=session.bytes_sent)
         if session.error is not None:
             e = session.error
             raise PeerError(f"{e.origin} failed ({e.kind}): {e.message}", error_id=e.error_id, origin=e.origin)

@@ -9,7 +9,6 @@ differences (`approximations.exp_nonpositive`), their sum (local), one reciproca
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from ..ir.graph import GraphError, Node

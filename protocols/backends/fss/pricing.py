@@ -22,7 +22,6 @@ key replaces the ReLU's). The weight masks are session set-up.
 
 from __future__ import annotations
 
-import math
 
 from ..base import OPEN_BYTES, RING_BYTES, Cost, Pricing, Truncation
 from .relu import key_bytes_per_relu, relu_key_header_bytes
