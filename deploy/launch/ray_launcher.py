@@ -62,8 +62,8 @@ class PartyActor:
         from twinfer.parties.runtime.host import ClientHost, DealerHost, ServerHost
         from twinfer.parties.runtime.model_file import parse_model
 
-        node_id = ray.get_runtime_context().get_node_id()
-        template = dataclasses.replace(template, listen=f"{host or ray.util.get_node_ip_address()}:0", node=node_id)
+        node_id, node_ip = ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
+        template = dataclasses.replace(template, listen=f"{host or node_ip}:0", node=node_id, node_address=node_ip)
         if self.role == DEALER:
             self.host = DealerHost(template, max_sessions)
         elif self.role == SERVER:

@@ -54,8 +54,9 @@ BURST_S = 0.005
 # crosses the veth has a sub-millisecond RTT (the delay lives in the relay), so a short queue
 # keeps throughput without hiding a large standing queue in latency measurements.
 TBF_LATENCY_MS = 20
-# Names of the namespaces this module creates: KernelLink ends and the availability probe.
-OWN_NAMESPACE = re.compile(r"^tw-(?:probe-)?(?P<pid>\d+)-[0-9a-f]{8}(?:-[sc])?$")
+# Names of the namespaces this module creates: KernelLink ends and the availability probe;
+# and those of netns_cluster: the nodes of a NetnsCluster and its hub.
+OWN_NAMESPACE = re.compile(r"^tw-(?:probe-)?(?P<pid>\d+)-[0-9a-f]{8}(?:-[sc]|-n\d+|-hub)?$")
 
 
 class ShapingError(RuntimeError):
@@ -81,8 +82,11 @@ def list_namespaces() -> list[str]:
 
 
 def remove_namespace(ns: str) -> None:
-    """Kill what still runs in `ns` (it keeps the namespace alive), then delete it."""
-    pids = _run(["ip", "netns", "pids", ns]).split()
+    """Kill what still runs in `ns` (it keeps the namespace alive), then delete it.
+
+    Never this process: its main thread is in `ns` while it runs a Ray driver from there
+    (NetnsCluster.driver); the namespace then goes once this process leaves it."""
+    pids = [pid for pid in _run(["ip", "netns", "pids", ns]).split() if int(pid) != os.getpid()]
     for pid in pids:
         try:
             os.kill(int(pid), signal.SIGKILL)

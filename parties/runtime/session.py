@@ -60,6 +60,7 @@ class PartyConfig:
     # server: the encoding its launcher settled on the very inputs (`twinfer infer`), instead of its own check
     encoding: SessionEncoding | None = None
     node: str | None = None  # where the launcher placed it (a Ray node id); else this host's name
+    node_address: str | None = None  # that node's address (Ray's node IP), reported beside it
 
     def __post_init__(self) -> None:
         if self.role not in (SERVER, CLIENT, DEALER):
@@ -142,6 +143,7 @@ class PartyReport:
     role: str
     pid: int
     node: str
+    node_address: str | None = None  # the address of the node it ran on, where a launcher placed it
     setup_s: float = 0.0
     torch_threads: int = 0
     batch_latency_s: list[float] = field(default_factory=list)
@@ -190,7 +192,10 @@ class _TwoPartySession:
             metrics=self.metrics,
         )
         self.dealer: DealerClient | None = None
-        self.report = PartyReport(role=config.role, pid=os.getpid(), node=config.node or socket.gethostname(), protocol=config.spec.protocol)
+        self.report = PartyReport(
+            role=config.role, pid=os.getpid(), node=config.node or socket.gethostname(), node_address=config.node_address,
+            protocol=config.spec.protocol,
+        )  # fmt: skip
         self.backend: Backend | None = None
         self.fraction_bits: int | str = config.spec.fraction_bits  # a client with 'auto' takes the server's
         config.spec.backend.prepare()  # imports happen here, not inside the measured setup
@@ -556,7 +561,10 @@ class DealerParty:
         session = self.servicer.wait_finished(self.config.session_id, timeout_s)
         if self._own_listener:
             self.listener.close()
-        report = PartyReport(role=DEALER, pid=os.getpid(), node=self.config.node or socket.gethostname(), bytes_offline=session.bytes_sent)
+        report = PartyReport(
+            role=DEALER, pid=os.getpid(), node=self.config.node or socket.gethostname(), node_address=self.config.node_address,
+            bytes_offline=session.bytes_sent,
+        )  # fmt: skip
         if session.error is not None:
             e = session.error
             raise PeerError(f"{e.origin} failed ({e.kind}): {e.message}", error_id=e.error_id, origin=e.origin)
