@@ -23,6 +23,8 @@ pytestmark = pytest.mark.timeout(300)
         ("models: [m.onnx]\nbatch_sizes: [1]\nnetworks: [rtt=fast]\n", r"key 'networks\[0\]': network profile 'rtt=fast': cannot read rtt 'fast'"),
         ("models: [missing.onnx]\nbatch_sizes: [1]\nnetworks: [lan]\n", r"model missing.onnx does not exist"),
         ("models: m.onnx\nbatch_sizes: [1]\nnetworks: [lan]\n", r"key 'models' must be a list"),
+        ("models: [m.onnx]\nprotocols: [fss, spdz]\nbatch_sizes: [1]\nnetworks: [lan]\n", r"'protocols\[1\]' must be one of crypten, fss, fss-compact, got 'spdz'"),
+        ("models: [m.onnx]\nprotocols: [fss, fss]\nbatch_sizes: [1]\nnetworks: [lan]\n", r"key 'protocols' must name distinct protocols"),
     ],
 )
 def test_bad_sweep_config_names_file_and_key(tmp_path, text, message):
@@ -47,7 +49,7 @@ def _budget_artifact(onnx_path, out):
 def test_sweep_fans_the_grid_out_as_ray_tasks(tmp_path, onnx_files):
     budget = _budget_artifact(onnx_files["fashion_cnn"], tmp_path / "budget_quarter")
     (tmp_path / "sweep.yaml").write_text(
-        f"models: [{onnx_files['fashion_cnn']}, budget_quarter]\nbatch_sizes: [1]\n"
+        f"models: [{onnx_files['fashion_cnn']}, budget_quarter]\nprotocols: [fss-compact, crypten]\nbatch_sizes: [1]\n"
         "networks: ['rtt=4ms,bw=1gbit']\nreps: 1\ncpus_per_run: 1\n"
     )
     assert budget.is_dir()
@@ -57,11 +59,14 @@ def test_sweep_fans_the_grid_out_as_ray_tasks(tmp_path, onnx_files):
         capture_output=True, text=True, timeout=280,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "2/2" in proc.stderr  # the progress bar counted every finished run
+    assert "4/4" in proc.stderr  # the progress bar counted every finished run
     result = json.loads((out / "sweep.json").read_text())
     rows = result["rows"]
-    assert len(rows) == 2 and not any("error" in r for r in rows)
-    assert {(r["model"], r["profile"]) for r in rows} == {(m, "rtt=4ms,bw=1gbit") for m in ("fashion_cnn", "budget_quarter")}
+    assert len(rows) == 4 and not any("error" in r for r in rows)
+    assert {(r["model"], r["protocol"], r["profile"]) for r in rows} == {
+        (m, p, "rtt=4ms,bw=1gbit") for m in ("fashion_cnn", "budget_quarter") for p in ("fss-compact", "crypten")
+    }
+    assert result["meta"]["protocols"] == ["fss-compact", "crypten"]
     relu = {r["model"]: r["relu_per_sample"] for r in rows}
     # the ONNX model's ReLUs move after their max-pools at import; an artifact's masks fit the graph as exported
     assert relu["fashion_cnn"] == 8 * 14 * 14 + 16 * 7 * 7 + 64
@@ -86,3 +91,42 @@ def test_a_failing_run_is_reported_not_waited_on():
     with pytest.raises(ModelError):
         run_local_session(b"not an onnx model", np.zeros((1, 1, 28, 28), np.float32), 1, timeout_s=200)
     assert time.monotonic() - start < 60
+
+
+def _rows() -> list[dict]:
+    row = {"model": "budget_quarter", "protocol": "fss-compact", "profile": "rtt=4ms,bw=1gbit", "batch": 1, "latency_s": 0.1234,
+           "lower_bound_s": 0.05, "latency_over_lower_bound": 2.47, "rounds": 19, "bytes_online": 12.5e6, "relu_per_sample": 12416,
+           "samples_per_s": 8.1}  # fmt: skip
+    return [row, row | {"protocol": "crypten", "profile": "wan", "batch": 16}]
+
+
+def test_the_sweep_table_stands_whole_in_80_columns():
+    import io
+
+    from rich.console import Console
+
+    from twinfer.deploy.bench.sweep import HEADER, sweep_table
+
+    buf = io.StringIO()
+    Console(file=buf, width=80).print(sweep_table(_rows()))
+    text = buf.getvalue()
+    assert max(len(line) for line in text.splitlines()) <= 80 and "…" not in text
+    words = text.split()
+    assert all(word in words for column in HEADER for word in column.split())  # every header, none cut
+    for value in ("12416", "8.10", "0.123", "2.47", "12.50", "fss-comp", "rtt=4ms"):  # every column's cells, folded not cut
+        assert value in text, value
+
+
+def test_a_sweep_of_one_batch_size_still_shows_the_lower_bound():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from twinfer.deploy.bench.sweep import draw_series
+
+    fig, ax = plt.subplots()
+    draw_series(ax, [(1, 0.12, 0.05)], "m (fss-compact)", bound=True)
+    measured, bound = ax.lines
+    assert list(bound.get_ydata()) == [0.05] and bound.get_marker() not in ("None", "", None, " ")
+    plt.close(fig)
