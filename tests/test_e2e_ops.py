@@ -120,7 +120,8 @@ def test_fss_dealer_killed_mid_prefetch_ends_both_parties_within_the_deadline(tm
         dealer = parties.start_dealer()
         server = parties.start_server(onnx_files["tiny_resnet"], "--dealer", dealer, "--protocol", "fss")
         parties.start_client(server, tmp_path / "x.npy", "--dealer", dealer, "--protocol", "fss", "--batch", "1")
-        time.sleep(10)  # weights shared, batches under way, the next batch's keys being prefetched
+        parties.wait_connected("client", server)  # the session is running: 200 batches of one, keys prefetched
+        time.sleep(1)  # into its batches: the fault is the dealer lost mid-prefetch, not at the handshake
         assert parties.procs["client"].poll() is None, "the client finished before the failure was injected"
         parties.kill("dealer")
         killed_at = time.monotonic()

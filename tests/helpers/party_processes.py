@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,9 +57,38 @@ class Parties:
         """Wait for `role` to exit; its exit code, its JSON report (if any) and its stderr."""
         return self.started[role].finish(timeout)
 
+    def wait_connected(self, role: str, address: str, timeout_s: float = 60.0) -> None:
+        """Until `role`'s process holds an established TCP connection to `address` (host:port): its
+        session is under way. A fault injected after this hits a running session, whatever the load."""
+        port = int(address.rsplit(":", 1)[1])
+        deadline = time.monotonic() + timeout_s
+        while not _connected(self.procs[role].pid, port):
+            assert self.procs[role].poll() is None, f"the {role} exited ({self.procs[role].returncode}) before it connected to {address}"
+            assert time.monotonic() < deadline, f"the {role} did not connect to {address} within {timeout_s:g} s"
+            time.sleep(0.05)
+
     def kill(self, role: str) -> None:
         os.kill(self.procs[role].pid, signal.SIGKILL)
 
     def close(self) -> None:
         for party in self.started.values():
             party.stop(0)
+
+
+def _connected(pid: int, port: int) -> bool:
+    """Whether process `pid` has an established TCP connection to remote `port` (from /proc: Linux)."""
+    try:
+        inodes = {os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1] for fd in os.listdir(f"/proc/{pid}/fd")}
+    except OSError:
+        return False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = open(table).read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            remote_port, state, inode = int(fields[2].rsplit(":", 1)[1], 16), fields[3], fields[9]
+            if remote_port == port and state == "01" and inode in inodes:
+                return True
+    return False
