@@ -88,7 +88,8 @@ class InputError(TwinferError):
 
 
 def error_from_wire(kind: str, message: str, error_id: str, origin: str) -> TwinferError:
-    """The exception a party raises when its peer reports a failure: same kind, same id."""
+    """The exception a party raises when its peer reports a failure: same kind, same id, hence the
+    same exit code (deploy/cli/cli.py) on every party of the session."""
     err_type = {
         "timeout": PeerTimeoutError,
         "auth": AuthError,
@@ -98,7 +99,8 @@ def error_from_wire(kind: str, message: str, error_id: str, origin: str) -> Twin
         "model": ModelError,
         "input": InputError,
         "local": LocalError,
+        "internal": TwinferError,  # a bug where it started: every party exits with code 1, as that one does
     }.get(kind, PeerError)
     err = err_type(f"{origin or 'peer'} failed ({kind}): {message}", error_id=error_id or None, origin=origin)
-    err.kind = kind if err_type is PeerError and kind else err.kind
+    err.kind = kind if err_type in (PeerError, TwinferError) and kind else err.kind
     return err

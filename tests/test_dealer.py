@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from twinfer.protocols.backends.crypten.patches import load_crypten
-from twinfer.parties.dealer.service import DealerServicer, add_dealer_servicer
+from twinfer.parties.dealer.core import DealerCore
+from twinfer.parties.dealer.service import add_dealer_servicer
 from twinfer.protocols.backends.crypten.correlations import decode_request as _decode_args
+from twinfer.protocols.backends.crypten.ttp import TtpClient
 from twinfer.parties.dealer.client import DealerClient
 from twinfer.parties.errors import InputError, PeerError, ProtocolError
 from twinfer.parties.metrics import Metrics
@@ -28,20 +30,22 @@ _ids = itertools.count()
 
 
 @pytest.fixture(scope="module")
-def dealer() -> Iterator[tuple[DealerServicer, str]]:
-    servicer = DealerServicer()
+def dealer() -> Iterator[tuple[DealerCore, str]]:
+    servicer = DealerCore()
     server, port = start_server([(servicer, add_dealer_servicer)], "127.0.0.1:0", OPTS)
     yield servicer, f"127.0.0.1:{port}"
     server.stop(0)
 
 
 class Parties:
-    def __init__(self, servicer: DealerServicer, address: str) -> None:
+    def __init__(self, servicer: DealerCore, address: str) -> None:
         self.session_id = f"session-{next(_ids)}"
         servicer.open_session(self.session_id)
         self.address = address
         self.server = DealerClient(address, session_id=self.session_id, role="server", options=OPTS, metrics=Metrics(), protocol="crypten")
         self.client = DealerClient(address, session_id=self.session_id, role="client", options=OPTS, metrics=Metrics(), protocol="crypten")
+        # what CrypTen's TTP provider calls, over each party's dealer client
+        self.ttp_server, self.ttp_client = TtpClient(self.server), TtpClient(self.client)
 
         self.open = [self.server, self.client]
 
@@ -68,9 +72,9 @@ def bits(size, gen, bitlength=None):
 
 def additive_triple(parties: Parties, size0, size1, op: str, **kwargs):
     """Both parties' shares, drawn exactly as CrypTen's TrustedThirdParty.generate_additive_triple does."""
-    g0, g1 = parties.server.get_generator(), parties.client.get_generator(None)
+    g0, g1 = parties.ttp_server.get_generator(), parties.ttp_client.get_generator(None)
     a0, b0 = ring(size0, g0), ring(size1, g0)
-    c0 = parties.server.ttp_request("additive", None, size0, size1, op, **kwargs)
+    c0 = parties.ttp_server.ttp_request("additive", None, size0, size1, op, **kwargs)
     a1, b1 = ring(size0, g1), ring(size1, g1)
     c_size = getattr(torch, op)(a1, b1, **kwargs).size()
     c1 = ring(c_size, g1)
@@ -109,10 +113,10 @@ def test_consecutive_triples_stay_in_step(parties):
 
 def test_a_triple_out_of_step_is_wrong(parties):
     # The check above can fail: party 1 drawing in another order breaks the correlation.
-    g0, g1 = parties.server.get_generator(), parties.client.get_generator()
+    g0, g1 = parties.ttp_server.get_generator(), parties.ttp_client.get_generator()
     size = torch.Size([16])
     a0, b0 = ring(size, g0), ring(size, g0)
-    c0 = parties.server.ttp_request("additive", None, size, size, "mul")
+    c0 = parties.ttp_server.ttp_request("additive", None, size, size, "mul")
     b1, a1 = ring(size, g1), ring(size, g1)  # swapped
     c1 = ring(size, g1)
     assert not torch.equal(c0 + c1, (a0 + a1) * (b0 + b1))
@@ -120,9 +124,9 @@ def test_a_triple_out_of_step_is_wrong(parties):
 
 def test_square(parties):
     size = torch.Size([3, 4])
-    g0, g1 = parties.server.get_generator(), parties.client.get_generator()
+    g0, g1 = parties.ttp_server.get_generator(), parties.ttp_client.get_generator()
     r0 = ring(size, g0)
-    r2_0 = parties.server.ttp_request("square", None, size)
+    r2_0 = parties.ttp_server.ttp_request("square", None, size)
     r1 = ring(size, g1)
     r2_1 = ring(size, g1)
     r = r0 + r1
@@ -131,9 +135,9 @@ def test_square(parties):
 
 @pytest.mark.parametrize("size0,size1", [(torch.Size([5, 3]), torch.Size([5, 3])), (torch.Size([4, 1]), torch.Size([1, 3]))])
 def test_binary_triple(parties, size0, size1):
-    g0, g1 = parties.server.get_generator(), parties.client.get_generator()
+    g0, g1 = parties.ttp_server.get_generator(), parties.ttp_client.get_generator()
     a0, b0 = bits(size0, g0), bits(size1, g0)
-    c0 = parties.server.ttp_request("binary", None, size0, size1)
+    c0 = parties.ttp_server.ttp_request("binary", None, size0, size1)
     a1, b1 = bits(size0, g1), bits(size1, g1)
     c1 = bits(torch.broadcast_tensors(a1, b1)[0].size(), g1)
     assert torch.equal(c0 ^ c1, (a0 ^ a1) & (b0 ^ b1))
@@ -141,9 +145,9 @@ def test_binary_triple(parties, size0, size1):
 
 def test_wraps(parties):
     size = torch.Size([50])
-    g0, g1 = parties.server.get_generator(), parties.client.get_generator()
+    g0, g1 = parties.ttp_server.get_generator(), parties.ttp_client.get_generator()
     r0 = ring(size, g0)
-    theta0 = parties.server.ttp_request("wraps", None, size)
+    theta0 = parties.ttp_server.ttp_request("wraps", None, size)
     r1 = ring(size, g1)
     theta1 = ring(size, g1)
     wraps = count_wraps([r0, r1])
@@ -153,9 +157,9 @@ def test_wraps(parties):
 
 def test_b2a(parties):
     size = torch.Size([6, 7])
-    g0, g1 = parties.server.get_generator(), parties.client.get_generator()
+    g0, g1 = parties.ttp_server.get_generator(), parties.ttp_client.get_generator()
     rB0 = bits(size, g0, bitlength=1)
-    rA0 = parties.server.ttp_request("B2A", None, size)
+    rA0 = parties.ttp_server.ttp_request("B2A", None, size)
     rB1 = bits(size, g1, bitlength=1)
     rA1 = ring(size, g1)
     rB = rB0 ^ rB1
@@ -165,18 +169,18 @@ def test_b2a(parties):
 
 def test_large_tuple_arrives_in_chunks(parties):
     size = torch.Size([700_000])  # 5.6 MB > the dealer's 4 MiB reply chunk
-    g0, g1 = parties.server.get_generator(), parties.client.get_generator()
+    g0, g1 = parties.ttp_server.get_generator(), parties.ttp_client.get_generator()
     r0 = ring(size, g0)
-    r2_0 = parties.server.ttp_request("square", None, size)
+    r2_0 = parties.ttp_server.ttp_request("square", None, size)
     r1, r2_1 = ring(size, g1), ring(size, g1)
     assert torch.equal(r2_0 + r2_1, (r0 + r1) * (r0 + r1))
 
 
 def test_zero_dim_and_empty_tuples(parties):
     for size in (torch.Size([]), torch.Size([0, 3])):
-        g0, g1 = parties.server.get_generator(), parties.client.get_generator()
+        g0, g1 = parties.ttp_server.get_generator(), parties.ttp_client.get_generator()
         r0 = ring(size, g0)
-        r2_0 = parties.server.ttp_request("square", None, size)
+        r2_0 = parties.ttp_server.ttp_request("square", None, size)
         r1, r2_1 = ring(size, g1), ring(size, g1)
         assert r2_0.shape == size
         assert torch.equal(r2_0 + r2_1, (r0 + r1) * (r0 + r1))
@@ -187,24 +191,24 @@ def test_bytes_offline_counted(parties):
     assert before == 8  # the seed
     assert parties.client.metrics.total().bytes_offline == 8
     size = torch.Size([10, 3])
-    ring(size, parties.server.get_generator())
-    parties.server.ttp_request("square", None, size)
+    ring(size, parties.ttp_server.get_generator())
+    parties.ttp_server.ttp_request("square", None, size)
     assert parties.server.metrics.total().bytes_offline == 8 + 30 * 8
-    g0 = parties.server.get_generator()
+    g0 = parties.ttp_server.get_generator()
     ring(size, g0), ring(size, g0)
-    parties.server.ttp_request("additive", None, size, size, "mul")
+    parties.ttp_server.ttp_request("additive", None, size, size, "mul")
     assert parties.server.metrics.total().bytes_offline == 8 + 2 * 30 * 8
 
 
 def test_each_tuple_has_its_own_cpu_generator(parties):
-    first, second = parties.server.get_generator(), parties.server.get_generator("cpu")
+    first, second = parties.ttp_server.get_generator(), parties.ttp_server.get_generator("cpu")
     assert first.device.type == second.device.type == "cpu"
     # Tuple k's randomness derives from (seed, k): consecutive tuples differ, and both
     # parties' generators for the same k differ (different seeds).
     assert not torch.equal(ring(torch.Size([4]), first), ring(torch.Size([4]), second))
-    assert not torch.equal(ring(torch.Size([4]), parties.client.get_generator()), ring(torch.Size([4]), first))
+    assert not torch.equal(ring(torch.Size([4]), parties.ttp_client.get_generator()), ring(torch.Size([4]), first))
     with pytest.raises(ValueError, match="CPU"):
-        parties.server.get_generator("meta")
+        parties.ttp_server.get_generator("meta")
 
 
 # -- errors ---------------------------------------------------------------------------------------
@@ -231,7 +235,7 @@ def test_unknown_session(dealer, parties):
     parties.server.session_id = "other-session-7"
     try:
         with pytest.raises(ProtocolError, match="unknown session 'other-session-7'"):
-            parties.server.ttp_request("square", None, torch.Size([2]))
+            parties.ttp_server.ttp_request("square", None, torch.Size([2]))
     finally:
         parties.server.session_id = parties.session_id
 
@@ -262,14 +266,14 @@ def test_dealer_not_reachable():
 )
 def test_bad_requests_get_the_dealers_message(parties, function, args, kwargs, message):
     with pytest.raises(PeerError, match=message) as info:
-        parties.server.ttp_request(function, None, *args, **kwargs)
+        parties.ttp_server.ttp_request(function, None, *args, **kwargs)
     assert info.value.origin == "dealer"
     assert "dealer:" in str(info.value)
 
 
 def test_unsendable_argument_is_refused_locally(parties):
     with pytest.raises(TypeError, match="Tensor"):
-        parties.server.ttp_request("square", None, torch.zeros(2))
+        parties.ttp_server.ttp_request("square", None, torch.zeros(2))
 
 
 def test_failure_reported_by_one_role_reaches_the_other_with_its_id(dealer, parties):
@@ -279,7 +283,7 @@ def test_failure_reported_by_one_role_reaches_the_other_with_its_id(dealer, part
     parties.open.remove(parties.client)
     assert servicer.stats(parties.session_id)["finished"]
     with pytest.raises(PeerError) as info:
-        parties.server.ttp_request("square", None, torch.Size([2]))
+        parties.ttp_server.ttp_request("square", None, torch.Size([2]))
     assert failure.error_id in str(info.value)
     assert info.value.error_id == failure.error_id
     assert "wrong shape" in str(info.value) and "client" in str(info.value)
@@ -288,8 +292,8 @@ def test_failure_reported_by_one_role_reaches_the_other_with_its_id(dealer, part
 def test_both_closing_finishes_the_session(dealer):
     servicer, address = dealer
     p = Parties(servicer, address)
-    ring(torch.Size([2]), p.server.get_generator())
-    p.server.ttp_request("square", None, torch.Size([2]))
+    ring(torch.Size([2]), p.ttp_server.get_generator())
+    p.ttp_server.ttp_request("square", None, torch.Size([2]))
     assert not servicer.stats(p.session_id)["finished"]
     p.close()
     stats = servicer.stats(p.session_id)

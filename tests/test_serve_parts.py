@@ -11,7 +11,7 @@ import pytest
 
 from twinfer.deploy.cli.cli import EXIT_BUSY, exit_code, main
 from twinfer.parties.dealer.client import DealerClient
-from twinfer.parties.dealer.on_demand import OnDemandDealer
+from twinfer.parties.dealer.core import DealerCore, OnDemand
 from twinfer.parties.dealer.service import add_dealer_servicer
 from twinfer.parties.errors import BusyError, PeerError, PeerTimeoutError, ProtocolError
 from twinfer.parties.metrics import Metrics
@@ -27,7 +27,7 @@ OPTS = TransportOptions(recv_timeout_s=5.0, connect_timeout_s=2.0)
 @pytest.fixture
 def dealer():
     ended = []
-    servicer = OnDemandDealer(2, idle_timeout_s=0.5, on_end=ended.append)
+    servicer = DealerCore(OnDemand(2), idle_timeout_s=0.5, on_end=ended.append)
     server, port = start_server([(servicer, add_dealer_servicer)], "127.0.0.1:0", OPTS)
     yield servicer, f"127.0.0.1:{port}", ended
     server.stop(0)
@@ -39,7 +39,7 @@ def _party(address: str, session_id: str, role: str) -> DealerClient:
 
 def test_a_session_opens_when_a_party_names_a_new_id_and_its_id_is_then_spent(dealer, monkeypatch):
     servicer, address, ended = dealer
-    monkeypatch.setattr("twinfer.parties.dealer.on_demand.LINGER_S", 0.0)
+    monkeypatch.setattr("twinfer.parties.dealer.core.LINGER_S", 0.0)
     session = secrets.token_hex(16)
     parties = [_party(address, session, role) for role in ("server", "client")]
     assert servicer.open_count() == 1
@@ -71,7 +71,7 @@ def test_past_max_sessions_a_party_is_told_the_dealer_is_busy(dealer):
 
 def test_a_silent_session_is_ended_and_forgotten(dealer, monkeypatch):
     servicer, address, ended = dealer
-    monkeypatch.setattr("twinfer.parties.dealer.on_demand.LINGER_S", 0.0)
+    monkeypatch.setattr("twinfer.parties.dealer.core.LINGER_S", 0.0)
     session = secrets.token_hex(16)
     party = _party(address, session, "server")
     party._stop.set()  # no keepalive: the party went silent

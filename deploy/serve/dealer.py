@@ -5,8 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
-from twinfer.parties.dealer.on_demand import OnDemandDealer
-from twinfer.parties.dealer.service import DealerSession
+from twinfer.parties.dealer.core import DealerCore, DealerSession, OnDemand
 from twinfer.parties.runtime.serving import SessionEnd
 from twinfer.parties.runtime.session import DEALER, PartyListener
 from twinfer.parties.wire.tls import TlsIdentity
@@ -37,13 +36,12 @@ class StandingDealer:
         self.log = session_log or SessionLog()
         self.health = Health("twinfer.Dealer")
         # A party's keepalive reaches the dealer every few seconds; silence past the receive deadline means it is gone.
-        self.servicer = OnDemandDealer(
-            max_sessions, idle_timeout_s=options.recv_timeout_s, check_role_certs=tls is not None, on_end=self._ended
-        )
-        self.listener = PartyListener(DEALER, listen, options, tls, insecure, dealer=self.servicer, extra=(self.health.pair,))
+        self.policy = OnDemand(max_sessions)
+        self.core = DealerCore(self.policy, idle_timeout_s=options.recv_timeout_s, bind_roles=tls is not None, on_end=self._ended)
+        self.listener = PartyListener(DEALER, listen, options, tls, insecure, dealer=self.core, extra=(self.health.pair,))
         self.address = self.listener.address
-        self.servicer.start()
-        self.metrics.running.set_function(self.servicer.open_count)
+        self.core.start()
+        self.metrics.running.set_function(self.core.open_count)
         try:
             self.metrics_port = self.metrics.serve(metrics_port, metrics_host) if metrics_port is not None else None
         except BaseException:
@@ -65,12 +63,12 @@ class StandingDealer:
 
     def drain(self, timeout_s: float) -> int:
         """Open no new session, report NOT_SERVING, wait for the open ones; how many are left."""
-        self.servicer.draining = True
+        self.policy.draining = True
         self.health.drain()
-        wait_until(lambda: self.servicer.open_count() == 0, timeout_s)
-        return self.servicer.open_count()
+        wait_until(lambda: self.core.open_count() == 0, timeout_s)
+        return self.core.open_count()
 
     def close(self) -> None:
-        self.servicer.stop()
+        self.core.stop()
         self.listener.close(grace=0.5)
         self.metrics.close()

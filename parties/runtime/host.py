@@ -3,7 +3,7 @@
 The server and the dealer keep one listener for all their sessions; the peer stream and the
 dealer's calls carry the session id, which keeps sessions apart. CrypTen's process-wide state
 (communicator, pseudo-random generators, dealer link) is per thread (protocols/backends/crypten/patches.py,
-dealer_client.py), so the sessions of one process never share randomness or messages.
+ttp.py), so the sessions of one process never share randomness or messages.
 All sessions of a host share one configuration (provider, TLS, timeouts): only the session
 id differs.
 """

@@ -3,7 +3,7 @@
 A standing server (`twinfer serve`) answers Open with a session made for the caller: a fresh
 128-bit id and the port of the worker that will serve it. The client then runs an ordinary
 session (ClientParty) against that worker under that id; the dealer learns the id from the two
-parties (parties/dealer/on_demand.py). The id admits one client, once. This module holds the
+parties (the OnDemand policy, parties/dealer/core.py). The id admits one client, once. This module holds the
 wire side of that call, both ends, and `SessionEnd`, the record every finished session leaves
 for metrics and the log; what picks a worker is the service's (twinfer.deploy.serve).
 """

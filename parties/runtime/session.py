@@ -32,9 +32,10 @@ from twinfer.protocols.ops.embedding import check_ids, encode_input
 from twinfer.protocols.roles import CLIENT, DEALER, RANKS, SERVER
 from twinfer.protocols.secure_graph import run_secure
 
-from twinfer.parties.dealer.service import DealerServicer, add_dealer_servicer
+from twinfer.parties.dealer.core import DealerCore
+from twinfer.parties.dealer.service import add_dealer_servicer
 from twinfer.parties.dealer.client import DealerClient
-from twinfer.parties.errors import InputError, PeerError, ProtocolError, TwinferError
+from twinfer.parties.errors import InputError, ProtocolError, TwinferError
 from twinfer.parties.metrics import Metrics
 from twinfer.parties.runtime.session_spec import SessionSpec
 from twinfer.parties.runtime.model_file import check_held_range, check_input_array, server_encoding
@@ -107,10 +108,10 @@ class PartyListener:
         tls: TlsIdentity | None = None,
         insecure: bool = False,
         *,
-        dealer: DealerServicer | None = None,
+        dealer: DealerCore | None = None,
         extra: tuple[tuple[object, Any], ...] = (),
     ) -> None:
-        """`dealer`: the dealer's servicer (default: one for the sessions it is told to expect);
+        """`dealer`: the dealer's sessions (default: those it is told to expect), served on this port;
         `extra`: more (servicer, add_to_server) pairs on the same port, such as gRPC health."""
         if role not in (SERVER, DEALER):
             raise ValueError(f"only the server and the dealer listen, not the {role}")
@@ -120,8 +121,8 @@ class PartyListener:
             self.peers = PeerServicer(peer_roles=(CLIENT,) if tls is not None else None, role=SERVER)
             servicers = [(self.peers, add_peer_servicer)]
         else:
-            self.dealer = dealer or DealerServicer(
-                idle_timeout_s=options.recv_timeout_s, check_role_certs=tls is not None, accept_timeout_s=options.accept_timeout_s
+            self.dealer = dealer or DealerCore(
+                idle_timeout_s=options.recv_timeout_s, bind_roles=tls is not None, accept_timeout_s=options.accept_timeout_s
             )
             servicers = [(self.dealer, add_dealer_servicer)]
         self._server, self.port = start_server(servicers + list(extra), listen, options, tls)
@@ -327,6 +328,8 @@ class _TwoPartySession:
             return self._finish()
         except BaseException as err:  # every failure is reported to the peers, then re-raised
             error = _wrap(err, self.role)
+            if self.dealer is not None:  # a wait on the peer that ran out while the dealer was silent is the dealer's
+                error = self.dealer.blame(error)
             log.error("%s failed: %s", self.role, error)
             raise error from (err if err is not error else None)
         finally:
@@ -566,6 +569,5 @@ class DealerParty:
             bytes_offline=session.bytes_sent,
         )  # fmt: skip
         if session.error is not None:
-            e = session.error
-            raise PeerError(f"{e.origin} failed ({e.kind}): {e.message}", error_id=e.error_id, origin=e.origin)
+            raise session.error  # typed by its kind: every party of the session exits with one code
         return report

@@ -15,7 +15,8 @@ or tests/test_sessions_per_thread.py that fails without it.
 5. crypten.init() builds `crypten.communicator.DistributedCommunicator`; it is rebound to a
    class whose instance is the calling thread's own communicator (over twinfer's transport).
 6. CrypTen's TTP provider reaches its client through `ttp_provider.TTPClient`; it is rebound
-   so that each thread's tuples come from that thread's dealer client.
+   to ttp.TtpClient, so that each thread's tuples come from that thread's dealer (its
+   correlation source, adapted to the two calls CrypTen makes).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from types import ModuleType
 from typing import Any
 
 import torch
+
+from .ttp import TtpClient
 
 PROVIDER_NAME = "TWINFER_DEALER"
 _lock = threading.Lock()
@@ -191,27 +194,6 @@ class _ThreadCommunicator:
         cls._local.pending = None
 
 
-class _ThreadDealer:
-    """Stands in for CrypTen's TTPClient: returns the dealer client of this thread's session."""
-
-    _local = threading.local()
-
-    @staticmethod
-    def get() -> Any:
-        client = getattr(_ThreadDealer._local, "client", None)
-        if client is None:
-            raise RuntimeError("no dealer session is active in this thread")
-        return client
-
-    @staticmethod
-    def _init() -> None:
-        return None
-
-    @staticmethod
-    def uninit() -> None:
-        _ThreadDealer._local.client = None
-
-
 def load_crypten() -> ModuleType:
     """Import crypten with every fix applied (idempotent, thread-safe); returns the module."""
     global _loaded
@@ -240,7 +222,7 @@ def _route_to_threads() -> None:
     from crypten.mpc.provider import ttp_provider
 
     comm_module.DistributedCommunicator = _ThreadCommunicator
-    ttp_provider.TTPClient = _ThreadDealer
+    ttp_provider.TTPClient = TtpClient
     providers = getattr(crypten_mpc, "__SUPPORTED_PROVIDERS")
     providers.setdefault(PROVIDER_NAME, ttp_provider.TrustedThirdParty())
 
@@ -252,7 +234,7 @@ def require_loaded() -> None:
 
 
 def bind_session(communicator: Any, dealer: Any | None, precision_bits: int | None = None) -> None:
-    """Make crypten.init() in this thread use `communicator`, and draw tuples through `dealer`.
+    """Make crypten.init() in this thread use `communicator`, and draw tuples through `dealer` (a CorrelationSource).
 
     `dealer` None is CrypTen's trusted first party (the server makes the tuples itself and
     could learn the client's input: development only). `precision_bits`: the session's
@@ -268,14 +250,14 @@ def bind_session(communicator: Any, dealer: Any | None, precision_bits: int | No
     if dealer is None:
         crypten.cfg.mpc.provider = "TFP"
     else:
-        _ThreadDealer._local.client = dealer
+        TtpClient.bind(dealer)
         crypten.cfg.mpc.provider = PROVIDER_NAME
 
 
 def unbind_session() -> None:
     crypten = load_crypten()
     crypten.uninit()
-    _ThreadDealer.uninit()
+    TtpClient.uninit()
     previous = getattr(_ThreadCommunicator._local, "precision", None)
     if previous is not None:
         crypten.cfg.encoder.precision_bits = previous
