@@ -63,13 +63,19 @@ def _wait(done, what: str, timeout_s: float = 20.0) -> None:
         time.sleep(0.02)
 
 
-def test_a_session_both_parties_left_without_closing_is_ended_at_once_under_the_lost_dealer_id(quick_dealer):
-    core, address, opts, ended = quick_dealer
+def _running_session(core, address: str, opts):
+    """A session both parties' clients have joined and kept alive twice: (id, clients, its record)."""
     session_id = new_session_id()
     core.open_session(session_id)
     parties = [DealerClient(address, session_id=session_id, role=r, options=opts, metrics=Metrics()) for r in ("server", "client")]
     session = core._sessions[session_id]
-    _wait(lambda: len(session.beat) == 2, "both parties keep the session alive")  # running: both heard from, twice
+    _wait(lambda: len(session.beat) == 2, "both parties keep the session alive")
+    return session_id, parties, session
+
+
+def test_a_session_both_parties_left_without_closing_is_ended_at_once_under_the_lost_dealer_id(quick_dealer):
+    core, address, opts, ended = quick_dealer
+    session_id, parties, session = _running_session(core, address, opts)
     for party in parties:  # both go away without a Close (a Close could not reach the dealer)
         party._stop.set()
         party._channel.close()
@@ -84,11 +90,7 @@ def test_a_session_both_parties_left_without_closing_is_ended_at_once_under_the_
 
 def test_a_dealer_that_was_stopped_itself_ends_no_session_whose_parties_still_live(quick_dealer):
     core, address, opts, ended = quick_dealer
-    session_id = new_session_id()
-    core.open_session(session_id)
-    parties = [DealerClient(address, session_id=session_id, role=r, options=opts, metrics=Metrics()) for r in ("server", "client")]
-    session = core._sessions[session_id]
-    _wait(lambda: len(session.beat) == 2, "both parties keep the session alive")
+    session_id, parties, session = _running_session(core, address, opts)
     with core._lock:  # as just after a SIGCONT: the dealer has not looked for a while, nor heard the parties
         core._checked -= 10.0
         for rank in session.heard:

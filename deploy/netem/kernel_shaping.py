@@ -142,7 +142,23 @@ def check_kernel_shaping_available() -> str | None:
     return None
 
 
-class KernelLink:
+class NamespaceTeardown:
+    """What ends a `with` block of namespaces (KernelLink, NetnsCluster): close(), and a teardown
+    failure raised unless the block's own error is on its way, which it must not hide."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        try:
+            self.close()
+        except ShapingError as error:
+            if exc is None:
+                raise
+            warnings.warn(f"{type(self).__name__} teardown failed: {error}", stacklevel=2)
+
+
+class KernelLink(NamespaceTeardown):
     """Two namespaces (server, client) joined by a veth pair shaped to a network profile."""
 
     def __init__(self, profile: NetworkProfile | str, prefix: str = "tw") -> None:
@@ -168,14 +184,6 @@ class KernelLink:
             raise
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        try:
-            self.close()
-        except ShapingError as error:
-            if exc is None:
-                raise
-            # Do not hide the body's own error behind a teardown failure.
-            warnings.warn(f"KernelLink teardown failed: {error}", stacklevel=2)
 
     def _setup(self) -> None:
         remove_stale_namespaces()

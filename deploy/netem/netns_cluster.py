@@ -45,15 +45,13 @@ import sys
 import tempfile
 import time
 import uuid
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 from twinfer.parties.wire.network_profile import NetworkProfile, parse_profile
 
-from .kernel_shaping import NETNS_DIR, ShapingError, _run, check_kernel_shaping_available, list_namespaces, remove_namespace, remove_stale_namespaces, tbf_args
+from .kernel_shaping import NETNS_DIR, NamespaceTeardown, ShapingError, _run, check_kernel_shaping_available, list_namespaces, remove_namespace, remove_stale_namespaces, tbf_args
 
 GCS_PORT = 6379  # every node has a network stack of its own: Ray's default ports never collide
 SUBNET_PREFIX = "10.77"  # the cluster takes the first free 10.77.S.0/24
@@ -143,7 +141,7 @@ class ClusterNode:
     node_id: str  # the Ray node id (hex), as the parties report it
 
 
-class NetnsCluster:
+class NetnsCluster(NamespaceTeardown):
     """`nodes` Ray nodes, each in a network namespace of its own, linked pairwise and by a bridge."""
 
     def __init__(
@@ -219,14 +217,6 @@ class NetnsCluster:
             raise
         self.start_s = time.monotonic() - t0
         return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        try:
-            self.close()
-        except ShapingError as error:
-            if exc is None:
-                raise
-            warnings.warn(f"NetnsCluster teardown failed: {error}", stacklevel=2)
 
     def _in(self, ns: str, *argv: str) -> str:
         return _run(["ip", "netns", "exec", ns, *argv])
